@@ -1,0 +1,35 @@
+"""``expert_ffn``: expert adaLN (LayerNorm + per-modality modulate) + FFN experts + gate + residual."""
+from __future__ import annotations
+
+from ..._backend import resolve_backend
+from .reference import (check_expert_ffn_inputs, expert_assignment, expert_ffn_flops,
+                        expert_ffn_reference, modulated_norm_reference)
+
+KERNELS = ("triton",)
+
+
+def expert_ffn(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
+               num_text_experts=0, text_router=None, video_router=None, backend="auto"):
+    """The FFN half of a CogVideoX block: returns ``x + gate_m * f(LN(x) * (1 + scale_m) + shift_m)``.
+
+    x: ``[B, S, hidden]`` with the first ``text_len`` tokens text. modulation: ``[B, 6, hidden]``
+    (shift, scale, gate for video, then for text). w1 ``[E, inner, hidden]``, b1 ``[E, inner]``,
+    w2 ``[E, hidden, inner]``, b2 ``[E, hidden]`` (b1/b2 may be None). ``num_text_experts=0``: one
+    FFN shared by text and video (E = 1); else the first ``num_text_experts`` experts serve text,
+    the rest video, with a top-1 router ``(weight, bias)`` for a modality that has several.
+    See ``reference.py`` for the exact maths.
+    """
+    check_expert_ffn_inputs(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps,
+                            num_text_experts, text_router, video_router)
+    chosen = resolve_backend("expert_ffn", backend, x.device, KERNELS)
+    kwargs = dict(text_len=text_len, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                  num_text_experts=num_text_experts, text_router=text_router, video_router=video_router)
+    if chosen == "triton":
+        from .triton_fwd import expert_ffn_triton
+
+        return expert_ffn_triton(x, modulation, w1, b1, w2, b2, **kwargs)
+    return expert_ffn_reference(x, modulation, w1, b1, w2, b2, **kwargs)
+
+
+__all__ = ["expert_ffn", "expert_ffn_reference", "check_expert_ffn_inputs", "expert_assignment",
+           "expert_ffn_flops", "modulated_norm_reference"]
