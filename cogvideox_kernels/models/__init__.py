@@ -1,0 +1,1 @@
+"""CogVideoX built from the modules in ``cogvideox_kernels.nn``."""
