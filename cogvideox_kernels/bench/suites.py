@@ -1,0 +1,317 @@
+"""Benchmark cases: for each op and shape, our kernel and every baseline, on the same inputs.
+
+Each case computes a float32 reference once, runs every variant once to check parity (a variant
+outside its budget is reported as wrong and never timed), then times the correct ones.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops.attention import apply_rope_interleaved, attention_flops
+from ..ops.expert_ffn import expert_ffn_flops
+from .common import Progress, Result, peak_memory_gib, time_ms
+
+# name -> (B, heads, text_len, (T, H, W) latent grid after patchify, head_dim, rope)
+ATTENTION_SHAPES = {
+    "small": [(1, 2, 13, (2, 5, 7), 64, True), (2, 3, 5, (1, 4, 8), 40, True)],
+    "2b": [(2, 30, 226, (13, 30, 45), 64, False)],
+    "5b": [(2, 48, 226, (13, 30, 45), 64, True)],
+    "1.5-5b": [(2, 48, 224, (11, 48, 85), 64, True)],
+}
+# name -> (B, text_len, video_tokens, hidden, inner)
+FFN_SHAPES = {
+    "small": [(2, 7, 57, 64, 256)],
+    "2b": [(2, 226, 17550, 1920, 7680)],
+    "5b": [(2, 226, 17550, 3072, 12288)],
+    "1.5-5b": [(2, 224, 44880, 3072, 12288)],
+}
+# name -> [(B, C, T, H, W, stride)]
+CONV_SHAPES = {
+    "small": [(1, 8, 5, 16, 24, 1), (1, 12, 6, 9, 13, 2)],
+    "2b": [(1, 128, 6, 480, 720, 1), (1, 256, 6, 240, 360, 1), (1, 512, 6, 60, 90, 1),
+           (1, 128, 6, 480, 720, 2), (1, 256, 6, 240, 360, 2), (1, 512, 6, 60, 90, 2)],
+}
+CONV_SHAPES["5b"] = CONV_SHAPES["2b"]
+CONV_SHAPES["1.5-5b"] = CONV_SHAPES["2b"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "ours" | "baseline"
+    fn: Callable[[], torch.Tensor]
+    compare: bool = True  # False for partial baselines (e.g. attention without norm/RoPE)
+    note: str = ""
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    reference: Callable[[], torch.Tensor]
+    variants: list[Variant]
+    flops: float | None = None
+    bytes: float | None = None
+    torch_path: str | None = None  # PyTorch's own same-dtype path: ours may err at most 2x its error
+    abs_budget: float = 1e-2
+    extra: dict = field(default_factory=dict)
+
+
+def kernel_backend_available(op: str, device: torch.device) -> str | None:
+    """The kernel backend of ``op`` that can run here, or None."""
+    from .._backend import kernel_can_run
+
+    kernels = {"attention": ("triton",), "ffn": ("triton",), "conv": ("cuda", "cpp")}[op]
+    for k in kernels:
+        if kernel_can_run(k, device, auto=False):
+            try:  # the kernel module must exist too
+                if op == "attention":
+                    from ..ops.attention import triton_fwd  # noqa: F401
+                elif op == "ffn":
+                    from ..ops.expert_ffn import triton_fwd  # noqa: F401
+                else:
+                    from ..ops.causal_conv import native  # noqa: F401
+            except ImportError:
+                return None
+            return k
+    return None
+
+
+# ------------------------------------------------------------------------------------- attention
+def diffusers_style_attention(q, k, v, text_len, cos, sin, q_norm, k_norm, eps):
+    """diffusers' CogVideoX processor path: transpose to [B, H, S, D], LayerNorm in the input dtype,
+    out-of-place RoPE on the video part (float math, cast back), SDPA (default backend choice)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    D = q.shape[-1]
+    q = F.layer_norm(q, (D,), *q_norm, eps)
+    k = F.layer_norm(k, (D,), *k_norm, eps)
+    if cos is not None:
+        def rope(x):  # x [B, H, N, D]: rotate through our [B, N, H, D] helper, then back
+            return apply_rope_interleaved(x.transpose(1, 2), cos, sin).to(x.dtype).transpose(1, 2)
+        q = torch.cat((q[:, :, :text_len], rope(q[:, :, text_len:])), dim=2)
+        k = torch.cat((k[:, :, :text_len], rope(k[:, :, text_len:])), dim=2)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
+def sdpa_backend(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2)).transpose(1, 2)
+    return run
+
+
+def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    cases = []
+    for B, H, text_len, grid, D, rope in ATTENTION_SHAPES[preset]:
+        S = text_len + grid[0] * grid[1] * grid[2]
+        name = f"B{B} H{H} S{S} D{D}{'' if rope else ' no-rope'}"
+
+        def make(B=B, H=H, S=S, D=D, text_len=text_len, grid=grid, rope=rope):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            qkv = torch.randn(B, S, 3, H, D, generator=g).to(device, dtype)
+            q, k, v = qkv.unbind(2)
+            norms = [(1 + 0.1 * torch.randn(D, generator=g)).to(device, dtype),
+                     (0.1 * torch.randn(D, generator=g)).to(device, dtype)]
+            q_norm = (norms[0], norms[1])
+            k_norm = (norms[0].flip(0).contiguous(), norms[1].flip(0).contiguous())
+            cos = sin = None
+            if rope:
+                sin, cos = ops.rope3d_freqs(*grid, hidden_size=D, num_heads=1, device=device)
+            return dict(q=q, k=k, v=v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm)
+
+        inputs = make()
+        args = inputs
+
+        def reference(a=args):
+            return ops.rope3d_attention(**a, backend="reference")  # float32 maths inside
+
+        variants = []
+        kb = kernel_backend_available("attention", device)
+        if kb:
+            variants.append(Variant("ours (triton, fused)", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb)))
+        variants.append(Variant("diffusers path (LN+RoPE+SDPA)", "baseline",
+                                lambda a=args: diffusers_style_attention(a["q"], a["k"], a["v"], a["text_len"], a["cos"],
+                                                                         a["sin"], a["q_norm"], a["k_norm"], 1e-6)))
+        if device.type == "cuda":
+            for bn in ("cudnn", "flash", "efficient"):
+                run = sdpa_backend(bn)
+                variants.append(Variant(f"SDPA {bn} (attention only)", "baseline",
+                                        lambda a=args, run=run: run(a["q"], a["k"], a["v"]), compare=False,
+                                        note="no QK-norm/RoPE"))
+        else:
+            run = sdpa_backend("math")
+            variants.append(Variant("SDPA (attention only)", "baseline", lambda a=args, run=run: run(a["q"], a["k"], a["v"]),
+                                    compare=False, note="no QK-norm/RoPE"))
+        cases.append(Case("attention", name, reference, variants, flops=attention_flops(B, S, H, D),
+                          torch_path="diffusers path (LN+RoPE+SDPA)"))
+    return cases
+
+
+# ------------------------------------------------------------------------------------- expert FFN
+def eager_ffn_half(x, modulation, norm, w1, b1, w2, b2, text_len):
+    """The FFN half of diffusers' CogVideoXBlock, written as a user would in PyTorch."""
+    shift_v, scale_v, gate_v, shift_t, scale_t, gate_t = modulation.unbind(1)
+    text, video = x[:, :text_len], x[:, text_len:]
+    hv = F.layer_norm(video, (x.shape[-1],), *norm, 1e-5) * (1 + scale_v[:, None]) + shift_v[:, None]
+    ht = F.layer_norm(text, (x.shape[-1],), *norm, 1e-5) * (1 + scale_t[:, None]) + shift_t[:, None]
+    h = torch.cat((ht, hv), dim=1)
+    f = F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
+    return torch.cat((text + gate_t[:, None] * f[:, :text_len], video + gate_v[:, None] * f[:, text_len:]), dim=1)
+
+
+def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_baseline: bool) -> list[Case]:
+    cases = []
+    for B, text_len, video, Hd, Fi in FFN_SHAPES[preset]:
+        S = text_len + video
+        name = f"B{B} S{S} {Hd}->{Fi}"
+        g = torch.Generator(device="cpu").manual_seed(1)
+        mk = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(device, dtype)  # noqa: E731
+        x = mk(B, S, Hd)
+        mod = mk(B, 6, Hd, s=0.3)
+        w1, b1 = mk(1, Fi, Hd, s=Hd ** -0.5), mk(1, Fi, s=0.1)
+        w2, b2 = mk(1, Hd, Fi, s=Fi ** -0.5), mk(1, Hd, s=0.1)
+        nw, nb = 1 + mk(Hd, s=0.1), mk(Hd, s=0.1)
+        a = dict(x=x, modulation=mod, w1=w1, b1=b1, w2=w2, b2=b2, text_len=text_len, norm_weight=nw, norm_bias=nb)
+
+        def reference(a=a):
+            return ops.expert_ffn(a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
+                                  norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend="reference")
+
+        def eager(a=a):
+            return eager_ffn_half(a["x"], a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0], a["b1"][0],
+                                  a["w2"][0], a["b2"][0], a["text_len"])
+
+        variants = []
+        kb = kernel_backend_available("ffn", device)
+        if kb:
+            variants.append(Variant("ours (triton, fused)", "ours", lambda a=a, kb=kb: ops.expert_ffn(
+                a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
+                norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb)))
+        variants.append(Variant("eager PyTorch chain", "baseline", eager))
+        if compile_baseline:
+            compiled = torch.compile(eager_ffn_half)
+            variants.append(Variant("torch.compile chain", "baseline", lambda a=a, c=compiled: c(
+                a["x"], a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0], a["b1"][0], a["w2"][0],
+                a["b2"][0], a["text_len"])))
+        variants.append(Variant("cuBLAS GEMMs only", "baseline", lambda a=a: F.linear(
+            F.gelu(F.linear(a["x"], a["w1"][0], a["b1"][0]), approximate="tanh"), a["w2"][0], a["b2"][0]),
+            compare=False, note="two Linear + GELU, no norm/gate"))
+        cases.append(Case("ffn", name, reference, variants, flops=expert_ffn_flops(B * S, Hd, Fi),
+                          torch_path="eager PyTorch chain"))
+    return cases
+
+
+# ------------------------------------------------------------------------------------- causal conv
+def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    cases = []
+    for B, C, T, H, W, stride in CONV_SHAPES[preset]:
+        name = f"[{B},{C},{T},{H},{W}] kt3 st{stride}"
+        g = torch.Generator(device="cpu").manual_seed(2)
+        x = torch.randn(B, C, T, H, W, generator=g).to(device, dtype)
+        w = (torch.randn(C, C, 3, 1, 1, generator=g) * (3 * C) ** -0.5).to(device, dtype)
+        b = (torch.randn(C, generator=g) * 0.1).to(device, dtype)
+
+        def reference(x=x, w=w, b=b, stride=stride):
+            return ops.causal_conv3d(x, w, b, stride=stride, pad_mode="replicate", backend="reference")[0]
+
+        def cudnn_cat(x=x, w=w, b=b, stride=stride):  # replicate frame 0 as diffusers does: torch.cat + Conv3d
+            xp = torch.cat((x[:, :, :1], x[:, :, :1], x), dim=2)
+            return F.conv3d(xp, w, b, stride=(stride, 1, 1))
+
+        def cudnn_pad(x=x, w=w, b=b, stride=stride):  # zero padding via F.pad: a different function
+            return F.conv3d(F.pad(x, (0, 0, 0, 0, 2, 0)), w, b, stride=(stride, 1, 1))
+
+        variants = []
+        kb = kernel_backend_available("conv", device)
+        if kb:
+            variants.append(Variant(f"ours ({kb})", "ours", lambda x=x, w=w, b=b, stride=stride, kb=kb: ops.causal_conv3d(
+                x, w, b, stride=stride, pad_mode="replicate", backend=kb)[0]))
+        variants.append(Variant("cat(replicate)+Conv3d", "baseline", cudnn_cat))
+        variants.append(Variant("F.pad(zeros)+Conv3d", "baseline", cudnn_pad, compare=False, note="zero padding"))
+        y_numel = B * C * ((T - 1) // stride + 1) * H * W
+        nbytes = (x.numel() + w.numel() + y_numel) * x.element_size()  # the floor: each byte once
+        flops = 2.0 * y_numel * C * 3
+        cases.append(Case("conv", name, reference, variants, flops=flops, bytes=nbytes,
+                          torch_path="cat(replicate)+Conv3d"))
+    return cases
+
+
+# ------------------------------------------------------------------------------------- runner
+def run_cases(cases: list[Case], device: torch.device, ceilings: dict, quick: bool, progress: Progress) -> list[Result]:
+    results = []
+    for case in cases:
+        ref = case.reference().float()
+        errors = {}
+        rows = []
+        for var in case.variants:
+            r = Result(case.op, case.shape, var.name, var.kind, note=var.note)
+            try:
+                out = var.fn()
+                if var.compare:
+                    r.rel_err = rel_err(out, ref)
+                    errors[var.name] = r.rel_err
+                del out
+            except Exception as exc:  # report, never hide
+                r.status, r.note = "error", f"{type(exc).__name__}: {str(exc)[:70]}"
+            rows.append((var, r))
+        torch_err = errors.get(case.torch_path)
+        for var, r in rows:
+            if r.status != "ok":
+                continue
+            if var.kind == "ours":
+                budget = case.abs_budget
+                if torch_err is not None and torch_err > 0:
+                    budget = min(budget, max(2 * torch_err, 1e-5))
+                r.budget = budget
+                if r.rel_err is None or not (r.rel_err <= budget):
+                    r.status, r.note = "wrong", f"rel err {r.rel_err:.2e} > budget {budget:.2e}; not timed"
+                    continue
+            try:
+                r.ms = time_ms(var.fn, device, quick=quick)
+                r.peak_mem_gib = peak_memory_gib(var.fn, device)
+            except Exception as exc:
+                r.status, r.note = "error", f"{type(exc).__name__}: {str(exc)[:70]}"
+                continue
+            if case.flops:
+                r.tflops = case.flops / r.ms / 1e9
+            if case.bytes:
+                r.gbps = case.bytes / r.ms / 1e6
+            bounds = []
+            if case.flops:
+                bounds.append(case.flops / (ceilings["matmul_tflops"] * 1e12) * 1e3)
+            if case.bytes:
+                bounds.append(case.bytes / (ceilings["copy_gbps"] * 1e9) * 1e3)
+            if bounds:
+                r.pct_ceiling = 100.0 * max(bounds) / r.ms
+        ours = [r for _, r in rows if r.kind == "ours" and r.ms]
+        for o in ours:
+            for _, r in rows:
+                if r.kind == "baseline" and r.ms:
+                    o.speedups[r.variant] = r.ms / o.ms
+        results.extend(r for _, r in rows)
+        del ref
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress.step(f"{case.op} {case.shape}")
+    return results
