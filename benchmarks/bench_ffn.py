@@ -1,0 +1,306 @@
+"""Benchmark of the expert-FFN half-block (``expert_ffn``) on a GPU.
+
+Compares, at the CogVideoX-5B and -2B shapes (shared FFN, as in the real checkpoints):
+  * ours, ``backend="triton"`` with each shared-FFN path (all-Triton, cuBLASLt GEMM1, all-cuBLAS GEMMs)
+  * the eager torch chain written like diffusers' CogVideoXBlock second half (norm2 + ff + gates)
+  * the same chain under ``torch.compile``
+  * bare cuBLAS GEMMs (two F.linear) for the GEMM efficiency figure
+and reports ms, GEMM TFLOP/s (4*tokens*hidden*inner / t), % of 790 TFLOP/s, speedups and the
+relative error of each against a float32 reference.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_ffn.py --out DIR [--sweep] [--no-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cogvideox_kernels.ops.expert_ffn import expert_ffn_flops, expert_ffn_reference
+from cogvideox_kernels.ops.expert_ffn import triton_fwd as tf
+
+PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling on the H100 (CONVENTIONS.md)
+
+SHAPES = {  # name: (B, text_len, video_len, hidden, inner)
+    "5b": (2, 226, 17550, 3072, 12288),
+    "2b": (2, 226, 17550, 1920, 7680),
+}
+
+SWEEP_CONFIGS = [  # GEMM configs tried for both GEMMs in --sweep
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=False),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
+         tma=False),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, persistent=True),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
+         warp_specialize=True),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, persistent=True,
+         warp_specialize=True),
+]
+
+
+def torch_chain(x, modulation, norm_weight, norm_bias, w1, b1, w2, b2, text_len: int, eps: float = 1e-5):
+    """Eager half-block as diffusers' CogVideoXBlock writes it: returns (video, text) like diffusers."""
+    hidden = x.shape[-1]
+    shift, scale, gate, enc_shift, enc_scale, enc_gate = modulation.unbind(1)
+    video, text = x[:, text_len:], x[:, :text_len]
+    norm_video = F.layer_norm(video, (hidden,), norm_weight, norm_bias, eps) * (1 + scale[:, None]) + shift[:, None]
+    norm_text = F.layer_norm(text, (hidden,), norm_weight, norm_bias, eps) * (1 + enc_scale[:, None]) \
+        + enc_shift[:, None]
+    h = torch.cat([norm_text, norm_video], dim=1)
+    ff = F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
+    video = video + gate[:, None] * ff[:, text_len:]
+    text = text + enc_gate[:, None] * ff[:, :text_len]
+    return video, text
+
+
+def make_inputs(B, text_len, video_len, hidden, inner, dtype, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    S = text_len + video_len
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    return dict(x=rnd(B, S, hidden), modulation=rnd(B, 6, hidden, std=0.5),
+                w1=rnd(1, inner, hidden, std=hidden ** -0.5), b1=rnd(1, inner, std=0.1),
+                w2=rnd(1, hidden, inner, std=inner ** -0.5), b2=rnd(1, hidden, std=0.1),
+                norm_weight=rnd(hidden, std=0.2) + 1, norm_bias=rnd(hidden, std=0.1), text_len=text_len)
+
+
+def rel_err(out, ref):
+    out = out.float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+DEVICE = "cuda"
+
+
+def sync():
+    if DEVICE == "cuda":
+        sync()
+
+
+def bench(fn, warmup=25, rep=100):
+    if DEVICE != "cuda":  # CPU smoke run of this script (interpreter): one timed call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def env_info():
+    import triton
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    return dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__, triton=triton.__version__,
+                commit=commit)
+
+
+def ours(inp, path, config1=None, config2=None):
+    return tf.expert_ffn_fwd(inp["x"], inp["modulation"], inp["w1"], inp["b1"], inp["w2"], inp["b2"],
+                             inp["text_len"], inp["norm_weight"], inp["norm_bias"], 1e-5, 0, None, None,
+                             shared_path=path, config1=config1, config2=config2)
+
+
+def sweep_gemms(name, inp, log):
+    """Time each config on GEMM1 (GELU epilogue) and GEMM2 (gate/residual epilogue); check parity."""
+    B, S, Hd = inp["x"].shape
+    T = B * S
+    inner = inp["w1"].shape[1]
+    x2d = inp["x"].view(T, Hd)
+    h = tf.modulated_norm_fwd(x2d, inp["modulation"], inp["norm_weight"], inp["norm_bias"], 1e-5, S,
+                              inp["text_len"], x2d.dtype)
+    ref1 = F.gelu(F.linear(h.float(), inp["w1"][0].float(), inp["b1"][0].float()), approximate="tanh")
+    inter = ref1.to(x2d.dtype)
+    flops = 2.0 * T * Hd * inner
+    rows = []
+    for which in (1, 2):
+        for cfg in SWEEP_CONFIGS:
+            row = dict(shape=name, gemm=which, **{k: v for k, v in cfg.items()})
+            try:
+                if which == 1:
+                    out = torch.empty(T, inner, dtype=x2d.dtype, device=x2d.device)
+                    fn = lambda: tf.grouped_gemm_fwd(h, inp["w1"], inp["b1"], out,  # noqa: E731
+                                                     epilogue=tf.EPILOGUE_GELU, config=cfg)
+                    fn()
+                    sync()
+                    row["rel_err"] = rel_err(out, ref1)
+                else:
+                    out = torch.empty_like(x2d)
+                    fn = lambda: tf.grouped_gemm_fwd(inter, inp["w2"], inp["b2"], out,  # noqa: E731
+                                                     epilogue=tf.EPILOGUE_GATE_RESIDUAL, x=x2d,
+                                                     modulation=inp["modulation"], seq_len=S,
+                                                     text_len=inp["text_len"], config=cfg)
+                    fn()
+                    sync()
+                    f = F.linear(inter.float(), inp["w2"][0].float(), inp["b2"][0].float()).view(B, S, Hd)
+                    is_text = (torch.arange(S, device=f.device) < inp["text_len"])[None, :, None]
+                    mod = inp["modulation"].float()
+                    gate = torch.where(is_text, mod[:, None, 5], mod[:, None, 2])
+                    ref2 = (inp["x"].float() + gate * f).view(T, Hd)
+                    row["rel_err"] = rel_err(out, ref2)
+                    del f, ref2
+                t = bench(fn, warmup=10, rep=60)
+                row.update(ms=t, tflops=flops / t / 1e9)
+            except Exception as e:  # a config that fails to compile is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(f"  sweep {name} gemm{which} {cfg} -> "
+                  + (f"{row['ms']:.3f} ms {row['tflops']:.0f} TF/s rel {row['rel_err']:.1e}"
+                     if "ms" in row else row["error"]), flush=True)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    # cuBLAS on the same GEMMs, with the library's fused GELU epilogue for GEMM1
+    for label, fn in (("cublas_linear1", lambda: F.linear(h, inp["w1"][0], inp["b1"][0])),
+                      ("cublaslt_gelu1", lambda: torch._addmm_activation(inp["b1"][0], h, inp["w1"][0].t(),
+                                                                        use_gelu=True)),
+                      ("cublas_linear2", lambda: F.linear(inter, inp["w2"][0], inp["b2"][0]))):
+        t = bench(fn, warmup=10, rep=60)
+        row = dict(shape=name, gemm=label, ms=t, tflops=flops / t / 1e9)
+        if label == "cublaslt_gelu1":  # which GELU does the cuBLASLt epilogue compute?
+            lin = F.linear(h.float(), inp["w1"][0].float(), inp["b1"][0].float())
+            got = fn().float()
+            row["rel_vs_gelu_tanh"] = rel_err(got, F.gelu(lin, approximate="tanh"))
+            row["rel_vs_gelu_erf"] = rel_err(got, F.gelu(lin))
+            del lin, got
+        rows.append(row)
+        print(f"  {name} {label}: {t:.3f} ms {row['tflops']:.0f} TF/s "
+              + " ".join(f"{k}={v:.2e}" for k, v in row.items() if k.startswith("rel")), flush=True)
+        log.write(json.dumps(row) + "\n")
+    del ref1, inter
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_ffn_bench(shapes, out_dir, *, sweep=False, compile_chain=True, paths=("triton", "cublaslt", "cublas"),
+                  dtype=torch.bfloat16):
+    """Time ours vs the torch chain (eager / compiled) vs bare cuBLAS at each shape; list of result rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    info = env_info()
+    results = []
+    log = open(os.path.join(out_dir, "ffn_log.jsonl"), "a")
+    for name in shapes:
+        B, text_len, video_len, hidden, inner = SHAPES[name] if isinstance(name, str) else name
+        name = name if isinstance(name, str) else f"B{B}_S{text_len}+{video_len}_{hidden}x{inner}"
+        tokens = B * (text_len + video_len)
+        flops = expert_ffn_flops(tokens, hidden, inner)
+        inp = make_inputs(B, text_len, video_len, hidden, inner, dtype, device=DEVICE)
+        if sweep:
+            results += [dict(info, kind="sweep", **r) for r in sweep_gemms(name, inp, log)]
+        ref = expert_ffn_reference(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in inp.items()})
+        args = (inp["x"], inp["modulation"], inp["norm_weight"], inp["norm_bias"], inp["w1"][0], inp["b1"][0],
+                inp["w2"][0], inp["b2"][0], text_len)
+
+        def chain_err(fn):
+            video, text = fn(*args)
+            return rel_err(torch.cat([text, video], dim=1), ref)
+
+        variants = {}
+        for path in paths:
+            variants[f"ours[{path}]"] = (lambda p=path: ours(inp, p), lambda p=path: rel_err(ours(inp, p), ref))
+        variants["torch eager"] = (lambda: torch_chain(*args), lambda: chain_err(torch_chain))
+        if compile_chain:
+            compiled = torch.compile(torch_chain)
+            variants["torch.compile"] = (lambda: compiled(*args), lambda: chain_err(compiled))
+        h = tf.modulated_norm_fwd(inp["x"].view(tokens, hidden), inp["modulation"], inp["norm_weight"],
+                                  inp["norm_bias"], 1e-5, text_len + video_len, text_len, dtype)
+        inter = F.gelu(F.linear(h, inp["w1"][0], inp["b1"][0]), approximate="tanh")
+        variants["cuBLAS GEMMs only"] = (
+            lambda: F.linear(F.linear(h, inp["w1"][0], inp["b1"][0]), inp["w2"][0], inp["b2"][0]), None)
+        variants["our pre-pass (LN+modulate)"] = (
+            lambda: tf.modulated_norm_fwd(inp["x"].view(tokens, hidden), inp["modulation"], inp["norm_weight"],
+                                          inp["norm_bias"], 1e-5, text_len + video_len, text_len, dtype), None)
+        variants["our GEMM1 (+b1, GELU)"] = (lambda: tf.grouped_gemm_fwd(
+            h, inp["w1"], inp["b1"], torch.empty_like(inter), epilogue=tf.EPILOGUE_GELU), None)
+        variants["our GEMM2 (+b2, gate, residual)"] = (lambda: tf.grouped_gemm_fwd(
+            inter, inp["w2"], inp["b2"], torch.empty_like(h), epilogue=tf.EPILOGUE_GATE_RESIDUAL,
+            x=inp["x"].view(tokens, hidden), modulation=inp["modulation"], seq_len=text_len + video_len,
+            text_len=text_len), None)
+        rows = {}
+        for label, (fn, err_fn) in variants.items():
+            t0 = time.time()
+            try:
+                err = err_fn() if err_fn is not None else None
+                sync()
+                if DEVICE == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms = bench(fn)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
+            except Exception as e:
+                print(f"  {name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            gemm_flops = flops / 2 if "GEMM1" in label or "GEMM2" in label else flops
+            rows[label] = dict(info, kind="table", shape=name, variant=label, tokens=tokens, hidden=hidden,
+                               inner=inner, ms=ms, tflops=gemm_flops / ms / 1e9,
+                               pct_of_790=100 * gemm_flops / ms / 1e9 / PEAK_TFLOPS, rel_err_vs_fp32=err,
+                               peak_mem_gib=peak, setup_s=time.time() - t0)
+            print(f"  {name} {label}: {ms:.3f} ms  {rows[label]['tflops']:.0f} TF/s  err "
+                  f"{err if err is None else f'{err:.2e}'}", flush=True)
+        for row in rows.values():
+            for base in ("torch eager", "torch.compile", "cuBLAS GEMMs only"):
+                if base in rows:
+                    row[f"speedup_vs_{base}"] = rows[base]["ms"] / row["ms"]
+            log.write(json.dumps(row) + "\n")
+            results.append(row)
+        del inp, ref, h, inter, variants
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    log.close()
+    return results
+
+
+def format_table(results):
+    lines = ["| shape | variant | ms | GEMM TFLOP/s | % of 790 | vs eager | vs compile | rel err vs fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if r.get("kind") != "table":
+            continue
+        err = r["rel_err_vs_fp32"]
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['pct_of_790']:.0f}% "
+                     f"| {r.get('speedup_vs_torch eager', float('nan')):.2f}x "
+                     f"| {r.get('speedup_vs_torch.compile', float('nan')):.2f}x "
+                     f"| {'' if err is None else f'{err:.2e}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="5b,2b")
+    parser.add_argument("--sweep", action="store_true", help="time the GEMM config sweep first")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--device", default="cuda", help="cpu: smoke-run this script under TRITON_INTERPRET=1")
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        SHAPES["tiny"] = (2, 3, 17, 64, 96)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32
+    results = run_ffn_bench(args.shapes.split(","), args.out, sweep=args.sweep, compile_chain=not args.no_compile)
+    table = format_table(results)
+    info = env_info()
+    header = f"GPU {info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}"
+    with open(os.path.join(args.out, "ffn_results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "ffn_table.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    print(header)
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Triton forward of ``expert_ffn``: one grouped GEMM kernel serves both FFN matmuls.
+
+Pipeline (all on device, no host sync for the shared FFN of the real checkpoints):
+
+1. ``_modulated_norm_fwd_kernel``: one pass over x, writes ``h = LN(x) * (1 + scale_m) + shift_m``
+   (modality m from the token's position: the first ``text_len`` tokens of a sample are text).
+2. routing (only with several experts per modality): router logits in torch on h, top-1 expert per
+   token, ``torch.sort`` of the expert ids -> a permutation and per-expert row offsets, all on device.
+3. ``_grouped_gemm_fwd_kernel`` (GELU epilogue): rows of h (gathered through the permutation) times
+   their expert's W1, + b1, tanh-GELU, stored grouped by expert as the [tokens, inner] intermediate.
+4. ``_grouped_gemm_fwd_kernel`` (gate epilogue): intermediate times the expert's W2, + b2, times the
+   router probability, times the token's modality gate, + x; rows scattered back to token order.
+
+The tile schedule is a flat list of (m-tile, n-tile) over all groups: m-tiles are numbered group
+after group, with an upper bound ``cdiv(rows, BLOCK_M) + groups - 1`` so the grid never needs the
+per-group counts on the host; a program maps its m-tile to (group, rows) from the [groups + 1] row
+offsets. Programs loop over tiles persistently (or get one tile each, by config).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backend import interpret_mode
+
+EPILOGUE_GELU = 0
+EPILOGUE_GATE_RESIDUAL = 1
+
+# Which path computes the shared-FFN (num_text_experts=0) GEMMs on a GPU; chosen by measurement
+# (benchmarks/bench_ffn.py), overridable with COGVIDEOX_KERNELS_FFN_SHARED=triton|cublaslt.
+#   "triton":   both GEMMs in our grouped kernel, epilogues fused.
+#   "cublaslt": GEMM1 + bias + tanh-GELU in cuBLASLt (torch._addmm_activation), GEMM2 in our kernel.
+#   "cublas":   both GEMMs in cuBLAS(Lt), then our fused bias + gate + residual kernel.
+SHARED_PATHS = ("triton", "cublaslt", "cublas")
+SHARED_PATH_DEFAULT = "triton"
+SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, seq_len, text_len, hidden, eps,
+                               HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    sample = row // seq_len
+    is_text = (row - sample * seq_len) < text_len
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / hidden
+    centered = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / hidden
+    y = centered / tl.sqrt(var + eps)
+    if HAS_NORM_W:
+        y = y * tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM_B:
+        y = y + tl.load(norm_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # modulation rows: 0 shift_v, 1 scale_v, (2 gate_v), 3 shift_t, 4 scale_t, (5 gate_t)
+    shift_row = tl.where(is_text, 3, 0)
+    mod_row = mod_ptr + sample * 6 * hidden + shift_row * hidden
+    shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mod_row + hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    h = y * (1.0 + scale) + shift
+    tl.store(h_ptr + row * hidden + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_tanh(v):
+    # 0.5 * v * (1 + tanh(u)) == v * sigmoid(2u): exp-based, exact under the interpreter and on GPU
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return v / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _grouped_gemm_fwd_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, group_rows_ptr, row_index_ptr,
+        x_ptr, mod_ptr, row_scale_ptr,
+        total_rows, N, K, seq_len, text_len, num_programs,
+        NUM_GROUPS: tl.constexpr, EPILOGUE: tl.constexpr,
+        GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+        A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, INTERPRET: tl.constexpr):
+    """C[rows of group g] = epilogue(A[rows] @ B[g]^T), B: [groups, N, K] (nn.Linear layout).
+
+    Rows live in "grouped" order: group g owns rows [group_rows[g], group_rows[g+1]). With GATHER_A,
+    A's row r is A[row_index[r]]; with SCATTER_C, C's row r (and x, row scale, gate) is token
+    row_index[r]; else row r is token r.
+    """
+    pid = tl.program_id(0)
+    num_m_tiles = tl.cdiv(total_rows, BLOCK_M) + NUM_GROUPS - 1
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_m_tiles * num_n_tiles
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[total_rows, K], strides=[K, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if B_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_GROUPS * N, K], strides=[K, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        # GROUP_M swizzle over the (virtual m-tile, n-tile) grid, for L2 reuse of B columns
+        tiles_per_band = GROUP_M * num_n_tiles
+        band = tile // tiles_per_band
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+        m_tile = first_m + (tile % tiles_per_band) % band_m
+        n_tile = (tile % tiles_per_band) // band_m
+
+        # which group owns this m-tile (m-tiles numbered group after group)
+        if NUM_GROUPS == 1:
+            group = pid * 0
+            row_start = m_tile * BLOCK_M
+            row_end = total_rows
+        else:
+            group = pid * 0
+            row_start = 0
+            row_end = 0
+            tiles_before = 0
+            for g in tl.static_range(NUM_GROUPS):
+                g_start = tl.load(group_rows_ptr + g)
+                g_end = tl.load(group_rows_ptr + g + 1)
+                g_tiles = tl.cdiv(g_end - g_start, BLOCK_M)
+                mine = (m_tile >= tiles_before) & (m_tile < tiles_before + g_tiles)
+                group = tl.where(mine, g, group)
+                row_start = tl.where(mine, g_start + (m_tile - tiles_before) * BLOCK_M, row_start)
+                row_end = tl.where(mine, g_end, row_end)
+                tiles_before += g_tiles
+        rows = row_start + offs_m
+        row_mask = rows < row_end
+        cols = n_tile * BLOCK_N + offs_n
+        col_mask = cols < N
+        # tiles past the last group (the upper bound's slack) run no K iterations and store nothing
+        k_end = tl.where(row_start < row_end, K, 0)
+
+        if GATHER_A:
+            a_rows = tl.load(row_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        b_rows = group.to(tl.int64) * N + cols
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
+            if A_TMA:
+                a = a_desc.load([row_start, k])
+            else:
+                ks = k + offs_k
+                a = tl.load(a_ptr + a_rows[:, None] * K + ks[None, :],
+                            mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
+            if B_TMA:
+                b = b_desc.load([group * N + n_tile * BLOCK_N, k])
+            else:
+                ks = k + offs_k
+                b = tl.load(b_ptr + b_rows[:, None] * K + ks[None, :],
+                            mask=col_mask[:, None] & (ks[None, :] < K), other=0.0)
+            if INTERPRET:  # bf16 arithmetic is wrong in the interpreter: do the dot in fp32 there
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc)
+            else:
+                acc = tl.dot(a.to(b.dtype), b.T, acc)
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b_rows, mask=col_mask, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if EPILOGUE == 0:  # tanh-GELU, store in grouped row order
+            acc = _gelu_tanh(acc)
+            c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+        else:  # * router prob * gate_m + x, stored at the token's row
+            if SCATTER_C:
+                tokens = tl.load(row_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            else:
+                tokens = rows.to(tl.int64)
+            if HAS_ROW_SCALE:
+                acc = acc * tl.load(row_scale_ptr + tokens, mask=row_mask, other=0.0)[:, None]
+            sample = tokens // seq_len
+            gate_row = tl.where(tokens - sample * seq_len < text_len, 5, 2)
+            gate = tl.load(mod_ptr + (sample * 6 + gate_row)[:, None] * N + cols[None, :],
+                           mask=out_mask, other=0.0).to(tl.float32)
+            token_offs = tokens[:, None] * N + cols[None, :]
+            x = tl.load(x_ptr + token_offs, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(c_ptr + token_offs, (x + gate * acc).to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gate_residual_fwd_kernel(x_ptr, f_ptr, mod_ptr, bias_ptr, out_ptr, seq_len, text_len, hidden,
+                              HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out = x + gate_m * (f + b2), one token per program (the cuBLAS GEMM2 alternative)."""
+    row = tl.program_id(0).to(tl.int64)
+    sample = row // seq_len
+    gate_row = tl.where(row - sample * seq_len < text_len, 5, 2)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    f = tl.load(f_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        f = f + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(mod_ptr + (sample * 6 + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * hidden + cols, (x + gate * f).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
+                        persistent=True, num_programs=3, warp_specialize=False, flatten=False)
+
+
+def default_config(dtype: torch.dtype, M: int, N: int, K: int, epilogue: int) -> dict:
+    """Measured on an H100 (benchmarks/results/ffn_*); the interpreter gets one small config."""
+    if interpret_mode():
+        return dict(INTERPRET_CONFIG)
+    if dtype == torch.float32:  # tf32 tiles: half the K depth fits the same shared memory
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
+                    persistent=True, warp_specialize=False, flatten=False)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                persistent=True, warp_specialize=False, flatten=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not interpret_mode() else "cpu")
+
+
+_allocator_set = False
+
+
+def _ensure_tma_allocator() -> None:
+    # device-side tensor descriptors need a scratch allocator (set once per process)
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(_tma_allocator)
+        _allocator_set = True
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte aligned row pitch."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_index=None, gather_a=False,
+                     scatter_c=False, x=None, modulation=None, row_scale=None, seq_len=1, text_len=0,
+                     config=None):
+    """One launch over all groups. a: [rows, K]; weight: [G, N, K]; bias: [G, N] or None.
+
+    epilogue GELU: out[row] = gelu_tanh(a[row] @ W_g^T + b_g) in grouped row order.
+    epilogue GATE_RESIDUAL: out[tok] = x[tok] + gate_m(tok) * scale[tok] * (a[row] @ W_g^T + b_g).
+    ``group_rows`` [G + 1] int32 (device) row offsets, needed when G > 1.
+    """
+    rows, K = a.shape
+    G, N, _ = weight.shape
+    cfg = dict(default_config(a.dtype, rows, N, K, epilogue))
+    if config:
+        cfg.update(config)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    num_tiles = (triton.cdiv(rows, BM) + G - 1) * triton.cdiv(N, BN)
+    if cfg.get("persistent", True):
+        if "num_programs" in cfg:
+            programs = cfg["num_programs"]
+        else:
+            programs = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        programs = max(1, min(num_tiles, programs))
+    else:
+        programs = num_tiles
+    use_tma = cfg.get("tma", True)
+    a_tma = use_tma and not gather_a and _tma_ok(a)
+    b_tma = use_tma and _tma_ok(weight)
+    if a_tma or b_tma:
+        _ensure_tma_allocator()
+    if G > 1 and group_rows is None:
+        raise ValueError(f"grouped_gemm_fwd: weight stacks {G} groups but group_rows was not given")
+    dummy = out
+    _grouped_gemm_fwd_kernel[(programs,)](
+        a, weight, out, bias if bias is not None else dummy,
+        group_rows if group_rows is not None else dummy, row_index if row_index is not None else dummy,
+        x if x is not None else dummy, modulation if modulation is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        rows, N, K, seq_len, text_len, programs,
+        NUM_GROUPS=G, EPILOGUE=epilogue, GATHER_A=gather_a, SCATTER_C=scatter_c,
+        HAS_BIAS=bias is not None, HAS_ROW_SCALE=row_scale is not None, A_TMA=a_tma, B_TMA=b_tma,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        WARP_SPECIALIZE=cfg.get("warp_specialize", False), FLATTEN=cfg.get("flatten", False),
+        INTERPRET=interpret_mode(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, text_len, out_dtype):
+    """h = LN(x) * (1 + scale_m) + shift_m for x2d [B*S, hidden] (contiguous), in out_dtype."""
+    rows, hidden = x2d.shape
+    h = torch.empty(rows, hidden, dtype=out_dtype, device=x2d.device)
+    block = triton.next_power_of_2(hidden)
+    _modulated_norm_fwd_kernel[(rows,)](
+        x2d, modulation, norm_weight if norm_weight is not None else x2d,
+        norm_bias if norm_bias is not None else x2d, h, seq_len, text_len, hidden, eps,
+        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, BLOCK_H=block,
+        num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
+    return h
+
+
+def gate_residual_fwd(x2d, f, modulation, bias, seq_len, text_len):
+    rows, hidden = x2d.shape
+    out = torch.empty_like(x2d)
+    block = triton.next_power_of_2(hidden)
+    _gate_residual_fwd_kernel[(rows,)](x2d, f, modulation, bias if bias is not None else f, out, seq_len,
+                                       text_len, hidden, HAS_BIAS=bias is not None, BLOCK_H=block,
+                                       num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
+    return out
+
+
+def route_tokens(h, text_len, num_experts, num_text_experts, text_router, video_router):
+    """Top-1 expert [B*S] (int64) and its softmax probability [B*S] (fp32) for every token, on device.
+
+    Loops over the two modalities (not over experts or samples); a modality with one expert gets
+    that expert with scale 1.
+    """
+    B, S, Hd = h.shape
+    expert = torch.zeros(B, S, dtype=torch.long, device=h.device)
+    scale = torch.ones(B, S, dtype=torch.float32, device=h.device)
+    nt = num_text_experts
+    for lo, hi, n, router, offset in ((0, text_len, nt, text_router, 0),
+                                      (text_len, S, num_experts - nt, video_router, nt)):
+        if hi == lo:
+            continue
+        if n == 1:
+            expert[:, lo:hi] = offset
+            continue
+        weight, bias = router
+        logits = torch.nn.functional.linear(h[:, lo:hi].float(), weight.float(),
+                                            None if bias is None else bias.float())
+        prob, idx = logits.softmax(dim=-1).max(dim=-1)
+        expert[:, lo:hi] = idx + offset
+        scale[:, lo:hi] = prob
+    return expert.view(-1), scale.view(-1)
+
+
+def _shared_path() -> str:
+    path = os.environ.get(SHARED_PATH_ENV, SHARED_PATH_DEFAULT)
+    if path not in SHARED_PATHS:
+        raise ValueError(f"{SHARED_PATH_ENV}={path!r} is not supported; choose one of {SHARED_PATHS}")
+    return path
+
+
+def _linear_gelu_cublaslt(h, weight, bias):
+    """gelu_tanh(h @ weight^T + bias) by cuBLASLt's fused bias + GELU epilogue (tanh approximation;
+    torch's own CUDA fallback for this call is tanh-GELU too). On CPU torch's version uses erf-GELU,
+    so there we spell it out."""
+    if h.is_cuda:
+        return torch._addmm_activation(bias, h, weight.t(), use_gelu=True)
+    return torch.nn.functional.gelu(torch.nn.functional.linear(h, weight, bias), approximate="tanh")
+
+
+def expert_ffn_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps, num_text_experts,
+                   text_router, video_router, shared_path=None, config1=None, config2=None):
+    """Launch the pipeline; inputs already checked. Returns a new tensor shaped like x."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"expert_ffn backend='triton' supports float16, bfloat16 and float32, got x.dtype="
+                         f"{x.dtype}; use backend='reference' for float64")
+    B, S, Hd = x.shape
+    E, inner, _ = w1.shape
+    T = B * S
+    x2d = x.contiguous().view(T, Hd)
+    modulation = modulation.contiguous()
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    b1 = None if b1 is None else b1.contiguous()
+    b2 = None if b2 is None else b2.contiguous()
+    routed = num_text_experts > 0 and E > 1 and (text_router is not None or video_router is not None)
+
+    if num_text_experts == 0:  # one shared FFN: a single group of all T rows, no permutation
+        h = modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, S, text_len, x.dtype)
+        path = shared_path or (_shared_path() if x.is_cuda else "triton")
+        if path in ("cublaslt", "cublas") and b1 is not None:
+            inter = _linear_gelu_cublaslt(h, w1[0], b1[0])
+        else:
+            inter = torch.empty(T, inner, dtype=x.dtype, device=x.device)
+            grouped_gemm_fwd(h, w1, b1, inter, epilogue=EPILOGUE_GELU, config=config1)
+        if path == "cublas":
+            f = torch.mm(inter, w2[0].t())
+            return gate_residual_fwd(x2d, f, modulation, None if b2 is None else b2[0], S, text_len).view(B, S, Hd)
+        out = torch.empty_like(x2d)
+        grouped_gemm_fwd(inter, w2, b2, out, epilogue=EPILOGUE_GATE_RESIDUAL, x=x2d, modulation=modulation,
+                         seq_len=S, text_len=text_len, config=config2)
+        return out.view(B, S, Hd)
+
+    # experts: h in fp32 when routing so the router sees the same values as the fp32 reference
+    h_dtype = torch.float32 if routed else x.dtype
+    h = modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, S, text_len, h_dtype)
+    if routed:
+        expert, row_scale = route_tokens(h.view(B, S, Hd), text_len, E, num_text_experts, text_router,
+                                         video_router)
+    else:  # one expert per modality: expert = is_video
+        pos = torch.arange(S, device=x.device)
+        expert = (pos >= text_len).long().expand(B, S).reshape(-1)
+        row_scale = None
+    sorted_expert, order = torch.sort(expert, stable=True)
+    group_rows = torch.searchsorted(sorted_expert, torch.arange(E + 1, device=x.device)).to(torch.int32)
+    order = order.to(torch.int32)
+    inter = torch.empty(T, inner, dtype=x.dtype, device=x.device)
+    grouped_gemm_fwd(h, w1, b1, inter, epilogue=EPILOGUE_GELU, group_rows=group_rows, row_index=order,
+                     gather_a=True, config=config1)
+    out = torch.empty_like(x2d)
+    grouped_gemm_fwd(inter, w2, b2, out, epilogue=EPILOGUE_GATE_RESIDUAL, group_rows=group_rows,
+                     row_index=order, scatter_c=True, x=x2d, modulation=modulation, row_scale=row_scale,
+                     seq_len=S, text_len=text_len, config=config2)
+    return out.view(B, S, Hd)
+
+
+# --------------------------------------------------------------------------------------------
+# custom op (opaque to torch.compile) and the function the dispatcher calls
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("cogvideox_kernels::expert_ffn", mutates_args=())
+def expert_ffn_op(x: torch.Tensor, modulation: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                  w2: torch.Tensor, b2: Optional[torch.Tensor], text_len: int,
+                  norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float,
+                  num_text_experts: int, text_router_weight: Optional[torch.Tensor],
+                  text_router_bias: Optional[torch.Tensor], video_router_weight: Optional[torch.Tensor],
+                  video_router_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    text_router = None if text_router_weight is None else (text_router_weight, text_router_bias)
+    video_router = None if video_router_weight is None else (video_router_weight, video_router_bias)
+    return expert_ffn_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps,
+                          num_text_experts, text_router, video_router)
+
+
+@expert_ffn_op.register_fake
+def _expert_ffn_fake(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps, num_text_experts,
+                     text_router_weight, text_router_bias, video_router_weight, video_router_bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def expert_ffn_triton(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
+                      num_text_experts=0, text_router=None, video_router=None):
+    """Triton backend of ``expert_ffn`` (inputs already checked by ``check_expert_ffn_inputs``)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"expert_ffn backend='triton' supports float16, bfloat16 and float32, got x.dtype="
+                         f"{x.dtype}; use backend='reference' for float64")
+    tw, tb = text_router if text_router is not None else (None, None)
+    vw, vb = video_router if video_router is not None else (None, None)
+    return expert_ffn_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps),
+                         int(num_text_experts), tw, tb, vw, vb)
