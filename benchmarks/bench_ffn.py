@@ -199,7 +199,7 @@ def run_ffn_bench(shapes, out_dir, *, sweep=False, compile_chain=True, paths=("t
         tokens = B * (text_len + video_len)
         flops = expert_ffn_flops(tokens, hidden, inner)
         inp = make_inputs(B, text_len, video_len, hidden, inner, dtype, device=DEVICE)
-        if sweep:
+        if sweep is True or (sweep and name in sweep):
             results += [dict(info, kind="sweep", **r) for r in sweep_gemms(name, inp, log)]
         ref = expert_ffn_reference(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in inp.items()})
         args = (inp["x"], inp["modulation"], inp["norm_weight"], inp["norm_bias"], inp["w1"][0], inp["b1"][0],
@@ -281,7 +281,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--shapes", default="5b,2b")
-    parser.add_argument("--sweep", action="store_true", help="time the GEMM config sweep first")
+    parser.add_argument("--sweep", default="", help="comma-separated shapes to run the GEMM config sweep at")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--device", default="cuda", help="cpu: smoke-run this script under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
@@ -290,7 +290,8 @@ def main(argv=None):
     if DEVICE == "cpu":
         SHAPES["tiny"] = (2, 3, 17, 64, 96)
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32
-    results = run_ffn_bench(args.shapes.split(","), args.out, sweep=args.sweep, compile_chain=not args.no_compile)
+    results = run_ffn_bench(args.shapes.split(","), args.out, sweep=set(filter(None, args.sweep.split(","))),
+                            compile_chain=not args.no_compile)
     table = format_table(results)
     info = env_info()
     header = f"GPU {info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}"
