@@ -1,0 +1,95 @@
+"""The extension's causal temporal conv (C++ on CPU tensors, CUDA on GPU tensors).
+
+Exposed as the custom op ``cogvideox_kernels::causal_conv3d`` with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it. The binding takes raw addresses, sizes and
+the stream as integers (the extension is not linked against torch); everything it relies on is
+checked here first. Covers weight [C_out, C_in, kt, 1, 1] with kt 1..5 and stride 1 or 2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._ext import get_ext
+from .reference import check_causal_conv_inputs
+
+MAX_KT = 5
+STRIDES = (1, 2)
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_PAD_CODES = {"replicate": 0, "zeros": 1}
+
+
+def native_supports(x, weight, stride) -> bool:
+    """What the native kernels cover: kh = kw = 1, kt <= 5, stride 1 or 2, float dtypes."""
+    kt, kh, kw = weight.shape[2:]
+    return (kh, kw) == (1, 1) and 1 <= kt <= MAX_KT and stride in STRIDES and x.dtype in _DTYPE_CODES
+
+
+def output_frames(frames: int, stride: int) -> int:
+    return (frames - 1) // stride + 1
+
+
+def _check_native(x, weight, bias, cache, stride, backend):
+    if not native_supports(x, weight, stride):
+        raise ValueError(
+            f"causal_conv3d backend={backend!r}: weight shape {tuple(weight.shape)} with stride={stride} "
+            f"is not supported by the native kernel (kt in 1..{MAX_KT}, kh = kw = 1, stride in {STRIDES}); "
+            "use backend='reference' or 'auto'")
+    want = "cuda" if backend == "cuda" else "cpu"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("cache", cache)):
+        if t is None:
+            continue
+        if t.device.type != want:
+            raise ValueError(f"causal_conv3d backend={backend!r}: {name} is on {t.device}; "
+                             f"this backend needs {want} tensors")
+        if not t.is_contiguous():
+            raise ValueError(f"causal_conv3d backend={backend!r}: {name} must be contiguous "
+                             f"(got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
+
+
+@torch.library.custom_op("cogvideox_kernels::causal_conv3d", mutates_args=())
+def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      cache: Optional[torch.Tensor], stride: int, pad_mode: str, backend: str,
+                      variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, T, H, W = x.shape
+    C_out, _, kt = weight.shape[:3]
+    y = torch.empty((B, C_out, output_frames(T, stride), H, W), dtype=x.dtype, device=x.device)
+    new_cache = torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device)
+    ext = get_ext()
+    args = (x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if cache is None else cache.data_ptr(), y.data_ptr(), new_cache.data_ptr(),
+            B, C, C_out, T, H, W, kt, stride, _PAD_CODES[pad_mode], _DTYPE_CODES[x.dtype])
+    if backend == "cuda":
+        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        ext.causal_conv3d_cuda(*args, device, stream, variant)
+    else:
+        ext.causal_conv3d_cpu(*args)
+    return y, new_cache
+
+
+@_causal_conv3d_op.register_fake
+def _causal_conv3d_fake(x, weight, bias, cache, stride, pad_mode, backend, variant):
+    B, C, T, H, W = x.shape
+    C_out, _, kt = weight.shape[:3]
+    y = x.new_empty((B, C_out, output_frames(T, stride), H, W))
+    return y, x.new_empty((B, C, kt - 1, H, W))
+
+
+def causal_conv3d_native(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None,
+                         backend="cpp", variant=0):
+    """Native causal conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
+
+    Returns ``(y, new_cache)`` exactly like ``causal_conv3d_reference``. ``variant`` (CUDA only)
+    forces a tile configuration for benchmarks; 0 picks one.
+    """
+    if backend not in ("cuda", "cpp"):
+        raise ValueError(f"causal_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
+    check_causal_conv_inputs(x, weight, bias, stride, pad_mode, cache)
+    _check_native(x, weight, bias, cache, stride, backend)
+    if variant != 0:  # (only then: the pybind call would break torch.compile's graph)
+        n = len(get_ext().causal_conv_cuda_variants())
+        if not 0 <= variant <= n:
+            raise ValueError(f"causal_conv3d_native: variant={variant} is out of range [0, {n}]")
+    return _causal_conv3d_op(x, weight, bias, cache, stride, pad_mode, backend, variant)

@@ -1,0 +1,620 @@
+// CUDA causal temporal convolution (kh = kw = 1), NCTHW.
+//
+// Per batch b and output frame t the op is a GEMM over pixels:
+//   y[co, t, p] = sum_k A[co, k] * B_t[k, p] + bias[co],   k = ci * kt + j,
+//   A[co, k] = weight[co, ci, j] (the weight's own contiguous layout, no repacking),
+//   B_t[k, p] = xpad[ci, t*st + j, p] (each row k is one frame of one channel, found through
+//   padded_source(): input frame, cache frame, frame 0 again, or zeros - never a padded copy).
+// bf16/fp16: mma.sync m16n8k16 on tensor cores, fp32 accumulation, multi-stage cp.async pipeline
+// with 16-byte loads along pixels. A block owns (batch, C_out slice, pixel tile, run of output
+// frames) and streams one continuous pipeline over all its output frames, so the pipeline never
+// drains between frames and the kt frames an output needs were just read by the previous output
+// (L2 hits). Optionally (A_RESIDENT) the block's weight slice stays in shared memory for its
+// whole life. fp32/fp64: a plain shared-memory tiled FMA kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "causal_conv/causal_conv.h"
+
+namespace cvk {
+namespace {
+
+#define CVK_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                         \
+    cudaError_t err_ = (expr);                                                                 \
+    if (err_ != cudaSuccess)                                                                   \
+      throw std::runtime_error(std::string("causal_conv3d_cuda: ") + #expr + " failed: " +     \
+                               cudaGetErrorString(err_));                                      \
+  } while (0)
+
+// ------------------------------------------------------------------------------------------------
+// PTX helpers
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy; src_bytes = 0 writes zeros (masked rows/columns, zero padding frames).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaOp<__half> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  __nv_bfloat162 v(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+  __half2 v(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core kernel (bf16 / fp16)
+// ------------------------------------------------------------------------------------------------
+constexpr int kBK = 32;      // k per pipeline stage (two m16n8k16 steps)
+constexpr int kWarpM = 64;   // warp tile: 64 output channels x 32 pixels
+constexpr int kWarpN = 32;
+constexpr int kPad = 8;      // 16-byte row padding: ldmatrix rows land in distinct banks
+
+template <int BM, int BN, int STAGES, bool A_RESIDENT>
+struct TileConfig {
+  static constexpr int kWarps = (BM / kWarpM) * (BN / kWarpN);
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLdA = kBK + kPad;  // streamed A stage row (elements)
+  static constexpr int kLdB = BN + kPad;
+  static constexpr int kStageA = A_RESIDENT ? 0 : BM * kLdA;
+  static constexpr int kStageB = kBK * kLdB;
+  // Resident A: [BM][K_pad + kPad], K_pad = K rounded up to kBK (runtime).
+  static size_t smem_bytes(int64_t k_total) {
+    const size_t stages = size_t(STAGES) * (kStageA + kStageB) * 2;
+    if (!A_RESIDENT) return stages;
+    const int64_t k_pad = (k_total + kBK - 1) / kBK * kBK;
+    return stages + size_t(BM) * size_t(k_pad + kPad) * 2;
+  }
+};
+
+struct GemmArgs {
+  CausalConvParams p;
+  int64_t k_total;      // C_in * kt
+  int64_t k_chunks;     // ceil(k_total / kBK)
+  int64_t frames_per_block;
+  int64_t co_tiles;
+};
+
+// Fills one B stage: rows k0..k0+kBK (each a (channel, tap) pair -> a source frame), pixels
+// p0..p0+BN of output frame t. VEC: 16-byte cp.async (needs H*W % 8 == 0 and aligned bases);
+// otherwise element loads with full masks (any H*W, any C).
+template <typename T, int BN, int THREADS, bool VEC>
+__device__ __forceinline__ void load_b_stage(T* sB, int ldb, const GemmArgs& g, int64_t b,
+                                             int64_t t, int64_t k0, int64_t p0) {
+  const CausalConvParams& p = g.p;
+  const T* x = static_cast<const T*>(p.x);
+  const T* cache = static_cast<const T*>(p.cache);
+  const bool has_cache = cache != nullptr;
+  if constexpr (VEC) {
+    constexpr int kChunksPerRow = BN / 8;
+    constexpr int kChunks = kBK * kChunksPerRow;
+#pragma unroll
+    for (int c = threadIdx.x; c < kChunks; c += THREADS) {
+      const int row = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      const int64_t k = k0 + row;
+      const int64_t pix = p0 + col;
+      const T* src = x;
+      int bytes = 0;
+      if (k < g.k_total && pix < p.hw) {
+        const int64_t ci = k / p.kt;
+        const int j = int(k - ci * p.kt);
+        const FrameSource s = tap_source(t, j, p.stride, p.kt, p.pad_mode, has_cache);
+        if (s.kind != kFromZero) {
+          src = (s.kind == kFromInput ? x : cache) +
+                source_offset(s, b, ci, p.c_in, p.frames, p.kt, p.hw) + pix;
+          bytes = 16;
+        }
+      }
+      cp_async_16(sB + row * ldb + col, src, bytes);
+    }
+  } else {
+    for (int e = threadIdx.x; e < kBK * BN; e += THREADS) {
+      const int row = e / BN;
+      const int col = e % BN;
+      const int64_t k = k0 + row;
+      const int64_t pix = p0 + col;
+      T v = from_float<T>(0.0f);
+      if (k < g.k_total && pix < p.hw) {
+        const int64_t ci = k / p.kt;
+        const int j = int(k - ci * p.kt);
+        const FrameSource s = tap_source(t, j, p.stride, p.kt, p.pad_mode, has_cache);
+        if (s.kind != kFromZero)
+          v = ((s.kind == kFromInput ? x : cache) +
+               source_offset(s, b, ci, p.c_in, p.frames, p.kt, p.hw))[pix];
+      }
+      sB[row * ldb + col] = v;
+    }
+  }
+}
+
+// Fills rows co0..co0+BM, columns k0..k0+ncols of A (weight [C_out, K]) into sA (leading dim lda).
+template <typename T, int BM, int THREADS, bool VEC>
+__device__ __forceinline__ void load_a_block(T* sA, int lda, const GemmArgs& g, int64_t co0,
+                                             int64_t k0, int ncols) {
+  const T* w = static_cast<const T*>(g.p.weight);
+  if constexpr (VEC) {
+    const int chunks_per_row = ncols / 8;
+    const int chunks = BM * chunks_per_row;
+    for (int c = threadIdx.x; c < chunks; c += THREADS) {
+      const int row = c / chunks_per_row;
+      const int col = (c % chunks_per_row) * 8;
+      const int64_t co = co0 + row;
+      const int64_t k = k0 + col;
+      const bool ok = co < g.p.c_out && k < g.k_total;
+      cp_async_16(sA + row * lda + col, ok ? w + co * g.k_total + k : w, ok ? 16 : 0);
+    }
+  } else {
+    for (int e = threadIdx.x; e < BM * ncols; e += THREADS) {
+      const int row = e / ncols;
+      const int col = e % ncols;
+      const int64_t co = co0 + row;
+      const int64_t k = k0 + col;
+      sA[row * lda + col] =
+          (co < g.p.c_out && k < g.k_total) ? w[co * g.k_total + k] : from_float<T>(0.0f);
+    }
+  }
+}
+
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
+__global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThreads)
+    _causal_conv3d_fwd_kernel(GemmArgs g) {
+  using Cfg = TileConfig<BM, BN, STAGES, A_RESIDENT>;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kWarpsN = BN / kWarpN;
+  constexpr int kMT = kWarpM / 16;  // m16 tiles per warp
+  constexpr int kNT = kWarpN / 8;   // n8 tiles per warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const CausalConvParams& p = g.p;
+
+  const int64_t p0 = int64_t(blockIdx.x) * BN;
+  const int64_t co_tile = int64_t(blockIdx.y) % g.co_tiles;
+  const int64_t t_begin = (int64_t(blockIdx.y) / g.co_tiles) * g.frames_per_block;
+  const int64_t b = blockIdx.z;
+  const int64_t co0 = co_tile * BM;
+  const int64_t t_end = min(t_begin + g.frames_per_block, p.frames_out);
+  if (t_begin >= t_end) return;
+  const int64_t total_iters = (t_end - t_begin) * g.k_chunks;
+
+  const int64_t k_pad = g.k_chunks * kBK;
+  const int lda_res = int(k_pad) + kPad;
+  T* sA_res = smem + size_t(STAGES) * (Cfg::kStageA + Cfg::kStageB);
+  auto stage_a = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB); };
+  auto stage_b = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB) + Cfg::kStageA; };
+
+  auto load_stage = [&](int64_t it) {
+    const int s = int(it % STAGES);
+    const int64_t t = t_begin + it / g.k_chunks;
+    const int64_t k0 = (it % g.k_chunks) * kBK;
+    if constexpr (!A_RESIDENT) load_a_block<T, BM, kThreads, VEC>(stage_a(s), Cfg::kLdA, g, co0, k0, kBK);
+    load_b_stage<T, BN, kThreads, VEC>(stage_b(s), Cfg::kLdB, g, b, t, k0, p0);
+  };
+
+  // The resident weight slice travels in the first commit group.
+  if constexpr (A_RESIDENT) load_a_block<T, BM, kThreads, VEC>(sA_res, lda_res, g, co0, 0, int(k_pad));
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < total_iters) load_stage(s);
+    cp_async_commit();
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int wm = warp / kWarpsN;
+  const int wn = warp % kWarpsN;
+  const int g8 = lane / 4;  // accumulator row within an m16 tile (and +8)
+  const int q4 = lane % 4;  // accumulator column pair
+  // ldmatrix lane -> (row, column) of a 16x16 block, identical for A and (trans) B.
+  const int lm_row = lane % 16;
+  const int lm_col = (lane / 16) * 8;
+
+  float acc[kMT][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+
+  for (int64_t it = 0; it < total_iters; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage it is visible; stage it-1 is free for the next load
+    if (it + STAGES - 1 < total_iters) load_stage(it + STAGES - 1);
+    cp_async_commit();
+
+    const int s = int(it % STAGES);
+    const int64_t kc = it % g.k_chunks;
+    const T* sA;
+    int lda;
+    if constexpr (A_RESIDENT) {
+      sA = sA_res + kc * kBK;
+      lda = lda_res;
+    } else {
+      sA = stage_a(s);
+      lda = Cfg::kLdA;
+    }
+    const T* sB = stage_b(s);
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[kMT][4];
+      uint32_t bf[kNT / 2][4];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+        ldmatrix_x4(af[i], sA + (wm * kWarpM + i * 16 + lm_row) * lda + kk + lm_col);
+#pragma unroll
+      for (int j = 0; j < kNT / 2; ++j)
+        ldmatrix_x4_trans(bf[j], sB + (kk + lm_row) * Cfg::kLdB + wn * kWarpN + j * 16 + lm_col);
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+          MmaOp<T>::run(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
+    }
+
+    if (kc == g.k_chunks - 1) {  // output frame t is complete: bias, store, reset
+      const int64_t t = t_begin + it / g.k_chunks;
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t co = co0 + wm * kWarpM + i * 16 + g8 + half * 8;
+          if (co >= p.c_out) continue;
+          const float bv = bias ? to_float(bias[co]) : 0.0f;
+          T* row = y + frame_offset(b, co, t, p.c_out, p.frames_out, p.hw);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const int64_t pix = p0 + wn * kWarpN + j * 8 + q4 * 2;
+            const T v0 = from_float<T>(acc[i][j][half * 2] + bv);
+            const T v1 = from_float<T>(acc[i][j][half * 2 + 1] + bv);
+            if constexpr (VEC) {  // hw % 8 == 0: the pair is in range and 4-byte aligned
+              if (pix < p.hw) *reinterpret_cast<uint32_t*>(row + pix) = pack2(v0, v1);
+            } else {
+              if (pix < p.hw) row[pix] = v0;
+              if (pix + 1 < p.hw) row[pix + 1] = v1;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    }
+  }
+  cp_async_wait<0>();  // no copy may be in flight when the block exits
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp32 / fp64: shared-memory tiled FMA (correct, not tuned). 16x16 threads, 64x64 outputs.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(256) _causal_conv3d_fwd_fma_kernel(CausalConvParams p,
+                                                                     int64_t k_total) {
+  constexpr int kTile = 64, kKB = 16;
+  __shared__ T sA[kKB][kTile + 1];
+  __shared__ T sB[kKB][kTile];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t p0 = int64_t(blockIdx.x) * kTile;
+  const int64_t co_tiles = (p.c_out + kTile - 1) / kTile;
+  const int64_t co0 = (int64_t(blockIdx.y) % co_tiles) * kTile;
+  const int64_t t = int64_t(blockIdx.y) / co_tiles;
+  const int64_t b = blockIdx.z;
+  const T* x = static_cast<const T*>(p.x);
+  const T* cache = static_cast<const T*>(p.cache);
+  const T* w = static_cast<const T*>(p.weight);
+  T acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < k_total; k0 += kKB) {
+    for (int e = threadIdx.x; e < kKB * kTile; e += 256) {
+      const int kr = e / kTile, col = e % kTile;
+      const int64_t k = k0 + kr;
+      const int64_t co = co0 + col;
+      sA[kr][col] = (k < k_total && co < p.c_out) ? w[co * k_total + k] : T(0);
+      const int64_t pix = p0 + col;
+      T v = T(0);
+      if (k < k_total && pix < p.hw) {
+        const int64_t ci = k / p.kt;
+        const int j = int(k - ci * p.kt);
+        const FrameSource s = tap_source(t, j, p.stride, p.kt, p.pad_mode, cache != nullptr);
+        if (s.kind != kFromZero)
+          v = ((s.kind == kFromInput ? x : cache) +
+               source_offset(s, b, ci, p.c_in, p.frames, p.kt, p.hw))[pix];
+      }
+      sB[kr][col] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kKB; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += sA[kk][ty * 4 + i] * sB[kk][tx + 16 * j];
+    __syncthreads();
+  }
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t co = co0 + ty * 4 + i;
+    if (co >= p.c_out) continue;
+    T* row = y + frame_offset(b, co, t, p.c_out, p.frames_out, p.hw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t pix = p0 + tx + 16 * j;
+      if (pix < p.hw) row[pix] = acc[i][j] + (bias ? bias[co] : T(0));
+    }
+  }
+}
+
+// new_cache frame i = padded frame T + i, copied from wherever it lives, one Word at a time.
+template <typename Word>
+__global__ void _causal_conv3d_new_cache_kernel(CausalConvParams p, int elem_bytes,
+                                                int64_t words_per_frame) {
+  const int nc = p.kt - 1;
+  const int64_t frame_id = blockIdx.y;  // (b * C + c) * nc + i
+  const int i = int(frame_id % nc);
+  const int64_t bc = frame_id / nc;
+  const int64_t c = bc % p.c_in, b = bc / p.c_in;
+  const FrameSource s = new_cache_source(i, p.frames, p.kt, p.pad_mode, p.cache != nullptr);
+  Word* dst = static_cast<Word*>(p.new_cache) + frame_id * words_per_frame;
+  const Word* src = nullptr;
+  if (s.kind != kFromZero) {
+    const int64_t off = source_offset(s, b, c, p.c_in, p.frames, p.kt, p.hw);  // elements
+    const char* base = static_cast<const char*>(s.kind == kFromInput ? p.x : p.cache);
+    src = reinterpret_cast<const Word*>(base + off * elem_bytes);
+  }
+  for (int64_t w = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; w < words_per_frame;
+       w += int64_t(gridDim.x) * blockDim.x)
+    dst[w] = src ? src[w] : Word{};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launchers
+// ------------------------------------------------------------------------------------------------
+struct Variant {
+  const char* name;
+  int bm, bn, stages;
+  bool a_resident;
+};
+// Tile configurations a benchmark can force (variant i+1); variant 0 picks automatically.
+constexpr Variant kVariants[] = {
+    {"bm128_bn128_s4", 128, 128, 4, false}, {"bm64_bn128_s4", 64, 128, 4, false},
+    {"bm128_bn64_s4", 128, 64, 4, false},   {"bm128_bn128_s3_resA", 128, 128, 3, true},
+    {"bm64_bn128_s4_resA", 64, 128, 4, true}, {"bm128_bn256_s3", 128, 256, 3, false},
+};
+constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+
+int device_sms(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (!cached[device])
+    CVK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  return cached[device];
+}
+int device_max_smem(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 227 * 1024;
+  if (!cached[device])
+    CVK_CUDA_CHECK(
+        cudaDeviceGetAttribute(&cached[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return cached[device];
+}
+
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
+void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream) {
+  using Cfg = TileConfig<BM, BN, STAGES, A_RESIDENT>;
+  GemmArgs g;
+  g.p = p;
+  g.k_total = p.c_in * p.kt;
+  g.k_chunks = (g.k_total + kBK - 1) / kBK;
+  g.co_tiles = (p.c_out + BM - 1) / BM;
+  const int64_t pix_tiles = (p.hw + BN - 1) / BN;
+  // Split output frames over blocks only as far as needed to fill the GPU (about 4 blocks per SM):
+  // the longer a block's run of frames, the more of its input re-reads hit L2.
+  const int64_t base_blocks = pix_tiles * g.co_tiles * p.batch;
+  const int64_t want = 4 * int64_t(device_sms(device));
+  int64_t splits = (want + base_blocks - 1) / base_blocks;
+  splits = splits < 1 ? 1 : (splits > p.frames_out ? p.frames_out : splits);
+  g.frames_per_block = (p.frames_out + splits - 1) / splits;
+  splits = (p.frames_out + g.frames_per_block - 1) / g.frames_per_block;
+  if (pix_tiles > 0x7fffffffLL || g.co_tiles * splits > 65535 || p.batch > 65535)
+    throw std::invalid_argument("causal_conv3d_cuda: grid too large for this shape");
+  const size_t smem = Cfg::smem_bytes(g.k_total);
+  if (smem > size_t(device_max_smem(device)))
+    throw std::invalid_argument("causal_conv3d_cuda: tile needs " + std::to_string(smem) +
+                                " bytes of shared memory, more than the device allows");
+  auto kernel = _causal_conv3d_fwd_kernel<T, BM, BN, STAGES, A_RESIDENT, VEC>;
+  CVK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  dim3 grid(unsigned(pix_tiles), unsigned(g.co_tiles * splits), unsigned(p.batch));
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(g);
+  CVK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT>
+void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_t stream) {
+  if (vec)
+    launch_mma<T, BM, BN, STAGES, A_RESIDENT, true>(p, device, stream);
+  else
+    launch_mma<T, 64, 128, 3, false, false>(p, device, stream);  // any H*W, any C
+}
+
+template <typename T>
+void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t stream, int variant) {
+  const int64_t k_total = p.c_in * p.kt;
+  if (variant == 0) {
+    // Automatic: weight slice resident in shared memory when it fits next to the pipeline,
+    // else streamed 128x128 tiles.
+    using Res = TileConfig<128, 128, 3, true>;
+    variant = Res::smem_bytes(k_total) <= size_t(device_max_smem(device)) && p.c_out > 64 ? 4 : 1;
+  }
+  switch (variant) {
+    case 1: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream); break;
+    case 2: launch_mma_vec<T, 64, 128, 4, false>(p, vec, device, stream); break;
+    case 3: launch_mma_vec<T, 128, 64, 4, false>(p, vec, device, stream); break;
+    case 4: launch_mma_vec<T, 128, 128, 3, true>(p, vec, device, stream); break;
+    case 5: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream); break;
+    case 6: launch_mma_vec<T, 128, 256, 3, false>(p, vec, device, stream); break;
+    default:
+      throw std::invalid_argument("causal_conv3d_cuda: variant=" + std::to_string(variant) +
+                                  " is out of range [0, " + std::to_string(kNumVariants) + "]");
+  }
+}
+
+template <typename T>
+void launch_fma(const CausalConvParams& p, cudaStream_t stream) {
+  const int64_t co_tiles = (p.c_out + 63) / 64;
+  const int64_t pix_tiles = (p.hw + 63) / 64;
+  if (co_tiles * p.frames_out > 65535 || p.batch > 65535 || pix_tiles > 0x7fffffffLL)
+    throw std::invalid_argument("causal_conv3d_cuda: grid too large for this shape");
+  dim3 grid(unsigned(pix_tiles), unsigned(co_tiles * p.frames_out), unsigned(p.batch));
+  _causal_conv3d_fwd_fma_kernel<T><<<grid, 256, 0, stream>>>(p, p.c_in * p.kt);
+  CVK_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_new_cache(const CausalConvParams& p, int elem_bytes, cudaStream_t stream) {
+  const int nc = p.kt - 1;
+  if (nc == 0) return;
+  const int64_t frames = p.batch * p.c_in * nc;
+  if (frames > 65535) {
+    // Rare (B * C * (kt-1) > 65535): one launch per group of frames would be needed; keep simple.
+    throw std::invalid_argument("causal_conv3d_cuda: B * C * (kt-1) > 65535 is not supported");
+  }
+  const int64_t frame_bytes = p.hw * elem_bytes;
+  const int64_t threads = 256;
+  auto grid_x = [&](int64_t words) {
+    int64_t blocks = (words + threads - 1) / threads;
+    return unsigned(blocks > 1024 ? 1024 : blocks);
+  };
+  const uintptr_t all = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.cache) |
+                        reinterpret_cast<uintptr_t>(p.new_cache);
+  if (frame_bytes % 16 == 0 && all % 16 == 0) {
+    const int64_t words = frame_bytes / 16;
+    _causal_conv3d_new_cache_kernel<uint4>
+        <<<dim3(grid_x(words), unsigned(frames)), threads, 0, stream>>>(p, elem_bytes, words);
+  } else if (elem_bytes == 2) {
+    _causal_conv3d_new_cache_kernel<uint16_t>
+        <<<dim3(grid_x(p.hw), unsigned(frames)), threads, 0, stream>>>(p, elem_bytes, p.hw);
+  } else if (elem_bytes == 4) {
+    _causal_conv3d_new_cache_kernel<uint32_t>
+        <<<dim3(grid_x(p.hw), unsigned(frames)), threads, 0, stream>>>(p, elem_bytes, p.hw);
+  } else {
+    _causal_conv3d_new_cache_kernel<uint64_t>
+        <<<dim3(grid_x(p.hw), unsigned(frames)), threads, 0, stream>>>(p, elem_bytes, p.hw);
+  }
+  CVK_CUDA_CHECK(cudaGetLastError());
+}
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    CVK_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) CVK_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
+void causal_conv3d_cuda(const CausalConvParams& p, int dtype, int device, std::uintptr_t stream_int,
+                        int variant) {
+  DeviceGuard guard(device);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_int);
+  // 16-byte vector loads need every frame and weight row to start on a 16-byte boundary.
+  const uintptr_t bases = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.cache) |
+                          reinterpret_cast<uintptr_t>(p.weight);
+  const bool vec = p.hw % 8 == 0 && (p.c_in * p.kt) % 8 == 0 && bases % 16 == 0;
+  switch (dtype) {
+    case kBFloat16: dispatch_mma<__nv_bfloat16>(p, vec, device, stream, variant); break;
+    case kFloat16: dispatch_mma<__half>(p, vec, device, stream, variant); break;
+    case kFloat32: launch_fma<float>(p, stream); break;
+    case kFloat64: launch_fma<double>(p, stream); break;
+    default:
+      throw std::invalid_argument("causal_conv3d_cuda: dtype code " + std::to_string(dtype) +
+                                  " is not supported (0 fp32, 1 fp64, 2 fp16, 3 bf16)");
+  }
+  const int elem_bytes = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+  launch_new_cache(p, elem_bytes, stream);
+}
+
+std::vector<std::string> causal_conv_cuda_variants() {
+  std::vector<std::string> names;
+  for (const Variant& v : kVariants) names.emplace_back(v.name);
+  return names;
+}
+
+}  // namespace cvk
