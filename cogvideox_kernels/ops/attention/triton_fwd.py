@@ -1,0 +1,400 @@
+"""Triton forward of ``rope3d_attention``: QK LayerNorm + interleaved RoPE3D + flash attention.
+
+Layout of the work (chosen by measurement, see ``benchmarks/results/attention_*``):
+
+* k is normed and rotated once by ``_qk_norm_rope_fwd_kernel`` into a contiguous [B, S, H, D]
+  buffer (K is re-read by every query block, so rotating it inside the attention loop would
+  repeat that work S / BLOCK_M times).
+* q is normed and rotated in the prologue of ``_rope3d_attention_fwd_kernel`` (each query block
+  is loaded once, so that costs nothing extra), or by the same pre-pass (``q_prologue=False``).
+* the attention kernel reads q, k, v as strided [B, S, H, D] views (for example slices of the
+  [B, S, 3, H, D] QKV projection), runs an online softmax with float32 statistics and exp2 with
+  scale * log2(e) folded into one multiply, full key blocks unmasked and one masked tail block,
+  and writes a contiguous [B, S, H, D] output.
+
+Under ``TRITON_INTERPRET=1`` bf16/fp16 arithmetic is wrong (the interpreter keeps raw 16-bit
+integers), so the ``INTERPRET`` flag upcasts dot operands to float32 there; loads, stores and casts
+are fine. The interpreter also cannot time autotune configs, so it runs one pinned config.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backend import interpret_mode
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _round_for_store(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cast float32 x to the output dtype. The interpreter truncates float32 -> bf16 (the GPU
+    rounds to nearest even), which doubles the rounding error; round to nearest even by hand there
+    so CPU tests see GPU numerics."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
+                    cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+                    HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_ROPE: tl.constexpr):
+    """Load rows of x (one head vector per row), LayerNorm over D, rotate video rows. float32."""
+    d_mask = offs_d < D
+    mask = row_mask[:, None] & d_mask[None, :]
+    ptrs = x_ptr + row_offsets[:, None] + offs_d[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        # pair partner (2i <-> 2i+1); D is even, so partners of valid dims stay valid
+        partner = offs_d ^ 1
+        x_partner = tl.load(x_ptr + row_offsets[:, None] + partner[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+    if HAS_NORM:
+        mean = tl.sum(x, axis=1) / D
+        centered = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
+        x = centered * rstd[:, None]
+        if HAS_ROPE:
+            x_partner = (x_partner - mean[:, None]) * rstd[:, None]
+        if HAS_WEIGHT:
+            x = x * tl.load(weight_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_ROPE:
+                x_partner = x_partner * tl.load(weight_ptr + partner, mask=d_mask,
+                                                other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            x = x + tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_ROPE:
+                x_partner = x_partner + tl.load(bias_ptr + partner, mask=d_mask,
+                                                other=0.0).to(tl.float32)[None, :]
+    if HAS_ROPE:
+        # text rows (token < text_len) read cos 1, sin 0: unrotated
+        is_video = row_mask & (tokens >= text_len)
+        table_mask = is_video[:, None] & d_mask[None, :]
+        table_offsets = (tokens - text_len).to(tl.int64)[:, None] * stride_cs + offs_d[None, :]
+        cos = tl.load(cos_ptr + table_offsets, mask=table_mask, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table_offsets, mask=table_mask, other=0.0).to(tl.float32)
+        # y[2i] = x[2i] cos - x[2i+1] sin ; y[2i+1] = x[2i+1] cos + x[2i] sin
+        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        x = x * cos + x_partner * sign[None, :] * sin
+    return x
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
+                             stride_xb, stride_xs, stride_xh, stride_yb, stride_ys, stride_yh,
+                             cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+                             HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, D: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                             INTERPRET: tl.constexpr):
+    """Pre-pass: y[b, s, h] = rope(layernorm(x[b, s, h])). Rows run over (s, h) of one sample,
+    so neighbouring rows are neighbouring heads in memory."""
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < S * H
+    tokens = rows // H
+    heads = rows % H
+    offs_d = tl.arange(0, BLOCK_D)
+    x_rows = b * stride_xb + tokens.to(tl.int64) * stride_xs + heads * stride_xh
+    y = _norm_rope_tile(x_ptr, x_rows, tokens, row_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
+                        stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM, HAS_WEIGHT, HAS_BIAS,
+                        HAS_ROPE)
+    y_rows = b * stride_yb + tokens.to(tl.int64) * stride_ys + heads * stride_yh
+    mask = row_mask[:, None] & (offs_d < D)[None, :]
+    tl.store(y_ptr + y_rows[:, None] + offs_d[None, :],
+             _round_for_store(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
+                  MASK_COLS: tl.constexpr, INTERPRET: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, BLOCK_D] block of keys and values."""
+    if INTERPRET:
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)))
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if MASK_COLS:
+        qk = tl.where(cols_valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if INTERPRET:
+        acc = tl.dot(p, v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _rope3d_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, S, H, text_len, S_BUCKET,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+        cos_ptr, sin_ptr, stride_cs, q_weight_ptr, q_bias_ptr, eps, qk_scale,
+        Q_NORM: tl.constexpr, Q_WEIGHT: tl.constexpr, Q_BIAS: tl.constexpr, Q_ROPE: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[b, m-block, h] = softmax(q' k^T * scale) v with q' = rope(layernorm(q)) done here.
+
+    qk_scale = scale * log2(e), so the softmax runs on exp2. S_BUCKET is only an autotune key.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < S
+    d_mask = offs_d < D
+    PAD_D: tl.constexpr = BLOCK_D != D  # masks on the head dim only when D is not a power of 2
+
+    q_rows = b * stride_qb + offs_m.to(tl.int64) * stride_qs + h * stride_qh
+    q = _norm_rope_tile(q_ptr, q_rows, offs_m, m_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
+                        stride_cs, q_weight_ptr, q_bias_ptr, eps, Q_NORM, Q_WEIGHT, Q_BIAS, Q_ROPE)
+    if not INTERPRET:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    n_full = (S // BLOCK_N) * BLOCK_N
+    if USE_TMA:
+        # out-of-bounds rows and head dims read as zero
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, D], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
+                                          INTERPRET)
+        if n_full < S:
+            k = k_desc.load([n_full, 0])
+            v = v_desc.load([n_full, 0])
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale,
+                                          n_full + offs_n < S, True, INTERPRET)
+    else:
+        k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            if PAD_D:
+                k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
+                                          INTERPRET)
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+        if n_full < S:
+            cols_valid = n_full + offs_n < S
+            tail_mask = cols_valid[:, None] & d_mask[None, :]
+            k = tl.load(k_ptrs, mask=tail_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=tail_mask, other=0.0)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid, True,
+                                          INTERPRET)
+
+    out = acc / l_i[:, None]
+    o_rows = b * stride_ob + offs_m.to(tl.int64) * stride_os + h * stride_oh
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :],
+             _round_for_store(out, o_ptr.dtype.element_ty, INTERPRET),
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------
+def _attention_config(block_m, block_n, num_warps, num_stages, use_tma=False, warp_specialize=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": use_tma,
+                          "WARP_SPECIALIZE": warp_specialize},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# Hopper autotune sets (picked from the sweep in benchmarks/bench_attention.py); keyed on
+# (head dim, S bucket) plus the dtypes, which the autotuner adds to the key itself.
+POINTER_CONFIGS = [
+    _attention_config(128, 64, 8, 3),
+    _attention_config(128, 64, 4, 3),
+    _attention_config(64, 64, 4, 3),
+    _attention_config(128, 128, 8, 3),
+]
+# Same, reading K/V through tensor descriptors (TMA); used when every base and stride is 16-byte
+# aligned, which the QKV projection's views are.
+TMA_CONFIGS = [
+    _attention_config(128, 64, 8, 3, use_tma=True),
+    _attention_config(128, 64, 4, 3, use_tma=True),
+    _attention_config(64, 64, 4, 3, use_tma=True),
+    _attention_config(128, 128, 8, 3, use_tma=True),
+]
+# The interpreter cannot time configs: one small pinned config.
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "USE_TMA": False, "WARP_SPECIALIZE": False}
+
+_AUTOTUNE_KEY = ["S_BUCKET", "D", "Q_NORM", "Q_ROPE"]
+_attention_pointer_autotuned = triton.autotune(configs=POINTER_CONFIGS, key=_AUTOTUNE_KEY)(
+    _rope3d_attention_fwd_kernel)
+_attention_tma_autotuned = triton.autotune(configs=TMA_CONFIGS, key=_AUTOTUNE_KEY)(
+    _rope3d_attention_fwd_kernel)
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator():
+    # device-side tensor descriptors need a global scratch allocator
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                         device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def _tma_aligned(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _s_bucket(S: int) -> int:
+    return triton.next_power_of_2(max(S, 1024))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps):
+    """Pre-pass: rope(layernorm(x)) on [B, S, H, D] (strided) into a contiguous tensor of x's dtype."""
+    B, S, H, D = x.shape
+    y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_r = 32 if x.device.type == "cpu" else (64 if block_d <= 64 else 32)
+    has_rope = cos is not None
+    grid = (triton.cdiv(S * H, block_r), B)
+    _qk_norm_rope_fwd_kernel[grid](
+        x, y, S, H, text_len, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+        y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps,
+        HAS_NORM=apply_norm, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_ROPE=has_rope, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
+        INTERPRET=x.device.type == "cpu", num_warps=4)
+    return y
+
+
+def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
+                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, q_prologue=True,
+                         config=None, use_tma=None):
+    """Launch the pre-pass (k, and q unless ``q_prologue``) and the attention kernel.
+
+    ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, num_warps, num_stages to
+    bypass autotuning (benchmark sweeps). ``use_tma``: force the TMA/pointer autotune set.
+    """
+    B, S, H, D = q.shape
+    interpret = q.device.type == "cpu"
+    has_rope = cos is not None
+    if has_rope and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
+        # the kernels index both tables with cos's row stride (tables are small)
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if apply_k_norm or has_rope:
+        k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps)
+    q_norm_here, q_rope_here = apply_q_norm, has_rope
+    if not q_prologue and (apply_q_norm or has_rope):
+        q = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps)
+        q_norm_here, q_rope_here = False, False
+
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    args = (q, k, v, out, S, H, text_len, _s_bucket(S),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            cos if q_rope_here else None, sin if q_rope_here else None,
+            cos.stride(0) if q_rope_here else 0,
+            q_norm_weight if q_norm_here else None, q_norm_bias if q_norm_here else None,
+            eps, scale * LOG2E)
+    flags = dict(Q_NORM=q_norm_here, Q_WEIGHT=q_norm_here and q_norm_weight is not None,
+                 Q_BIAS=q_norm_here and q_norm_bias is not None, Q_ROPE=q_rope_here, D=D,
+                 BLOCK_D=block_d, INTERPRET=interpret)
+    if interpret or config is not None:
+        meta = dict(INTERPRET_CONFIG) if interpret else dict(config)
+        if meta.get("USE_TMA"):
+            _ensure_tma_allocator()
+        grid = (triton.cdiv(S, meta["BLOCK_M"]), B * H)
+        _rope3d_attention_fwd_kernel[grid](*args, **flags, **meta)
+        return out
+    if use_tma is None:
+        use_tma = _tma_aligned(k, v) and (D * q.element_size()) % 16 == 0
+    kernel = _attention_tma_autotuned if use_tma else _attention_pointer_autotuned
+    if use_tma:
+        _ensure_tma_allocator()
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](*args, **flags)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# custom op (opaque to torch.compile) and the entry point the dispatcher calls
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("cogvideox_kernels::rope3d_attention", mutates_args=())
+def rope3d_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int,
+                        cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                        q_norm_weight: Optional[torch.Tensor], q_norm_bias: Optional[torch.Tensor],
+                        k_norm_weight: Optional[torch.Tensor], k_norm_bias: Optional[torch.Tensor],
+                        apply_q_norm: bool, apply_k_norm: bool, eps: float,
+                        scale: float) -> torch.Tensor:
+    return rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
+                                k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale)
+
+
+@rope3d_attention_op.register_fake
+def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+      apply_q_norm, apply_k_norm, eps, scale):
+    return q.new_empty(q.shape)
+
+
+def check_triton_attention_inputs(q: torch.Tensor) -> None:
+    D = q.shape[-1]
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"rope3d_attention(backend='triton'): q has dtype {q.dtype}; supported: "
+                         "float16, bfloat16, float32 (use backend='reference' for float64)")
+    if D > MAX_HEAD_DIM or D % 2:
+        raise ValueError(f"rope3d_attention(backend='triton'): head_dim={D} is not supported; the "
+                         f"Triton kernel takes even head dims up to {MAX_HEAD_DIM}")
+
+
+def rope3d_attention_triton(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
+                            eps=1e-6, scale=None):
+    """Triton path of ``rope3d_attention`` (inputs already checked by the dispatcher)."""
+    check_triton_attention_inputs(q)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    q_w, q_b = q_norm if q_norm is not None else (None, None)
+    k_w, k_b = k_norm if k_norm is not None else (None, None)
+    return rope3d_attention_op(q, k, v, int(text_len), cos, sin, q_w, q_b, k_w, k_b,
+                               q_norm is not None, k_norm is not None, float(eps), scale)
+
+
+__all__ = ["rope3d_attention_triton", "rope3d_attention_fwd", "qk_norm_rope_fwd",
+           "rope3d_attention_op", "POINTER_CONFIGS", "TMA_CONFIGS"]
