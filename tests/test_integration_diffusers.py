@@ -1,0 +1,364 @@
+"""diffusers drop-in: tiny random CogVideoX transformers (2B-, 5B- and 1.5-style configs) and a tiny
+VAE on the CPU, patched vs unpatched, plus remove(), no weight copies and clear refusals."""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
+
+OPS = Path(__file__).resolve().parents[1] / "cogvideox_kernels" / "ops"
+TRITON_READY = (OPS / "attention" / "triton_fwd.py").exists() and (OPS / "expert_ffn" / "triton_fwd.py").exists()
+
+TEXT_LEN, HEIGHT, WIDTH = 7, 4, 6
+# name -> (model config, latent frames)
+CONFIGS = {
+    # CogVideoX-2B: no RoPE (sincos positional embeddings need hidden % 16 == 0), head_dim 40
+    "2b": (dict(num_attention_heads=4, attention_head_dim=40, use_rotary_positional_embeddings=False), 3),
+    # CogVideoX-5B: RoPE3D on video tokens (diffusers' tables need head_dim % 16 == 0), 3 heads
+    "5b": (dict(num_attention_heads=3, attention_head_dim=16, use_rotary_positional_embeddings=True), 5),
+    # CogVideoX1.5-5B: temporal patches of 2, "slice" RoPE grid, ofs embedding
+    "1.5-5b": (dict(num_attention_heads=3, attention_head_dim=16, use_rotary_positional_embeddings=True,
+                    patch_size_t=2, ofs_embed_dim=24), 4),
+}
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_transformer(name, seed=0, **overrides):
+    config, frames = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        in_channels=4, out_channels=4, time_embed_dim=24, text_embed_dim=12, num_layers=2,
+        sample_width=WIDTH, sample_height=HEIGHT, sample_frames=(frames - 1) * 4 + 1, patch_size=2,
+        max_text_seq_length=TEXT_LEN, **{**config, **overrides}).eval()
+    with torch.no_grad():  # random weights large enough that every part matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def transformer_inputs(model, seed=1):
+    cfg = model.config
+    frames = CONFIGS_BY_FRAMES[cfg.sample_frames]
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randn(2, frames, cfg.in_channels, HEIGHT, WIDTH, generator=g),
+        encoder_hidden_states=torch.randn(2, TEXT_LEN, cfg.text_embed_dim, generator=g),
+        timestep=torch.tensor([17, 503]), return_dict=False)
+    if cfg.ofs_embed_dim:
+        inputs["ofs"] = torch.tensor([2.0, 2.0])
+    if cfg.use_rotary_positional_embeddings:
+        grid = (HEIGHT // cfg.patch_size, WIDTH // cfg.patch_size)
+        if cfg.patch_size_t is None:  # as CogVideoXPipeline builds them
+            rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=((0, 0), grid),
+                                           grid_size=grid, temporal_size=frames)
+        else:
+            rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=grid,
+                                           temporal_size=(frames + cfg.patch_size_t - 1) // cfg.patch_size_t,
+                                           grid_type="slice", max_size=grid)
+        inputs["image_rotary_emb"] = rope
+    return inputs
+
+
+CONFIGS_BY_FRAMES = {(f - 1) * 4 + 1: f for _, f in CONFIGS.values()}
+
+
+class OpSpy:
+    """Counts the op calls the integration makes and records the weights they were handed."""
+
+    def __init__(self, monkeypatch):
+        self.attention_calls, self.ffn_calls, self.conv_calls = [], [], []
+        for name, log in (("rope3d_attention", self.attention_calls), ("expert_ffn", self.ffn_calls),
+                          ("causal_conv3d", self.conv_calls)):
+            real = getattr(integration, name)
+
+            def spy(*args, _real=real, _log=log, **kwargs):
+                _log.append((args, kwargs))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(integration, name, spy)
+
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_READY, reason="Triton kernels for attention / expert FFN not in the tree yet"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformer_parity(name, backend, monkeypatch, request):
+    if backend == "triton":
+        request.getfixturevalue("interpret")
+    model = make_transformer(name)
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        spy = OpSpy(monkeypatch)
+        integration.apply(model, backend=backend)
+        out = model(**inputs)[0]
+    # every block took both of our ops (the fallbacks were not used)
+    assert len(spy.attention_calls) == 2 and len(spy.ffn_calls) == 2
+    assert all(kw["backend"] == backend for _, kw in spy.attention_calls + spy.ffn_calls)
+    rope_given = model.config.use_rotary_positional_embeddings
+    assert all((kw["cos"] is not None) == rope_given for _, kw in spy.attention_calls)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_remove_restores_bit_identical_outputs():
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    classes = [type(b) for b in model.transformer_blocks]
+    processors = [b.attn1.processor for b in model.transformer_blocks]
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        integration.apply(model, backend="reference")
+        assert integration.is_patched(model)
+        patched = model(**inputs)[0]
+        integration.remove(model)
+        back = model(**inputs)[0]
+    assert not integration.is_patched(model)
+    assert [type(b) for b in model.transformer_blocks] == classes
+    assert all(b.attn1.processor is p for b, p in zip(model.transformer_blocks, processors))
+    assert torch.equal(back, ref)
+    assert not torch.equal(patched, torch.zeros_like(patched))
+
+
+def test_no_weight_copies(monkeypatch):
+    model = make_transformer("5b")
+    params_before = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
+    inputs = transformer_inputs(model)
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        integration.apply(model, backend="reference")
+        model(**inputs)
+    params_after = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[n][0] is params_before[n][0] and params_after[n][1] == params_before[n][1]
+               for n in params_before)
+    for block, (args, kwargs) in zip(model.transformer_blocks, spy.ffn_calls):
+        x, modulation, w1, b1, w2, b2 = args
+        assert w1.data_ptr() == block.ff.net[0].proj.weight.data_ptr()
+        assert b1.data_ptr() == block.ff.net[0].proj.bias.data_ptr()
+        assert w2.data_ptr() == block.ff.net[2].weight.data_ptr()
+        assert b2.data_ptr() == block.ff.net[2].bias.data_ptr()
+        assert kwargs["norm_weight"] is block.norm2.norm.weight and kwargs["num_text_experts"] == 0
+    for block, (args, kwargs) in zip(model.transformer_blocks, spy.attention_calls):
+        assert kwargs["q_norm"][0] is block.attn1.norm_q.weight
+        assert kwargs["k_norm"][1] is block.attn1.norm_k.bias
+        assert kwargs["eps"] == block.attn1.norm_q.eps
+    assert model.state_dict().keys() == make_transformer("5b").state_dict().keys()
+
+
+def test_fused_qkv_projection_is_used(monkeypatch):
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        model.fuse_qkv_projections()
+        spy = OpSpy(monkeypatch)
+        integration.apply(model, backend="reference")
+        out = model(**inputs)[0]
+    q, k, v = spy.attention_calls[0][0]
+    # q, k, v are strided views of one fused projection output
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_attention_only_and_ffn_only():
+    model = make_transformer("2b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        integration.apply(model, attention=True, ffn=False, backend="reference")
+        assert type(model.transformer_blocks[0]).__name__ == "CogVideoXBlock"
+        attention_only = model(**inputs)[0]
+        integration.remove(model)
+        integration.apply(model, attention=False, ffn=True, backend="reference")
+        assert not isinstance(model.transformer_blocks[0].attn1.processor,
+                              integration.CogVideoXKernelAttnProcessor)
+        ffn_only = model(**inputs)[0]
+    assert rel_err(attention_only, ref) <= 1e-5 and rel_err(ffn_only, ref) <= 1e-5
+
+
+def test_attention_mask_and_autograd_fall_back(monkeypatch):
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    integration.apply(model, backend="reference")
+    spy = OpSpy(monkeypatch)
+    out = model(**inputs)[0]  # grad enabled, parameters require grad: diffusers' path
+    assert not spy.attention_calls and not spy.ffn_calls
+    out.square().mean().backward()
+    assert model.transformer_blocks[0].ff.net[0].proj.weight.grad is not None
+    attn = model.transformer_blocks[0].attn1
+    tokens = torch.randn(2, 5, attn.inner_dim)
+    with torch.no_grad():
+        mask = torch.ones(2, 5 + TEXT_LEN, dtype=torch.bool)
+        attn(hidden_states=tokens, encoder_hidden_states=torch.randn(2, TEXT_LEN, attn.inner_dim),
+             attention_mask=mask)
+    assert not spy.attention_calls
+
+
+def test_apply_twice_is_idempotent_or_refused():
+    model = make_transformer("2b")
+    integration.apply(model, backend="reference")
+    processors = [b.attn1.processor for b in model.transformer_blocks]
+    integration.apply(model, backend="reference")  # same options: nothing changes
+    assert [b.attn1.processor for b in model.transformer_blocks] == processors
+    assert all(not isinstance(p.original, integration.CogVideoXKernelAttnProcessor) for p in processors)
+    with pytest.raises(ValueError, match="already patched"):
+        integration.apply(model, ffn=False, backend="reference")
+    integration.remove(model)
+    integration.apply(model, ffn=False, backend="reference")
+
+
+def test_refuses_unknown_objects_and_activations():
+    with pytest.raises(TypeError, match="Linear is not supported"):
+        integration.apply(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="object is not supported"):
+        integration.apply(object())
+
+    class FakePipeline:
+        transformer = torch.nn.Linear(2, 2)
+        vae = None
+
+    with pytest.raises(TypeError, match="FakePipeline.transformer is a Linear"):
+        integration.apply(FakePipeline())
+    with pytest.raises(ValueError, match="approximate='none'"):
+        integration.apply(make_transformer("2b", activation_fn="gelu"))
+    with pytest.raises(ValueError, match="backend='fast'"):
+        integration.apply(make_transformer("2b"), backend="fast")
+    model = make_transformer("2b")
+    integration.apply(model, ffn=False)  # attention only never needs the FFN's activation
+    integration.remove(model)
+
+
+def test_pipeline_like_object(monkeypatch):
+    class Pipeline:  # what apply() needs from CogVideoXPipeline: .transformer and .vae
+        def __init__(self):
+            self.transformer = make_transformer("2b")
+            self.vae = make_vae()
+
+    pipe = Pipeline()
+    inputs = transformer_inputs(pipe.transformer)
+    with torch.no_grad():
+        ref = pipe.transformer(**inputs)[0]
+        integration.apply(pipe, backend="reference")
+        assert integration.is_patched(pipe.transformer) and integration.is_patched(pipe.vae)
+        out = pipe.transformer(**inputs)[0]
+        integration.remove(pipe)
+        assert not integration.is_patched(pipe)
+    assert rel_err(out, ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+
+
+def make_vae(seed=2):
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 16, 16), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vae
+
+
+def test_vae_parity_with_streaming_caches(monkeypatch):
+    vae = make_vae()
+    g = torch.Generator().manual_seed(3)
+    video = torch.randn(1, 3, 9, 16, 24, generator=g)
+    latents = torch.randn(1, 4, 5, 2, 3, generator=g)  # 5 latent frames: decoded in 2 chunks with caches
+    with torch.no_grad():
+        ref_z = vae.encode(video).latent_dist.mode()
+        ref_x = vae.decode(latents).sample
+        spy = OpSpy(monkeypatch)
+        integration.apply(vae, backend="reference")
+        z = vae.encode(video).latent_dist.mode()
+        x = vae.decode(latents).sample
+    assert spy.conv_calls, "no conv went through causal_conv3d"
+    assert any(kw.get("cache") is not None for _, kw in spy.conv_calls), "the chunk cache was never passed"
+    kernel_shapes = {tuple(args[1].shape[2:]) for args, _ in spy.conv_calls}
+    assert kernel_shapes == {(3, 3, 3), (1, 1, 1)}
+    assert rel_err(z, ref_z) <= 1e-5 and rel_err(x, ref_x) <= 1e-5
+    with torch.no_grad():
+        integration.remove(vae)
+        assert torch.equal(vae.decode(latents).sample, ref_x)
+    assert not any(type(m).__name__.startswith("Kernel") for m in vae.modules())
+
+
+def test_vae_auto_without_covering_kernel_warns_and_changes_nothing():
+    vae = make_vae()
+    with pytest.warns(UserWarning, match="changes nothing"):
+        integration.apply(vae)  # CPU tensors: no CUDA conv kernel covers any conv here
+    assert not any(type(m).__name__.startswith("Kernel") for m in vae.modules())
+    integration.remove(vae)
+
+
+@pytest.mark.skipif(not TRITON_READY, reason="Triton kernels (custom ops) not in the tree yet")
+def test_patched_block_compiles_without_graph_breaks(interpret):
+    # Our ops are custom ops with fake implementations: dynamo traces a patched block in one graph.
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    integration.apply(model, backend="triton")
+    block = model.transformer_blocks[0]
+    g = torch.Generator().manual_seed(4)
+    frames = CONFIGS["5b"][1]
+    hidden = torch.randn(2, frames * (HEIGHT // 2) * (WIDTH // 2), 48, generator=g)
+    text = torch.randn(2, TEXT_LEN, 48, generator=g)
+    temb = torch.randn(2, 24, generator=g)
+    rope = inputs["image_rotary_emb"]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        ref = block(hidden, text, temb, rope)
+        out = compiled(hidden, text, temb, rope)
+    assert all(rel_err(o, r) <= 1e-6 for o, r in zip(out, ref))
+
+
+def test_vae_cpp_backend_takes_the_convs_it_covers(monkeypatch):
+    from cogvideox_kernels._ext import extension_available
+
+    if not extension_available():
+        pytest.skip("the C++ extension is not built")
+    vae = make_vae()
+    latents = torch.randn(1, 4, 5, 2, 3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = vae.decode(latents).sample
+        spy = OpSpy(monkeypatch)
+        integration.apply(vae, backend="cpp")
+        out = vae.decode(latents).sample
+    kernel_shapes = {tuple(args[1].shape[2:]) for args, _ in spy.conv_calls}
+    assert kernel_shapes == {(1, 1, 1)}  # the spatial norms' convs; the (3,3,3) ones stay on torch
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_package_imports_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import cogvideox_kernels, cogvideox_kernels.integrations.diffusers as d\n"
+            "try:\n    d.apply(object())\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "needs diffusers" in result.stdout
+
+
+def test_no_warning_noise_on_transformer_apply():
+    model = make_transformer("5b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        integration.apply(model, vae=False, backend="reference")
