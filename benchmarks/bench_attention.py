@@ -168,22 +168,38 @@ def environment() -> dict:
 # config sweep (5B shape) and the main table
 # ----------------------------------------------------------------------------------------------
 SWEEP = [
-    # BLOCK_M, BLOCK_N, warps, stages, TMA, warp-specialize
-    (128, 64, 8, 3, False, False), (128, 64, 8, 2, False, False), (128, 64, 8, 4, False, False),
-    (64, 64, 4, 3, False, False), (64, 64, 4, 4, False, False), (64, 128, 4, 3, False, False),
-    (128, 128, 8, 3, False, False), (128, 128, 8, 2, False, False), (128, 32, 8, 3, False, False),
-    (128, 64, 8, 3, True, False), (128, 64, 8, 2, True, False), (128, 64, 8, 4, True, False),
-    (64, 64, 4, 3, True, False), (64, 128, 4, 3, True, False), (128, 128, 8, 3, True, False),
-    (128, 128, 8, 2, True, False),
-    (128, 64, 8, 3, True, True), (128, 128, 8, 2, True, True), (128, 64, 8, 3, False, True),
+    # BLOCK_M, BLOCK_N, warps, stages, TMA, warp-specialize, FMA-pipe exp2 on half of P, maxnreg
+    (128, 64, 8, 3, False, False, False, None), (128, 64, 8, 2, False, False, False, None),
+    (128, 64, 8, 4, False, False, False, None), (64, 64, 4, 3, False, False, False, None),
+    (64, 64, 4, 4, False, False, False, None), (64, 128, 4, 3, False, False, False, None),
+    (128, 128, 8, 3, False, False, False, None), (128, 32, 8, 3, False, False, False, None),
+    (128, 64, 8, 3, True, False, False, None), (128, 64, 8, 2, True, False, False, None),
+    (128, 64, 8, 4, True, False, False, None), (64, 64, 4, 3, True, False, False, None),
+    (64, 128, 4, 3, True, False, False, None), (128, 128, 8, 2, True, False, False, None),
+    (128, 64, 8, 3, True, True, False, None),
+    (128, 64, 8, 3, False, False, True, None), (128, 64, 8, 3, True, False, True, None),
+    (64, 64, 4, 3, False, False, True, None), (64, 64, 4, 3, True, False, True, None),
+    (128, 128, 8, 2, True, False, True, None), (64, 128, 4, 3, True, False, True, None),
+    (128, 64, 8, 3, False, False, False, 128), (128, 64, 8, 3, True, False, False, 128),
+    (128, 64, 8, 3, True, False, True, 128), (128, 64, 8, 2, True, False, True, 128),
 ]
 
 
-def _cfg(bm, bn, w, s, tma, ws):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WARP_SPECIALIZE=ws)
+def _cfg(bm, bn, w, s, tma=False, ws=False, poly=False, maxnreg=None):
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma,
+               WARP_SPECIALIZE=ws, POLY_EXP=poly)
+    if maxnreg:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
-def run_sweep(out_dir: str, shape_name: str = "5b", log=print) -> list[dict]:
+def _cfg_name(c):
+    bm, bn, w, s, tma, ws, poly, maxnreg = c
+    return (f"bm{bm} bn{bn} w{w} s{s}" + (" tma" if tma else "") + (" ws" if ws else "")
+            + (" polyexp" if poly else "") + (f" maxnreg{maxnreg}" if maxnreg else ""))
+
+
+def run_sweep(out_dir: str, shape_name: str = "5b", log=print, time_budget_s=90) -> list[dict]:
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
     shape = SHAPES[shape_name]
@@ -212,14 +228,17 @@ def run_sweep(out_dir: str, shape_name: str = "5b", log=print) -> list[dict]:
         with open(os.path.join(out_dir, "attention_sweep.json"), "w") as f:
             json.dump(results, f, indent=1)
 
+    t_start = time.time()
     for c in SWEEP:
-        name = "fused q-prologue bm{} bn{} w{} s{}{}{}".format(*c[:4], " tma" if c[4] else "",
-                                                                " ws" if c[5] else "")
-        record(name, lambda c=c: ours(inp, config=_cfg(*c)), ref, config=list(c))
-    for c in [(128, 64, 8, 3, False, False), (128, 64, 8, 3, True, False)]:
-        record("fused q-prepass bm{} bn{} w{} s{}{}".format(*c[:4], " tma" if c[4] else ""),
+        if time.time() - t_start > time_budget_s:
+            log(f"sweep: time budget of {time_budget_s} s spent, skipping {_cfg_name(c)}")
+            continue
+        record("fused q-prologue " + _cfg_name(c), lambda c=c: ours(inp, config=_cfg(*c)), ref,
+               config=list(c))
+    for c in [(128, 64, 8, 3, False, False, False, None), (128, 64, 8, 3, True, False, False, None)]:
+        record("fused q-prepass " + _cfg_name(c),
                lambda c=c: ours(inp, config=_cfg(*c), q_prologue=False), ref, config=list(c))
-        record("attention only (no norm/rope) bm{} bn{} w{} s{}{}".format(*c[:4], " tma" if c[4] else ""),
+        record("attention only (no norm/rope) " + _cfg_name(c),
                lambda c=c: ours(inp, config=_cfg(*c), with_norm_rope=False), ref_plain,
                config=list(c))
     record("k pre-pass alone (norm+rope)",

@@ -99,6 +99,23 @@ def test_q_prepass_matches_prologue_interpreter(interpret):
     assert rel_err(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=32, BLOCK_N=64, POLY_EXP=True),   # half of exp2 on the FMA pipe
+    dict(BLOCK_M=64, BLOCK_N=32, POLY_EXP=False),
+])
+def test_other_configs_interpreter(interpret, config):
+    from cogvideox_kernels.ops.attention.triton_fwd import rope3d_attention_fwd
+
+    c = make_case(1, 150, 2, 64, 11, torch.bfloat16, seed=29)
+    cfg = dict(USE_TMA=False, WARP_SPECIALIZE=False, **config)
+    out = rope3d_attention_fwd(c["q"], c["k"], c["v"], c["text_len"], c["cos"], c["sin"],
+                               *c["q_norm"], *c["k_norm"], True, True, 1e-6, 0.125, config=cfg)
+    ref = rope3d_attention_reference(c["q"], c["k"], c["v"], text_len=11, cos=c["cos"],
+                                     sin=c["sin"], q_norm=c["q_norm"], k_norm=c["k_norm"],
+                                     compute_dtype=torch.float64)
+    assert rel_err(out, ref) <= BUDGET[torch.bfloat16]
+
+
 def test_pre_pass_interpreter(interpret):
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
