@@ -18,9 +18,13 @@ def extension_available() -> bool:
     return _C is not None
 
 
+# Read once: a plain bool keeps torch.compile(fullgraph=True) from tracing into a pybind call.
+_CUDA_BUILT = _C is not None and bool(_C.cuda_available())
+
+
 def cuda_available() -> bool:
     """True when the extension was compiled with CUDA kernels (not whether a GPU exists)."""
-    return _C is not None and bool(_C.cuda_available())
+    return _CUDA_BUILT
 
 
 def extension_error() -> str:

@@ -156,13 +156,13 @@ __device__ __forceinline__ void load_b_stage(T* sB, int ldb, const GemmArgs& g, 
     for (int c = threadIdx.x; c < kChunks; c += THREADS) {
       const int row = c / kChunksPerRow;
       const int col = (c % kChunksPerRow) * 8;
-      const int64_t k = k0 + row;
+      const int k = int(k0) + row;  // k < C_in * kt: small
       const int64_t pix = p0 + col;
       const T* src = x;
       int bytes = 0;
       if (k < g.k_total && pix < p.hw) {
-        const int64_t ci = k / p.kt;
-        const int j = int(k - ci * p.kt);
+        const int ci = k / p.kt;
+        const int j = k - ci * p.kt;
         const FrameSource s = tap_source(t, j, p.stride, p.kt, p.pad_mode, has_cache);
         if (s.kind != kFromZero) {
           src = (s.kind == kFromInput ? x : cache) +
@@ -247,21 +247,29 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   auto stage_a = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB); };
   auto stage_b = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB) + Cfg::kStageA; };
 
-  auto load_stage = [&](int64_t it) {
-    const int s = int(it % STAGES);
-    const int64_t t = t_begin + it / g.k_chunks;
-    const int64_t k0 = (it % g.k_chunks) * kBK;
-    if constexpr (!A_RESIDENT) load_a_block<T, BM, kThreads, VEC>(stage_a(s), Cfg::kLdA, g, co0, k0, kBK);
-    load_b_stage<T, BN, kThreads, VEC>(stage_b(s), Cfg::kLdB, g, b, t, k0, p0);
+  // Loader state: the next (output frame, k chunk) to fetch and its pipeline slot. Counters, not
+  // divisions of the iteration index (64-bit division is slow).
+  int64_t load_t = t_begin, load_kc = 0, loads_left = total_iters;
+  int load_slot = 0;
+  auto load_next = [&]() {
+    if (loads_left > 0) {
+      if constexpr (!A_RESIDENT)
+        load_a_block<T, BM, kThreads, VEC>(stage_a(load_slot), Cfg::kLdA, g, co0, load_kc * kBK, kBK);
+      load_b_stage<T, BN, kThreads, VEC>(stage_b(load_slot), Cfg::kLdB, g, b, load_t, load_kc * kBK, p0);
+      --loads_left;
+      load_slot = load_slot + 1 == STAGES ? 0 : load_slot + 1;
+      if (++load_kc == g.k_chunks) {
+        load_kc = 0;
+        ++load_t;
+      }
+    }
+    cp_async_commit();
   };
 
   // The resident weight slice travels in the first commit group.
   if constexpr (A_RESIDENT) load_a_block<T, BM, kThreads, VEC>(sA_res, lda_res, g, co0, 0, int(k_pad));
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < total_iters) load_stage(s);
-    cp_async_commit();
-  }
+  for (int s = 0; s < STAGES - 1; ++s) load_next();
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -284,14 +292,14 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 
+  int slot = 0;
+  int64_t kc = 0, t = t_begin;
   for (int64_t it = 0; it < total_iters; ++it) {
     cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage it is visible; stage it-1 is free for the next load
-    if (it + STAGES - 1 < total_iters) load_stage(it + STAGES - 1);
-    cp_async_commit();
+    __syncthreads();  // slot `slot` is visible; the slot read last iteration is free to refill
+    load_next();
 
-    const int s = int(it % STAGES);
-    const int64_t kc = it % g.k_chunks;
+    const int s = slot;
     const T* sA;
     int lda;
     if constexpr (A_RESIDENT) {
@@ -320,7 +328,6 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
     }
 
     if (kc == g.k_chunks - 1) {  // output frame t is complete: bias, store, reset
-      const int64_t t = t_begin + it / g.k_chunks;
 #pragma unroll
       for (int i = 0; i < kMT; ++i) {
 #pragma unroll
@@ -349,6 +356,11 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
         for (int j = 0; j < kNT; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    }
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
+    if (++kc == g.k_chunks) {
+      kc = 0;
+      ++t;
     }
   }
   cp_async_wait<0>();  // no copy may be in flight when the block exits

@@ -20,10 +20,15 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bflo
 _PAD_CODES = {"replicate": 0, "zeros": 1}
 
 
-def native_supports(x, weight, stride) -> bool:
-    """What the native kernels cover: kh = kw = 1, kt <= 5, stride 1 or 2, float dtypes."""
+def _kernel_supports(x, weight, stride) -> bool:
     kt, kh, kw = weight.shape[2:]
     return (kh, kw) == (1, 1) and 1 <= kt <= MAX_KT and stride in STRIDES and x.dtype in _DTYPE_CODES
+
+
+def native_supports(x, weight, stride) -> bool:
+    """What the native kernels cover: kh = kw = 1, kt <= 5, stride 1 or 2, float dtypes, contiguous x
+    (``auto`` takes the reference otherwise; forcing a native backend raises a ValueError)."""
+    return _kernel_supports(x, weight, stride) and x.is_contiguous()
 
 
 def output_frames(frames: int, stride: int) -> int:
@@ -31,7 +36,7 @@ def output_frames(frames: int, stride: int) -> int:
 
 
 def _check_native(x, weight, bias, cache, stride, backend):
-    if not native_supports(x, weight, stride):
+    if not _kernel_supports(x, weight, stride):  # (contiguity gets its own message below)
         raise ValueError(
             f"causal_conv3d backend={backend!r}: weight shape {tuple(weight.shape)} with stride={stride} "
             f"is not supported by the native kernel (kt in 1..{MAX_KT}, kh = kw = 1, stride in {STRIDES}); "

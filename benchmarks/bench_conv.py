@@ -1,0 +1,213 @@
+"""Causal temporal conv (kt, 1, 1): our CUDA kernel vs cuDNN Conv3d, side by side in one run.
+
+Baselines, as a user would write them: ``F.pad`` (zeros) + Conv3d, and the replicate-first-frame
+padding through ``torch.cat`` + Conv3d. Reports ms (do_bench median), GB/s and TFLOP/s of the
+minimal traffic/work, % of the floor max(bytes / 3.0e12, flops / 790e12), speedups, peak memory.
+
+    python benchmarks/bench_conv.py --out DIR              # the table
+    python benchmarks/bench_conv.py --out DIR --sweep      # + every CUDA tile variant
+    python benchmarks/bench_conv.py --sanitize-case        # small cases for compute-sanitizer
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from cogvideox_kernels.ops.causal_conv import causal_conv3d_bytes, causal_conv3d_flops, causal_conv3d_reference
+
+DEFAULT_SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90), (1, 128, 49, 480, 720)]
+BANDWIDTH = 3.0e12  # measured device copy, H100 80GB (CONVENTIONS.md)
+MATMUL = 790e12     # measured bf16 matmul
+
+
+def _native():
+    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
+    return causal_conv3d_native
+
+
+def _time(fn):
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def _reference_fp32(x, w, b, stride, pad_mode):
+    """float32 reference with TF32 off (cuDNN would use TF32 for float32 convs)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return causal_conv3d_reference(x, w, b, stride=stride, pad_mode=pad_mode, compute_dtype=torch.float32)[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3, dtype=torch.bfloat16,
+                   variants=(0,), baselines=True, log=print) -> list[dict]:
+    """Time ours (each of ``variants``; 0 = automatic choice) and the cuDNN baselines.
+
+    Returns one dict per (shape, stride, implementation); writes ``conv_bench.csv``/``.md``/``.json``
+    under ``out_dir`` when given.
+    """
+    native = _native()
+    rows = []
+    for shape in shapes:
+        B, C, T, H, W = shape
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        try:
+            x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+        except torch.OutOfMemoryError:
+            log(f"skip {shape}: out of memory")
+            continue
+        w = (torch.randn(C, C, kt, 1, 1, device="cuda", dtype=dtype, generator=gen) / (C * kt) ** 0.5)
+        b = torch.randn(C, device="cuda", dtype=dtype, generator=gen)
+        for stride in strides:
+            impls = {}
+            for v in variants:
+                impls["ours" if v == 0 else f"ours_v{v}"] = (
+                    lambda v=v: native(x, w, b, stride=stride, pad_mode="replicate", backend="cuda", variant=v)[0])
+            if baselines:
+                impls["cudnn_pad_zeros"] = lambda: F.conv3d(F.pad(x, (0, 0, 0, 0, kt - 1, 0)), w, b,
+                                                            stride=(stride, 1, 1))
+                impls["cudnn_cat_replicate"] = lambda: F.conv3d(
+                    torch.cat((x[:, :, :1].expand(-1, -1, kt - 1, -1, -1), x), dim=2), w, b, stride=(stride, 1, 1))
+            refs = {mode: _reference_fp32(x, w, b, stride, mode) for mode in ("replicate", "zeros")}
+            y = impls[next(iter(impls))]()
+            nbytes = causal_conv3d_bytes(x, w, y)
+            flops = causal_conv3d_flops(w, y)
+            floor_ms = max(nbytes / BANDWIDTH, flops / MATMUL) * 1e3
+            results, these = {}, []
+            for name, fn in impls.items():
+                try:
+                    out = fn()
+                    err = _rel(out, refs["zeros" if name == "cudnn_pad_zeros" else "replicate"])
+                    del out
+                    ms = _time(fn)
+                    peak = _peak_mib(fn)
+                except (RuntimeError, ValueError) as exc:  # a variant that cannot run this shape
+                    log(f"  {name} {shape} st{stride}: {type(exc).__name__}: {exc}")
+                    continue
+                results[name] = ms
+                these.append(dict(shape="x".join(map(str, shape)), stride=stride, kt=kt, impl=name, ms=ms,
+                                  gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9, floor_ms=floor_ms,
+                                  pct_floor=100 * floor_ms / ms, peak_mib=peak, rel_err=err))
+                log(f"  {these[-1]['shape']} st{stride} {name}: {ms:.3f} ms  err {err:.1e}")
+            for r in these:
+                for base in ("cudnn_pad_zeros", "cudnn_cat_replicate"):
+                    if base in results:
+                        r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+            rows.extend(these)
+            del refs, y
+        del x
+        torch.cuda.empty_cache()
+    if out_dir:
+        write_results(rows, out_dir)
+    return rows
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    import triton
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), commit=commit)
+
+
+def format_table(rows) -> str:
+    head = "| shape | st | impl | ms | GB/s | TFLOP/s | % floor | peak MiB | rel err | x cuDNN zeros | x cuDNN cat |"
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['stride']} | {r['impl']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['tflops']:.0f} | "
+            f"{r['pct_floor']:.0f} | {r['peak_mib']:.0f} | {r['rel_err']:.1e} | "
+            f"{r.get('speedup_vs_cudnn_pad_zeros', float('nan')):.2f} | "
+            f"{r.get('speedup_vs_cudnn_cat_replicate', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(rows, out_dir, stem="conv_bench"):
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment()
+    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in rows for k in r)) + list(env)
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **env})
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(f"# Causal temporal conv (kt=3, bf16): ours vs cuDNN\n\n{json.dumps(env)}\n\n")
+        f.write("floor = max(bytes / 3.0e12, flops / 790e12); bytes = x + w + y once each\n\n")
+        f.write(format_table(rows) + "\n")
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+
+
+def sanitize_case():
+    """Small shapes through every CUDA path (vector and masked loads, all variants, fp32, cache)."""
+    native = _native()
+    torch.manual_seed(0)
+    from cogvideox_kernels import _ext
+    n = len(_ext.get_ext().causal_conv_cuda_variants())
+    cases = [(torch.bfloat16, 64, 64, 4, 8, 16, 3, 1, True), (torch.float16, 24, 40, 5, 6, 12, 2, 2, False),
+             (torch.bfloat16, 17, 9, 3, 5, 7, 5, 2, True), (torch.float32, 9, 17, 4, 5, 7, 3, 1, True)]
+    worst = 0.0
+    for dtype, cin, cout, T, H, W, kt, st, use_cache in cases:
+        x = torch.randn(1, cin, T, H, W, device="cuda", dtype=dtype)
+        w = torch.randn(cout, cin, kt, 1, 1, device="cuda", dtype=dtype) / (cin * kt) ** 0.5
+        b = torch.randn(cout, device="cuda", dtype=dtype)
+        c = torch.randn(1, cin, kt - 1, H, W, device="cuda", dtype=dtype) if use_cache else None
+        ref, _ = causal_conv3d_reference(x.double(), w.double(), b.double(), stride=st,
+                                         cache=None if c is None else c.double())
+        for v in range(0, (n if dtype != torch.float32 else 0) + 1):
+            y, _ = native(x, w, b, stride=st, cache=c, backend="cuda", variant=v)
+            worst = max(worst, _rel(y.double(), ref))
+    torch.cuda.synchronize()
+    print(f"sanitize case done, worst rel err {worst:.2e}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="folder for conv_bench.csv/.md/.json")
+    ap.add_argument("--sweep", action="store_true", help="also time every CUDA tile variant")
+    ap.add_argument("--no-t49", action="store_true", help="skip the [1,128,49,480,720] shape")
+    ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
+    args = ap.parse_args(argv)
+    if args.sanitize_case:
+        sanitize_case()
+        return 0
+    from cogvideox_kernels import _ext
+    variants = (0,) + (tuple(range(1, len(_ext.get_ext().causal_conv_cuda_variants()) + 1)) if args.sweep else ())
+    shapes = DEFAULT_SHAPES[:3] if args.no_t49 else DEFAULT_SHAPES
+    rows = run_conv_bench(shapes, args.out, variants=variants)
+    print(json.dumps(environment()))
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

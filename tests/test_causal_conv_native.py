@@ -1,0 +1,288 @@
+"""The extension's causal temporal conv (C++ CPU path in CI, CUDA kernel on a GPU) against the
+plain-PyTorch reference: odd channel counts and frame sizes, T = 1, kt 1..5, stride 1 and 2, both
+pad modes, with and without bias and cache, chunked == whole, and the errors for bad input."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from cogvideox_kernels import _ext
+from cogvideox_kernels.ops.causal_conv import causal_conv3d, causal_conv3d_reference
+
+needs_ext = pytest.mark.skipif(not _ext.extension_available(),
+                               reason="cogvideox_kernels._C is not built" + _ext.extension_error())
+pytestmark = needs_ext
+
+BUDGET = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflow)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def make_inputs(B, C_in, C_out, T, H, W, kt, dtype, device, *, bias=True, cache=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x = rnd(B, C_in, T, H, W)
+    w = rnd(C_out, C_in, kt, 1, 1) / (C_in * kt) ** 0.5
+    b = rnd(C_out) if bias else None
+    c = rnd(B, C_in, kt - 1, H, W) if cache else None
+    return x, w, b, c
+
+
+def check_against_reference(x, w, b, c, stride, pad_mode, backend, **kw):
+    y, new_cache = causal_conv3d(x, w, b, stride=stride, pad_mode=pad_mode, cache=c, backend=backend, **kw)
+    ref, ref_cache = causal_conv3d_reference(x, w, b, stride=stride, pad_mode=pad_mode, cache=c,
+                                             compute_dtype=torch.float64)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = rel_err(y, ref)
+    assert err <= BUDGET[x.dtype], f"rel err {err:.2e} > {BUDGET[x.dtype]:.0e}"
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # never more than 2x the error of PyTorch's own same-dtype conv
+        own, _ = causal_conv3d_reference(x, w, b, stride=stride, pad_mode=pad_mode, cache=c,
+                                         compute_dtype=x.dtype)
+        assert err <= 2 * rel_err(own, ref) + 1e-6, f"rel err {err:.2e} vs torch's own {rel_err(own, ref):.2e}"
+    assert torch.equal(new_cache, ref_cache)
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU (CI): the C++ path
+# ------------------------------------------------------------------------------------------------
+CHANNELS = [(3, 5), (5, 3), (17, 17)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pad_mode", ["replicate", "zeros"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kt", [1, 2, 3, 4, 5])
+def test_cpp_matches_reference(kt, stride, pad_mode, dtype):
+    case = kt * 4 + stride * 2 + (pad_mode == "zeros")
+    C_in, C_out = CHANNELS[case % 3]
+    T = (5, 6, 9)[case % 3]
+    x, w, b, c = make_inputs(2, C_in, C_out, T, 5, 7, kt, dtype, "cpu", bias=case % 2 == 0,
+                             cache=(case // 2) % 2 == 1 and kt > 1, seed=case)
+    check_against_reference(x, w, b, c, stride, pad_mode, "cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kt", [1, 3, 5])
+def test_cpp_single_frame_and_dtypes(kt, dtype):
+    x, w, b, c = make_inputs(1, 17, 5, 1, 3, 5, kt, dtype, "cpu", seed=kt)
+    for stride in (1, 2):
+        check_against_reference(x, w, b, None, stride, "replicate", "cpp")
+        check_against_reference(x, w, b, c, stride, "zeros", "cpp")
+
+
+def run_chunked(x, w, b, stride, pad_mode, lengths, backend):
+    cache, outs, t0 = None, [], 0
+    for n in lengths:
+        y, cache = causal_conv3d(x[:, :, t0:t0 + n].contiguous(), w, b, stride=stride, pad_mode=pad_mode, cache=cache,
+                                 backend=backend)
+        outs.append(y)
+        t0 += n
+    return torch.cat(outs, dim=2), cache
+
+
+@pytest.mark.parametrize("stride, lengths", [(1, (3, 1, 5)), (2, (4, 2, 3)), (2, (2, 6, 1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_chunked_equals_whole(stride, lengths, dtype):
+    x, w, b, _ = make_inputs(1, 5, 3, sum(lengths), 3, 5, 3, dtype, "cpu", seed=11)
+    whole, whole_cache = causal_conv3d(x, w, b, stride=stride, backend="cpp")
+    chunked, chunk_cache = run_chunked(x, w, b, stride, "replicate", lengths, "cpp")
+    assert torch.equal(whole, chunked)
+    assert torch.equal(whole_cache, chunk_cache)
+
+
+def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
+    monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
+    x, w, b, _ = make_inputs(1, 3, 5, 4, 3, 5, 3, torch.float32, "cpu")
+    calls = []
+    import cogvideox_kernels.ops.causal_conv.native as native
+    real = native._causal_conv3d_op
+    monkeypatch.setattr(native, "_causal_conv3d_op", lambda *a: calls.append(a) or real(*a))
+    check_against_reference(x, w, b, None, 1, "replicate", "auto")
+    assert len(calls) == 1 and calls[0][6] == "cpp"
+
+
+def test_unsupported_kernel_falls_back_or_raises():
+    x, _, _, _ = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu")
+    w = torch.randn(5, 3, 3, 3, 3)
+    y, _ = causal_conv3d(x, w, None, backend="auto")  # (3,3,3): the reference runs
+    ref, _ = causal_conv3d_reference(x, w, None, compute_dtype=torch.float64)
+    assert rel_err(y, ref) <= 1e-5
+    with pytest.raises(ValueError, match="not supported by the native kernel"):
+        causal_conv3d(x, w, None, backend="cpp")
+    with pytest.raises(ValueError, match="not supported by the native kernel"):
+        causal_conv3d(x, torch.randn(5, 3, 6, 1, 1), None, backend="cpp")  # kt = 6
+    with pytest.raises(ValueError, match="not supported by the native kernel"):
+        causal_conv3d(x, torch.randn(5, 3, 3, 1, 1), None, stride=3, backend="cpp")
+
+
+def test_bad_inputs_raise():
+    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
+
+    x, w, b, c = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu", cache=True)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        causal_conv3d(x.transpose(3, 4), w, b, backend="cpp")
+    with pytest.raises(ValueError, match="cache must be contiguous"):
+        causal_conv3d(x, w, b, cache=c.transpose(3, 4).contiguous().transpose(3, 4), backend="cpp")
+    with pytest.raises(ValueError, match="cache must have shape"):
+        causal_conv3d(x, w, b, cache=c[:, :, :1], backend="cpp")
+    with pytest.raises(ValueError, match="needs cuda tensors"):
+        causal_conv3d_native(x, w, b, backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu"):
+            causal_conv3d(x, w, b, backend="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        causal_conv3d(x, w.double(), b, backend="cpp")
+
+
+def test_cuda_available_matches_build():
+    flag = os.environ.get("COGVIDEOX_KERNELS_CUDA", "AUTO").upper()
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") or os.environ.get("CUDACXX")
+    assert _ext._C.cuda_available() == _ext.cuda_available()
+    if flag == "OFF":
+        assert not _ext.cuda_available()
+    elif flag == "ON" or nvcc:
+        assert _ext.cuda_available(), "nvcc is here but the extension was built without CUDA"
+    assert (len(_ext._C.causal_conv_cuda_variants()) > 0) == _ext.cuda_available()
+    if _ext.cuda_available() and not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):  # no GPU: a clear error, no crash
+            _ext._C.causal_conv3d_cuda(1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 8, 3, 1, 0, 3, 0, 0, 0)
+
+
+class _TemporalConv(torch.nn.Module):
+    def __init__(self, C, kt, device, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(C, C, kt, 1, 1, device=device, dtype=dtype) / C)
+        self.bias = torch.nn.Parameter(torch.randn(C, device=device, dtype=dtype))
+
+    def forward(self, x, cache):
+        y, new_cache = causal_conv3d(x, self.weight, self.bias, stride=1, cache=cache)
+        return y * 2, new_cache
+
+
+def test_compile_fullgraph_cpu():
+    torch._dynamo.reset()
+    mod = _TemporalConv(5, 3, "cpu", torch.float32)
+    x, _, _, c = make_inputs(1, 5, 5, 4, 3, 5, 3, torch.float32, "cpu", cache=True)
+    with torch.no_grad():
+        eager = mod(x, c)
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")(x, c)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the CUDA kernel
+# ------------------------------------------------------------------------------------------------
+needs_cuda_ext = pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
+REAL_SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90)]
+
+
+def gpu_reference(x, w, b, c, stride, pad_mode):
+    """float32 reference on the GPU with TF32 off (cuDNN would use TF32 for float32 convs)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return causal_conv3d_reference(x, w, b, stride=stride, pad_mode=pad_mode, cache=c,
+                                       compute_dtype=torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_real_shapes(shape, stride):
+    B, C, T, H, W = shape
+    x, w, b, _ = make_inputs(B, C, C, T, H, W, 3, torch.bfloat16, "cuda", seed=C)
+    y, new_cache = causal_conv3d(x, w, b, stride=stride, backend="cuda")
+    ref, ref_cache = gpu_reference(x, w, b, None, stride, "replicate")
+    own, _ = causal_conv3d_reference(x, w, b, stride=stride, compute_dtype=torch.bfloat16)
+    err, own_err = rel_err(y, ref), rel_err(own, ref)
+    assert err <= 1e-2 and err <= 2 * own_err, f"rel err {err:.2e} (torch bf16 {own_err:.2e})"
+    assert torch.equal(new_cache, ref_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("variant", list(range(1, 7)))
+def test_cuda_every_variant(variant):
+    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
+
+    for (C_in, C_out, HW, kt, stride, cache) in [(128, 128, (48, 72), 3, 1, False), (256, 192, (24, 40), 3, 2, True),
+                                                 (64, 320, (8, 16), 5, 1, True)]:
+        x, w, b, c = make_inputs(1, C_in, C_out, 7, *HW, kt, torch.bfloat16, "cuda", cache=cache, seed=variant)
+        y, nc = causal_conv3d_native(x, w, b, stride=stride, cache=c, backend="cuda", variant=variant)
+        ref, ref_cache = gpu_reference(x, w, b, c, stride, "replicate")
+        assert rel_err(y, ref) <= 1e-2
+        assert torch.equal(nc, ref_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kt", [1, 2, 3, 4, 5])
+def test_cuda_odd_shapes(kt, dtype):
+    for i, (C_in, C_out, T, H, W) in enumerate([(3, 5, 1, 5, 7), (17, 17, 6, 9, 13), (24, 40, 5, 16, 24)]):
+        for stride in (1, 2):
+            for pad_mode in ("replicate", "zeros"):
+                x, w, b, c = make_inputs(2, C_in, C_out, T, H, W, kt, dtype, "cuda", bias=i != 1,
+                                         cache=stride == 2 and kt > 1, seed=kt * 10 + i)
+                y, nc = causal_conv3d(x, w, b, stride=stride, pad_mode=pad_mode, cache=c, backend="cuda")
+                ref, ref_cache = causal_conv3d_reference(x, w, b, stride=stride, pad_mode=pad_mode, cache=c,
+                                                         compute_dtype=torch.float64)
+                err = rel_err(y, ref)
+                assert err <= BUDGET[dtype], f"{(C_in, C_out, T, H, W, stride, pad_mode)}: {err:.2e}"
+                assert torch.equal(nc, ref_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_matches_cpp():
+    x, w, b, c = make_inputs(1, 24, 16, 5, 8, 12, 3, torch.float32, "cpu", cache=True, seed=3)
+    y_cpu, nc_cpu = causal_conv3d(x, w, b, cache=c, backend="cpp")
+    y_gpu, nc_gpu = causal_conv3d(x.cuda(), w.cuda(), b.cuda(), cache=c.cuda(), backend="cuda")
+    assert rel_err(y_gpu.cpu(), y_cpu) <= 1e-5
+    assert torch.equal(nc_gpu.cpu(), nc_cpu)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("stride, lengths", [(1, (5, 3, 9)), (2, (4, 8, 5))])
+def test_cuda_chunked_equals_whole(stride, lengths):
+    x, w, b, _ = make_inputs(1, 128, 128, sum(lengths), 30, 45, 3, torch.bfloat16, "cuda", seed=5)
+    whole, whole_cache = causal_conv3d(x, w, b, stride=stride, backend="cuda")
+    chunked, chunk_cache = run_chunked(x, w, b, stride, "replicate", lengths, "cuda")
+    assert torch.equal(whole, chunked)
+    assert torch.equal(whole_cache, chunk_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_compile_fullgraph():
+    torch._dynamo.reset()
+    mod = _TemporalConv(64, 3, "cuda", torch.bfloat16)
+    x, _, _, c = make_inputs(1, 64, 64, 5, 16, 24, 3, torch.bfloat16, "cuda", cache=True)
+    with torch.no_grad():
+        eager = mod(x, c)
+        compiled = torch.compile(mod, fullgraph=True)(x, c)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_uses_current_stream():
+    x, w, b, _ = make_inputs(1, 128, 128, 6, 96, 96, 3, torch.bfloat16, "cuda", seed=9)
+    ref, _ = causal_conv3d(x, w, b, backend="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y, _ = causal_conv3d(x, w, b, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(y, ref)
