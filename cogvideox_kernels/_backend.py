@@ -34,6 +34,9 @@ def cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# torch.compile cannot trace the CUDA device queries; the answer is fixed for a device, so dynamo
+# evaluates it once while tracing and keeps the result as a constant (no graph break).
+@torch.compiler.assume_constant_result
 def gpu_supports_triton(device: torch.device) -> bool:
     """Triton kernels here are tuned for Hopper and correct on Ampere and newer (sm_80+)."""
     if device.type != "cuda" or not triton_available():

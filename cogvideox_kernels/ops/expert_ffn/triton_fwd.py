@@ -45,8 +45,21 @@ SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _cast_for_store(v, out_ptr, INTERPRET: tl.constexpr):
+    """fp32 -> the output dtype. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest
+    even), which doubles the rounding error; round to nearest even by hand there."""
+    if INTERPRET:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            v = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return v.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, seq_len, text_len, hidden, eps,
-                               HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, BLOCK_H: tl.constexpr):
+                               HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                               INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
     is_text = (row - sample * seq_len) < text_len
@@ -67,7 +80,7 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, se
     shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(mod_row + hidden + cols, mask=mask, other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
-    tl.store(h_ptr + row * hidden + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + row * hidden + cols, _cast_for_store(h, h_ptr, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -75,6 +88,31 @@ def _gelu_tanh(v):
     # 0.5 * v * (1 + tanh(u)) == v * sigmoid(2u): exp-based, exact under the interpreter and on GPU
     u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
     return v / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _ffn_epilogue(acc, rows, row_mask, tokens, cols, N, c_ptr, bias_ptr, bias_base, x_ptr, mod_ptr, row_scale_ptr,
+                  seq_len, text_len, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """acc [rows, cols] (fp32) + bias, then GELU -> c[row] (EPILOGUE 0) or x + gate * scale * acc -> c[token]."""
+    col_mask = cols < N
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + bias_base + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 0:  # tanh-GELU, stored in grouped row order
+        acc = _gelu_tanh(acc)
+        c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(c_ptrs, _cast_for_store(acc, c_ptr, INTERPRET), mask=out_mask)
+    else:  # * router prob * gate_m + x, stored at the token's row
+        if HAS_ROW_SCALE:
+            acc = acc * tl.load(row_scale_ptr + tokens, mask=row_mask, other=0.0)[:, None]
+        sample = tokens // seq_len
+        gate_row = tl.where(tokens - sample * seq_len < text_len, 5, 2)
+        gate = tl.load(mod_ptr + (sample * 6 + gate_row)[:, None] * N + cols[None, :],
+                       mask=out_mask, other=0.0).to(tl.float32)
+        token_offs = tokens[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + token_offs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptr + token_offs, _cast_for_store(x + gate * acc, c_ptr, INTERPRET), mask=out_mask)
 
 
 @triton.jit
@@ -86,7 +124,8 @@ def _grouped_gemm_fwd_kernel(
         GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
         A_TMA: tl.constexpr, B_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, INTERPRET: tl.constexpr):
+        EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+        INTERPRET: tl.constexpr):
     """C[rows of group g] = epilogue(A[rows] @ B[g]^T), B: [groups, N, K] (nn.Linear layout).
 
     Rows live in "grouped" order: group g owns rows [group_rows[g], group_rows[g+1]). With GATHER_A,
@@ -165,33 +204,29 @@ def _grouped_gemm_fwd_kernel(
             else:
                 acc = tl.dot(a.to(b.dtype), b.T, acc)
 
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + b_rows, mask=col_mask, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        out_mask = row_mask[:, None] & col_mask[None, :]
-        if EPILOGUE == 0:  # tanh-GELU, store in grouped row order
-            acc = _gelu_tanh(acc)
-            c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
-        else:  # * router prob * gate_m + x, stored at the token's row
-            if SCATTER_C:
-                tokens = tl.load(row_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-            else:
-                tokens = rows.to(tl.int64)
-            if HAS_ROW_SCALE:
-                acc = acc * tl.load(row_scale_ptr + tokens, mask=row_mask, other=0.0)[:, None]
-            sample = tokens // seq_len
-            gate_row = tl.where(tokens - sample * seq_len < text_len, 5, 2)
-            gate = tl.load(mod_ptr + (sample * 6 + gate_row)[:, None] * N + cols[None, :],
-                           mask=out_mask, other=0.0).to(tl.float32)
-            token_offs = tokens[:, None] * N + cols[None, :]
-            x = tl.load(x_ptr + token_offs, mask=out_mask, other=0.0).to(tl.float32)
-            tl.store(c_ptr + token_offs, (x + gate * acc).to(c_ptr.dtype.element_ty), mask=out_mask)
+        if EPILOGUE == 1 and SCATTER_C:
+            tokens = tl.load(row_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        else:
+            tokens = rows.to(tl.int64)
+        bias_base = group.to(tl.int64) * N
+        if EPILOGUE_SUBTILE:  # two [BLOCK_M, BLOCK_N / 2] halves: fewer live registers in the epilogue
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            cols0 = n_tile * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            _ffn_epilogue(acc0, rows, row_mask, tokens, cols0, N, c_ptr, bias_ptr, bias_base, x_ptr, mod_ptr,
+                          row_scale_ptr, seq_len, text_len, EPILOGUE, HAS_BIAS, HAS_ROW_SCALE,
+                          INTERPRET)
+            _ffn_epilogue(acc1, rows, row_mask, tokens, cols0 + BLOCK_N // 2, N, c_ptr, bias_ptr, bias_base,
+                          x_ptr, mod_ptr, row_scale_ptr, seq_len, text_len, EPILOGUE, HAS_BIAS, HAS_ROW_SCALE,
+                          INTERPRET)
+        else:
+            _ffn_epilogue(acc, rows, row_mask, tokens, cols, N, c_ptr, bias_ptr, bias_base, x_ptr, mod_ptr,
+                          row_scale_ptr, seq_len, text_len, EPILOGUE, HAS_BIAS, HAS_ROW_SCALE,
+                          INTERPRET)
 
 
 @triton.jit
 def _gate_residual_fwd_kernel(x_ptr, f_ptr, mod_ptr, bias_ptr, out_ptr, seq_len, text_len, hidden,
-                              HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     """out = x + gate_m * (f + b2), one token per program (the cuBLAS GEMM2 alternative)."""
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
@@ -203,14 +238,15 @@ def _gate_residual_fwd_kernel(x_ptr, f_ptr, mod_ptr, bias_ptr, out_ptr, seq_len,
         f = f + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(mod_ptr + (sample * 6 + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (x + gate * f).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * hidden + cols, _cast_for_store(x + gate * f, out_ptr, INTERPRET), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
-                        persistent=True, num_programs=3, warp_specialize=False, flatten=False)
+                        persistent=True, num_programs=3, warp_specialize=False, flatten=False,
+                        epilogue_subtile=True)
 
 
 def default_config(dtype: torch.dtype, M: int, N: int, K: int, epilogue: int) -> dict:
@@ -290,7 +326,7 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
         NUM_GROUPS=G, EPILOGUE=epilogue, GATHER_A=gather_a, SCATTER_C=scatter_c,
         HAS_BIAS=bias is not None, HAS_ROW_SCALE=row_scale is not None, A_TMA=a_tma, B_TMA=b_tma,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        WARP_SPECIALIZE=cfg.get("warp_specialize", False), FLATTEN=cfg.get("flatten", False),
+        EPILOGUE_SUBTILE=cfg.get("epilogue_subtile", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False), FLATTEN=cfg.get("flatten", False),
         INTERPRET=interpret_mode(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -304,6 +340,7 @@ def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, te
         x2d, modulation, norm_weight if norm_weight is not None else x2d,
         norm_bias if norm_bias is not None else x2d, h, seq_len, text_len, hidden, eps,
         HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, BLOCK_H=block,
+        INTERPRET=interpret_mode(),
         num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
     return h
 
@@ -314,6 +351,7 @@ def gate_residual_fwd(x2d, f, modulation, bias, seq_len, text_len):
     block = triton.next_power_of_2(hidden)
     _gate_residual_fwd_kernel[(rows,)](x2d, f, modulation, bias if bias is not None else f, out, seq_len,
                                        text_len, hidden, HAS_BIAS=bias is not None, BLOCK_H=block,
+                                       INTERPRET=interpret_mode(),
                                        num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
     return out
 
