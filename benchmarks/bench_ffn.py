@@ -118,7 +118,7 @@ SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stag
               "epilogue_subtile", "warp_specialize", "tma")
 
 
-def sweep_gemms(name, inp, log, budget_s=100.0):
+def sweep_gemms(name, inp, log, budget_s=90.0):
     """Time each config on GEMM1 (GELU epilogue) and GEMM2 (gate/residual epilogue); check parity."""
     B, S, Hd = inp["x"].shape
     T = B * S
