@@ -29,7 +29,7 @@ TRANSFORMER_DEFAULTS = dict(
 
 def _set_backend_below(module: nn.Module, backend: str) -> None:
     for child in module.modules():
-        if child is not module and isinstance(child, (RoPE3DAttention, ExpertFFN)):
+        if child is not module and isinstance(child, (RoPE3DAttention, ExpertFFN, CogVideoXBlock)):
             child.backend = backend
 
 
@@ -131,7 +131,8 @@ class CogVideoXTransformer(nn.Module):
         latent_frames = (o["num_frames"] - 1) // o["temporal_compression"] + 1
         self.default_grid = (-(-latent_frames // pt), o["sample_height"] // ph, o["sample_width"] // pw)
         self._position_cache: dict = {}
-        self.position_tables(self.default_grid, torch.device("cpu"))  # ready for the default size
+        if not self.proj_out.weight.is_meta:  # (a meta-device build only counts parameters)
+            self.position_tables(self.default_grid, torch.device("cpu"))  # ready for the default size
 
     @property
     def backend(self) -> str:
