@@ -155,7 +155,8 @@ def build_vae(in_channels=3, latent_channels=16, num_frames=49, spatial_downsamp
     each needs that many gaps between stages: log2 <= len(channel_multipliers) - 1.
     num_frames: the clip length the VAE is sized for ((num_frames - 1) % temporal_downsample == 0).
     Clips up to that length run in one pass; ``encode_video`` / ``decode_latent`` stream longer
-    ones in chunks of at most that many frames unless ``chunk_frames`` says otherwise.
+    ones in chunks of about that length (encoder: the largest multiple of temporal_downsample
+    <= num_frames; decoder: ``latent_frames``) unless ``chunk_frames`` says otherwise.
     base_channels: width of the first stage; stage i is base_channels * channel_multipliers[i]
     wide. layers_per_block: ResNet blocks per encoder stage (the decoder has one more, as in
     CogVideoX). backend: handed to every causal temporal conv ("auto", "reference", "cuda",
@@ -219,11 +220,14 @@ def _check_chunk(chunk_frames, multiple_of, what):
 
 
 def _run_chunked(module, x, chunk):
-    """One pass when the clip fits in one chunk, else chunk by chunk with one StreamCache."""
-    if x.shape[2] <= chunk:
-        return module(x)
+    """[B, T, C, H, W] in and out (contiguous); the module sees [B, C, T, H, W] views. One pass
+    when the clip fits in one chunk, else chunk by chunk with one StreamCache."""
+    frames = x.transpose(1, 2)
+    if x.shape[1] <= chunk:
+        return module(frames).transpose(1, 2).contiguous()
     stream = StreamCache()
-    return torch.cat([module(x[:, :, a:b], stream) for a, b in _frame_chunks(x.shape[2], chunk)], dim=2)
+    return torch.cat([module(frames[:, :, a:b], stream).transpose(1, 2)
+                      for a, b in _frame_chunks(x.shape[1], chunk)], dim=1)
 
 
 def encode_video(encoder: Encoder, video, *, sample=False, generator=None, chunk_frames=None):
@@ -247,14 +251,14 @@ def encode_video(encoder: Encoder, video, *, sample=False, generator=None, chunk
     chunk = chunk_frames
     if chunk is None:  # clips up to num_frames in one pass, longer ones streamed
         chunk = T if T <= encoder.num_frames else max(encoder.num_frames // t_down * t_down, t_down)
-    moments = _run_chunked(encoder, video.transpose(1, 2), chunk)
-    mean, logvar = moments.chunk(2, dim=1)
+    moments = _run_chunked(encoder, video, chunk)
+    mean, logvar = moments.chunk(2, dim=2)
     latent = mean
     if sample:
         std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
         latent = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device,
                                           dtype=mean.dtype)
-    return latent.transpose(1, 2).contiguous()
+    return latent.contiguous()
 
 
 def decode_latent(decoder: Decoder, latent, *, chunk_frames=None):
@@ -265,8 +269,7 @@ def decode_latent(decoder: Decoder, latent, *, chunk_frames=None):
     """
     _check_input("latent", latent, decoder, decoder.latent_channels, "latent_channels")
     _check_chunk(chunk_frames, 1, "decoder")
-    video = _run_chunked(decoder, latent.transpose(1, 2), chunk_frames or decoder.latent_frames)
-    return video.transpose(1, 2).contiguous()
+    return _run_chunked(decoder, latent, chunk_frames or decoder.latent_frames)
 
 
 __all__ = ["Encoder", "Decoder", "build_vae", "encode_video", "decode_latent"]
