@@ -462,6 +462,7 @@ constexpr Variant kVariants[] = {
     {"bm128_bn128_s4", 128, 128, 4, false}, {"bm64_bn128_s4", 64, 128, 4, false},
     {"bm128_bn64_s4", 128, 64, 4, false},   {"bm128_bn128_s3_resA", 128, 128, 3, true},
     {"bm64_bn128_s4_resA", 64, 128, 4, true}, {"bm128_bn256_s3", 128, 256, 3, false},
+    {"bm128_bn256_s3_resA", 128, 256, 3, true}, {"bm64_bn256_s4_resA", 64, 256, 4, true},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -535,6 +536,8 @@ void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t 
     case 4: launch_mma_vec<T, 128, 128, 3, true>(p, vec, device, stream); break;
     case 5: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream); break;
     case 6: launch_mma_vec<T, 128, 256, 3, false>(p, vec, device, stream); break;
+    case 7: launch_mma_vec<T, 128, 256, 3, true>(p, vec, device, stream); break;
+    case 8: launch_mma_vec<T, 64, 256, 4, true>(p, vec, device, stream); break;
     default:
       throw std::invalid_argument("causal_conv3d_cuda: variant=" + std::to_string(variant) +
                                   " is out of range [0, " + std::to_string(kNumVariants) + "]");
