@@ -11,6 +11,9 @@ Pipeline (all on device, no host sync for the shared FFN of the real checkpoints
 4. ``_grouped_gemm_fwd_kernel`` (gate epilogue): intermediate times the expert's W2, + b2, times the
    router probability, times the token's modality gate, + x; rows scattered back to token order.
 
+For the shared FFN on a GPU, steps 3-4 may run as cuBLAS(Lt) GEMMs instead (``SHARED_PATH_DEFAULT``,
+picked by measurement), keeping our pre-pass and a fused bias + gate + residual kernel.
+
 The tile schedule is a flat list of (m-tile, n-tile) over all groups: m-tiles are numbered group
 after group, with an upper bound ``cdiv(rows, BLOCK_M) + groups - 1`` so the grid never needs the
 per-group counts on the host; a program maps its m-tile to (group, rows) from the [groups + 1] row
@@ -32,12 +35,15 @@ EPILOGUE_GELU = 0
 EPILOGUE_GATE_RESIDUAL = 1
 
 # Which path computes the shared-FFN (num_text_experts=0) GEMMs on a GPU; chosen by measurement
-# (benchmarks/bench_ffn.py), overridable with COGVIDEOX_KERNELS_FFN_SHARED=triton|cublaslt.
+# (benchmarks/bench_ffn.py on an H100, benchmarks/results/ffn_h100_8c4a928.md): half-block 5B
+# triton 8.39 ms / cublaslt 8.48 / cublas 8.41 (a tie within run-to-run noise), 2B triton 3.63 /
+# cublaslt 3.39 / cublas 3.26, so "cublas". Override: COGVIDEOX_KERNELS_FFN_SHARED=triton|cublaslt|cublas.
+# Routed experts always run the Triton grouped GEMM.
 #   "triton":   both GEMMs in our grouped kernel, epilogues fused.
 #   "cublaslt": GEMM1 + bias + tanh-GELU in cuBLASLt (torch._addmm_activation), GEMM2 in our kernel.
 #   "cublas":   both GEMMs in cuBLAS(Lt), then our fused bias + gate + residual kernel.
 SHARED_PATHS = ("triton", "cublaslt", "cublas")
-SHARED_PATH_DEFAULT = "triton"
+SHARED_PATH_DEFAULT = "cublas"
 SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
 
 
@@ -250,14 +256,19 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps
 
 
 def default_config(dtype: torch.dtype, M: int, N: int, K: int, epilogue: int) -> dict:
-    """Measured on an H100 (benchmarks/results/ffn_*); the interpreter gets one small config."""
+    """Best of the H100 sweep at the 5B shape (benchmarks/results/ffn_h100_sweep_8c4a928.jsonl):
+    GEMM1 (GELU epilogue) 3.90 ms = 689 TF/s, GEMM2 (gate/residual epilogue) 3.63 ms = 739 TF/s.
+    The interpreter gets one small config."""
     if interpret_mode():
         return dict(INTERPRET_CONFIG)
-    if dtype == torch.float32:  # tf32 tiles: half the K depth fits the same shared memory
+    if dtype == torch.float32:  # tf32 tiles: half the K depth fits the same shared memory (not swept)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
-                    persistent=True, warp_specialize=False, flatten=False)
+                    persistent=True, epilogue_subtile=True)
+    if epilogue == EPILOGUE_GELU:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4,
+                    persistent=True, epilogue_subtile=True)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
-                persistent=True, warp_specialize=False, flatten=False)
+                persistent=False, epilogue_subtile=True)
 
 
 @functools.lru_cache(maxsize=None)
