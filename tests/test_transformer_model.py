@@ -315,3 +315,16 @@ def test_build_errors(opts, match):
     cogvideox = _vae_ready()
     with pytest.raises(ValueError, match=match):
         cogvideox.build(**{**TINY_BUILD, **opts})
+
+
+def test_position_tables_are_cached_per_grid_and_device():
+    model = tiny()
+    cpu = torch.device("cpu")
+    default = model.position_tables(model.default_grid, cpu)  # made at build time
+    assert model.position_tables(model.default_grid, cpu) is default
+    cos, sin = default
+    assert cos.shape == (3 * 3 * 4, 16) and cos.dtype == torch.float32
+    other = model.position_tables((1, 2, 2), cpu)
+    assert other[0].shape == (4, 16) and model.position_tables((1, 2, 2), cpu) is other
+    sincos = tiny(use_rope=False).position_tables((1, 2, 2), cpu)
+    assert sincos.shape == (4, 48)
