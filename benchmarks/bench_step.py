@@ -43,6 +43,9 @@ class Recorder:
         self.deadline = deadline
         self.rows: list[dict] = []
         out_dir.mkdir(parents=True, exist_ok=True)
+        previous = out_dir / "step_rows.json"
+        if previous.exists():  # a later process of the same run appends to the earlier one's rows
+            self.rows = json.loads(previous.read_text())["rows"]
         self.meta = environment()
         (out_dir / "step_env.json").write_text(json.dumps(self.meta, indent=1))
 
@@ -384,24 +387,35 @@ def write_markdown(rec: Recorder, preset: str):
     (rec.out_dir / "step_results.md").write_text("\n".join(lines) + "\n")
 
 
+SECTIONS = ("step", "vae", "other")
+
+
 def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | None = None,
-                   extras: bool = True) -> list[dict]:
-    """Run the step benchmark for ``preset`` ("5b" or "2b"); rows also land in ``out_dir``."""
+                   sections=SECTIONS) -> list[dict]:
+    """Run the step benchmark; rows also land in ``out_dir`` as they are measured.
+
+    sections: "step" (``preset``: eager, compiled, ours, ours+compile, then a profile split), "vae"
+    (decode/encode 49x480x720 eager vs patched), "other" (the other preset: eager, ours, compiled).
+    Each later section runs only while ``deadline`` leaves it time.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not supported; choose one of {tuple(PRESETS)}")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"sections {sorted(unknown)} are not supported; choose from {SECTIONS}")
     if not torch.cuda.is_available():
         raise RuntimeError("the step benchmark needs a CUDA GPU")
     rec = Recorder(Path(out_dir), deadline)
     try:
-        transformer_section(rec, preset)
-        write_markdown(rec, preset)
-        if extras:
-            if rec.left_s() > 60:
-                vae_section(rec)
-                write_markdown(rec, preset)
+        if "step" in sections:
+            transformer_section(rec, preset)
+            write_markdown(rec, preset)
+        if "vae" in sections and rec.left_s() > 60:
+            vae_section(rec)
+            write_markdown(rec, preset)
+        if "other" in sections and rec.left_s() > 70:
             other = "2b" if preset == "5b" else "5b"
-            if rec.left_s() > 70:
-                transformer_section(rec, other, variants=("eager", "ours", "compiled"), profile=False)
+            transformer_section(rec, other, variants=("eager", "ours", "compiled"), profile=False)
     finally:
         write_markdown(rec, preset)
     return rec.rows
@@ -413,9 +427,11 @@ def main(argv=None):
     parser.add_argument("--preset", default="5b", choices=sorted(PRESETS))
     parser.add_argument("--deadline", type=float, default=None,
                         help="wall-clock epoch seconds by which to stop starting new measurements")
-    parser.add_argument("--no-extras", action="store_true", help="only the chosen preset's step")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {SECTIONS} (default: all, in that order)")
     args = parser.parse_args(argv)
-    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, extras=not args.no_extras)
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections)
     print(f"{len(rows)} rows written to {args.out}")
 
 
