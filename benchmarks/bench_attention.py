@@ -159,7 +159,9 @@ def environment() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except Exception:  # pragma: no cover
-        commit = "unknown"
+        commit = ""
+    # the device machine gets the working tree without .git: the caller passes the commit
+    commit = commit or os.environ.get("BENCH_COMMIT", "unknown")
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), python=platform.python_version(), commit=commit)
 
@@ -167,21 +169,29 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------------------------
 # config sweep (5B shape) and the main table
 # ----------------------------------------------------------------------------------------------
+# Run 1 (commit c9ab6e6, results in benchmarks/results/attention_sweep_run1.*) swept blocks, warps,
+# stages, TMA, warp specialization, an FMA-pipe exp2 and maxnreg with q normed in the attention
+# prologue. It showed that registers (1 vs 2 CTAs per SM) and the K layout decide the time; this
+# sweep compares the layouts and the best configs from it.
+# (BLOCK_M, BLOCK_N, warps, stages, TMA, warp-specialize, FMA-pipe exp2 on half of P, maxnreg)
 SWEEP = [
-    # BLOCK_M, BLOCK_N, warps, stages, TMA, warp-specialize, FMA-pipe exp2 on half of P, maxnreg
-    (128, 64, 8, 3, False, False, False, None), (128, 64, 8, 2, False, False, False, None),
-    (128, 64, 8, 4, False, False, False, None), (64, 64, 4, 3, False, False, False, None),
-    (64, 64, 4, 4, False, False, False, None), (64, 128, 4, 3, False, False, False, None),
-    (128, 128, 8, 3, False, False, False, None), (128, 32, 8, 3, False, False, False, None),
-    (128, 64, 8, 3, True, False, False, None), (128, 64, 8, 2, True, False, False, None),
-    (128, 64, 8, 4, True, False, False, None), (64, 64, 4, 3, True, False, False, None),
-    (64, 128, 4, 3, True, False, False, None), (128, 128, 8, 2, True, False, False, None),
-    (128, 64, 8, 3, True, True, False, None),
-    (128, 64, 8, 3, False, False, True, None), (128, 64, 8, 3, True, False, True, None),
-    (64, 64, 4, 3, False, False, True, None), (64, 64, 4, 3, True, False, True, None),
-    (128, 128, 8, 2, True, False, True, None), (64, 128, 4, 3, True, False, True, None),
-    (128, 64, 8, 3, False, False, False, 128), (128, 64, 8, 3, True, False, False, 128),
-    (128, 64, 8, 3, True, False, True, 128), (128, 64, 8, 2, True, False, True, 128),
+    # k, v written head-major by the pre-pass, q normed/rotated by the pre-pass (the default)
+    ((128, 64, 8, 3, True, False, False, None), {}),
+    ((128, 64, 8, 3, False, False, False, None), {}),
+    ((128, 64, 8, 4, True, False, False, None), {}),
+    ((128, 64, 8, 2, True, False, False, None), {}),
+    ((64, 64, 4, 3, True, False, False, None), {}),
+    ((64, 128, 4, 3, True, False, False, None), {}),
+    ((128, 128, 8, 3, True, False, False, None), {}),
+    ((128, 64, 8, 3, True, False, True, None), {}),
+    ((64, 64, 4, 3, True, False, True, None), {}),
+    ((128, 64, 8, 3, True, True, False, None), {}),
+    # k [B, S, H, D] from the pre-pass, v read in place (run 1's best)
+    ((128, 64, 8, 3, True, False, False, None), dict(relayout_kv=False)),
+    ((128, 64, 8, 3, False, False, False, None), dict(relayout_kv=False)),
+    # q normed/rotated in the attention prologue
+    ((128, 64, 8, 3, True, False, False, None), dict(q_prologue=True)),
+    ((128, 64, 8, 3, True, False, False, 128), dict(q_prologue=True)),
 ]
 
 
@@ -229,21 +239,26 @@ def run_sweep(out_dir: str, shape_name: str = "5b", log=print, time_budget_s=90)
             json.dump(results, f, indent=1)
 
     t_start = time.time()
-    for c in SWEEP:
+    for c, launch in SWEEP:
+        name = ("fused " + ("q-prologue " if launch.get("q_prologue") else "")
+                + ("kv-in-place " if launch.get("relayout_kv") is False else "") + _cfg_name(c))
         if time.time() - t_start > time_budget_s:
-            log(f"sweep: time budget of {time_budget_s} s spent, skipping {_cfg_name(c)}")
+            log(f"sweep: time budget of {time_budget_s} s spent, skipping {name}")
             continue
-        record("fused q-prologue " + _cfg_name(c), lambda c=c: ours(inp, config=_cfg(*c)), ref,
-               config=list(c))
-    for c in [(128, 64, 8, 3, False, False, False, None), (128, 64, 8, 3, True, False, False, None)]:
-        record("fused q-prepass " + _cfg_name(c),
-               lambda c=c: ours(inp, config=_cfg(*c), q_prologue=False), ref, config=list(c))
-        record("attention only (no norm/rope) " + _cfg_name(c),
-               lambda c=c: ours(inp, config=_cfg(*c), with_norm_rope=False), ref_plain,
-               config=list(c))
-    record("k pre-pass alone (norm+rope)",
-           lambda: qk_norm_rope_fwd(inp["k"], inp["text_len"], inp["cos"], inp["sin"],
-                                    inp["k_norm"][0], inp["k_norm"][1], True, 1e-6), None)
+        record(name, lambda c=c, launch=launch: ours(inp, config=_cfg(*c), **launch), ref,
+               config=list(c), **{k: str(v) for k, v in launch.items()})
+    for relayout in (True, False):
+        c = (128, 64, 8, 3, True, False, False, None)
+        record(f"attention only (no norm/rope), relayout_kv={relayout} " + _cfg_name(c),
+               lambda c=c, r=relayout: ours(inp, config=_cfg(*c), with_norm_rope=False,
+                                            relayout_kv=r), ref_plain, config=list(c))
+    for block_r in (32, 64, 128):
+        record(f"pre-pass alone: k norm+rope, head-major, BLOCK_R {block_r}",
+               lambda b=block_r: qk_norm_rope_fwd(inp["k"], inp["text_len"], inp["cos"], inp["sin"],
+                                                  inp["k_norm"][0], inp["k_norm"][1], True, 1e-6,
+                                                  block_r=b), None)
+    record("pre-pass alone: v copy, head-major",
+           lambda: qk_norm_rope_fwd(inp["v"], 0, None, None, None, None, False, 1e-6), None)
     del inp, ref, ref_plain
     torch.cuda.empty_cache()
     return results
@@ -266,6 +281,8 @@ def run_attention_bench(shapes, out_dir: str, log=print) -> list[dict]:
         q, k, v = inp["q"], inp["k"], inp["v"]
         methods = [
             ("ours fused (norm+rope+attn, triton)", lambda: ours(inp), ref),
+            ("ours fused, k/v read in place (no relayout)",
+             lambda: ours(inp, relayout_kv=False, config=None), ref),
             ("diffusers-style path (LN+rope+SDPA default)",
              lambda: diffusers_style_path(q, k, v, text_len=inp["text_len"], cos=inp["cos"],
                                           sin=inp["sin"], q_norm=inp["q_norm"],

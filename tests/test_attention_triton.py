@@ -87,16 +87,18 @@ def test_fp16_and_contiguous_inputs_interpreter(interpret):
     assert rel_err(out, ref) <= BUDGET[torch.float16]
 
 
-def test_q_prepass_matches_prologue_interpreter(interpret):
-    """The q pre-pass variant (q normed/rotated by the pre-pass kernel) computes the same thing."""
+def test_launch_variants_agree_interpreter(interpret):
+    """q normed/rotated in the attention prologue or by the pre-pass, k/v relaid or read in place:
+    the same function."""
     from cogvideox_kernels.ops.attention.triton_fwd import rope3d_attention_fwd
 
     c = make_case(1, 61, 2, 40, 7, torch.float32, seed=13)
     args = (c["q"], c["k"], c["v"], c["text_len"], c["cos"], c["sin"], *c["q_norm"], *c["k_norm"],
             True, True, 1e-6, 40 ** -0.5)
-    a = rope3d_attention_fwd(*args, q_prologue=True)
-    b = rope3d_attention_fwd(*args, q_prologue=False)
-    assert rel_err(a, b) <= 1e-6
+    want = rope3d_attention_fwd(*args)  # defaults: q pre-pass, k/v relaid head-major
+    for launch in (dict(q_prologue=True), dict(relayout_kv=False),
+                   dict(q_prologue=True, relayout_kv=False)):
+        assert rel_err(rope3d_attention_fwd(*args, **launch), want) <= 1e-6, launch
 
 
 @pytest.mark.parametrize("config", [
@@ -120,9 +122,14 @@ def test_pre_pass_interpreter(interpret):
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
     c = make_case(2, 33, 3, 40, 4, torch.float32, seed=17)
-    got = qk_norm_rope_fwd(c["k"], 4, c["cos"], c["sin"], *c["k_norm"], True, 1e-6)
     want = qk_norm_rope_reference(c["k"], 4, c["cos"], c["sin"], c["k_norm"], 1e-6, torch.float64)
-    assert rel_err(got, want) <= 1e-6
+    for head_major in (True, False):
+        got = qk_norm_rope_fwd(c["k"], 4, c["cos"], c["sin"], *c["k_norm"], True, 1e-6,
+                               head_major=head_major)
+        assert got.shape == c["k"].shape
+        assert rel_err(got, want) <= 1e-6
+    copy = qk_norm_rope_fwd(c["v"], 0, None, None, None, None, False, 1e-6)
+    assert torch.equal(copy, c["v"])
 
 
 def test_compile_fullgraph_interpreter(interpret):

@@ -54,30 +54,16 @@ def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
     """Load rows of x (one head vector per row), LayerNorm over D, rotate video rows. float32."""
     d_mask = offs_d < D
     mask = row_mask[:, None] & d_mask[None, :]
-    ptrs = x_ptr + row_offsets[:, None] + offs_d[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ROPE:
-        # pair partner (2i <-> 2i+1); D is even, so partners of valid dims stay valid
-        partner = offs_d ^ 1
-        x_partner = tl.load(x_ptr + row_offsets[:, None] + partner[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row_offsets[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         mean = tl.sum(x, axis=1) / D
         centered = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
         x = centered * rstd[:, None]
-        if HAS_ROPE:
-            x_partner = (x_partner - mean[:, None]) * rstd[:, None]
         if HAS_WEIGHT:
             x = x * tl.load(weight_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_ROPE:
-                x_partner = x_partner * tl.load(weight_ptr + partner, mask=d_mask,
-                                                other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             x = x + tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_ROPE:
-                x_partner = x_partner + tl.load(bias_ptr + partner, mask=d_mask,
-                                                other=0.0).to(tl.float32)[None, :]
     if HAS_ROPE:
         # text rows (token < text_len) read cos 1, sin 0: unrotated
         is_video = row_mask & (tokens >= text_len)
@@ -85,9 +71,13 @@ def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
         table_offsets = (tokens - text_len).to(tl.int64)[:, None] * stride_cs + offs_d[None, :]
         cos = tl.load(cos_ptr + table_offsets, mask=table_mask, other=1.0).to(tl.float32)
         sin = tl.load(sin_ptr + table_offsets, mask=table_mask, other=0.0).to(tl.float32)
-        # y[2i] = x[2i] cos - x[2i+1] sin ; y[2i+1] = x[2i+1] cos + x[2i] sin
-        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
-        x = x * cos + x_partner * sign[None, :] * sin
+        # y[2i] = x[2i] cos - x[2i+1] sin ; y[2i+1] = x[2i+1] cos + x[2i] sin. The pair swap is a
+        # split/join of the last dim (pairs sit in one thread), not a second, scalar load.
+        ROWS: tl.constexpr = x.shape[0]
+        COLS: tl.constexpr = x.shape[1]
+        even, odd = tl.split(tl.reshape(x, [ROWS, COLS // 2, 2]))
+        swapped = tl.reshape(tl.join(-odd, even), [ROWS, COLS])
+        x = x * cos + swapped * sin
     return x
 
 
@@ -264,16 +254,18 @@ def _attention_config(block_m, block_n, num_warps, num_stages, use_tma=False, wa
 # (head dim, S bucket) plus the dtypes, which the autotuner adds to the key itself.
 POINTER_CONFIGS = [
     _attention_config(128, 64, 8, 3),
-    _attention_config(128, 64, 4, 3),
+    _attention_config(128, 64, 8, 4),
     _attention_config(64, 64, 4, 3),
+    _attention_config(64, 128, 4, 3),
     _attention_config(128, 128, 8, 3),
 ]
 # Same, reading K/V through tensor descriptors (TMA); used when every base and stride is 16-byte
-# aligned, which the QKV projection's views are.
+# aligned (always true for the pre-pass buffers).
 TMA_CONFIGS = [
     _attention_config(128, 64, 8, 3, use_tma=True),
-    _attention_config(128, 64, 4, 3, use_tma=True),
+    _attention_config(128, 64, 8, 4, use_tma=True),
     _attention_config(64, 64, 4, 3, use_tma=True),
+    _attention_config(64, 128, 4, 3, use_tma=True),
     _attention_config(128, 128, 8, 3, use_tma=True),
 ]
 # The interpreter cannot time configs: one small pinned config.
@@ -314,30 +306,42 @@ def _s_bucket(S: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps):
-    """Pre-pass: rope(layernorm(x)) on [B, S, H, D] (strided) into a contiguous tensor of x's dtype."""
+def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, head_major=True,
+                     block_r=None):
+    """Pre-pass: rope(layernorm(x)) (either part optional; neither = a copy) of a strided
+    [B, S, H, D] x. Returns a [B, S, H, D] view of x's dtype whose storage is [B, H, S, D]
+    (``head_major``, what the attention kernel reads fastest) or [B, S, H, D]."""
     B, S, H, D = x.shape
-    y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+    if head_major:
+        y = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:
+        y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
     block_d = max(16, triton.next_power_of_2(D))
-    block_r = 32 if x.device.type == "cpu" else (64 if block_d <= 64 else 32)
+    if block_r is None:
+        block_r = 32 if x.device.type == "cpu" else (64 if block_d <= 64 else 32)
     has_rope = cos is not None
     grid = (triton.cdiv(S * H, block_r), B)
     _qk_norm_rope_fwd_kernel[grid](
         x, y, S, H, text_len, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
         y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps,
-        HAS_NORM=apply_norm, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_ROPE=has_rope, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
-        INTERPRET=x.device.type == "cpu", num_warps=4)
+        HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
+        HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
+        BLOCK_D=block_d, INTERPRET=x.device.type == "cpu", num_warps=4)
     return y
 
 
 def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
-                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, q_prologue=True,
-                         config=None, use_tma=None):
-    """Launch the pre-pass (k, and q unless ``q_prologue``) and the attention kernel.
+                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, q_prologue=False,
+                         relayout_kv=True, config=None, use_tma=None):
+    """Launch the pre-passes and the attention kernel.
 
-    ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, num_warps, num_stages to
-    bypass autotuning (benchmark sweeps). ``use_tma``: force the TMA/pointer autotune set.
+    Defaults are the measured fastest on the H100 (benchmarks/results/attention_*): q and k are
+    normed/rotated by the pre-pass (``q_prologue=True`` does q inside the attention kernel, which
+    costs registers and occupancy), and k and v are written head-major ([B, H, S, D] storage,
+    ``relayout_kv``) so each key/value block is one contiguous chunk.
+    ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, POLY_EXP, num_warps,
+    num_stages (optionally maxnreg) to bypass autotuning (benchmark sweeps).
+    ``use_tma``: force the TMA/pointer autotune set.
     """
     B, S, H, D = q.shape
     interpret = q.device.type == "cpu"
@@ -345,11 +349,15 @@ def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     if has_rope and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
         # the kernels index both tables with cos's row stride (tables are small)
         cos, sin = cos.contiguous(), sin.contiguous()
-    if apply_k_norm or has_rope:
-        k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps)
+    if relayout_kv or apply_k_norm or has_rope:
+        k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
+                             head_major=relayout_kv)
+    if relayout_kv:
+        v = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps)
     q_norm_here, q_rope_here = apply_q_norm, has_rope
     if not q_prologue and (apply_q_norm or has_rope):
-        q = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps)
+        q = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps,
+                             head_major=relayout_kv)
         q_norm_here, q_rope_here = False, False
 
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
