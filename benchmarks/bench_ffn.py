@@ -104,7 +104,8 @@ def env_info():
                                          stderr=subprocess.DEVNULL).strip()
     except Exception:
         commit = os.environ.get("GIT_COMMIT", "unknown")
-    return dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__, triton=triton.__version__,
+    return dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
+                triton=triton.__version__,
                 commit=commit)
 
 
