@@ -10,7 +10,8 @@
 // frames) and streams one continuous pipeline over all its output frames, so the pipeline never
 // drains between frames and the kt frames an output needs were just read by the previous output
 // (L2 hits). Optionally (A_RESIDENT) the block's weight slice stays in shared memory for its
-// whole life. fp32/fp64: a plain shared-memory tiled FMA kernel.
+// whole life; with a persistent grid (fewer blocks than work items) it is loaded once per block
+// and the pipeline also runs on across pixel tiles. fp32/fp64: a plain shared-memory tiled FMA kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -118,6 +119,8 @@ template <int BM, int BN, int STAGES, bool A_RESIDENT>
 struct TileConfig {
   static constexpr int kWarps = (BM / kWarpM) * (BN / kWarpN);
   static constexpr int kThreads = kWarps * 32;
+  // Streamed tiles want two blocks per SM (caps registers at 128 for 256 threads).
+  static constexpr int kMinBlocks = (!A_RESIDENT && kThreads <= 256) ? 2 : 1;
   static constexpr int kLdA = kBK + kPad;  // streamed A stage row (elements)
   static constexpr int kLdB = BN + kPad;
   static constexpr int kStageA = A_RESIDENT ? 0 : BM * kLdA;
@@ -135,8 +138,38 @@ struct GemmArgs {
   CausalConvParams p;
   int64_t k_total;      // C_in * kt
   int64_t k_chunks;     // ceil(k_total / kBK)
-  int64_t frames_per_block;
-  int64_t co_tiles;
+  int64_t frames_per_item;  // output frames of one work item (the last run may be shorter)
+  int64_t splits;       // runs of output frames per (batch, pixel tile)
+  int64_t pix_tiles;
+  int64_t items;        // batch * pix_tiles * splits work items per C_out tile
+};
+
+// Walks a block's work: items blockIdx.x, blockIdx.x + gridDim.x, ... (one item when the grid
+// covers them all; persistent blocks otherwise), each a run of output frames of one pixel tile,
+// each frame k_chunks pipeline steps. The loader and the consumer each keep one.
+// 32-bit fields (the launcher checks items, frames and H*W stay below 2^31): fewer registers.
+struct WorkCursor {
+  int item, t, t_end, kc, p0, b;
+  bool done;
+  __device__ void start_item(const GemmArgs& g, int it, int bn) {
+    item = it;
+    done = it >= g.items;
+    if (done) return;
+    const int split = it % int(g.splits);
+    const int rest = it / int(g.splits);
+    p0 = (rest % int(g.pix_tiles)) * bn;
+    b = rest / int(g.pix_tiles);
+    t = split * int(g.frames_per_item);
+    t_end = min(t + int(g.frames_per_item), int(g.p.frames_out));
+    kc = 0;
+  }
+  // One pipeline step on: next k chunk, next output frame, or next item.
+  __device__ void advance(const GemmArgs& g, int bn) {
+    if (++kc < g.k_chunks) return;
+    kc = 0;
+    if (++t < t_end) return;
+    start_item(g, item + int(gridDim.x), bn);
+  }
 };
 
 // Fills one B stage: rows k0..k0+kBK (each a (channel, tap) pair -> a source frame), pixels
@@ -221,7 +254,8 @@ __device__ __forceinline__ void load_a_block(T* sA, int lda, const GemmArgs& g, 
 }
 
 template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
-__global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThreads)
+__global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThreads,
+                                  TileConfig<BM, BN, STAGES, A_RESIDENT>::kMinBlocks)
     _causal_conv3d_fwd_kernel(GemmArgs g) {
   using Cfg = TileConfig<BM, BN, STAGES, A_RESIDENT>;
   constexpr int kThreads = Cfg::kThreads;
@@ -232,14 +266,11 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   T* smem = reinterpret_cast<T*>(smem_raw);
   const CausalConvParams& p = g.p;
 
-  const int64_t p0 = int64_t(blockIdx.x) * BN;
-  const int64_t co_tile = int64_t(blockIdx.y) % g.co_tiles;
-  const int64_t t_begin = (int64_t(blockIdx.y) / g.co_tiles) * g.frames_per_block;
-  const int64_t b = blockIdx.z;
-  const int64_t co0 = co_tile * BM;
-  const int64_t t_end = min(t_begin + g.frames_per_block, p.frames_out);
-  if (t_begin >= t_end) return;
-  const int64_t total_iters = (t_end - t_begin) * g.k_chunks;
+  const int64_t co0 = int64_t(blockIdx.y) * BM;
+  WorkCursor work;  // what the consumer computes next
+  work.start_item(g, int(blockIdx.x), BN);
+  if (work.done) return;
+  WorkCursor fetch = work;  // what the loader fetches next (STAGES-1 steps ahead)
 
   const int64_t k_pad = g.k_chunks * kBK;
   const int lda_res = int(k_pad) + kPad;
@@ -247,21 +278,15 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   auto stage_a = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB); };
   auto stage_b = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB) + Cfg::kStageA; };
 
-  // Loader state: the next (output frame, k chunk) to fetch and its pipeline slot. Counters, not
-  // divisions of the iteration index (64-bit division is slow).
-  int64_t load_t = t_begin, load_kc = 0, loads_left = total_iters;
   int load_slot = 0;
   auto load_next = [&]() {
-    if (loads_left > 0) {
+    if (!fetch.done) {
       if constexpr (!A_RESIDENT)
-        load_a_block<T, BM, kThreads, VEC>(stage_a(load_slot), Cfg::kLdA, g, co0, load_kc * kBK, kBK);
-      load_b_stage<T, BN, kThreads, VEC>(stage_b(load_slot), Cfg::kLdB, g, b, load_t, load_kc * kBK, p0);
-      --loads_left;
+        load_a_block<T, BM, kThreads, VEC>(stage_a(load_slot), Cfg::kLdA, g, co0, fetch.kc * kBK, kBK);
+      load_b_stage<T, BN, kThreads, VEC>(stage_b(load_slot), Cfg::kLdB, g, fetch.b, fetch.t,
+                                         fetch.kc * kBK, fetch.p0);
       load_slot = load_slot + 1 == STAGES ? 0 : load_slot + 1;
-      if (++load_kc == g.k_chunks) {
-        load_kc = 0;
-        ++load_t;
-      }
+      fetch.advance(g, BN);
     }
     cp_async_commit();
   };
@@ -293,13 +318,13 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   T* y = static_cast<T*>(p.y);
 
   int slot = 0;
-  int64_t kc = 0, t = t_begin;
-  for (int64_t it = 0; it < total_iters; ++it) {
+  while (!work.done) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // slot `slot` is visible; the slot read last iteration is free to refill
     load_next();
 
     const int s = slot;
+    const int kc = work.kc;
     const T* sA;
     int lda;
     if constexpr (A_RESIDENT) {
@@ -327,7 +352,8 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
           MmaOp<T>::run(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
     }
 
-    if (kc == g.k_chunks - 1) {  // output frame t is complete: bias, store, reset
+    if (kc == g.k_chunks - 1) {  // output frame work.t is complete: bias, store, reset
+      const int64_t t = work.t, b = work.b, p0 = work.p0;
 #pragma unroll
       for (int i = 0; i < kMT; ++i) {
 #pragma unroll
@@ -358,10 +384,7 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
     }
     slot = slot + 1 == STAGES ? 0 : slot + 1;
-    if (++kc == g.k_chunks) {
-      kc = 0;
-      ++t;
-    }
+    work.advance(g, BN);
   }
   cp_async_wait<0>();  // no copy may be in flight when the block exits
 }
@@ -463,6 +486,10 @@ constexpr Variant kVariants[] = {
     {"bm128_bn64_s4", 128, 64, 4, false},   {"bm128_bn128_s3_resA", 128, 128, 3, true},
     {"bm64_bn128_s4_resA", 64, 128, 4, true}, {"bm128_bn256_s3", 128, 256, 3, false},
     {"bm128_bn256_s3_resA", 128, 256, 3, true}, {"bm64_bn256_s4_resA", 64, 256, 4, true},
+    {"bm128_bn128_s3_resA_persistent", 128, 128, 3, true},
+    {"bm64_bn128_s4_resA_persistent", 64, 128, 4, true},
+    {"bm128_bn128_s4_persistent", 128, 128, 4, false},
+    {"bm128_bn256_s3_resA_persistent", 128, 256, 3, true},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -483,61 +510,78 @@ int device_max_smem(int device) {
 }
 
 template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
-void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream) {
+void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream, bool persistent) {
   using Cfg = TileConfig<BM, BN, STAGES, A_RESIDENT>;
   GemmArgs g;
   g.p = p;
   g.k_total = p.c_in * p.kt;
   g.k_chunks = (g.k_total + kBK - 1) / kBK;
-  g.co_tiles = (p.c_out + BM - 1) / BM;
-  const int64_t pix_tiles = (p.hw + BN - 1) / BN;
-  // Split output frames over blocks only as far as needed to fill the GPU (about 4 blocks per SM):
-  // the longer a block's run of frames, the more of its input re-reads hit L2.
-  const int64_t base_blocks = pix_tiles * g.co_tiles * p.batch;
-  const int64_t want = 4 * int64_t(device_sms(device));
-  int64_t splits = (want + base_blocks - 1) / base_blocks;
+  const int64_t co_tiles = (p.c_out + BM - 1) / BM;
+  g.pix_tiles = (p.hw + BN - 1) / BN;
+  // Split output frames over items only as far as needed to fill the GPU (about 4 blocks per SM):
+  // the longer an item's run of frames, the more of its input re-reads hit L2.
+  const int sms = device_sms(device);
+  const int64_t base_items = g.pix_tiles * co_tiles * p.batch;
+  const int64_t want = 4 * int64_t(sms);
+  int64_t splits = (want + base_items - 1) / base_items;
   splits = splits < 1 ? 1 : (splits > p.frames_out ? p.frames_out : splits);
-  g.frames_per_block = (p.frames_out + splits - 1) / splits;
-  splits = (p.frames_out + g.frames_per_block - 1) / g.frames_per_block;
-  if (pix_tiles > 0x7fffffffLL || g.co_tiles * splits > 65535 || p.batch > 65535)
-    throw std::invalid_argument("causal_conv3d_cuda: grid too large for this shape");
+  g.frames_per_item = (p.frames_out + splits - 1) / splits;
+  g.splits = (p.frames_out + g.frames_per_item - 1) / g.frames_per_item;
+  g.items = p.batch * g.pix_tiles * g.splits;
   const size_t smem = Cfg::smem_bytes(g.k_total);
-  if (smem > size_t(device_max_smem(device)))
+  const int max_smem = device_max_smem(device);
+  if (smem > size_t(max_smem))
     throw std::invalid_argument("causal_conv3d_cuda: tile needs " + std::to_string(smem) +
                                 " bytes of shared memory, more than the device allows");
   auto kernel = _causal_conv3d_fwd_kernel<T, BM, BN, STAGES, A_RESIDENT, VEC>;
   CVK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dim3 grid(unsigned(pix_tiles), unsigned(g.co_tiles * splits), unsigned(p.batch));
+  int64_t blocks_x = g.items;
+  if (persistent) {  // as many blocks as fit at once; each walks items with stride gridDim.x
+    int per_sm = 0;
+    CVK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
+    const int64_t resident = int64_t(per_sm < 1 ? 1 : per_sm) * sms;
+    const int64_t per_co = (resident + co_tiles - 1) / co_tiles;
+    blocks_x = blocks_x < per_co ? blocks_x : per_co;
+  }
+  if (g.items > 0x7fffffffLL || p.hw >= 0x7fffffffLL || p.frames_out >= 0x7fffffffLL ||
+      co_tiles > 65535)
+    throw std::invalid_argument("causal_conv3d_cuda: grid too large for this shape");
+  dim3 grid(unsigned(blocks_x), unsigned(co_tiles), 1);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(g);
   CVK_CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT>
-void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_t stream) {
+void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_t stream,
+                    bool persistent) {
   if (vec)
-    launch_mma<T, BM, BN, STAGES, A_RESIDENT, true>(p, device, stream);
+    launch_mma<T, BM, BN, STAGES, A_RESIDENT, true>(p, device, stream, persistent);
   else
-    launch_mma<T, 64, 128, 3, false, false>(p, device, stream);  // any H*W, any C
+    launch_mma<T, 64, 128, 3, false, false>(p, device, stream, false);  // any H*W, any C
 }
 
 template <typename T>
 void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t stream, int variant) {
   const int64_t k_total = p.c_in * p.kt;
   if (variant == 0) {
-    // Automatic: weight slice resident in shared memory when it fits next to the pipeline,
-    // else streamed 128x128 tiles.
+    // Automatic: weight slice resident in shared memory (persistent blocks, so it is loaded once
+    // per block) when it fits next to the pipeline; else streamed 128x128 tiles.
     using Res = TileConfig<128, 128, 3, true>;
-    variant = Res::smem_bytes(k_total) <= size_t(device_max_smem(device)) && p.c_out > 64 ? 4 : 1;
+    variant = Res::smem_bytes(k_total) <= size_t(device_max_smem(device)) && p.c_out > 64 ? 9 : 1;
   }
   switch (variant) {
-    case 1: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream); break;
-    case 2: launch_mma_vec<T, 64, 128, 4, false>(p, vec, device, stream); break;
-    case 3: launch_mma_vec<T, 128, 64, 4, false>(p, vec, device, stream); break;
-    case 4: launch_mma_vec<T, 128, 128, 3, true>(p, vec, device, stream); break;
-    case 5: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream); break;
-    case 6: launch_mma_vec<T, 128, 256, 3, false>(p, vec, device, stream); break;
-    case 7: launch_mma_vec<T, 128, 256, 3, true>(p, vec, device, stream); break;
-    case 8: launch_mma_vec<T, 64, 256, 4, true>(p, vec, device, stream); break;
+    case 1: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream, false); break;
+    case 2: launch_mma_vec<T, 64, 128, 4, false>(p, vec, device, stream, false); break;
+    case 3: launch_mma_vec<T, 128, 64, 4, false>(p, vec, device, stream, false); break;
+    case 4: launch_mma_vec<T, 128, 128, 3, true>(p, vec, device, stream, false); break;
+    case 5: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream, false); break;
+    case 6: launch_mma_vec<T, 128, 256, 3, false>(p, vec, device, stream, false); break;
+    case 7: launch_mma_vec<T, 128, 256, 3, true>(p, vec, device, stream, false); break;
+    case 8: launch_mma_vec<T, 64, 256, 4, true>(p, vec, device, stream, false); break;
+    case 9: launch_mma_vec<T, 128, 128, 3, true>(p, vec, device, stream, true); break;
+    case 10: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream, true); break;
+    case 11: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream, true); break;
+    case 12: launch_mma_vec<T, 128, 256, 3, true>(p, vec, device, stream, true); break;
     default:
       throw std::invalid_argument("causal_conv3d_cuda: variant=" + std::to_string(variant) +
                                   " is out of range [0, " + std::to_string(kNumVariants) + "]");
