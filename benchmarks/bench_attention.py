@@ -183,6 +183,8 @@ SWEEP = [
     ((64, 64, 4, 3, True, False, False, None), {}),
     ((64, 128, 4, 3, True, False, False, None), {}),
     ((128, 128, 8, 3, True, False, False, None), {}),
+    ((128, 128, 8, 2, True, False, False, None), {}),
+    ((128, 64, 4, 3, True, False, False, None), {}),
     ((128, 64, 8, 3, True, False, True, None), {}),
     ((64, 64, 4, 3, True, False, True, None), {}),
     ((128, 64, 8, 3, True, True, False, None), {}),

@@ -264,6 +264,7 @@ POINTER_CONFIGS = [
 TMA_CONFIGS = [
     _attention_config(128, 64, 8, 3, use_tma=True),
     _attention_config(128, 64, 8, 4, use_tma=True),
+    _attention_config(128, 64, 4, 3, use_tma=True),
     _attention_config(64, 64, 4, 3, use_tma=True),
     _attention_config(64, 128, 4, 3, use_tma=True),
     _attention_config(128, 128, 8, 3, use_tma=True),
