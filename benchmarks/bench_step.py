@@ -81,7 +81,11 @@ def environment() -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
+    import cogvideox_kernels
+    from cogvideox_kernels._ext import cuda_available
+
     return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                package=str(Path(cogvideox_kernels.__file__).parent), extension_cuda=cuda_available(),
                 triton=triton.__version__, diffusers=diffusers_version, python=platform.python_version(),
                 commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
