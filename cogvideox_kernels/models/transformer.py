@@ -158,8 +158,8 @@ class CogVideoXTransformer(nn.Module):
 
     def _check_inputs(self, latents, text_embeddings, timestep):
         if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
-            raise ValueError(f"latents must be a [B, T, C, H, W] tensor, got "
-                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a [B, T, C, H, W] tensor, got {shape}")
         B, _, C, _, _ = latents.shape
         if C != self.latent_channels:
             raise ValueError(f"latents have C={C} channels (dim 2 of [B, T, C, H, W]); the model was built "
@@ -180,7 +180,7 @@ class CogVideoXTransformer(nn.Module):
         text_len = text_embeddings.shape[1]
         dtype = self.proj_out.weight.dtype
 
-        temb = self.time_embed(timestep)
+        temb = self.time_embed(timestep.to(latents.device))
         video = self.patch_embed(latents.to(dtype))
         positions = self.position_tables(grid, latents.device)
         if not self.use_rope:
