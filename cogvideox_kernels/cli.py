@@ -60,8 +60,12 @@ def cmd_bench(args) -> int:
         if preset != "small":
             print(f"no GPU here: preset {preset!r} needs one; running the 'small' preset on the CPU instead")
             preset = "small"
-        # Triton kernels run on CPU tensors only in the interpreter; set it before any kernel loads.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        # Triton kernels run on CPU tensors only in the interpreter, which must be switched on before
+        # triton is first imported (torch imports it early): run this command again with it set.
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            os.environ["TRITON_INTERPRET"] = "1"
+            sys.stdout.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "cogvideox_kernels.cli", *sys.argv[1:]])
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad:
@@ -75,7 +79,7 @@ def cmd_bench(args) -> int:
     env = environment(device)
     print(f"device: {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     ceilings = measure_ceilings(device, quick=args.quick)
-    print(f"measured ceilings: {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+    print(f"measured ceilings: {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s, "
           f"copy {ceilings['copy_gbps']:.0f} GB/s")
     cases = []
     if "attention" in ops:
@@ -91,6 +95,8 @@ def cmd_bench(args) -> int:
         results += run_model_bench(op, preset, device, args)
         progress.step(op)
     print(table(results))
+    print("* partial baselines: SDPA without QK-norm/RoPE, GEMMs without norm/gate, zero instead of replicate "
+          "padding; they are timed but not compared. speedup = baseline ms / ours ms.")
     if device.type == "cpu":
         print("\nCPU run: parity is real, timings are CPU (Triton interpreter / C++ path) and NOT comparable "
               "with GPU figures. Run on a GPU for the real benchmark.")

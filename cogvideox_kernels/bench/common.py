@@ -160,7 +160,7 @@ def table(results: list[Result]) -> str:
     head = ["op", "shape", "variant", "ms", "TFLOP/s", "GB/s", "%ceil", "rel err", "peak GiB", "speedup", "status"]
     rows = []
     for r in results:
-        sp = ", ".join(f"{v:.2f}x {k}" for k, v in r.speedups.items())
+        sp = " | ".join(f"{v:.2f}x {k}" for k, v in r.speedups.items())
         rows.append([r.op, r.shape, r.variant, fmt(r.ms, ".3f"), fmt(r.tflops, ".1f"), fmt(r.gbps, ".0f"),
                      fmt(r.pct_ceiling, ".0f"), fmt(r.rel_err, ".1e"), fmt(r.peak_mem_gib, ".2f"), sp or "-",
                      r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")])

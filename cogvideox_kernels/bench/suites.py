@@ -148,22 +148,22 @@ def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> li
         variants = []
         kb = kernel_backend_available("attention", device)
         if kb:
-            variants.append(Variant("ours (triton, fused)", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb)))
-        variants.append(Variant("diffusers path (LN+RoPE+SDPA)", "baseline",
+            variants.append(Variant("ours (triton)", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb)))
+        variants.append(Variant("diffusers LN+RoPE+SDPA", "baseline",
                                 lambda a=args: diffusers_style_attention(a["q"], a["k"], a["v"], a["text_len"], a["cos"],
                                                                          a["sin"], a["q_norm"], a["k_norm"], 1e-6)))
         if device.type == "cuda":
             for bn in ("cudnn", "flash", "efficient"):
                 run = sdpa_backend(bn)
-                variants.append(Variant(f"SDPA {bn} (attention only)", "baseline",
+                variants.append(Variant(f"SDPA {bn}*", "baseline",
                                         lambda a=args, run=run: run(a["q"], a["k"], a["v"]), compare=False,
                                         note="no QK-norm/RoPE"))
         else:
             run = sdpa_backend("math")
-            variants.append(Variant("SDPA (attention only)", "baseline", lambda a=args, run=run: run(a["q"], a["k"], a["v"]),
+            variants.append(Variant("SDPA math*", "baseline", lambda a=args, run=run: run(a["q"], a["k"], a["v"]),
                                     compare=False, note="no QK-norm/RoPE"))
         cases.append(Case("attention", name, reference, variants, flops=attention_flops(B, S, H, D),
-                          torch_path="diffusers path (LN+RoPE+SDPA)"))
+                          torch_path="diffusers LN+RoPE+SDPA"))
     return cases
 
 
@@ -204,20 +204,20 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
         variants = []
         kb = kernel_backend_available("ffn", device)
         if kb:
-            variants.append(Variant("ours (triton, fused)", "ours", lambda a=a, kb=kb: ops.expert_ffn(
+            variants.append(Variant("ours (triton)", "ours", lambda a=a, kb=kb: ops.expert_ffn(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
                 norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb)))
-        variants.append(Variant("eager PyTorch chain", "baseline", eager))
+        variants.append(Variant("eager chain", "baseline", eager))
         if compile_baseline:
             compiled = torch.compile(eager_ffn_half)
-            variants.append(Variant("torch.compile chain", "baseline", lambda a=a, c=compiled: c(
+            variants.append(Variant("compiled chain", "baseline", lambda a=a, c=compiled: c(
                 a["x"], a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0], a["b1"][0], a["w2"][0],
                 a["b2"][0], a["text_len"])))
-        variants.append(Variant("cuBLAS GEMMs only", "baseline", lambda a=a: F.linear(
+        variants.append(Variant("cuBLAS GEMMs*", "baseline", lambda a=a: F.linear(
             F.gelu(F.linear(a["x"], a["w1"][0], a["b1"][0]), approximate="tanh"), a["w2"][0], a["b2"][0]),
             compare=False, note="two Linear + GELU, no norm/gate"))
         cases.append(Case("ffn", name, reference, variants, flops=expert_ffn_flops(B * S, Hd, Fi),
-                          torch_path="eager PyTorch chain"))
+                          torch_path="eager chain"))
     return cases
 
 
@@ -246,13 +246,13 @@ def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Ca
         if kb:
             variants.append(Variant(f"ours ({kb})", "ours", lambda x=x, w=w, b=b, stride=stride, kb=kb: ops.causal_conv3d(
                 x, w, b, stride=stride, pad_mode="replicate", backend=kb)[0]))
-        variants.append(Variant("cat(replicate)+Conv3d", "baseline", cudnn_cat))
-        variants.append(Variant("F.pad(zeros)+Conv3d", "baseline", cudnn_pad, compare=False, note="zero padding"))
+        variants.append(Variant("cat+Conv3d", "baseline", cudnn_cat))
+        variants.append(Variant("pad0+Conv3d*", "baseline", cudnn_pad, compare=False, note="zero padding"))
         y_numel = B * C * ((T - 1) // stride + 1) * H * W
         nbytes = (x.numel() + w.numel() + y_numel) * x.element_size()  # the floor: each byte once
         flops = 2.0 * y_numel * C * 3
         cases.append(Case("conv", name, reference, variants, flops=flops, bytes=nbytes,
-                          torch_path="cat(replicate)+Conv3d"))
+                          torch_path="cat+Conv3d"))
     return cases
 
 
@@ -301,7 +301,7 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: dict, quick: bo
                 bounds.append(case.flops / (ceilings["matmul_tflops"] * 1e12) * 1e3)
             if case.bytes:
                 bounds.append(case.bytes / (ceilings["copy_gbps"] * 1e9) * 1e3)
-            if bounds:
+            if bounds and device.type == "cuda":  # CPU ceilings are too rough to quote
                 r.pct_ceiling = 100.0 * max(bounds) / r.ms
         ours = [r for _, r in rows if r.kind == "ours" and r.ms]
         for o in ours:
