@@ -207,6 +207,13 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
             variants.append(Variant("ours (triton)", "ours", lambda a=a, kb=kb: ops.expert_ffn(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
                 norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb)))
+        if kb and device.type == "cuda":  # the shared FFN picks its GEMM path by measurement; show both
+            from ..ops.expert_ffn.triton_fwd import expert_ffn_fwd
+
+            variants[-1].name = "ours (default path)"
+            variants.append(Variant("ours (all-Triton GEMMs)", "ours", lambda a=a: expert_ffn_fwd(
+                a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], a["text_len"], a["norm_weight"],
+                a["norm_bias"], 1e-5, 0, None, None, shared_path="triton")))
         variants.append(Variant("eager chain", "baseline", eager))
         if compile_baseline:
             compiled = torch.compile(eager_ffn_half)
