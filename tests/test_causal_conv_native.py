@@ -218,7 +218,11 @@ def test_cuda_every_variant(variant):
     for (C_in, C_out, HW, kt, stride, cache) in [(128, 128, (48, 72), 3, 1, False), (256, 192, (24, 40), 3, 2, True),
                                                  (64, 320, (8, 16), 5, 1, True)]:
         x, w, b, c = make_inputs(1, C_in, C_out, 7, *HW, kt, torch.bfloat16, "cuda", cache=cache, seed=variant)
-        y, nc = causal_conv3d_native(x, w, b, stride=stride, cache=c, backend="cuda", variant=variant)
+        try:
+            y, nc = causal_conv3d_native(x, w, b, stride=stride, cache=c, backend="cuda", variant=variant)
+        except ValueError as exc:  # big resident-weight tiles do not fit every C: a clear error
+            assert "shared memory" in str(exc)
+            continue
         ref, ref_cache = gpu_reference(x, w, b, c, stride, "replicate")
         assert rel_err(y, ref) <= 1e-2
         assert torch.equal(nc, ref_cache)

@@ -562,12 +562,11 @@ void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_
 
 template <typename T>
 void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t stream, int variant) {
-  const int64_t k_total = p.c_in * p.kt;
   if (variant == 0) {
-    // Automatic: weight slice resident in shared memory (persistent blocks, so it is loaded once
-    // per block) when it fits next to the pipeline; else streamed 128x128 tiles.
-    using Res = TileConfig<128, 128, 3, true>;
-    variant = Res::smem_bytes(k_total) <= size_t(device_max_smem(device)) && p.c_out > 64 ? 9 : 1;
+    // Automatic: streamed 128x128 tiles, 4 stages. Measured on H100 (af61e66, the sweep in
+    // benchmarks/results/conv_bench_af61e66.md) within 4% of the best variant at every VAE shape;
+    // the resident-weight variants were 10-30% slower.
+    variant = 1;
   }
   switch (variant) {
     case 1: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream, false); break;
