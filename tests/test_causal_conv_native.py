@@ -211,7 +211,7 @@ def test_cuda_real_shapes(shape, stride):
 
 @pytest.mark.gpu
 @needs_cuda_ext
-@pytest.mark.parametrize("variant", list(range(1, 13)))
+@pytest.mark.parametrize("variant", list(range(1, 16)))
 def test_cuda_every_variant(variant):
     from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
 

@@ -137,7 +137,8 @@ struct TileConfig {
 struct GemmArgs {
   CausalConvParams p;
   int64_t k_total;      // C_in * kt
-  int64_t k_chunks;     // ceil(k_total / kBK)
+  int64_t k_chunks;     // ceil(k_total / kBK); tap-major: kt * ci_chunks
+  int64_t ci_chunks;    // ceil(C_in / kBK) (tap-major order only)
   int64_t frames_per_item;  // output frames of one work item (the last run may be shorter)
   int64_t splits;       // runs of output frames per (batch, pixel tile)
   int64_t pix_tiles;
@@ -253,7 +254,67 @@ __device__ __forceinline__ void load_a_block(T* sA, int lda, const GemmArgs& g, 
   }
 }
 
-template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
+// Tap-major K order, k = j * C_in + ci (weights repacked [C_out, kt, C_in] by the caller): one
+// k step reads one tap j, so its source frame is uniform and each thread's 16-byte chunks are one
+// multiply-add from bases it computes once (the (channel, tap) order above pays a division, the
+// padding lookup and 64-bit offsets per chunk). Streamed A, 16-byte loads only (C_in % 8 == 0).
+template <typename T, int BM, int BN, int THREADS>
+struct TapMajorLoader {
+  static constexpr int kBChunks = kBK * (BN / 8) / THREADS;  // per thread
+  static constexpr int kAChunks = BM * (kBK / 8) / THREADS;
+  static_assert(kBK * (BN / 8) % THREADS == 0 && BM * (kBK / 8) % THREADS == 0, "chunk split");
+  int b_row[kBChunks], b_col[kBChunks];
+  const T* a_src[kAChunks];  // weight row start + column, null for rows past C_out
+  int a_col[kAChunks], a_row[kAChunks];
+
+  __device__ void init(const GemmArgs& g, int64_t co0) {
+    const T* wp = static_cast<const T*>(g.p.weight_packed);
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const int c = threadIdx.x + i * THREADS;
+      b_row[i] = c / (BN / 8);
+      b_col[i] = (c % (BN / 8)) * 8;
+    }
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) {
+      const int c = threadIdx.x + i * THREADS;
+      a_row[i] = c / (kBK / 8);
+      a_col[i] = (c % (kBK / 8)) * 8;
+      const int64_t co = co0 + a_row[i];
+      a_src[i] = co < g.p.c_out ? wp + co * g.k_total + a_col[i] : nullptr;
+    }
+  }
+
+  __device__ void load(T* sA, T* sB, const GemmArgs& g, int t, int kc, int b, int p0) const {
+    const CausalConvParams& p = g.p;
+    const int j = kc / int(g.ci_chunks);
+    const int ci0 = (kc - j * int(g.ci_chunks)) * kBK;
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) {
+      const bool ok = a_src[i] != nullptr && ci0 + a_col[i] < p.c_in;
+      cp_async_16(sA + a_row[i] * (kBK + kPad) + a_col[i],
+                  ok ? a_src[i] + int64_t(j) * p.c_in + ci0 : static_cast<const T*>(p.weight_packed),
+                  ok ? 16 : 0);
+    }
+    const FrameSource s = tap_source(t, j, p.stride, p.kt, p.pad_mode, p.cache != nullptr);
+    const T* base = static_cast<const T*>(s.kind == kFromCache ? p.cache : p.x);
+    int64_t channel_stride = 0;
+    if (s.kind != kFromZero) {
+      const int64_t nf = s.kind == kFromInput ? p.frames : int64_t(p.kt - 1);
+      channel_stride = nf * p.hw;
+      base += (int64_t(b) * p.c_in * nf + s.frame) * p.hw + p0;
+    }
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const int ci = ci0 + b_row[i];
+      const bool ok = s.kind != kFromZero && ci < p.c_in && p0 + b_col[i] < p.hw;
+      cp_async_16(sB + b_row[i] * (BN + kPad) + b_col[i],
+                  ok ? base + ci * channel_stride + b_col[i] : static_cast<const T*>(p.x), ok ? 16 : 0);
+    }
+  }
+};
+
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC, bool TAP_MAJOR>
 __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThreads,
                                   TileConfig<BM, BN, STAGES, A_RESIDENT>::kMinBlocks)
     _causal_conv3d_fwd_kernel(GemmArgs g) {
@@ -278,13 +339,21 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
   auto stage_a = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB); };
   auto stage_b = [&](int s) { return smem + s * (Cfg::kStageA + Cfg::kStageB) + Cfg::kStageA; };
 
+  static_assert(!TAP_MAJOR || (VEC && !A_RESIDENT), "tap-major order: 16-byte loads, streamed A");
+  TapMajorLoader<T, BM, BN, kThreads> tap_loader;
+  if constexpr (TAP_MAJOR) tap_loader.init(g, co0);
+
   int load_slot = 0;
   auto load_next = [&]() {
     if (!fetch.done) {
-      if constexpr (!A_RESIDENT)
-        load_a_block<T, BM, kThreads, VEC>(stage_a(load_slot), Cfg::kLdA, g, co0, fetch.kc * kBK, kBK);
-      load_b_stage<T, BN, kThreads, VEC>(stage_b(load_slot), Cfg::kLdB, g, fetch.b, fetch.t,
-                                         fetch.kc * kBK, fetch.p0);
+      if constexpr (TAP_MAJOR) {
+        tap_loader.load(stage_a(load_slot), stage_b(load_slot), g, fetch.t, fetch.kc, fetch.b, fetch.p0);
+      } else {
+        if constexpr (!A_RESIDENT)
+          load_a_block<T, BM, kThreads, VEC>(stage_a(load_slot), Cfg::kLdA, g, co0, fetch.kc * kBK, kBK);
+        load_b_stage<T, BN, kThreads, VEC>(stage_b(load_slot), Cfg::kLdB, g, fetch.b, fetch.t,
+                                           fetch.kc * kBK, fetch.p0);
+      }
       load_slot = load_slot + 1 == STAGES ? 0 : load_slot + 1;
       fetch.advance(g, BN);
     }
@@ -490,6 +559,10 @@ constexpr Variant kVariants[] = {
     {"bm64_bn128_s4_resA_persistent", 64, 128, 4, true},
     {"bm128_bn128_s4_persistent", 128, 128, 4, false},
     {"bm128_bn256_s3_resA_persistent", 128, 256, 3, true},
+    // tap-major K order (need weight_packed [C_out, kt, C_in]; not measured yet)
+    {"bm128_bn128_s4_tapmajor", 128, 128, 4, false},
+    {"bm128_bn128_s4_tapmajor_persistent", 128, 128, 4, false},
+    {"bm128_bn256_s3_tapmajor", 128, 256, 3, false},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -509,13 +582,17 @@ int device_max_smem(int device) {
   return cached[device];
 }
 
-template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC>
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool VEC, bool TAP_MAJOR = false>
 void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream, bool persistent) {
   using Cfg = TileConfig<BM, BN, STAGES, A_RESIDENT>;
   GemmArgs g;
   g.p = p;
   g.k_total = p.c_in * p.kt;
-  g.k_chunks = (g.k_total + kBK - 1) / kBK;
+  g.ci_chunks = (p.c_in + kBK - 1) / kBK;
+  g.k_chunks = TAP_MAJOR ? p.kt * g.ci_chunks : (g.k_total + kBK - 1) / kBK;
+  if (TAP_MAJOR && (p.weight_packed == nullptr || p.c_in % 8 != 0))
+    throw std::invalid_argument("causal_conv3d_cuda: tap-major variants need weight_packed "
+                                "([C_out, kt, C_in]) and C_in % 8 == 0");
   const int64_t co_tiles = (p.c_out + BM - 1) / BM;
   g.pix_tiles = (p.hw + BN - 1) / BN;
   // Split output frames over items only as far as needed to fill the GPU (about 4 blocks per SM):
@@ -533,7 +610,7 @@ void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream, bool
   if (smem > size_t(max_smem))
     throw std::invalid_argument("causal_conv3d_cuda: tile needs " + std::to_string(smem) +
                                 " bytes of shared memory, more than the device allows");
-  auto kernel = _causal_conv3d_fwd_kernel<T, BM, BN, STAGES, A_RESIDENT, VEC>;
+  auto kernel = _causal_conv3d_fwd_kernel<T, BM, BN, STAGES, A_RESIDENT, VEC, TAP_MAJOR>;
   CVK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int64_t blocks_x = g.items;
   if (persistent) {  // as many blocks as fit at once; each walks items with stride gridDim.x
@@ -551,11 +628,11 @@ void launch_mma(const CausalConvParams& p, int device, cudaStream_t stream, bool
   CVK_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT>
+template <typename T, int BM, int BN, int STAGES, bool A_RESIDENT, bool TAP_MAJOR = false>
 void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_t stream,
                     bool persistent) {
-  if (vec)
-    launch_mma<T, BM, BN, STAGES, A_RESIDENT, true>(p, device, stream, persistent);
+  if (vec && (!TAP_MAJOR || p.c_in % 8 == 0))
+    launch_mma<T, BM, BN, STAGES, A_RESIDENT, true, TAP_MAJOR>(p, device, stream, persistent);
   else
     launch_mma<T, 64, 128, 3, false, false>(p, device, stream, false);  // any H*W, any C
 }
@@ -581,6 +658,9 @@ void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t 
     case 10: launch_mma_vec<T, 64, 128, 4, true>(p, vec, device, stream, true); break;
     case 11: launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream, true); break;
     case 12: launch_mma_vec<T, 128, 256, 3, true>(p, vec, device, stream, true); break;
+    case 13: launch_mma_vec<T, 128, 128, 4, false, true>(p, vec, device, stream, false); break;
+    case 14: launch_mma_vec<T, 128, 128, 4, false, true>(p, vec, device, stream, true); break;
+    case 15: launch_mma_vec<T, 128, 256, 3, false, true>(p, vec, device, stream, false); break;
     default:
       throw std::invalid_argument("causal_conv3d_cuda: variant=" + std::to_string(variant) +
                                   " is out of range [0, " + std::to_string(kNumVariants) + "]");
@@ -654,7 +734,8 @@ void causal_conv3d_cuda(const CausalConvParams& p, int dtype, int device, std::u
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_int);
   // 16-byte vector loads need every frame and weight row to start on a 16-byte boundary.
   const uintptr_t bases = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.cache) |
-                          reinterpret_cast<uintptr_t>(p.weight);
+                          reinterpret_cast<uintptr_t>(p.weight) |
+                          reinterpret_cast<uintptr_t>(p.weight_packed);
   const bool vec = p.hw % 8 == 0 && (p.c_in * p.kt) % 8 == 0 && bases % 16 == 0;
   switch (dtype) {
     case kBFloat16: dispatch_mma<__nv_bfloat16>(p, vec, device, stream, variant); break;

@@ -79,16 +79,19 @@ void register_causal_conv(py::module_& m) {
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t cache,
          std::uintptr_t y, std::uintptr_t new_cache, int64_t batch, int64_t c_in, int64_t c_out,
          int64_t frames, int64_t height, int64_t width, int kt, int stride, int pad_mode, int dtype,
-         int device, std::uintptr_t stream, int variant) {
-        const CausalConvParams p = make_params(x, weight, bias, cache, y, new_cache, batch, c_in,
-                                               c_out, frames, height, width, kt, stride, pad_mode);
+         int device, std::uintptr_t stream, int variant, std::uintptr_t weight_packed) {
+        CausalConvParams p = make_params(x, weight, bias, cache, y, new_cache, batch, c_in, c_out,
+                                         frames, height, width, kt, stride, pad_mode);
+        p.weight_packed = reinterpret_cast<const void*>(weight_packed);
         causal_conv3d_cuda(p, dtype, device, stream, variant);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("cache"), py::arg("y"),
       py::arg("new_cache"), py::arg("batch"), py::arg("c_in"), py::arg("c_out"), py::arg("frames"),
       py::arg("height"), py::arg("width"), py::arg("kt"), py::arg("stride"), py::arg("pad_mode"),
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("variant") = 0,
-      "Causal temporal conv on a CUDA device, launched on `stream` (cudaStream_t as an int)");
+      py::arg("weight_packed") = 0,
+      "Causal temporal conv on a CUDA device, launched on `stream` (cudaStream_t as an int); "
+      "tap-major variants also take the weight repacked as [C_out, kt, C_in] (weight_packed)");
   m.def("causal_conv_cuda_variants", &causal_conv_cuda_variants,
         "Names of the CUDA tile configurations; variant i+1 forces entry i (0 = automatic)");
 }

@@ -68,7 +68,11 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if backend == "cuda":
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ext.causal_conv3d_cuda(*args, device, stream, variant)
+        packed = None
+        if variant > 0 and "tapmajor" in ext.causal_conv_cuda_variants()[variant - 1]:
+            # tap-major variants read the weight as [C_out, kt, C_in]
+            packed = weight.reshape(C_out, C, kt).transpose(1, 2).contiguous()
+        ext.causal_conv3d_cuda(*args, device, stream, variant, 0 if packed is None else packed.data_ptr())
     else:
         ext.causal_conv3d_cpu(*args)
     return y, new_cache
