@@ -11,6 +11,13 @@ import torch
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
+try:  # `with torch.device(...)` recognises factories from a set it caches on first use: build it now,
+    # with the real functions in it, so device contexts (meta builds) keep working while we patch.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+except ImportError:  # pragma: no cover - older torch
+    pass
 
 
 def _poisoned(t):
