@@ -224,6 +224,7 @@ def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled
             return model(**inputs)[0]
 
     results = {}
+    eager_out = None
     for variant in variants:
         need = {"eager": 15, "compiled": 90, "ours": 20, "ours+compile": 80}[variant]
         if rec.left_s() < need:
@@ -243,6 +244,10 @@ def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled
             first_s, ms, out = time_calls(step, warmup=2 if "compile" in variant else 1, reps=3)
             err = rel_err(out.float(), ref)
             results[variant] = ms
+            if variant == "eager":
+                eager_out = out.clone()
+            elif eager_out is not None:  # how far apart two bf16 paths are, next to their error vs fp32
+                note = f"{note}; rel diff vs eager bf16 {rel_err(out.float(), eager_out.float()):.3e}".lstrip("; ")
             rec.add(section=section, preset=preset, variant=variant, ms=round(ms, 1), rel_err_vs_fp32=f"{err:.3e}",
                     peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), first_call_s=round(first_s, 1),
                     status="ok", note=note)
@@ -269,7 +274,7 @@ def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled
                         note=f"{type(exc).__name__}: {str(exc)[:300]}")
             finally:
                 integration.remove(model)
-    del model, ref, inputs
+    del model, ref, inputs, eager_out
     free_memory()
     return results
 
@@ -351,7 +356,7 @@ def vae_section(rec: Recorder, frames: int = 49, height: int = 480, width: int =
                         warnings.simplefilter("always")
                         integration.apply(vae)
                     routed = sum(type(m).__name__.startswith("Kernel") for m in vae.modules())
-                    note = f"convs routed to causal_conv3d: {routed}" + "".join(
+                    note = f"CogVideoXCausalConv3d running our causal_conv3d: {routed}" + "".join(
                         f"; warning: {w.message}" for w in caught)
                 free_memory()
                 with torch.no_grad():

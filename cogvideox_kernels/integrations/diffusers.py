@@ -318,8 +318,10 @@ def _apply_vae(vae, backend, classes):
     conv_cls = classes["CogVideoXCausalConv3d"]
     convs = [m for m in vae.modules() if isinstance(m, conv_cls)]
     covered = [m for m in convs if _conv_shape_supported(m)]
+    if backend != "reference":  # only the convs our native kernel takes; the rest stay untouched
+        covered = [m for m in covered if _native_covers_any([m], backend)]
     undo = {"processors": [], "classes": []}
-    if backend != "reference" and not _native_covers_any(covered, backend):
+    if not covered:
         warnings.warn("cogvideox_kernels: vae=True changes nothing here: our causal conv kernel covers none "
                       f"of this VAE's {_vae_coverage_note(convs)} on {next(vae.parameters()).device} "
                       f"(backend={backend!r}); "
