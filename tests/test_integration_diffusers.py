@@ -129,6 +129,11 @@ def test_remove_restores_bit_identical_outputs():
         integration.remove(model)
         back = model(**inputs)[0]
     assert not integration.is_patched(model)
+    wrapped = torch.compile(model)  # a compiled wrapper is unwrapped, not refused
+    integration.apply(wrapped, backend="reference")
+    assert integration.is_patched(model) and integration.is_patched(wrapped)
+    integration.remove(wrapped)
+    assert not integration.is_patched(model)
     assert [type(b) for b in model.transformer_blocks] == classes
     assert all(b.attn1.processor is p for b, p in zip(model.transformer_blocks, processors))
     assert torch.equal(back, ref)
