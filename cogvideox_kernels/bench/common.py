@@ -96,6 +96,9 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
 
 
 def git_commit() -> str:
+    """The commit of this checkout (``COGVIDEOX_KERNELS_COMMIT`` wins: a copied tree has no .git)."""
+    if os.environ.get("COGVIDEOX_KERNELS_COMMIT"):
+        return os.environ["COGVIDEOX_KERNELS_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

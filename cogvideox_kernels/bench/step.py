@@ -1,0 +1,448 @@
+"""One denoising step of diffusers' CogVideoX transformer (random weights, bf16), side by side:
+eager, torch.compile of the blocks, ours (cogvideox_kernels.integrations.diffusers.apply), ours +
+compile; each output against a float32 run of the same model. Then, while time is left, a
+torch.profiler split (attention / GEMM / norm / elementwise) of eager vs ours, the VAE decode and
+encode eager vs patched, and the 2B step.
+
+    python benchmarks/bench_step.py --out DIR [--preset 5b|2b] [--deadline EPOCH_SECONDS]
+
+Every row is written to DIR as soon as it is measured (step_rows.csv / step_rows.json), so a run
+cut short keeps what it had. ``run_step_bench(preset, out_dir) -> list[dict]`` serves the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # CogVideoX-5B: 42 layers, 48 heads x 64, RoPE3D, 226 text tokens, 13 x 60 x 90 latents, CFG batch 2
+    "5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
+    # CogVideoX-2B: 30 layers, 30 heads x 64, sincos positional embeddings (no RoPE)
+    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, use_rotary_positional_embeddings=False),
+}
+BATCH, TEXT_LEN, FRAMES, HEIGHT, WIDTH = 2, 226, 13, 60, 90
+DEVICE = "cuda"  # a module global so a CPU smoke run of the script's logic can swap it
+FIELDS = ["section", "preset", "variant", "ms", "rel_err_vs_fp32", "peak_mem_gib", "first_call_s", "status", "note"]
+
+
+class Recorder:
+    def __init__(self, out_dir: Path, deadline: float | None):
+        self.out_dir = out_dir
+        self.deadline = deadline
+        self.rows: list[dict] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        previous = out_dir / "step_rows.json"
+        if previous.exists():  # a later process of the same run appends to the earlier one's rows
+            self.rows = json.loads(previous.read_text())["rows"]
+        self.meta = environment()
+        (out_dir / "step_env.json").write_text(json.dumps(self.meta, indent=1))
+
+    def left_s(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    def add(self, **row):
+        row = {k: row.get(k) for k in FIELDS}
+        if row["note"]:
+            row["note"] = " ".join(str(row["note"]).split())  # one line per row in CSV/markdown
+        self.rows.append(row)
+        print("ROW", json.dumps(row), flush=True)
+        with open(self.out_dir / "step_rows.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.out_dir / "step_rows.json").write_text(json.dumps({"env": self.meta, "rows": self.rows}, indent=1))
+
+
+def environment() -> dict:
+    commit = os.environ.get("COGVIDEOX_KERNELS_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        except OSError:
+            commit = None
+    import triton
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    import cogvideox_kernels
+    from cogvideox_kernels._ext import cuda_available
+
+    return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                package=str(Path(cogvideox_kernels.__file__).parent), extension_cuda=cuda_available(),
+                triton=triton.__version__, diffusers=diffusers_version, python=platform.python_version(),
+                commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def time_calls(fn, warmup: int, reps: int):
+    """(first call s, median ms of ``reps`` timed calls after ``warmup`` calls, last output)."""
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        out = fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return first_s, statistics.median(times), out
+
+
+# ------------------------------------------------------------------------------------------------
+# transformer step
+
+
+def build_transformer(preset: str, dtype: torch.dtype):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):  # parameters are made and initialised on the GPU (fast)
+        model = CogVideoXTransformer3DModel(
+            in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096, sample_width=WIDTH,
+            sample_height=HEIGHT, sample_frames=49, patch_size=2, max_text_seq_length=TEXT_LEN, **PRESETS[preset])
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def step_inputs(model, dtype):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    latents = torch.randn(BATCH, FRAMES, 16, HEIGHT, WIDTH, generator=g, device=DEVICE).to(dtype)
+    text = torch.randn(BATCH, TEXT_LEN, 4096, generator=g, device=DEVICE).to(dtype)
+    inputs = dict(hidden_states=latents, encoder_hidden_states=text,
+                  timestep=torch.tensor([500, 500], device=DEVICE), return_dict=False)
+    if model.config.use_rotary_positional_embeddings:
+        grid = (HEIGHT // 2, WIDTH // 2)
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+            embed_dim=model.config.attention_head_dim, crops_coords=((0, 0), grid), grid_size=grid,
+            temporal_size=FRAMES, device=DEVICE)
+    return inputs
+
+
+def cast_inputs(inputs, dtype):
+    out = dict(inputs)
+    out["hidden_states"] = inputs["hidden_states"].to(dtype)
+    out["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(dtype)
+    return out
+
+
+def compile_blocks(model):
+    for block in model.transformer_blocks:
+        block.compile()
+
+
+def uncompile_blocks(model):
+    for block in model.transformer_blocks:
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def count_kernel_calls(model, inputs):
+    """How many rope3d_attention / expert_ffn calls one patched step makes, and their backends."""
+    from cogvideox_kernels.integrations import diffusers as integration
+
+    seen = {"rope3d_attention": 0, "expert_ffn": 0}
+    originals = {name: getattr(integration, name) for name in seen}
+
+    def spy(name):
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in seen:
+            setattr(integration, name, spy(name))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for name, fn in originals.items():
+            setattr(integration, name, fn)
+    return seen
+
+
+def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled", "ours", "ours+compile"),
+                        profile: bool = True):
+    from cogvideox_kernels._backend import resolve_backend
+    from cogvideox_kernels.integrations import diffusers as integration
+
+    section = f"step_{preset}"
+    # float32 reference (true fp32 GEMMs), once, then the same weights in bf16
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    free_memory()
+    t0 = time.perf_counter()
+    model = build_transformer(preset, torch.float32)
+    inputs32 = step_inputs(model, torch.float32)
+    with torch.no_grad():
+        ref = model(**inputs32)[0].float()
+    torch.cuda.synchronize()
+    rec.add(section=section, preset=preset, variant="float32 reference", first_call_s=round(time.perf_counter() - t0, 2),
+            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), status="ok",
+            note="fp32 weights and activations, TF32 off; model build included in first_call_s")
+    model = model.to(torch.bfloat16)
+    inputs = cast_inputs(inputs32, torch.bfloat16)
+    del inputs32
+    free_memory()
+
+    def step():
+        with torch.no_grad():
+            return model(**inputs)[0]
+
+    results = {}
+    eager_out = None
+    for variant in variants:
+        need = {"eager": 15, "compiled": 90, "ours": 20, "ours+compile": 80}[variant]
+        if rec.left_s() < need:
+            rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
+            continue
+        note = ""
+        try:
+            free_memory()
+            if variant.startswith("ours"):
+                integration.apply(model, vae=False)
+            if variant == "ours":  # proves the step goes through our ops (and warms them up)
+                calls = count_kernel_calls(model, inputs)
+                backend_attn = resolve_backend("rope3d_attention", "auto", torch.device(DEVICE), ("triton",))
+                note = f"op calls per step {calls}, auto backend: {backend_attn}"
+            if variant.endswith("compile") or variant == "compiled":
+                compile_blocks(model)
+            first_s, ms, out = time_calls(step, warmup=2 if "compile" in variant else 1, reps=3)
+            err = rel_err(out.float(), ref)
+            results[variant] = ms
+            if variant == "eager":
+                eager_out = out.clone()
+            elif eager_out is not None:  # how far apart two bf16 paths are, next to their error vs fp32
+                note = f"{note}; rel diff vs eager bf16 {rel_err(out.float(), eager_out.float()):.3e}".lstrip("; ")
+            rec.add(section=section, preset=preset, variant=variant, ms=round(ms, 1), rel_err_vs_fp32=f"{err:.3e}",
+                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), first_call_s=round(first_s, 1),
+                    status="ok", note=note)
+            del out
+        except Exception as exc:  # keep going: the other variants still count
+            traceback.print_exc()
+            rec.add(section=section, preset=preset, variant=variant, status="error",
+                    note=f"{type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            if "compile" in variant:
+                uncompile_blocks(model)
+            integration.remove(model)
+    if profile and rec.left_s() > 30:
+        for variant in ("eager", "ours"):
+            try:
+                if variant == "ours":
+                    integration.apply(model, vae=False)
+                split = profile_split(step)
+                rec.add(section=f"profile_{preset}", preset=preset, variant=variant, ms=round(split.pop("total"), 1),
+                        status="ok", note=json.dumps(split))
+            except Exception as exc:
+                traceback.print_exc()
+                rec.add(section=f"profile_{preset}", preset=preset, variant=variant, status="error",
+                        note=f"{type(exc).__name__}: {str(exc)[:300]}")
+            finally:
+                integration.remove(model)
+    del model, ref, inputs, eager_out
+    free_memory()
+    return results
+
+
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "wgmma", "sm90_", "cublas", "grouped_gemm")),
+    ("norm", ("layer_norm", "layernorm", "group_norm", "norm")),
+)
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return label
+    return "elementwise/other"
+
+
+def profile_split(step) -> dict:
+    """GPU-kernel ms of one step by class, plus the 6 largest kernels (names cut)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_class: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if not us or evt.key.startswith("ProfilerStep"):
+            continue
+        by_class[classify(evt.key)] = by_class.get(classify(evt.key), 0.0) + us / 1e3
+        kernels.append((us / 1e3, evt.key[:60]))
+    kernels.sort(reverse=True)
+    split = {k: round(v, 1) for k, v in sorted(by_class.items())}
+    split["top"] = [[round(ms, 1), name] for ms, name in kernels[:6]]
+    split["total"] = sum(by_class.values())
+    return split
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+
+
+def vae_section(rec: Recorder, frames: int = 49, height: int = 480, width: int = 720):
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_kernels.integrations import diffusers as integration
+
+    free_memory()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        vae = AutoencoderKLCogVideoX(scaling_factor=0.7)  # the CogVideoX-5B VAE config (diffusers' defaults)
+    vae = vae.to(torch.bfloat16).eval().requires_grad_(False)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    latent_frames = (frames - 1) // 4 + 1
+    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, generator=g, device=DEVICE,
+                          dtype=torch.bfloat16)
+    video = torch.rand(1, 3, frames, height, width, generator=g, device=DEVICE, dtype=torch.bfloat16) * 2 - 1
+    shape = f"{frames}x{height}x{width}"
+    outputs = {}
+    for variant in ("eager", "patched"):
+        for what, fn in (("decode", lambda: vae.decode(latents).sample),
+                         ("encode", lambda: vae.encode(video).latent_dist.mode())):
+            if rec.left_s() < 25:
+                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", status="skipped", note="out of time")
+                continue
+            note = ""
+            try:
+                if variant == "patched" and not integration.is_patched(vae):
+                    import warnings
+
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        integration.apply(vae)
+                    routed = sum(type(m).__name__.startswith("Kernel") for m in vae.modules())
+                    note = f"CogVideoXCausalConv3d running our causal_conv3d: {routed}" + "".join(
+                        f"; warning: {w.message}" for w in caught)
+                free_memory()
+                with torch.no_grad():
+                    _, ms, out = time_calls(fn, warmup=1, reps=1)
+                err = "" if variant == "eager" else f"{rel_err(out.float(), outputs[what]):.3e}"
+                if variant == "eager":
+                    outputs[what] = out.float()
+                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", ms=round(ms, 1),
+                        rel_err_vs_fp32=err, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                        status="ok", note=(note + ("; rel_err here is vs eager bf16" if err else "")).strip("; "))
+                del out
+            except Exception as exc:
+                traceback.print_exc()
+                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", status="error",
+                        note=f"{type(exc).__name__}: {str(exc)[:300]}")
+    integration.remove(vae)
+    del vae, latents, video, outputs
+    free_memory()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def write_markdown(rec: Recorder, preset: str):
+    env = rec.meta
+    lines = [f"# CogVideoX step benchmark ({preset})", "",
+             f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
+             f"commit {env['commit']}, {env['date']}. Random weights, bf16, B={BATCH}, text {TEXT_LEN}, latents "
+             f"{FRAMES}x{HEIGHT}x{WIDTH}. ms = median of CUDA-event timings after warm-up; rel_err = ||out - "
+             "ref|| / ||ref|| against a float32 run of the same model (TF32 off).", "",
+             "| section | variant | ms | rel err vs fp32 | peak GiB | first call s | status | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rec.rows:
+        lines.append("| " + " | ".join("" if r[k] is None else str(r[k]).replace("|", "/") for k in
+                                       ("section", "variant", "ms", "rel_err_vs_fp32", "peak_mem_gib", "first_call_s",
+                                        "status", "note")) + " |")
+    (rec.out_dir / "step_results.md").write_text("\n".join(lines) + "\n")
+
+
+SECTIONS = ("step", "vae", "other")
+
+
+def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | None = None,
+                   sections=SECTIONS) -> list[dict]:
+    """Run the step benchmark; rows also land in ``out_dir`` as they are measured.
+
+    sections: "step" (``preset``: eager, compiled, ours, ours+compile, then a profile split), "vae"
+    (decode/encode 49x480x720 eager vs patched), "other" (the other preset: eager, ours, compiled).
+    Each later section runs only while ``deadline`` leaves it time.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not supported; choose one of {tuple(PRESETS)}")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"sections {sorted(unknown)} are not supported; choose from {SECTIONS}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the step benchmark needs a CUDA GPU")
+    rec = Recorder(Path(out_dir), deadline)
+    try:
+        if "step" in sections:
+            transformer_section(rec, preset)
+            write_markdown(rec, preset)
+        if "vae" in sections and rec.left_s() > 60:
+            vae_section(rec)
+            write_markdown(rec, preset)
+        if "other" in sections and rec.left_s() > 70:
+            other = "2b" if preset == "5b" else "5b"
+            transformer_section(rec, other, variants=("eager", "ours", "compiled"), profile=False)
+    finally:
+        write_markdown(rec, preset)
+    return rec.rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for step_rows.csv/json and step_results.md")
+    parser.add_argument("--preset", default="5b", choices=sorted(PRESETS))
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="wall-clock epoch seconds by which to stop starting new measurements")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {SECTIONS} (default: all, in that order)")
+    args = parser.parse_args(argv)
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections)
+    print(f"{len(rows)} rows written to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
