@@ -11,7 +11,9 @@ Layout of the work (chosen by measurement on an H100, see ``benchmarks/results/a
 * ``_rope3d_attention_fwd_kernel`` reads q, k, v through strides (any [B, S, H, D] views, for example
   slices of the [B, S, 3, H, D] QKV projection), runs an online softmax with float32 statistics and
   exp2 with scale * log2(e) folded into one multiply, full key blocks unmasked and one masked tail
-  block, and writes a contiguous [B, S, H, D] output.
+  block, and writes a contiguous [B, S, H, D] output. Two options that move the exponentials off
+  the fp32 MUFU path, ``POLY_EXP`` (half of P on the FMA pipe) and ``EXP_X2`` (packed bf16x2/f16x2
+  ex2), are both measured slower and off by default.
 
 Under ``TRITON_INTERPRET=1`` bf16/fp16 arithmetic is wrong (the interpreter keeps raw 16-bit
 integers), so the ``INTERPRET`` flag upcasts dot operands to float32 there; loads, stores and casts
@@ -127,8 +129,25 @@ def _exp2_fma(x):
 
 
 @triton.jit
+def _exp2_x2(x, EXP_X2: tl.constexpr):
+    """2^x of a 16-bit tensor, one PTX ``ex2.approx`` per packed pair (sm_90). ptxas still issues
+    one MUFU op per element (MUFU.EX2.BF16 on each half), so this saves no MUFU time on the H100
+    (see DEFAULT_EXP_X2). EXP_X2 == 1: in x's own dtype (``ex2.approx.ftz.bf16x2`` for bf16,
+    ``ex2.approx.f16x2`` for fp16). EXP_X2 == 2: in fp16 whatever x's dtype (more mantissa for the
+    argument and the result; the caller casts back). GPU only: the interpreter has no inline asm."""
+    if EXP_X2 == 2 or x.dtype == tl.float16:
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        tl.static_assert(x.dtype == tl.bfloat16, "_exp2_x2 takes bf16 or fp16")
+        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
-                  MASK_COLS: tl.constexpr, POLY_EXP: tl.constexpr, INTERPRET: tl.constexpr):
+                  MASK_COLS: tl.constexpr, POLY_EXP: tl.constexpr, INTERPRET: tl.constexpr,
+                  EXP_X2: tl.constexpr = 0):
     """One online-softmax step over a [BLOCK_N, BLOCK_D] block of keys and values."""
     if INTERPRET:
         qk = tl.dot(q, tl.trans(k.to(tl.float32)))
@@ -147,10 +166,14 @@ def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
             BN: tl.constexpr = logits.shape[1]
             even, odd = tl.split(tl.reshape(logits, [BM, BN // 2, 2]))
             p = tl.reshape(tl.join(tl.math.exp2(even), _exp2_fma(odd)), [BM, BN])
+        elif EXP_X2 != 0 and not INTERPRET and v.dtype != tl.float32:
+            # the fp32 argument (<= 0) rounded to 16 bits, then one packed ex2 per pair; P is
+            # rounded to 16 bits for the PV dot anyway, and the row sum l adds the same rounded P
+            p = _exp2_x2(logits.to(v.dtype), EXP_X2).to(v.dtype)
         else:
             p = tl.math.exp2(logits)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     acc = acc * alpha[:, None]
     if INTERPRET:
         acc = tl.dot(p, v.to(tl.float32), acc)
@@ -168,7 +191,7 @@ def _rope3d_attention_fwd_kernel(
         Q_NORM: tl.constexpr, Q_WEIGHT: tl.constexpr, Q_BIAS: tl.constexpr, Q_ROPE: tl.constexpr,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, POLY_EXP: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        INTERPRET: tl.constexpr, EXP_X2: tl.constexpr = 0):
     """out[b, m-block, h] = softmax(q' k^T * scale) v with q' = rope(layernorm(q)) done here.
 
     qk_scale = scale * log2(e), so the softmax runs on exp2. S_BUCKET is only an autotune key.
@@ -207,7 +230,7 @@ def _rope3d_attention_fwd_kernel(
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
-                                          POLY_EXP, INTERPRET)
+                                          POLY_EXP, INTERPRET, EXP_X2)
         if n_full < S:
             k = k_desc.load([n_full, 0])
             v = v_desc.load([n_full, 0])
@@ -224,7 +247,7 @@ def _rope3d_attention_fwd_kernel(
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
-                                          POLY_EXP, INTERPRET)
+                                          POLY_EXP, INTERPRET, EXP_X2)
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
         if n_full < S:
@@ -276,7 +299,14 @@ TMA_CONFIGS = [
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "USE_TMA": False, "WARP_SPECIALIZE": False,
                     "POLY_EXP": False}
 
-_AUTOTUNE_KEY = ["S_BUCKET", "D", "Q_NORM", "Q_ROPE"]
+# Packed 16-bit softmax exponentials for 16-bit inputs on the GPU (``exp_x2`` of
+# rope3d_attention_fwd). Off: measured slower on the H100 at every real shape (5B kernel 18.20 vs
+# 16.99 ms, 2B 11.45 vs 10.70, 1.5-5B 116.4 vs 109.6; benchmarks/results/attention_exp.md). ptxas
+# (12.8 and 13.0) splits each sm_90 ex2.approx.*x2 into two MUFU.EX2.BF16/F16, one per half, at the
+# fp32 MUFU.EX2 rate (15.7 vs 15.6 per clock per SM), and the halves cost extra PRMTs to repack.
+DEFAULT_EXP_X2 = 0
+
+_AUTOTUNE_KEY = ["S_BUCKET", "D", "Q_NORM", "Q_ROPE", "EXP_X2"]
 _attention_pointer_autotuned = triton.autotune(configs=POINTER_CONFIGS, key=_AUTOTUNE_KEY)(
     _rope3d_attention_fwd_kernel)
 _attention_tma_autotuned = triton.autotune(configs=TMA_CONFIGS, key=_AUTOTUNE_KEY)(
@@ -336,7 +366,7 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
 
 def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, q_prologue=False,
-                         relayout_kv=True, config=None, use_tma=None):
+                         relayout_kv=True, config=None, use_tma=None, exp_x2=None):
     """Launch the pre-passes and the attention kernel.
 
     Defaults are the measured fastest on the H100 (benchmarks/results/attention_*): q and k are
@@ -346,6 +376,9 @@ def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, POLY_EXP, num_warps,
     num_stages (optionally maxnreg) to bypass autotuning (benchmark sweeps).
     ``use_tma``: force the TMA/pointer autotune set.
+    ``exp_x2``: 0 = float32 exp2 for P, 1 = packed 16-bit exp2 in the input dtype, 2 = packed fp16
+    exp2 (see ``_exp2_x2``); None = ``DEFAULT_EXP_X2``. Only 16-bit inputs on the GPU use it (the
+    interpreter and float32 inputs always take float32 exp2). A ``config`` may also set EXP_X2.
     """
     B, S, H, D = q.shape
     interpret = q.device.type == "cpu"
@@ -373,15 +406,21 @@ def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
             cos.stride(0) if q_rope_here else 0,
             q_norm_weight if q_norm_here else None, q_norm_bias if q_norm_here else None,
             eps, scale * LOG2E)
+    if exp_x2 is None:
+        exp_x2 = DEFAULT_EXP_X2
+    if interpret or q.dtype == torch.float32:
+        exp_x2 = 0
     flags = dict(Q_NORM=q_norm_here, Q_WEIGHT=q_norm_here and q_norm_weight is not None,
                  Q_BIAS=q_norm_here and q_norm_bias is not None, Q_ROPE=q_rope_here, D=D,
-                 BLOCK_D=block_d, INTERPRET=interpret)
+                 BLOCK_D=block_d, INTERPRET=interpret, EXP_X2=exp_x2)
     if interpret or config is not None:
         meta = dict(config) if config is not None else dict(INTERPRET_CONFIG)
+        if interpret:
+            meta.pop("EXP_X2", None)
         if meta.get("USE_TMA"):
             _ensure_tma_allocator()
         grid = (triton.cdiv(S, meta["BLOCK_M"]), B * H)
-        _rope3d_attention_fwd_kernel[grid](*args, **flags, **meta)
+        _rope3d_attention_fwd_kernel[grid](*args, **{**flags, **meta})
         return out
     if use_tma is None:
         use_tma = _tma_aligned(k, v) and (D * q.element_size()) % 16 == 0
