@@ -7,6 +7,7 @@ minimal traffic/work, % of the floor max(bytes / 3.0e12, flops / 790e12), speedu
     python benchmarks/bench_conv.py --out DIR              # the table
     python benchmarks/bench_conv.py --out DIR --sweep      # + every CUDA tile variant
     python benchmarks/bench_conv.py --sanitize-case        # small cases for compute-sanitizer
+    python benchmarks/bench_conv.py --out DIR --variants 0,1,16,17 --t49-variants 0,16  # a chosen subset
 """
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def sanitize_case():
     from cogvideox_kernels import _ext
     n = len(_ext.get_ext().causal_conv_cuda_variants())
     cases = [(torch.bfloat16, 64, 64, 4, 8, 16, 3, 1, True), (torch.float16, 24, 40, 5, 6, 12, 2, 2, False),
-             (torch.bfloat16, 17, 9, 3, 5, 7, 5, 2, True), (torch.float32, 9, 17, 4, 5, 7, 3, 1, True)]
+             (torch.bfloat16, 17, 9, 3, 5, 7, 5, 2, True), (torch.float32, 9, 17, 4, 5, 7, 3, 1, True),
+             (torch.bfloat16, 96, 80, 5, 6, 12, 3, 2, False)]  # frame-ring path, replicate front frames shared
     worst = 0.0
     for dtype, cin, cout, T, H, W, kt, st, use_cache in cases:
         x = torch.randn(1, cin, T, H, W, device="cuda", dtype=dtype)
@@ -197,15 +199,23 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time every CUDA tile variant")
     ap.add_argument("--no-t49", action="store_true", help="skip the [1,128,49,480,720] shape")
     ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
+    ap.add_argument("--variants", default=None, help="comma-separated variants to time (0 = automatic); "
+                    "overrides --sweep")
+    ap.add_argument("--t49-variants", default="0", help="comma-separated variants for the T=49 shape")
+    ap.add_argument("--no-baselines", action="store_true", help="skip cuDNN at the three T=6 shapes")
     args = ap.parse_args(argv)
     if args.sanitize_case:
         sanitize_case()
         return 0
     from cogvideox_kernels import _ext
     variants = (0,) + (tuple(range(1, len(_ext.get_ext().causal_conv_cuda_variants()) + 1)) if args.sweep else ())
-    rows = run_conv_bench(DEFAULT_SHAPES[:3], None, variants=variants)
-    if not args.no_t49:  # the long clip: our automatic choice and the baselines only
-        rows += run_conv_bench(DEFAULT_SHAPES[3:], None)
+    if args.variants:
+        variants = tuple(int(v) for v in args.variants.split(","))
+    rows = run_conv_bench(DEFAULT_SHAPES[:3], None, variants=variants, baselines=not args.no_baselines)
+    if args.out:  # partial results survive a later failure or time-out
+        write_results(rows, args.out)
+    if not args.no_t49:  # the long clip: the automatic choice (or the given variants) and the baselines
+        rows += run_conv_bench(DEFAULT_SHAPES[3:], None, variants=tuple(int(v) for v in args.t49_variants.split(",")))
     if args.out:
         write_results(rows, args.out)
     print(json.dumps(environment()))

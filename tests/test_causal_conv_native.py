@@ -211,12 +211,13 @@ def test_cuda_real_shapes(shape, stride):
 
 @pytest.mark.gpu
 @needs_cuda_ext
-@pytest.mark.parametrize("variant", list(range(1, 16)))
+@pytest.mark.parametrize("variant", list(range(1, 27)))
 def test_cuda_every_variant(variant):
     from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
 
     for (C_in, C_out, HW, kt, stride, cache) in [(128, 128, (48, 72), 3, 1, False), (256, 192, (24, 40), 3, 2, True),
-                                                 (64, 320, (8, 16), 5, 1, True)]:
+                                                 (64, 320, (8, 16), 5, 1, True),
+                                                 (32, 48, (6, 20), 1, 2, False), (16, 40, (7, 24), 2, 2, True)]:
         x, w, b, c = make_inputs(1, C_in, C_out, 7, *HW, kt, torch.bfloat16, "cuda", cache=cache, seed=variant)
         try:
             y, nc = causal_conv3d_native(x, w, b, stride=stride, cache=c, backend="cuda", variant=variant)
@@ -225,6 +226,25 @@ def test_cuda_every_variant(variant):
             continue
         ref, ref_cache = gpu_reference(x, w, b, c, stride, "replicate")
         assert rel_err(y, ref) <= 1e-2
+        assert torch.equal(nc, ref_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("variant", list(range(16, 27)))
+def test_cuda_ring_variants(variant):
+    """Frame-ring kernels: batches, pixel tails, zero/replicate/cache padding, T = 1, both strides."""
+    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
+
+    cases = [(2, 64, 96, 5, 10, 12, 3, 1, "zeros", False), (2, 64, 96, 6, 10, 12, 3, 2, "replicate", True),
+             (1, 64, 40, 1, 9, 8, 3, 1, "replicate", False), (1, 32, 64, 9, 5, 16, 4, 2, "zeros", True),
+             (3, 96, 16, 4, 3, 8, 2, 1, "replicate", True), (1, 16, 24, 3, 4, 6, 3, 1, "replicate", False)]
+    for i, (B, C_in, C_out, T, H, W, kt, stride, pad_mode, cache) in enumerate(cases):
+        x, w, b, c = make_inputs(B, C_in, C_out, T, H, W, kt, torch.bfloat16, "cuda", cache=cache, seed=100 + i)
+        y, nc = causal_conv3d_native(x, w, b, stride=stride, pad_mode=pad_mode, cache=c, backend="cuda",
+                                     variant=variant)
+        ref, ref_cache = gpu_reference(x, w, b, c, stride, pad_mode)
+        assert rel_err(y, ref) <= 1e-2, (i, rel_err(y, ref))
         assert torch.equal(nc, ref_cache)
 
 

@@ -459,6 +459,234 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, STAGES, A_RESIDENT>::kThrea
 }
 
 // ------------------------------------------------------------------------------------------------
+// Frame-ring kernel (bf16 / fp16; C_in % 32 == 0, H*W % 8 == 0, 16-byte aligned bases).
+//
+// A block owns one C_out slice (BM rows, weights resident in shared memory for the block's whole
+// life, gathered once into tap-major order [BM][kt * C_in]) and walks pixel tiles persistently
+// (tile = blockIdx.y, + gridDim.y, ...). For each pixel tile it slides over ALL output frames,
+// keeping the padded input frames of that tile ([C_in][BN] each) in a ring of `slots` >= kt
+// shared-memory slots. Every padded frame of a tile is loaded exactly once (cp.async, one commit
+// group per frame), so x is read from global memory once per C_out slice instead of kt times.
+//
+// Frame sequence: the block's distinct frames in the order it uses them. Padded frame P
+// (p_used = (T_out - 1) * st + kt of them are read) is unique frame u = max(P - off, 0), where
+// off = kt - 1 when the front padding replicates x's frame 0 (no cache: padded frames 0..kt-1 are
+// all x's frame 0, loaded once) and 0 otherwise; seq = tile_iter * (p_used - off) + u lives in
+// slot seq % slots. Frame P is last read by output t = min(P / st, T_out - 1) through tap
+// P - t * st, so after tap j of output t the block frees unique frame u(t*st + j) when j < st (or
+// when t is the last output: every tap) and t*st + j >= off. Each free, in seq order, refills
+// its slot with seq + slots (the frame `slots` ahead, possibly of the next tile) and commits one
+// group (empty past the end). Before output t the committed groups are slots + (frees so far), so
+// its newest frame is complete once at most slots - kt + max(off - t*st, 0) groups are pending.
+// (A Python emulation of this schedule checked every read against the frame it must see.)
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
+
+template <int BM, int BN, int WM, int WN>
+struct RingConfig {
+  static constexpr int kWarpsM = BM / WM;
+  static constexpr int kWarpsN = BN / WN;
+  static constexpr int kThreads = kWarpsM * kWarpsN * 32;
+  static constexpr int kLdB = BN + kPad;  // ring slot row (elements); 16-byte row padding
+  static_assert(WM % 16 == 0 && WN % 16 == 0 && BM % WM == 0 && BN % WN == 0, "ring tile");
+  static size_t weight_bytes(int64_t k_total) { return size_t(BM) * size_t(k_total + kPad) * 2; }
+  static size_t slot_bytes(int64_t c_in) { return size_t(c_in) * kLdB * 2; }
+};
+
+struct RingArgs {
+  CausalConvParams p;
+  int slots;      // ring slots (>= kt)
+  int pix_tiles;  // per batch
+  int n_tiles;    // batch * pix_tiles
+  int p_used;     // padded frames the outputs read: (T_out - 1) * st + kt
+  int dedup_front;  // 1: replicate padding without cache, the kt-1 front frames share x's frame 0
+};
+
+template <typename T, int BM, int BN, int WM, int WN>
+__global__ void __launch_bounds__(RingConfig<BM, BN, WM, WN>::kThreads, 1)
+    _causal_conv3d_ring_fwd_kernel(RingArgs r) {
+  using Cfg = RingConfig<BM, BN, WM, WN>;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kLdB = Cfg::kLdB;
+  constexpr int kMT = WM / 16;
+  constexpr int kNT = WN / 8;
+  constexpr int kChunksPerRow = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const CausalConvParams& p = r.p;
+  const int C = int(p.c_in), kt = p.kt, st = p.stride;
+  const int K = C * kt;
+  const int ldw = K + kPad;
+  const int hw = int(p.hw);
+  const int t_out = int(p.frames_out);
+  const int slots = r.slots;
+  const int off = r.dedup_front ? kt - 1 : 0;
+  const int u_used = r.p_used - off;  // distinct frames per tile
+  T* sW = reinterpret_cast<T*>(smem_raw);
+  T* ring = sW + size_t(BM) * ldw;
+  const int slot_elems = C * kLdB;
+  const int co0 = int(blockIdx.x) * BM;
+  if (int(blockIdx.y) >= r.n_tiles) return;
+
+  // Resident weights, gathered from [C_out, C_in, kt] into tap-major rows [j * C_in + ci]
+  // (plain loads in global order; once per block). Visible after the first __syncthreads below.
+  {
+    const T* w = static_cast<const T*>(p.weight);
+    for (int e = threadIdx.x; e < BM * K; e += kThreads) {
+      const int row = e / K;
+      const int rem = e - row * K;
+      const int ci = rem / kt;
+      const int j = rem - ci * kt;
+      const int co = co0 + row;
+      sW[row * ldw + j * C + ci] = co < p.c_out ? w[int64_t(co) * K + rem] : from_float<T>(0.0f);
+    }
+  }
+
+  // Loader: the next frame of the block's sequence.
+  const T* x = static_cast<const T*>(p.x);
+  const T* cache = static_cast<const T*>(p.cache);
+  const bool has_cache = cache != nullptr;
+  int ld_tile = int(blockIdx.y), ld_frame = 0, ld_slot = 0;
+  auto issue_next = [&]() {
+    if (ld_tile < r.n_tiles) {
+      const int b = ld_tile / r.pix_tiles;
+      const int p0 = (ld_tile - b * r.pix_tiles) * BN;
+      const FrameSource s = padded_source(ld_frame + off, kt, p.pad_mode, has_cache);
+      const T* base = x;
+      int64_t cstride = 0;
+      if (s.kind != kFromZero) {
+        const int64_t nf = s.kind == kFromInput ? p.frames : int64_t(kt - 1);
+        base = (s.kind == kFromInput ? x : cache) + (int64_t(b) * C * nf + s.frame) * p.hw + p0;
+        cstride = nf * p.hw;
+      }
+      T* dst = ring + ld_slot * slot_elems;
+      const int chunks = C * kChunksPerRow;
+      for (int c = threadIdx.x; c < chunks; c += kThreads) {
+        const int ci = c / kChunksPerRow;
+        const int col = (c % kChunksPerRow) * 8;
+        const bool ok = s.kind != kFromZero && p0 + col < hw;
+        cp_async_16(dst + ci * kLdB + col, ok ? base + ci * cstride + col : x, ok ? 16 : 0);
+      }
+      ld_slot = ld_slot + 1 == slots ? 0 : ld_slot + 1;
+      if (++ld_frame == u_used) {
+        ld_frame = 0;
+        ld_tile += int(gridDim.y);
+      }
+    }
+    cp_async_commit();
+  };
+  for (int s = 0; s < slots; ++s) issue_next();
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int wm = warp / Cfg::kWarpsN;
+  const int wn = warp % Cfg::kWarpsN;
+  const int g8 = lane / 4;
+  const int q4 = lane % 4;
+  const int lm_row = lane % 16;
+  const int lm_col = (lane / 16) * 8;
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  // Per-thread bias values (fixed C_out slice).
+  float bv[kMT][2];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int co = co0 + wm * WM + i * 16 + g8 + h * 8;
+      bv[i][h] = (bias && co < p.c_out) ? to_float(bias[co]) : 0.0f;
+    }
+  // Fragment base offsets (elements) inside sW / a ring slot.
+  const T* a_base = sW + (wm * WM + lm_row) * ldw + lm_col;
+  const int b_off = lm_row * kLdB + wn * WN + lm_col;
+
+  int seq_slot0 = 0;  // slot of the current tile's padded frame 0
+  for (int tile = int(blockIdx.y); tile < r.n_tiles; tile += int(gridDim.y)) {
+    const int b = tile / r.pix_tiles;
+    const int p0 = (tile - b * r.pix_tiles) * BN;
+    for (int t = 0; t < t_out; ++t) {
+      cp_async_wait_dyn(slots - kt + max(off - t * st, 0));
+      __syncthreads();  // this output's kt frames (and the weights) are visible to every warp
+      float acc[kMT][kNT][4];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+      const bool last = t == t_out - 1;
+      for (int tap = 0; tap < kt; ++tap) {
+        const int P = t * st + tap;
+        int slot = seq_slot0 + max(P - off, 0);
+        slot %= slots;
+        const T* sA = a_base + tap * C;
+        const T* sB = ring + slot * slot_elems + b_off;
+        // Fragments double-buffered by hand (the asm statements keep their order): the ldmatrix
+        // of k step s + 1 is issued before the mma of step s. C_in % 32 == 0.
+        uint32_t af[2][kMT][4];
+        uint32_t bf[2][kNT / 2][4];
+        auto load_frags = [&](int buf, int ci) {
+#pragma unroll
+          for (int i = 0; i < kMT; ++i) ldmatrix_x4(af[buf][i], sA + i * 16 * ldw + ci);
+#pragma unroll
+          for (int j = 0; j < kNT / 2; ++j) ldmatrix_x4_trans(bf[buf][j], sB + ci * kLdB + j * 16);
+        };
+        auto mma_frags = [&](int buf) {
+#pragma unroll
+          for (int i = 0; i < kMT; ++i)
+#pragma unroll
+            for (int j = 0; j < kNT; ++j)
+              MmaOp<T>::run(acc[i][j], af[buf][i], bf[buf][j / 2][(j % 2) * 2],
+                            bf[buf][j / 2][(j % 2) * 2 + 1]);
+        };
+        load_frags(0, 0);
+#pragma unroll 1
+        for (int ci = 0; ci < C; ci += 32) {
+          load_frags(1, ci + 16);
+          mma_frags(0);
+          if (ci + 32 < C) load_frags(0, ci + 32);
+          mma_frags(1);
+        }
+        if ((last || tap < st) && P >= off) {  // last read of this frame: refill its slot
+          __syncthreads();
+          issue_next();
+        }
+      }
+      // Epilogue: bias, round once, 4-byte stores (H*W % 8 == 0: pairs stay in range).
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int co = co0 + wm * WM + i * 16 + g8 + h * 8;
+          if (co >= p.c_out) continue;
+          T* row = y + frame_offset(b, co, t, p.c_out, p.frames_out, p.hw);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const int pix = p0 + wn * WN + j * 8 + q4 * 2;
+            if (pix < hw)
+              *reinterpret_cast<uint32_t*>(row + pix) =
+                  pack2(from_float<T>(acc[i][j][h * 2] + bv[i][h]),
+                        from_float<T>(acc[i][j][h * 2 + 1] + bv[i][h]));
+          }
+        }
+      }
+    }
+    seq_slot0 = (seq_slot0 + u_used) % slots;
+  }
+  cp_async_wait<0>();  // no copy may be in flight when the block exits
+}
+
+// ------------------------------------------------------------------------------------------------
 // fp32 / fp64: shared-memory tiled FMA (correct, not tuned). 16x16 threads, 64x64 outputs.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
@@ -563,6 +791,18 @@ constexpr Variant kVariants[] = {
     {"bm128_bn128_s4_tapmajor", 128, 128, 4, false},
     {"bm128_bn128_s4_tapmajor_persistent", 128, 128, 4, false},
     {"bm128_bn256_s3_tapmajor", 128, 256, 3, false},
+    // frame ring: resident weights, each padded frame of a pixel tile loaded once (persistent)
+    {"ring_bm128_bn64_w32x32", 128, 64, 0, true},
+    {"ring_bm128_bn128_w64x32", 128, 128, 0, true},
+    {"ring_bm64_bn64_w32x32_occ2", 64, 64, 0, true},
+    {"ring_bm64_bn128_w32x32", 64, 128, 0, true},
+    {"ring_bm64_bn32_w32x16", 64, 32, 0, true},
+    {"ring_bm32_bn64_w16x32", 32, 64, 0, true},
+    {"ring_bm32_bn32_w16x16", 32, 32, 0, true},
+    {"ring_bm64_bn64_w32x32", 64, 64, 0, true},
+    {"ring_bm128_bn64_w64x32", 128, 64, 0, true},
+    {"ring_bm128_bn128_w64x64", 128, 128, 0, true},
+    {"ring_bm64_bn64_w64x32", 64, 64, 0, true},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -637,6 +877,64 @@ void launch_mma_vec(const CausalConvParams& p, bool vec, int device, cudaStream_
     launch_mma<T, 64, 128, 3, false, false>(p, device, stream, false);  // any H*W, any C
 }
 
+// Frame-ring launcher. Ring slots: as many as fit next to the weights in the shared-memory budget
+// (max_smem / min_blocks), at most kt + 2 * st (more only delays the first output). A variant
+// whose weights and kt slots do not fit this C_in raises a ValueError naming shared memory.
+template <typename T, int BM, int BN, int WM, int WN>
+void launch_ring(const CausalConvParams& p, int device, cudaStream_t stream, int min_blocks) {
+  using Cfg = RingConfig<BM, BN, WM, WN>;
+  const int64_t k_total = p.c_in * p.kt;
+  const size_t w_bytes = Cfg::weight_bytes(k_total);
+  const size_t slot_bytes = Cfg::slot_bytes(p.c_in);
+  const int max_smem = device_max_smem(device);
+  const size_t budget = min_blocks > 1 ? size_t(max_smem) / size_t(min_blocks) - 1024 : size_t(max_smem);
+  int64_t slots = w_bytes < budget ? int64_t((budget - w_bytes) / slot_bytes) : 0;
+  const int64_t cap = p.kt + 2 * p.stride;
+  slots = slots > cap ? cap : slots;
+  if (slots < p.kt)
+    throw std::invalid_argument("causal_conv3d_cuda: frame-ring tile needs " +
+                                std::to_string(w_bytes + size_t(p.kt) * slot_bytes) +
+                                " bytes of shared memory, more than the device allows");
+  const size_t smem = w_bytes + size_t(slots) * slot_bytes;
+  RingArgs r;
+  r.p = p;
+  r.slots = int(slots);
+  const int64_t pix_tiles = (p.hw + BN - 1) / BN;
+  const int64_t n_tiles = pix_tiles * p.batch;
+  const int64_t co_slices = (p.c_out + BM - 1) / BM;
+  if (n_tiles > 0x7fffffffLL || p.hw >= 0x7fffffffLL || p.frames_out >= 0x7fffffffLL ||
+      co_slices > 0x7fffffffLL || k_total * BM >= 0x7fffffffLL)
+    throw std::invalid_argument("causal_conv3d_cuda: grid too large for this shape");
+  r.pix_tiles = int(pix_tiles);
+  r.n_tiles = int(n_tiles);
+  r.p_used = int((p.frames_out - 1) * p.stride + p.kt);
+  r.dedup_front = (p.pad_mode == kPadReplicate && p.cache == nullptr) ? 1 : 0;
+  auto kernel = _causal_conv3d_ring_fwd_kernel<T, BM, BN, WM, WN>;
+  CVK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  CVK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
+  const int64_t resident = int64_t(per_sm < 1 ? 1 : per_sm) * device_sms(device);
+  // Persistent: every C_out slice gets resident / co_slices tile walkers (slices of one tile are
+  // neighbours in launch order, so a frame's re-read by the other slices hits L2).
+  int64_t grid_y = resident / co_slices;
+  grid_y = grid_y < 1 ? 1 : (grid_y > n_tiles ? n_tiles : grid_y);
+  if (grid_y > 65535) grid_y = 65535;
+  dim3 grid(unsigned(co_slices), unsigned(grid_y), 1);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(r);
+  CVK_CUDA_CHECK(cudaGetLastError());
+}
+
+// Ring variants need C_in % 32 == 0, the 16-byte path and kt >= stride (every padded frame up to
+// the last one used is then read by some output); otherwise the general kernel runs.
+template <typename T, int BM, int BN, int WM, int WN>
+void launch_ring_or_fallback(const CausalConvParams& p, bool vec, int device, cudaStream_t stream,
+                             int min_blocks) {
+  if (vec && p.c_in % 32 == 0 && p.kt >= p.stride)
+    launch_ring<T, BM, BN, WM, WN>(p, device, stream, min_blocks);
+  else
+    launch_mma_vec<T, 128, 128, 4, false>(p, vec, device, stream, false);
+}
+
 template <typename T>
 void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t stream, int variant) {
   if (variant == 0) {
@@ -661,6 +959,17 @@ void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t 
     case 13: launch_mma_vec<T, 128, 128, 4, false, true>(p, vec, device, stream, false); break;
     case 14: launch_mma_vec<T, 128, 128, 4, false, true>(p, vec, device, stream, true); break;
     case 15: launch_mma_vec<T, 128, 256, 3, false, true>(p, vec, device, stream, false); break;
+    case 16: launch_ring_or_fallback<T, 128, 64, 32, 32>(p, vec, device, stream, 1); break;
+    case 17: launch_ring_or_fallback<T, 128, 128, 64, 32>(p, vec, device, stream, 1); break;
+    case 18: launch_ring_or_fallback<T, 64, 64, 32, 32>(p, vec, device, stream, 2); break;
+    case 19: launch_ring_or_fallback<T, 64, 128, 32, 32>(p, vec, device, stream, 1); break;
+    case 20: launch_ring_or_fallback<T, 64, 32, 32, 16>(p, vec, device, stream, 1); break;
+    case 21: launch_ring_or_fallback<T, 32, 64, 16, 32>(p, vec, device, stream, 1); break;
+    case 22: launch_ring_or_fallback<T, 32, 32, 16, 16>(p, vec, device, stream, 1); break;
+    case 23: launch_ring_or_fallback<T, 64, 64, 32, 32>(p, vec, device, stream, 1); break;
+    case 24: launch_ring_or_fallback<T, 128, 64, 64, 32>(p, vec, device, stream, 1); break;
+    case 25: launch_ring_or_fallback<T, 128, 128, 64, 64>(p, vec, device, stream, 1); break;
+    case 26: launch_ring_or_fallback<T, 64, 64, 64, 32>(p, vec, device, stream, 1); break;
     default:
       throw std::invalid_argument("causal_conv3d_cuda: variant=" + std::to_string(variant) +
                                   " is out of range [0, " + std::to_string(kNumVariants) + "]");
