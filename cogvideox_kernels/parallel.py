@@ -125,7 +125,15 @@ def _check_seq_lens(seq_lens, world):
 # Ulysses attention
 
 
-def _tokens_to_heads(q, k, v, seq_lens, rank, world, group):
+def _chunk_order(seq_lens, text_lens, device):
+    """Token indices that put rank-ordered ``[text_r ; video_r]`` chunks into ``[text ; video]`` order."""
+    starts = [sum(seq_lens[:j]) for j in range(len(seq_lens))]
+    text = [torch.arange(s, s + t) for s, t in zip(starts, text_lens)]
+    video = [torch.arange(s + t, s + n) for s, t, n in zip(starts, text_lens, seq_lens)]
+    return torch.cat(text + video).to(device)
+
+
+def _tokens_to_heads(q, k, v, seq_lens, rank, world, group, order=None):
     """[B, S_r, H, D] x3 on each rank -> [B, S, H/world, D] x3 (all tokens, this rank's heads)."""
     B, S_r, H, D = q.shape
     Hl = H // world
@@ -136,15 +144,18 @@ def _tokens_to_heads(q, k, v, seq_lens, rank, world, group):
     recv = send.new_empty((sum(seq_lens), 3, B, Hl, D))
     dist.all_to_all_single(recv, send.view(world * S_r, 3, B, Hl, D), output_split_sizes=seq_lens,
                            input_split_sizes=[S_r] * world, group=group)
+    if order is not None:
+        recv = recv.index_select(0, order)
     heads = recv.permute(1, 2, 0, 3, 4)  # [3, B, S, Hl, D], last dim contiguous
     return heads[0], heads[1], heads[2]
 
 
-def _heads_to_tokens(out, seq_lens, rank, world, group):
+def _heads_to_tokens(out, seq_lens, rank, world, group, order=None):
     """[B, S, H/world, D] (all tokens, this rank's heads) -> [B, S_r, H, D] (this rank's tokens)."""
     B, S, Hl, D = out.shape
     S_r = seq_lens[rank]
-    send = out.permute(1, 0, 2, 3).contiguous()  # [S, B, Hl, D]: rank j's tokens are rows of chunk j
+    send = out.permute(1, 0, 2, 3)  # [S, B, Hl, D]: rank j's tokens are rows of chunk j
+    send = send.contiguous() if order is None else send.index_select(0, torch.argsort(order))
     recv = send.new_empty((world * S_r, B, Hl, D))
     dist.all_to_all_single(recv, send, output_split_sizes=[S_r] * world, input_split_sizes=seq_lens,
                            group=group)
@@ -152,7 +163,7 @@ def _heads_to_tokens(out, seq_lens, rank, world, group):
 
 
 def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None, eps=1e-6,
-                             scale=None, group=None, seq_lens=None, backend="auto"):
+                             scale=None, group=None, seq_lens=None, text_lens=None, backend="auto"):
     """``rope3d_attention`` over a sequence split across the ranks of ``group`` (Ulysses).
 
     q, k, v: this rank's tokens ``[B, S_r, H, D]``, a contiguous slice of the global ``[text ; video]``
@@ -161,6 +172,10 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     tables (global positions) or None. q_norm, k_norm: ``(weight, bias)`` of ``[D]`` (shared by the
     heads) or None. ``seq_lens``: per-rank token counts; if None they are ``sequence_split_sizes(S)``
     with ``S = text_len + cos.shape[0]`` when cos is given, else gathered (one small collective).
+    ``text_lens``: for the other layout, where each rank holds a slice of the text AND a slice of the
+    video, ``[text_r ; video_r]`` (how diffusers' CogVideoX blocks see their tokens under a context-
+    parallel plan that splits text and video separately): the per-rank text counts (sum = text_len);
+    ``seq_lens`` is then required. The output keeps the rank's layout.
     H must divide by the world size. Returns this rank's ``[B, S_r, H, D]`` output. Every rank calls it
     with the same B, H, D, text_len, tables and norm weights.
     """
@@ -179,6 +194,8 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
         raise ValueError(f"heads={H} (dim 2 of q) is not divisible by the context-parallel world size "
                          f"{world}; Ulysses gives each rank heads / world_size heads, so use a world size "
                          f"that divides {H}")
+    if text_lens is not None and seq_lens is None:
+        raise ValueError("text_lens (per-rank [text_r ; video_r] layout) needs seq_lens, the per-rank token counts")
     if seq_lens is None:
         if cos is not None and isinstance(text_len, int) and isinstance(cos, torch.Tensor) and cos.dim() == 2:
             seq_lens = sequence_split_sizes(text_len + cos.shape[0], world)
@@ -192,12 +209,21 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
         raise ValueError(f"rank {rank} holds S_local={S_r} tokens (dim 1 of q) but seq_lens={seq_lens} gives it "
                          f"{seq_lens[rank]}; shard the sequence with shard_sequence (torch.tensor_split order) "
                          "or pass the per-rank lengths as seq_lens")
-    qh, kh, vh = _tokens_to_heads(q, k, v, seq_lens, rank, world, group)
+    order = None
+    if text_lens is not None:
+        if (not isinstance(text_lens, (list, tuple)) or len(text_lens) != world
+                or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= n
+                       for t, n in zip(text_lens, seq_lens))
+                or sum(text_lens) != text_len):
+            raise ValueError(f"text_lens={text_lens!r} must be {world} ints, each in [0, seq_lens[r]] "
+                             f"(seq_lens={seq_lens}), summing to text_len={text_len}")
+        order = _chunk_order(seq_lens, text_lens, q.device)
+    qh, kh, vh = _tokens_to_heads(q, k, v, seq_lens, rank, world, group, order)
     # The gathered sequence is the global one, so text_len and the tables apply unchanged; the op
     # checks them against the global length.
     out = rope3d_attention(qh, kh, vh, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm,
                            eps=eps, scale=scale, backend=backend)
-    return _heads_to_tokens(out, seq_lens, rank, world, group)
+    return _heads_to_tokens(out, seq_lens, rank, world, group, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,22 @@ def case_attention(rank, world):
                         assert rel_err(gather_sequence(out, None), ref) <= 1e-5
                         checked += 1
     assert checked > 50
+    # each rank holding [its text slice ; its video slice] (diffusers' layout): text_lens/seq_lens
+    S, H, text_len = 17, 2 * world, 7
+    q, k, v = _qkv(2, S, H, D, 99)
+    cos, sin = _tables(S, text_len, D)
+    q_norm, k_norm = _norms(D, 99)
+    kw = dict(text_len=text_len, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm)
+    ref = rope3d_attention(q, k, v, backend="reference", **kw)
+    text_lens = sequence_split_sizes(text_len, world)
+    video_lens = sequence_split_sizes(S - text_len, world)
+    local = [torch.cat((shard_sequence(t[:, :text_len], None), shard_sequence(t[:, text_len:], None)), 1)
+             for t in (q, k, v)]
+    out = ulysses_rope3d_attention(*local, backend="reference", text_lens=text_lens,
+                                   seq_lens=[a + b for a, b in zip(text_lens, video_lens)], **kw)
+    t0, v0 = sum(text_lens[:rank]), text_len + sum(video_lens[:rank])
+    expected = torch.cat((ref[:, t0:t0 + text_lens[rank]], ref[:, v0:v0 + video_lens[rank]]), 1)
+    assert rel_err(out, expected) <= 1e-5
     # strided q/k/v views of one QKV tensor, as the model passes them
     S, H = 11, 2 * world
     qkv = torch.randn(1, S, 3, H, D, generator=torch.Generator().manual_seed(7))
@@ -142,6 +158,10 @@ def case_errors(rank, world):
     cos, sin = _tables(S + 1, 0, D)
     with pytest.raises(ValueError, match="cos must have shape"):
         ulysses_rope3d_attention(*local, text_len=0, cos=cos, sin=sin, seq_lens=sequence_split_sizes(S, world))
+    with pytest.raises(ValueError, match="text_lens"):
+        ulysses_rope3d_attention(*local, text_len=1, text_lens=[1] + [0] * (world - 1))
+    with pytest.raises(ValueError, match="text_lens"):
+        ulysses_rope3d_attention(*local, text_len=1, text_lens=[0] * world, seq_lens=sequence_split_sizes(S, world))
     # still in step after the errors: a normal call works
     out = ulysses_rope3d_attention(*local, text_len=1)
     ref = rope3d_attention(q, k, v, text_len=1)
