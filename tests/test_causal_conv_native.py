@@ -141,6 +141,22 @@ def test_bad_inputs_raise():
         causal_conv3d(x, w.double(), b, backend="cpp")
 
 
+def test_auto_cuda_variant_by_shape_class():
+    """variant=0 on CUDA takes the measured-fastest variant per shape class (see native.py)."""
+    from cogvideox_kernels.ops.causal_conv.native import RING_VARIANT, TAPMAJOR_VARIANT, auto_cuda_variant
+
+    def pick(C, H, W, kt, stride, dtype=torch.bfloat16):
+        return auto_cuda_variant(torch.empty(1, C, 2, H, W, dtype=dtype), torch.empty(C, C, kt, 1, 1), stride)
+
+    assert pick(128, 480, 720, 3, 1) == RING_VARIANT and pick(128, 480, 720, 3, 2) == RING_VARIANT
+    assert pick(256, 240, 360, 3, 1) == TAPMAJOR_VARIANT and pick(512, 60, 90, 3, 2) == TAPMAJOR_VARIANT
+    assert pick(128, 4, 4, 1, 2) == TAPMAJOR_VARIANT  # ring needs kt >= stride
+    assert pick(96, 8, 8, 5, 1) == TAPMAJOR_VARIANT  # ring does not fit shared memory
+    assert pick(24, 4, 4, 3, 1) == TAPMAJOR_VARIANT and pick(20, 4, 4, 3, 1) == 0
+    assert pick(64, 5, 7, 3, 1) == 0  # H*W % 8 != 0
+    assert pick(128, 8, 8, 3, 1, torch.float32) == 0
+
+
 def test_cuda_available_matches_build():
     flag = os.environ.get("COGVIDEOX_KERNELS_CUDA", "AUTO").upper()
     nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") or os.environ.get("CUDACXX")

@@ -938,9 +938,11 @@ void launch_ring_or_fallback(const CausalConvParams& p, bool vec, int device, cu
 template <typename T>
 void dispatch_mma(const CausalConvParams& p, bool vec, int device, cudaStream_t stream, int variant) {
   if (variant == 0) {
-    // Automatic: streamed 128x128 tiles, 4 stages. Measured on H100 (af61e66, the sweep in
-    // benchmarks/results/conv_bench_af61e66.md) within 4% of the best variant at every VAE shape;
-    // the resident-weight variants were 10-30% slower.
+    // The general default of the raw binding: streamed 128x128 tiles, 4 stages, any C_in, no
+    // packed weight needed. Python's causal_conv3d_native never sends 0 for bf16/fp16 shapes the
+    // faster variants cover: it picks the measured-fastest per shape class (native.py,
+    // auto_cuda_variant: the frame ring, variant 17, for C_in <= 128; tap-major, variant 13,
+    // above; H100 sweep at 0ec08ba in benchmarks/results/conv_notes.md).
     variant = 1;
   }
   switch (variant) {

@@ -16,6 +16,21 @@ from .reference import check_causal_conv_inputs
 
 MAX_KT = 5
 STRIDES = (1, 2)
+
+# Default CUDA variant per shape class, picked from the H100 sweep at commit 0ec08ba
+# (benchmarks/results/conv_notes.md; bf16, kt=3, do_bench medians):
+#  * C_in <= 128: variant 17, the frame-ring kernel (128 C_out x 128 pixels, weights resident,
+#    each input frame of a pixel tile loaded once): 0.942 ms at [1,128,6,480,720] stride 1 and
+#    0.588 ms stride 2, vs 1.226 / 0.697 (variant 13) and 1.561 / 0.843 (variant 1, the old default).
+#  * larger C_in: variant 13 (tap-major streamed 128x128 tiles): 1.099 / 0.590 ms at
+#    [1,256,6,240,360] and 0.258 / 0.142 ms at [1,512,6,60,90] (variant 1: 1.490 / 0.784 and
+#    0.345 / 0.180). The ring variants were not measured at C_in 256/512 (that part of the sweep
+#    failed), so they are not chosen there.
+# The ring needs C_in % 32 == 0 and kt >= stride and must fit shared memory; variant 13 needs
+# C_in % 8 == 0. Both need H*W % 8 == 0; misaligned tensors fall back inside the extension.
+RING_VARIANT = 17
+TAPMAJOR_VARIANT = 13
+_SMEM_OPTIN = 227 * 1024  # Hopper's opt-in shared memory per block (the extension builds for sm_90a)
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _PAD_CODES = {"replicate": 0, "zeros": 1}
 
@@ -33,6 +48,25 @@ def native_supports(x, weight, stride) -> bool:
 
 def output_frames(frames: int, stride: int) -> int:
     return (frames - 1) // stride + 1
+
+
+def _ring_fits(c_in: int, kt: int) -> bool:
+    # variant 17: resident weights [128][C_in*kt + 8] + kt ring slots [C_in][128 + 8], 2-byte elements
+    return 2 * (128 * (c_in * kt + 8) + kt * c_in * (128 + 8)) <= _SMEM_OPTIN
+
+
+def auto_cuda_variant(x, weight, stride) -> int:
+    """The CUDA variant ``variant=0`` runs for these inputs (0 = the extension's general default)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    c_in, hw, kt = x.shape[1], x.shape[3] * x.shape[4], weight.shape[2]
+    if hw % 8 != 0:
+        return 0
+    if c_in <= 128 and c_in % 32 == 0 and kt >= stride and _ring_fits(c_in, kt):
+        return RING_VARIANT
+    if c_in % 8 == 0:
+        return TAPMAJOR_VARIANT
+    return 0
 
 
 def _check_native(x, weight, bias, cache, stride, backend):
@@ -91,7 +125,8 @@ def causal_conv3d_native(x, weight, bias=None, *, stride=1, pad_mode="replicate"
     """Native causal conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
 
     Returns ``(y, new_cache)`` exactly like ``causal_conv3d_reference``. ``variant`` (CUDA only)
-    forces a tile configuration for benchmarks; 0 picks one.
+    forces a tile configuration for benchmarks; 0 picks the measured-fastest for the shape class
+    (``auto_cuda_variant``).
     """
     if backend not in ("cuda", "cpp"):
         raise ValueError(f"causal_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
@@ -101,4 +136,6 @@ def causal_conv3d_native(x, weight, bias=None, *, stride=1, pad_mode="replicate"
         n = len(get_ext().causal_conv_cuda_variants())
         if not 0 <= variant <= n:
             raise ValueError(f"causal_conv3d_native: variant={variant} is out of range [0, {n}]")
+    if variant == 0 and backend == "cuda":  # shapes and dtype only: no graph break under torch.compile
+        variant = auto_cuda_variant(x, weight, stride)
     return _causal_conv3d_op(x, weight, bias, cache, stride, pad_mode, backend, variant)
