@@ -222,6 +222,90 @@ def case_model_errors(rank, world):
         enable_context_parallel(torch.nn.Linear(2, 2))
 
 
+def _diffusers_model(name, heads, seed=0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = {"2b": dict(attention_head_dim=40, use_rotary_positional_embeddings=False),
+              "5b": dict(attention_head_dim=16, use_rotary_positional_embeddings=True),
+              "1.5-5b": dict(attention_head_dim=16, use_rotary_positional_embeddings=True, patch_size_t=2,
+                             ofs_embed_dim=24)}[name]
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(num_attention_heads=heads, in_channels=4, out_channels=4, time_embed_dim=24,
+                                        text_embed_dim=12, num_layers=2, sample_width=6, sample_height=4,
+                                        sample_frames=13, patch_size=2, max_text_seq_length=7, **config).eval()
+    with torch.no_grad():  # random weights large enough that every part matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def _diffusers_inputs(model, frames=4, text_len=7, seed=1):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(2, frames, 4, 4, 6, generator=g),
+                  encoder_hidden_states=torch.randn(2, text_len, 12, generator=g),
+                  timestep=torch.tensor([10, 700]), return_dict=False)
+    if cfg.ofs_embed_dim:
+        inputs["ofs"] = torch.full((2,), 2.0)
+    if cfg.use_rotary_positional_embeddings:
+        grid = (2, 3)
+        if cfg.patch_size_t is None:  # as CogVideoXPipeline builds them
+            rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=((0, 0), grid),
+                                           grid_size=grid, temporal_size=frames)
+        else:
+            rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=grid,
+                                           temporal_size=(frames + 1) // 2, grid_type="slice", max_size=grid)
+        inputs["image_rotary_emb"] = rope
+    return inputs
+
+
+def case_diffusers(rank, world):
+    """diffusers' enable_parallelism(ContextParallelConfig(ulysses_degree=world)) with our processor ==
+    diffusers' own single-process output, for the 2B (no RoPE), 5B and 1.5-5B layouts."""
+    from diffusers import ContextParallelConfig
+
+    from cogvideox_kernels.integrations import diffusers as integration
+
+    # diffusers picks its device as rank % torch.accelerator.device_count(), which is 0 on a CPU-only
+    # host (ZeroDivisionError); one "device" is the truth for CPU processes.
+    torch.accelerator.device_count = lambda: 1
+    calls = []  # (local tokens, text_len) of each Ulysses call our processor makes
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], kw["text_len"]))
+        return ulysses_rope3d_attention(q, k, v, **kw)
+
+    integration.ulysses_rope3d_attention = spy
+    for name in ("2b", "5b", "1.5-5b"):
+        model = _diffusers_model(name, heads=2 * world)
+        inputs = _diffusers_inputs(model)
+        calls.clear()
+        with torch.no_grad():
+            ref = model(**inputs)[0]
+            integration.apply(model, backend="reference")
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, ulysses_anything=True))
+            out = model(**inputs)[0]
+            assert out.shape == ref.shape
+            # every block's attention went through Ulysses with this rank's share of the 7 + 24 tokens
+            frames = 2 if name == "1.5-5b" else 4
+            assert calls == [(sequence_split_sizes(7, world)[rank] + sequence_split_sizes(frames * 6, world)[rank],
+                              7)] * 2, calls
+            calls.clear()
+            assert rel_err(out, ref) <= 1e-5, name
+            # another frame count (and, with RoPE, text length) in the same model; 2B's sin-cos positions
+            # need the full max_text_seq_length
+            other = _diffusers_inputs(model, frames=2, text_len=7 if name == "2b" else world + 1, seed=3)
+            out = model(**other)[0]
+        with pytest.raises(ValueError, match="context-parallel"):
+            integration.remove(model)
+        # the same inputs without context parallelism, on a fresh copy of the weights
+        single = _diffusers_model(name, heads=2 * world)
+        with torch.no_grad():
+            assert rel_err(out, single(**other)[0]) <= 1e-5, name
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -257,3 +341,8 @@ def test_model_context_parallel_equals_single_process(world, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_model_context_parallel_triton(world, tmp_path, interpret):
     spawn(world, ["model_triton"], tmp_path)
+
+
+def test_diffusers_enable_parallelism_hosts_our_processor(tmp_path):
+    pytest.importorskip("diffusers")
+    spawn(2, ["diffusers"], tmp_path)

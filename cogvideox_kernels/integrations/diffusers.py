@@ -19,6 +19,26 @@ What gets patched (nothing is copied: the ops read the model's own parameters th
   15.4 -> 12.5 GiB at 49x480x720; encode unchanged). Where our conv covers none of them (CPU, no
   CUDA extension), ``vae=True`` leaves the VAE as it is and warns.
 
+Context parallelism (Ulysses, several GPUs): diffusers' own engine hosts it. ``apply`` gives the
+transformer a context-parallel plan (:func:`cogvideox_cp_plan`, set as the model's ``_cp_plan``:
+diffusers ships none for CogVideoX) and our processor takes the ``_parallel_config`` that
+``enable_parallelism`` hands to processors, so the usual diffusers call works::
+
+    apply(pipe)   # first: our processors receive the parallel config
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, ulysses_anything=True))
+
+The plan cuts the text and the video tokens separately at the first block (so each rank's blocks see
+``[text_r ; video_r]``) and gathers after ``proj_out``. In between, the expert adaLN, FFN and gates run
+on the local tokens, and our processor runs ``cogvideox_kernels.parallel.ulysses_rope3d_attention``
+(all-to-all over the CP group, the fused op on all tokens of heads/world heads with the full RoPE
+tables, all-to-all back). diffusers' own ``CogVideoXAttnProcessor2_0`` calls SDPA directly, not
+diffusers' attention dispatcher, so without our processor diffusers cannot run CogVideoX context-
+parallel at all; our processor does the all-to-alls itself (torch.distributed) because the dispatcher's
+Ulysses runs the dispatcher's attention backends, not a custom op. ``ulysses_anything=True`` is needed
+unless the text and the video token counts both divide by the degree; ``ring_degree > 1`` and heads not
+divisible by the degree are refused. Under context parallelism our processor never falls back (the
+fallback would attend over the local tokens only): masks, cross-attention or autograd raise instead.
+
 diffusers is an optional dependency: it is imported only inside these functions.
 """
 from __future__ import annotations
@@ -30,6 +50,7 @@ import weakref
 import torch
 
 from ..ops import causal_conv3d, expert_ffn, rope3d_attention
+from ..parallel import sequence_split_sizes, ulysses_rope3d_attention
 
 BACKENDS = ("auto", "triton", "reference")
 CONV_BACKENDS = ("auto", "reference", "cuda", "cpp")
@@ -73,12 +94,29 @@ def _norm_pair(norm):
 class CogVideoXKernelAttnProcessor:
     """Drop-in for diffusers' ``CogVideoXAttnProcessor2_0`` that runs ``rope3d_attention``.
 
-    Keeps the processor it replaced in ``original`` for the cases it does not cover.
+    Keeps the processor it replaced in ``original`` for the cases it does not cover. Under diffusers'
+    ``enable_parallelism`` (context parallel, Ulysses) it runs the Ulysses attention (module docstring).
     """
 
-    def __init__(self, original, backend: str = "auto"):
+    # diffusers' enable_parallelism hands its ParallelConfig to processors that have this attribute.
+    _parallel_config = None
+
+    def __init__(self, original, backend: str = "auto", sequence=None):
         self.original = original
         self.backend = backend
+        # Global token counts {"text": L, "video": N} of the current forward, recorded before the
+        # context-parallel split (see _apply_transformer).
+        self._sequence = {} if sequence is None else sequence
+
+    def _context_parallel(self):
+        """The CP process group when diffusers' context parallelism is on, else None."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None:
+            return None
+        if cp.ring_degree != 1:
+            raise ValueError(f"ContextParallelConfig(ring_degree={cp.ring_degree}): cogvideox_kernels' processor "
+                             "supports Ulysses only (ring_degree=1, ulysses_degree > 1)")
+        return cp._flattened_mesh.get_group()
 
     def _covered(self, attn, attention_mask, image_rotary_emb, head_dim) -> bool:
         if attention_mask is not None or attn.is_cross_attention:
@@ -101,7 +139,12 @@ class CogVideoXKernelAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
                  image_rotary_emb=None):
         head_dim = attn.inner_dim // attn.heads
+        group = self._context_parallel()
         if not self._covered(attn, attention_mask, image_rotary_emb, head_dim):
+            if group is not None:
+                raise ValueError("cogvideox_kernels: under context parallelism the attention must be what our "
+                                 "kernel computes (no attention_mask, self-attention, LayerNorm QK-norm, no "
+                                 "autograd): the original processor would attend over this rank's tokens only")
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
                                  image_rotary_emb=image_rotary_emb)
         text_len = encoder_hidden_states.size(1)
@@ -119,11 +162,52 @@ class CogVideoXKernelAttnProcessor:
             # diffusers' tables: (cos, sin) [N_video, D], pairs interleaved, as our op expects.
             cos, sin = (t.to(device=q.device, dtype=torch.float32) for t in image_rotary_emb)
         eps = attn.norm_q.eps if attn.norm_q is not None else 1e-6
-        out = rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=_norm_pair(attn.norm_q),
-                               k_norm=_norm_pair(attn.norm_k), eps=eps, backend=self.backend)
+        norms = dict(q_norm=_norm_pair(attn.norm_q), k_norm=_norm_pair(attn.norm_k), eps=eps)
+        if group is None:
+            out = rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, backend=self.backend, **norms)
+        else:
+            out = self._ulysses(q, k, v, text_len, hidden_states.size(1), cos, sin, norms, group)
         out = attn.to_out[0](out.reshape(batch, seq, attn.heads * head_dim))
         out = attn.to_out[1](out)
         return out[:, text_len:], out[:, :text_len]
+
+    def _ulysses(self, q, k, v, local_text, local_video, cos, sin, norms, group):
+        """This rank holds [text_r ; video_r] (cogvideox_cp_plan's split): Ulysses over the whole sequence."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        text, video = self._sequence.get("text"), self._sequence.get("video")
+        text_lens = video_lens = None
+        if text is not None:
+            text_lens, video_lens = sequence_split_sizes(text, world), sequence_split_sizes(video, world)
+        if text_lens is None or (text_lens[rank], video_lens[rank]) != (local_text, local_video):
+            raise ValueError(f"cogvideox_kernels: rank {rank} holds {local_text} text + {local_video} video tokens, "
+                             f"not its share of the global {text} text + {video} video tokens; enable "
+                             "context parallelism with cogvideox_cp_plan (apply() sets it as the model's _cp_plan)")
+        return ulysses_rope3d_attention(q, k, v, text_len=text, cos=cos, sin=sin, group=group,
+                                        seq_lens=[t + n for t, n in zip(text_lens, video_lens)],
+                                        text_lens=text_lens, backend=self.backend, **norms)
+
+
+def cogvideox_cp_plan(model) -> dict:
+    """diffusers context-parallel plan for ``CogVideoXTransformer3DModel`` with our processor: cut the text
+    and the video tokens (dim 1) at the first block, gather the sequence after ``proj_out``."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    split = ContextParallelInput(split_dim=1, expected_dims=3)
+    return {"transformer_blocks.0": {"hidden_states": split, "encoder_hidden_states": split},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+def _record_sequence(sequence):
+    """Forward pre-hook for the first block: the global token counts, seen before diffusers' split hook."""
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        sequence["text"], sequence["video"] = encoder.size(1), hidden.size(1)
+
+    return hook
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,13 +374,21 @@ def _apply_transformer(model, attention, ffn, backend, classes):
         if ffn:
             _check_block_ffn(i, block, classes["GELU"])
     known = (classes["CogVideoXAttnProcessor2_0"], classes["FusedCogVideoXAttnProcessor2_0"])
-    undo = {"processors": [], "classes": []}
+    undo = {"processors": [], "classes": [], "hooks": [], "attrs": []}
     skipped = []
+    sequence = {}  # global text/video token counts of the current forward (context parallelism)
+    if attention and blocks:
+        # torch pre-hooks run before diffusers' hook registry wraps forward, so this sees the full sequence
+        undo["hooks"].append(blocks[0].register_forward_pre_hook(_record_sequence(sequence), with_kwargs=True))
+        if getattr(model, "_cp_plan", None) is None:
+            model._cp_plan = cogvideox_cp_plan(model)
+            undo["attrs"].append((model, "_cp_plan"))
     for i, block in enumerate(blocks):
         if attention:
             if isinstance(block.attn1.processor, known):
                 undo["processors"].append((block.attn1, block.attn1.processor))
-                block.attn1.processor = CogVideoXKernelAttnProcessor(block.attn1.processor, backend)
+                block.attn1.processor = CogVideoXKernelAttnProcessor(block.attn1.processor, backend, sequence)
+                block.attn1.processor._parallel_config = getattr(model, "_parallel_config", None)
             else:
                 skipped.append(f"{i}: {type(block.attn1.processor).__name__}")
         if ffn:
@@ -394,7 +486,15 @@ def remove(obj):
     for part in parts:
         if part is None or part not in _PATCHED:
             continue
+        if getattr(getattr(part, "_parallel_config", None), "context_parallel_config", None) is not None:
+            raise ValueError(f"{type(part).__name__} runs context-parallel (enable_parallelism): remove() would "
+                             "put back diffusers' processor, which attends over each rank's tokens only; "
+                             "diffusers cannot undo enable_parallelism, so keep the patch")
         undo = _PATCHED.pop(part)["undo"]
+        for handle in undo.get("hooks", ()):
+            handle.remove()
+        for module, attr in undo.get("attrs", ()):
+            module.__dict__.pop(attr, None)
         for attn, processor in undo["processors"]:
             attn.processor = processor
         for module, cls in undo["classes"]:
@@ -411,4 +511,4 @@ def is_patched(obj) -> bool:
     return any(p is not None and p in _PATCHED for p in parts)
 
 
-__all__ = ["apply", "remove", "is_patched", "CogVideoXKernelAttnProcessor"]
+__all__ = ["apply", "remove", "is_patched", "CogVideoXKernelAttnProcessor", "cogvideox_cp_plan"]
