@@ -22,6 +22,10 @@ Entry points::
     with enable_context_parallel(model, group):               # our CogVideoXTransformer
         out = model(latents, text_embeddings, timestep)       # same inputs on every rank
 
+For diffusers' ``CogVideoXTransformer3DModel``, diffusers' own ``enable_parallelism`` hosts this
+(see ``cogvideox_kernels.integrations.diffusers``): there each rank holds ``[text_r ; video_r]`` and
+``ulysses_rope3d_attention(..., text_lens=...)`` reorders the gathered tokens to the global sequence.
+
 ``enable_context_parallel`` leaves the model's forward as it is and adds module hooks: the first
 block's input (the embedded full sequence) is cut to the rank's slice, every block gets the rank's
 local text length for its token-local work, every ``RoPE3DAttention`` runs the Ulysses path, and the
@@ -125,12 +129,22 @@ def _check_seq_lens(seq_lens, world):
 # Ulysses attention
 
 
+_ORDER_CACHE: dict = {}
+
+
 def _chunk_order(seq_lens, text_lens, device):
-    """Token indices that put rank-ordered ``[text_r ; video_r]`` chunks into ``[text ; video]`` order."""
-    starts = [sum(seq_lens[:j]) for j in range(len(seq_lens))]
-    text = [torch.arange(s, s + t) for s, t in zip(starts, text_lens)]
-    video = [torch.arange(s + t, s + n) for s, t, n in zip(starts, text_lens, seq_lens)]
-    return torch.cat(text + video).to(device)
+    """(order, inverse): ``gathered[order]`` puts rank-ordered ``[text_r ; video_r]`` chunks into
+    ``[text ; video]`` order and ``global[inverse]`` undoes it. Cached (a pure function of the sizes)."""
+    key = (tuple(seq_lens), tuple(text_lens), str(device))
+    if key not in _ORDER_CACHE:
+        if len(_ORDER_CACHE) >= 64:
+            _ORDER_CACHE.clear()
+        starts = [sum(seq_lens[:j]) for j in range(len(seq_lens))]
+        text = [torch.arange(s, s + t) for s, t in zip(starts, text_lens)]
+        video = [torch.arange(s + t, s + n) for s, t, n in zip(starts, text_lens, seq_lens)]
+        order = torch.cat(text + video)
+        _ORDER_CACHE[key] = (order.to(device), torch.argsort(order).to(device))
+    return _ORDER_CACHE[key]
 
 
 def _tokens_to_heads(q, k, v, seq_lens, rank, world, group, order=None):
@@ -138,14 +152,16 @@ def _tokens_to_heads(q, k, v, seq_lens, rank, world, group, order=None):
     B, S_r, H, D = q.shape
     Hl = H // world
     # Send buffer [world, S_r, 3, B, Hl, D]: chunk j (rank j's heads) is contiguous and token-major,
-    # so the received chunks concatenate to the global token order whatever their lengths.
-    qkv = torch.stack((q, k, v), dim=0).view(3, B, S_r, world, Hl, D)
-    send = qkv.permute(3, 2, 0, 1, 4, 5).contiguous()
-    recv = send.new_empty((sum(seq_lens), 3, B, Hl, D))
+    # so the received chunks concatenate to the global token order whatever their lengths. One pass
+    # over q, k, v (strided views are fine).
+    send = torch.empty((world, S_r, 3, B, Hl, D), dtype=q.dtype, device=q.device)
+    for i, t in enumerate((q, k, v)):
+        send[:, :, i].copy_(t.unflatten(2, (world, Hl)).permute(2, 1, 0, 3, 4))
+    recv = torch.empty((sum(seq_lens), 3, B, Hl, D), dtype=q.dtype, device=q.device)
     dist.all_to_all_single(recv, send.view(world * S_r, 3, B, Hl, D), output_split_sizes=seq_lens,
                            input_split_sizes=[S_r] * world, group=group)
     if order is not None:
-        recv = recv.index_select(0, order)
+        recv = recv.index_select(0, order[0])
     heads = recv.permute(1, 2, 0, 3, 4)  # [3, B, S, Hl, D], last dim contiguous
     return heads[0], heads[1], heads[2]
 
@@ -155,8 +171,8 @@ def _heads_to_tokens(out, seq_lens, rank, world, group, order=None):
     B, S, Hl, D = out.shape
     S_r = seq_lens[rank]
     send = out.permute(1, 0, 2, 3)  # [S, B, Hl, D]: rank j's tokens are rows of chunk j
-    send = send.contiguous() if order is None else send.index_select(0, torch.argsort(order))
-    recv = send.new_empty((world * S_r, B, Hl, D))
+    send = send.contiguous() if order is None else send.index_select(0, order[1])
+    recv = torch.empty((world * S_r, B, Hl, D), dtype=send.dtype, device=send.device)
     dist.all_to_all_single(recv, send, output_split_sizes=[S_r] * world, input_split_sizes=seq_lens,
                            group=group)
     return recv.view(world, S_r, B, Hl, D).permute(2, 1, 0, 3, 4).reshape(B, S_r, world * Hl, D)

@@ -128,6 +128,14 @@ def case_attention(rank, world):
     t0, v0 = sum(text_lens[:rank]), text_len + sum(video_lens[:rank])
     expected = torch.cat((ref[:, t0:t0 + text_lens[rank]], ref[:, v0:v0 + video_lens[rank]]), 1)
     assert rel_err(out, expected) <= 1e-5
+    # bf16 (the real dtype) through the same path: within the DESIGN.md budget of a float32 reference
+    S, H = 13, 2 * world
+    q, k, v = _qkv(1, S, H, D, 5)
+    cos, sin = _tables(S, 4, D)
+    ref = rope3d_attention(q, k, v, text_len=4, cos=cos, sin=sin, backend="reference")
+    local = [shard_sequence(t.bfloat16(), None) for t in (q, k, v)]
+    out = ulysses_rope3d_attention(*local, text_len=4, cos=cos, sin=sin, backend="reference")
+    assert out.dtype == torch.bfloat16 and rel_err(gather_sequence(out, None), ref) <= 1e-2
     # strided q/k/v views of one QKV tensor, as the model passes them
     S, H = 11, 2 * world
     qkv = torch.randn(1, S, 3, H, D, generator=torch.Generator().manual_seed(7))
