@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..nn.adaln import AdaLayerNormOut, ExpertAdaLN
-from ..nn.attention import ATTENTION_BACKENDS, RoPE3DAttention, check_backend
+from ..nn._switch import BackendSwitch, check_backend
+from ..nn.attention import ATTENTION_BACKENDS, RoPE3DAttention
 from ..nn.embeddings import PatchEmbed3D, TimestepEmbedding, sincos_pos_embed_3d
 from ..nn.expert_ffn import EXPERT_FFN_BACKENDS, ExpertFFN, check_expert_options, ffn_inner_size
 from ..ops.rope import rope3d_freqs
@@ -27,14 +28,10 @@ TRANSFORMER_DEFAULTS = dict(
 )
 
 
-def _set_backend_below(module: nn.Module, backend: str) -> None:
-    for child in module.modules():
-        if child is not module and isinstance(child, (RoPE3DAttention, ExpertFFN, CogVideoXBlock)):
-            child.backend = backend
-
-
-class CogVideoXBlock(nn.Module):
+class CogVideoXBlock(BackendSwitch, nn.Module):
     """Attention half (expert adaLN, RoPE3D attention, gated residual) then the ``ExpertFFN`` half."""
+
+    BACKENDS = MODEL_BACKENDS
 
     def __init__(self, hidden_size: int, num_heads: int, time_embed_dim: int, mlp_ratio: float = 4.0,
                  num_text_experts: int = 1, num_video_experts: int = 1, shared_ffn: bool = False,
@@ -45,15 +42,6 @@ class CogVideoXBlock(nn.Module):
         self.ffn = ExpertFFN(hidden_size, time_embed_dim, mlp_ratio, num_text_experts, num_video_experts,
                              shared_ffn, backend=backend)
         self.backend = backend
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend("CogVideoXBlock", value, MODEL_BACKENDS)
-        _set_backend_below(self, value)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int, rope=None) -> torch.Tensor:
         h, modulation = self.norm1(x, temb, text_len)
@@ -95,9 +83,11 @@ def _check_options(o: dict) -> None:
     check_backend("build_transformer", o["backend"], MODEL_BACKENDS)
 
 
-class CogVideoXTransformer(nn.Module):
+class CogVideoXTransformer(BackendSwitch, nn.Module):
     """forward(latents [B, T, C, H, W], text_embeddings [B, L, text_hidden_size], timestep [B])
     -> [B, T, C, H, W] (the model's prediction for the latents). Build with ``build_transformer``."""
+
+    BACKENDS = MODEL_BACKENDS
 
     def __init__(self, **options):
         super().__init__()
@@ -133,15 +123,6 @@ class CogVideoXTransformer(nn.Module):
         self._position_cache: dict = {}
         if not self.proj_out.weight.is_meta:  # (a meta-device build only counts parameters)
             self.position_tables(self.default_grid, torch.device("cpu"))  # ready for the default size
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend("CogVideoXTransformer", value, MODEL_BACKENDS)
-        _set_backend_below(self, value)
 
     def position_tables(self, grid: tuple[int, int, int], device: torch.device):
         """(cos, sin) RoPE tables [N, head_dim] when use_rope, else the sin-cos table [N, hidden];

@@ -18,15 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.causal_conv import CausalConv3d, check_backend
+from ..nn._switch import BackendSwitch, check_backend
+from ..nn.causal_conv import BACKENDS, CausalConv3d
 from ..nn.vae_blocks import (FactorizedConv3d, FrameGroupNorm, ResnetBlock, SpatialDownsample,
                              SpatialUpsample, StreamCache, TemporalDownsample, TemporalUpsample)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar / 2) finite when sampling
 
 
-class _CausalVaeHalf(nn.Module):
+class _CausalVaeHalf(BackendSwitch, nn.Module):
     """What Encoder and Decoder share: their sizes, and one ``backend`` for all causal convs."""
+
+    BACKENDS = BACKENDS
 
     def __init__(self, *, in_channels, latent_channels, num_frames, spatial_downsample,
                  temporal_downsample, backend):
@@ -34,23 +37,12 @@ class _CausalVaeHalf(nn.Module):
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.num_frames = num_frames
         self.spatial_downsample, self.temporal_downsample = spatial_downsample, temporal_downsample
-        self._backend = check_backend(backend)
+        self._backend = check_backend(type(self).__name__, backend, BACKENDS)
 
     @property
     def latent_frames(self) -> int:
         """Latent frames of a ``num_frames`` clip: (num_frames - 1) / temporal_downsample + 1."""
         return (self.num_frames - 1) // self.temporal_downsample + 1
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value)
-        for module in self.modules():
-            if isinstance(module, CausalConv3d):
-                module.backend = value
 
 
 class Encoder(_CausalVaeHalf):
@@ -181,7 +173,7 @@ def build_vae(in_channels=3, latent_channels=16, num_frames=49, spatial_downsamp
             raise ValueError(f"{name}={value} needs {levels} downsampling steps but "
                              f"channel_multipliers={multipliers} has only {len(multipliers) - 1} "
                              "gaps between stages; give more stages")
-    check_backend(backend)
+    check_backend("build_vae", backend, BACKENDS)
     options = dict(in_channels=in_channels, latent_channels=latent_channels, num_frames=num_frames,
                    spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample,
                    widths=[base_channels * m for m in multipliers], layers_per_block=layers_per_block,

@@ -8,23 +8,22 @@ import torch.nn as nn
 
 from ..ops.attention import KERNELS as ATTENTION_KERNELS
 from ..ops.attention import rope3d_attention
+from ._switch import BackendSwitch
 
 ATTENTION_BACKENDS = ("auto", "reference") + ATTENTION_KERNELS
 
 
-def check_backend(owner: str, backend, supported: tuple) -> str:
-    if backend not in supported:
-        raise ValueError(f"{owner}: backend={backend!r} is not supported; choose one of {supported}")
-    return backend
 
 
-class RoPE3DAttention(nn.Module):
+class RoPE3DAttention(BackendSwitch, nn.Module):
     """Multi-head self-attention over ``[text ; video]`` tokens.
 
     ``qkv``: Linear(hidden -> 3 * hidden) whose output is viewed as [B, S, 3, heads, head_dim], so q,
     k and v reach the op as strided views (no copies). ``norm_q``/``norm_k``: per-head LayerNorm over
     head_dim (eps 1e-6) when ``qk_norm``. ``to_out``: Linear(hidden -> hidden).
     """
+
+    BACKENDS = ATTENTION_BACKENDS
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
                  bias: bool = True, backend: str = "auto"):
@@ -40,14 +39,6 @@ class RoPE3DAttention(nn.Module):
         self.norm_q = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
         self.norm_k = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
         self.to_out = nn.Linear(hidden_size, hidden_size)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend("RoPE3DAttention", value, ATTENTION_BACKENDS)
 
     @staticmethod
     def _norm_params(norm):
@@ -73,4 +64,4 @@ class RoPE3DAttention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
 
-__all__ = ["RoPE3DAttention", "ATTENTION_BACKENDS", "check_backend"]
+__all__ = ["RoPE3DAttention", "ATTENTION_BACKENDS"]

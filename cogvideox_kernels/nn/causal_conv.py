@@ -13,13 +13,9 @@ from torch import nn
 from ..ops import causal_conv3d
 from ..ops.causal_conv import KERNELS, PAD_MODES
 
+from ._switch import BackendSwitch
+
 BACKENDS = ("auto", "reference") + KERNELS
-
-
-def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
-    return backend
 
 
 def _kernel_size(kernel_size) -> tuple[int, int, int]:
@@ -31,7 +27,7 @@ def _kernel_size(kernel_size) -> tuple[int, int, int]:
     return size
 
 
-class CausalConv3d(nn.Module):
+class CausalConv3d(BackendSwitch, nn.Module):
     """Conv over [B, C, T, H, W] whose output frame t sees input frames <= t * stride only.
 
     ``forward(x, cache=None) -> (y, new_cache)``: with ``cache=None`` the kt-1 frames before frame 0
@@ -39,6 +35,8 @@ class CausalConv3d(nn.Module):
     ``new_cache`` continues a clip chunk by chunk (every chunk but the last a multiple of ``stride``).
     ``backend``: ``"auto"`` | ``"reference"`` | ``"cuda"`` | ``"cpp"``; may be changed at any time.
     """
+
+    BACKENDS = BACKENDS
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, *, stride: int = 1,
                  pad_mode: str = "replicate", bias: bool = True, backend: str = "auto",
@@ -58,14 +56,6 @@ class CausalConv3d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value)
 
     def reset_parameters(self) -> None:
         # The same uniform(+-1/sqrt(fan_in)) init as torch.nn.Conv3d.

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..ops.expert_ffn import KERNELS as EXPERT_FFN_KERNELS
 from ..ops.expert_ffn import expert_ffn
 from .adaln import ExpertAdaLN
-from .attention import check_backend
+from ._switch import BackendSwitch
 
 EXPERT_FFN_BACKENDS = ("auto", "reference") + EXPERT_FFN_KERNELS
 
@@ -31,7 +31,7 @@ def check_expert_options(num_text_experts, num_video_experts, shared_ffn) -> Non
                          f"num_text_experts=num_video_experts=1; got {num_text_experts} and {num_video_experts}")
 
 
-class ExpertFFN(nn.Module):
+class ExpertFFN(BackendSwitch, nn.Module):
     """``x + gate_m * f_e(LN(x) * (1 + scale_m) + shift_m)`` with f_e = W2 gelu_tanh(W1 h + b1) + b2.
 
     Experts are stacked: ``w1 [E, inner, hidden]``, ``b1 [E, inner]``, ``w2 [E, hidden, inner]``,
@@ -39,6 +39,8 @@ class ExpertFFN(nn.Module):
     experts [0, num_text_experts) serve text and the rest video; a modality with several experts
     routes each token to its top-1 expert with ``text_router``/``video_router`` (Linear to n experts).
     """
+
+    BACKENDS = EXPERT_FFN_BACKENDS
 
     def __init__(self, hidden_size: int, time_embed_dim: int, mlp_ratio: float = 4.0,
                  num_text_experts: int = 1, num_video_experts: int = 1, shared_ffn: bool = False,
@@ -66,14 +68,6 @@ class ExpertFFN(nn.Module):
         self.text_router = nn.Linear(hidden_size, num_text_experts) if routed and num_text_experts > 1 else None
         self.video_router = nn.Linear(hidden_size, num_video_experts) if routed and num_video_experts > 1 else None
         self.reset_parameters()
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend("ExpertFFN", value, EXPERT_FFN_BACKENDS)
 
     def reset_parameters(self) -> None:
         # Each expert initialised like an nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
