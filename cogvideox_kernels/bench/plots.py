@@ -1,12 +1,19 @@
-"""PNG plots of a bench run (matplotlib is optional)."""
+"""PNG plots of a bench run (matplotlib is optional): TFLOP/s against sequence length where an op
+was run at several lengths (attention, FFN), ms per shape otherwise (conv, the model step)."""
 from __future__ import annotations
 
 import os
+import re
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _tokens(shape: str) -> int | None:
+    m = re.search(r"\bS(\d+)\b", shape)
+    return int(m.group(1)) if m else None
 
 
 def plot_results(results, out_dir: str, tag: str) -> list[str]:
@@ -17,22 +24,32 @@ def plot_results(results, out_dir: str, tag: str) -> list[str]:
             continue
         shapes = list(dict.fromkeys(r.shape for r in rows))
         variants = list(dict.fromkeys(r.variant for r in rows))
-        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(shapes)), 4))
-        width = 0.8 / len(variants)
-        for i, v in enumerate(variants):
-            xs, ys = [], []
-            for j, s in enumerate(shapes):
-                r = next((r for r in rows if r.shape == s and r.variant == v), None)
-                if r:
-                    xs.append(j + i * width)
-                    ys.append(r.ms)
-            ax.bar(xs, ys, width, label=v)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=7)
-        ax.set_ylabel("ms (lower is better)")
+        lengths = {s: _tokens(s) for s in shapes}
+        by_length = len(shapes) > 1 and all(lengths.values()) and all(r.tflops for r in rows)
+        fig, ax = plt.subplots(figsize=(6.5, 4) if by_length else (max(6, 2.2 * len(shapes)), 4))
+        if by_length:  # TFLOP/s vs tokens per sample, one line per variant
+            for v in variants:
+                pts = sorted((lengths[r.shape], r.tflops) for r in rows if r.variant == v)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+            ax.set_xlabel("tokens per sample (S)")
+            ax.set_ylabel("TFLOP/s (higher is better)")
+            ax.set_ylim(bottom=0)
+        else:
+            width = 0.8 / len(variants)
+            for i, v in enumerate(variants):
+                xs, ys = [], []
+                for j, s in enumerate(shapes):
+                    r = next((r for r in rows if r.shape == s and r.variant == v), None)
+                    if r:
+                        xs.append(j + i * width)
+                        ys.append(r.ms)
+                ax.bar(xs, ys, width, label=v)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=7)
+            ax.set_ylabel("ms (lower is better)")
         ax.set_title(f"{op} ({tag})")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"bench_{tag}_{op}.png")
+        path = os.path.join(out_dir, f"bench_{tag}_{op.replace(' ', '_')}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

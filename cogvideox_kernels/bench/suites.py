@@ -21,14 +21,15 @@ from .common import Progress, Result, peak_memory_gib, time_ms
 ATTENTION_SHAPES = {
     "small": [(1, 2, 13, (2, 5, 7), 64, True), (2, 3, 5, (1, 4, 8), 40, True)],
     "2b": [(2, 30, 226, (13, 30, 45), 64, False)],
-    "5b": [(2, 48, 226, (13, 30, 45), 64, True)],
+    # 5B at 13 latent frames (the real shape), plus 3 and 7 frames for the time-vs-length plot
+    "5b": [(2, 48, 226, (t, 30, 45), 64, True) for t in (3, 7, 13)],
     "1.5-5b": [(2, 48, 224, (11, 48, 85), 64, True)],
 }
 # name -> (B, text_len, video_tokens, hidden, inner)
 FFN_SHAPES = {
     "small": [(2, 7, 57, 64, 256)],
     "2b": [(2, 226, 17550, 1920, 7680)],
-    "5b": [(2, 226, 17550, 3072, 12288)],
+    "5b": [(2, 226, 1350 * t, 3072, 12288) for t in (3, 7, 13)],
     "1.5-5b": [(2, 224, 44880, 3072, 12288)],
 }
 # name -> [(B, C, T, H, W, stride)]
