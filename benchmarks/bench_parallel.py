@@ -109,6 +109,8 @@ if str(ROOT) not in sys.path:  # run from a source tree without an install
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from cogvideox_kernels.bench.common import profiled_kernel_ms  # noqa: E402
+
 _COMMON = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, in_channels=16, out_channels=16,
                time_embed_dim=512, text_embed_dim=4096, patch_size=2, use_rotary_positional_embeddings=True)
 PRESETS = {
@@ -323,18 +325,13 @@ def profile_step(step, device) -> dict:
         ms, out = timed_step(step, device)
     del out
     nccl = a2a = total = 0.0
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", None)
-        if us is None:
-            us = getattr(evt, "self_cuda_time_total", 0.0)
-        if not us or evt.key.startswith("ProfilerStep"):
-            continue
-        total += us / 1e3
-        name = evt.key.lower()
+    for ms_k, key in profiled_kernel_ms(prof):
+        total += ms_k
+        name = key.lower()
         if "nccl" in name:
-            nccl += us / 1e3
+            nccl += ms_k
             if "sendrecv" in name or "alltoall" in name:
-                a2a += us / 1e3
+                a2a += ms_k
     return dict(step_ms=round(ms, 2), kernel_ms=round(total, 2), nccl_kernel_ms=round(nccl, 2),
                 a2a_kernel_ms=round(a2a, 2), a2a_kernel_share=round(a2a / ms, 4) if ms else None)
 
@@ -477,16 +474,9 @@ def _run(args, spec, rank, world, device, dtype_name, dtype) -> int:
     a2a_calls = 0
     if world > 1 and not args.no_a2a:
         del out
-        clock = Clock(device)
         with A2ATimer(device) as a2a:
-            dist.barrier()
-            _sync(device)
-            s0 = clock.start()
-            out = step()
-            s1 = clock.stop()
-            _sync(device)
-            dist.barrier()
-        a2a_ms, a2a_step_ms, a2a_calls = a2a.total_ms(), clock.elapsed_ms(s0, s1), len(a2a.pairs)
+            a2a_step_ms, out = timed_step(step, device)
+        a2a_ms, a2a_calls = a2a.total_ms(), len(a2a.pairs)
         if fingerprint(out) != fp:
             notes.append("the a2a-timed step's output differs from the timed steps' (non-deterministic?)")
     profile = None

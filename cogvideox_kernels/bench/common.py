@@ -62,6 +62,18 @@ def time_ms(fn, device: torch.device, *, quick: bool = False) -> float:
     return statistics.median(times)
 
 
+def profiled_kernel_ms(prof) -> list[tuple[float, str]]:
+    """(GPU ms, name) of every kernel a ``torch.profiler`` run recorded (profiler steps left out)."""
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us and not evt.key.startswith("ProfilerStep"):
+            kernels.append((us / 1e3, evt.key))
+    return kernels
+
+
 def peak_memory_gib(fn, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

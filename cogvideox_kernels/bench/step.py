@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .common import profiled_kernel_ms
+
 PRESETS = {
     # CogVideoX-5B: 42 layers, 48 heads x 64, RoPE3D, 226 text tokens, 13 x 60 x 90 latents, CFG batch 2
     "5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
@@ -305,14 +307,9 @@ def profile_split(step) -> dict:
         torch.cuda.synchronize()
     by_class: dict[str, float] = {}
     kernels = []
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", None)
-        if us is None:
-            us = getattr(evt, "self_cuda_time_total", 0.0)
-        if not us or evt.key.startswith("ProfilerStep"):
-            continue
-        by_class[classify(evt.key)] = by_class.get(classify(evt.key), 0.0) + us / 1e3
-        kernels.append((us / 1e3, evt.key[:60]))
+    for ms, name in profiled_kernel_ms(prof):
+        by_class[classify(name)] = by_class.get(classify(name), 0.0) + ms
+        kernels.append((ms, name[:60]))
     kernels.sort(reverse=True)
     split = {k: round(v, 1) for k, v in sorted(by_class.items())}
     split["top"] = [[round(ms, 1), name] for ms, name in kernels[:6]]
