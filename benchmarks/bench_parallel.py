@@ -49,10 +49,10 @@ run is missing (not for a missed speed bar), 2 when the base run is unusable.
 
 ``--tiny``: a tiny model of the preset's layout (2 layers, 6 heads x 16, 7 text tokens, a few
 latents; weights N(0, 0.2) so every part matters) on CPU with gloo in float32, to check this script's
-logic without a GPU (tests/test_bench_parallel.py runs N = 1 and 2 and compares). On CPU diffusers'
+logic without a GPU (tests/bench/test_bench_parallel.py runs N = 1 and 2 and compares). On CPU diffusers'
 ``enable_parallelism`` computes ``rank % torch.accelerator.device_count()``, which divides by zero
 without an accelerator: only under ``--tiny`` on CPU this script makes that count 1 (as
-tests/test_parallel.py does). ``--tiny --device cuda`` runs the tiny model on the GPUs (NCCL, bf16):
+tests/parallel/test_parallel.py does). ``--tiny --device cuda`` runs the tiny model on the GPUs (NCCL, bf16):
 a quick smoke test before the real sizes.
 
 NVLink multicast stays off: the first lines set NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -448,7 +448,7 @@ def _run(args, spec, rank, world, device, dtype_name, dtype) -> int:
     if world > 1:
         if device.type == "cpu" and args.tiny and torch.accelerator.device_count() == 0:
             # diffusers: device = rank % torch.accelerator.device_count() -> ZeroDivisionError on a
-            # CPU-only host; one "device" is the truth for CPU processes (as tests/test_parallel.py does).
+            # CPU-only host; one "device" is the truth for CPU processes (as tests/parallel/test_parallel.py does).
             torch.accelerator.device_count = lambda: 1
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, ulysses_anything=True))
     build_s = time.perf_counter() - t_build

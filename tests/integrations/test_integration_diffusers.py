@@ -15,7 +15,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
 from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
 
-OPS = Path(__file__).resolve().parents[1] / "cogvideox_kernels" / "ops"
+OPS = Path(__file__).resolve().parents[2] / "cogvideox_kernels" / "ops"
 TRITON_READY = (OPS / "attention" / "triton_fwd.py").exists() and (OPS / "expert_ffn" / "triton_fwd.py").exists()
 
 TEXT_LEN, HEIGHT, WIDTH = 7, 4, 6
@@ -356,7 +356,7 @@ def test_package_imports_without_diffusers():
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "import cogvideox_kernels, cogvideox_kernels.integrations.diffusers as d\n"
             "try:\n    d.apply(object())\nexcept ImportError as e:\n    print('ImportError', e)\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "needs diffusers" in result.stdout

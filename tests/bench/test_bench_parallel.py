@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_parallel.py"
 FIELDS = ("preset", "tiny", "world_size", "dtype", "tokens_per_sample", "ms", "ms_per_rank", "peak_gib_per_rank",
           "a2a_calls", "a2a_ms_per_rank", "a2a_share_per_rank", "a2a_share", "fingerprint", "ranks_identical",
