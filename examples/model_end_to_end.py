@@ -37,7 +37,7 @@ assert torch.isfinite(noise_pred).all() and torch.isfinite(decoded).all()
 # Switching a backend keeps the weights: the same model on another backend gives the same output.
 backends = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else [])
 for backend in backends:
-    model.transformer.backend = backend
+    model.transformer.backend = backend  # switch any module's backend; the weights stay
     with torch.no_grad():
         out = model.transformer(noisy, text_embeddings, timestep)
     err = ((out - noise_pred).norm() / noise_pred.norm()).item()

@@ -28,3 +28,20 @@ def test_example_runs(name, tmp_path):
     assert out.stdout.rstrip().endswith("ok"), out.stdout[-2000:]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and name != "streaming_vae.py":
         assert "triton" in out.stdout  # the Triton kernels ran too
+
+
+def test_readme_snippets_are_cut_from_the_examples():
+    """Each README code block under a heading that links an example holds only lines of that example."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    checked = 0
+    for section in readme.split("\n### ")[1:]:
+        heading, _, body = section.partition("\n")
+        linked = [p for p in EXAMPLES.glob("*.py") if f"examples/{p.name}" in heading]
+        if not linked:
+            continue
+        source = {line.strip() for line in linked[0].read_text().splitlines()}
+        for block in body.split("```python\n")[1:]:
+            for line in block.split("```")[0].splitlines():
+                assert not line.strip() or line.strip() in source, f"{linked[0].name}: {line!r}"
+                checked += 1
+    assert checked >= 15
