@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn._switch import BackendSwitch, check_backend
-from ..nn.causal_conv import BACKENDS, CausalConv3d
+from ..nn.causal_conv import CausalConv3d
 from ..nn.vae_blocks import (FactorizedConv3d, FrameGroupNorm, ResnetBlock, SpatialDownsample,
                              SpatialUpsample, StreamCache, TemporalDownsample, TemporalUpsample)
 
@@ -29,7 +29,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar / 2) finite when sampling
 class _CausalVaeHalf(BackendSwitch, nn.Module):
     """What Encoder and Decoder share: their sizes, and one ``backend`` for all causal convs."""
 
-    BACKENDS = BACKENDS
+    OPS = CausalConv3d.OPS
 
     def __init__(self, *, in_channels, latent_channels, num_frames, spatial_downsample,
                  temporal_downsample, backend):
@@ -37,7 +37,7 @@ class _CausalVaeHalf(BackendSwitch, nn.Module):
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.num_frames = num_frames
         self.spatial_downsample, self.temporal_downsample = spatial_downsample, temporal_downsample
-        self._backend = check_backend(type(self).__name__, backend, BACKENDS)
+        self._backend = check_backend(type(self).__name__, backend, self.supported_backends())
 
     @property
     def latent_frames(self) -> int:
@@ -173,7 +173,7 @@ def build_vae(in_channels=3, latent_channels=16, num_frames=49, spatial_downsamp
             raise ValueError(f"{name}={value} needs {levels} downsampling steps but "
                              f"channel_multipliers={multipliers} has only {len(multipliers) - 1} "
                              "gaps between stages; give more stages")
-    check_backend("build_vae", backend, BACKENDS)
+    check_backend("build_vae", backend, CausalConv3d.supported_backends())
     options = dict(in_channels=in_channels, latent_channels=latent_channels, num_frames=num_frames,
                    spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample,
                    widths=[base_channels * m for m in multipliers], layers_per_block=layers_per_block,

@@ -6,13 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.attention import KERNELS as ATTENTION_KERNELS
 from ..ops.attention import rope3d_attention
 from ._switch import BackendSwitch
-
-ATTENTION_BACKENDS = ("auto", "reference") + ATTENTION_KERNELS
-
-
 
 
 class RoPE3DAttention(BackendSwitch, nn.Module):
@@ -23,7 +18,7 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
     head_dim (eps 1e-6) when ``qk_norm``. ``to_out``: Linear(hidden -> hidden).
     """
 
-    BACKENDS = ATTENTION_BACKENDS
+    OPS = ("rope3d_attention",)
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
                  bias: bool = True, backend: str = "auto"):
@@ -64,4 +59,4 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
 
-__all__ = ["RoPE3DAttention", "ATTENTION_BACKENDS"]
+__all__ = ["RoPE3DAttention"]
