@@ -9,8 +9,9 @@ ordered list of kernel backends. A kernel backend declares
   but only when asked for by name).
 
 ``backend="auto"`` takes the first kernel that is available, allowed on the device type and supports
-the inputs, else the reference. A named kernel that cannot run these inputs raises a ValueError that
-says why. The environment variable ``COGVIDEOX_KERNELS_BACKEND`` overrides ``auto`` for every op that
+the inputs, else the reference. With grad mode on and any tensor input requiring grad, ``auto``
+takes the reference (the kernels have no backward) and a named kernel raises at the call. A named
+kernel that cannot run these inputs raises a ValueError that says why. The environment variable ``COGVIDEOX_KERNELS_BACKEND`` overrides ``auto`` for every op that
 has that backend (``reference`` rules every kernel out); a value no op knows raises.
 
 Adding a kernel backend is its own file (or folder) next to the op plus one call, for example in
@@ -149,7 +150,7 @@ def auto_allowed(op: str, kernel: str, device) -> bool:
 
 
 def auto_choice(op: str, device) -> str:
-    """What ``auto`` runs on ``device`` for inputs every kernel supports."""
+    """What ``auto`` runs on ``device`` for inputs every kernel supports and that need no grad."""
     device = torch.device(device)
     for k in _op(op).kernels:
         if _auto_allowed(k, device) and k.why_unavailable(device) is None:
@@ -247,6 +248,24 @@ def _auto_allowed(kernel: Backend, device: torch.device) -> bool:
     return kernel.auto_devices is None or device.type in kernel.auto_devices
 
 
+def _tensors(inputs: dict):
+    """(name, tensor) of every tensor input, including those inside tuples such as q_norm."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            yield name, value
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    yield f"{name}[{i}]", item
+
+
+def _grad_input(inputs: dict) -> str | None:
+    """The first input autograd would track through this call, or None."""
+    if not torch.is_grad_enabled():
+        return None
+    return next((name for name, t in _tensors(inputs) if t.requires_grad), None)
+
+
 def _forced(op: Op) -> str:
     """``COGVIDEOX_KERNELS_BACKEND``: the backend ``auto`` means for this op."""
     forced = os.environ.get(BACKEND_ENV, "").strip()
@@ -268,7 +287,10 @@ def _select(op: Op, backend: str, inputs: dict) -> Backend | None:
     if backend == "reference":
         return None
     device = inputs[op.device_arg].device
+    grad = _grad_input(inputs)
     if backend == "auto":
+        if grad is not None:
+            return None  # the reference has the backward pass
         for k in op.kernels:
             if (_auto_allowed(k, device) and k.why_unavailable(device) is None
                     and k.why_unsupported(inputs) is None):
@@ -283,6 +305,10 @@ def _select(op: Op, backend: str, inputs: dict) -> Backend | None:
     if why is not None:
         raise ValueError(f"{op.name}: backend={backend!r} does not support these inputs: {why}; "
                          "use backend='auto' (it falls back to the reference) or 'reference'")
+    if grad is not None:
+        raise ValueError(f"{op.name}: backend={backend!r} has no backward pass, but {grad} requires grad and "
+                         "grad mode is on; run it under torch.no_grad() or torch.inference_mode(), or use "
+                         "backend='auto' (it takes the differentiable reference) or 'reference'")
     return kernel
 
 

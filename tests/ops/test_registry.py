@@ -118,3 +118,40 @@ def test_describe_lists_every_op():
     for op in ("rope3d_attention", "expert_ffn", "causal_conv3d"):
         assert op in text
     assert "auto -> reference" in text and "hold no data" in text
+
+
+def test_autograd_takes_the_reference_or_refuses_at_the_call(monkeypatch):
+    """Kernels have no backward: with grad mode on and any tensor input requiring grad, auto takes the
+    reference (so backward works) and a named kernel raises at the call, not at backward()."""
+    monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 5, 6, generator=g)
+    w = torch.randn(4, 3, 3, 1, 1, generator=g)
+    kernel = registry.auto_choice("causal_conv3d", "cpu")
+    for needs_grad in ("x", "weight"):
+        xs, ws = x.clone().requires_grad_(needs_grad == "x"), w.clone().requires_grad_(needs_grad == "weight")
+        assert registry.resolve("causal_conv3d", x=xs, weight=ws, bias=None, stride=1, pad_mode="replicate",
+                                cache=None) == "reference"
+        y, _ = ops.causal_conv3d(xs, ws)
+        y.square().sum().backward()
+        leaf = xs if needs_grad == "x" else ws
+        ref_leaf = leaf.detach().clone().requires_grad_()
+        y_ref, _ = ops.causal_conv3d(ref_leaf if needs_grad == "x" else x, ref_leaf if needs_grad == "weight" else w,
+                                     backend="reference")
+        y_ref.square().sum().backward()
+        assert torch.equal(leaf.grad, ref_leaf.grad)
+        if kernel != "reference":
+            with pytest.raises(ValueError, match=rf"backend='{kernel}' has no backward pass, but {needs_grad} requires grad"):
+                ops.causal_conv3d(xs, ws, backend=kernel)
+            with torch.no_grad():  # no grad mode: the kernel runs
+                assert registry.resolve("causal_conv3d", x=xs, weight=ws, bias=None, stride=1, pad_mode="replicate",
+                                        cache=None) == kernel
+                ops.causal_conv3d(xs, ws, backend=kernel)
+    # a tensor inside a tuple argument counts too (q_norm's weight)
+    a = _inputs()
+    a["q_norm"] = (torch.ones(16, requires_grad=True), None)
+    assert registry.resolve("rope3d_attention", **a) == "reference"
+    with pytest.raises(ValueError, match=r"q_norm\[0\] requires grad"):
+        ops.rope3d_attention(**a, backend="triton")
+    with torch.inference_mode():
+        assert registry.resolve("rope3d_attention", **a) == "reference"  # (auto skips the interpreter)
