@@ -5,6 +5,9 @@ ordered list of kernel backends. A kernel backend declares
 
 * ``available(device)``: may it run on tensors of this device at all (``None``, or the reason not);
 * ``supports(**inputs)``: can it take these inputs: dtype, head dim, kernel shape (``None``, or why not);
+* ``layout``: which tensor arguments it needs ``CONTIGUOUS`` or with a ``UNIT_LAST_STRIDE`` (``"*"``:
+  every argument not named). The dispatcher copies the arguments that are not so: a kernel never sees
+  strides it does not handle, whatever view the caller passes;
 * ``auto_devices``: the device types ``auto`` may pick it on (the Triton interpreter runs CPU tensors,
   but only when asked for by name).
 
@@ -22,6 +25,7 @@ Adding a kernel backend is its own file (or folder) next to the op plus one call
         run="cogvideox_kernels.ops.attention.hopper:rope3d_attention_hopper",  # (**inputs) -> output
         supports="cogvideox_kernels.ops.attention.hopper:supports",           # (**inputs) -> None | why not
         available=registry.cuda_arch(9, 0),
+        layout={"q": UNIT_LAST_STRIDE, "k": UNIT_LAST_STRIDE, "v": UNIT_LAST_STRIDE, "*": CONTIGUOUS},
         before="triton")                                                      # auto tries it first
 
 ``run`` and ``supports`` take the op's inputs as keywords (the public function's arguments without
@@ -39,6 +43,10 @@ import torch
 
 from .._backend import BACKEND_ENV, gpu_supports_triton, interpret_mode, triton_available
 
+CONTIGUOUS = "contiguous"
+UNIT_LAST_STRIDE = "unit_last_stride"
+ANY_STRIDES = "any"
+
 Reason = Optional[str]  # None: fine; else a sentence saying why not
 
 
@@ -49,6 +57,7 @@ class Backend:
     run: Callable
     available: Callable[[torch.device], Reason]
     supports: Optional[Callable[..., Reason]] = None
+    layout: dict = field(default_factory=dict)
     auto_devices: Optional[tuple] = None
     import_error: Reason = None  # the kernel's module could not be imported
 
@@ -64,7 +73,7 @@ class Backend:
         return None if self.supports is None else self.supports(**inputs)
 
     def __call__(self, inputs: dict):
-        return self.run(**inputs)
+        return self.run(**_conform(inputs, self.layout))
 
 
 @dataclass
@@ -90,7 +99,7 @@ def register_op(name: str, *, reference: Callable, check: Callable[..., None], d
     _OPS[name] = Op(name, reference, check, device_arg)
 
 
-def register_backend(op: str, name: str, *, run, available, supports=None, auto_devices=None,
+def register_backend(op: str, name: str, *, run, available, supports=None, layout=None, auto_devices=None,
                      before: str | None = None) -> Backend:
     """Add a kernel backend to ``op``; ``auto`` tries kernels in order (``before`` puts this one ahead
     of the named one, else it goes last). ``run``/``supports``: callables or ``"module:function"``
@@ -107,7 +116,7 @@ def register_backend(op: str, name: str, *, run, available, supports=None, auto_
         run, supports = _load(run), _load(supports)
     except ImportError as exc:
         error = f"its module could not be imported ({type(exc).__name__}: {exc})"
-    backend = Backend(name, run, available, supports, auto_devices, error)
+    backend = Backend(name, run, available, supports, dict(layout or {}), auto_devices, error)
     entry.kernels.insert(names.index(before) if before is not None else len(names), backend)
     return backend
 
@@ -168,7 +177,7 @@ def resolve(op: str, backend: str = "auto", **inputs) -> str:
 
 
 def dispatch(op: str, backend: str, **inputs):
-    """Check the inputs, pick the backend, run it."""
+    """Check the inputs, pick the backend, conform the layouts it needs, run it."""
     entry = _op(op)
     entry.check(**inputs)
     chosen = _select(entry, backend, inputs)
@@ -312,5 +321,31 @@ def _select(op: Op, backend: str, inputs: dict) -> Backend | None:
     return kernel
 
 
+def _conform_tensor(t: torch.Tensor, need: str) -> torch.Tensor:
+    if need == CONTIGUOUS and not t.is_contiguous():
+        return t.contiguous()
+    if need == UNIT_LAST_STRIDE and t.dim() and t.stride(-1) != 1 and t.shape[-1] != 1:
+        return t.contiguous()
+    return t
+
+
+def _conform(inputs: dict, layout: dict) -> dict:
+    """Copies of the tensor inputs whose strides the kernel does not handle (see ``layout``)."""
+    if not layout:
+        return inputs
+    out = dict(inputs)
+    default = layout.get("*", ANY_STRIDES)
+    for name, value in inputs.items():
+        need = layout.get(name, default)
+        if need == ANY_STRIDES:
+            continue
+        if isinstance(value, torch.Tensor):
+            out[name] = _conform_tensor(value, need)
+        elif isinstance(value, (tuple, list)):
+            out[name] = type(value)(_conform_tensor(v, need) if isinstance(v, torch.Tensor) else v for v in value)
+    return out
+
+
 __all__ = ["register_op", "register_backend", "unregister_backend", "ops", "kernels", "backends", "availability",
-           "auto_allowed", "auto_choice", "resolve", "dispatch", "describe", "triton_device", "cuda_arch", "Backend"]
+           "auto_allowed", "auto_choice", "resolve", "dispatch", "describe", "triton_device", "cuda_arch", "Backend",
+           "CONTIGUOUS", "UNIT_LAST_STRIDE", "ANY_STRIDES"]

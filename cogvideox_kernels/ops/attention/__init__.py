@@ -11,7 +11,10 @@ registry.register_backend(
     "rope3d_attention", "triton",
     run="cogvideox_kernels.ops.attention.triton_fwd:rope3d_attention_triton",
     supports="cogvideox_kernels.ops.attention.triton_fwd:supports",
-    available=registry.triton_device, auto_devices=("cuda",))
+    available=registry.triton_device, auto_devices=("cuda",),
+    # q, k, v are read through their strides; the small tables and norm vectors as packed rows
+    layout={"q": registry.UNIT_LAST_STRIDE, "k": registry.UNIT_LAST_STRIDE, "v": registry.UNIT_LAST_STRIDE,
+            "*": registry.CONTIGUOUS})
 
 
 def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
@@ -19,7 +22,8 @@ def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_no
     """Attention over ``[text ; video]`` tokens with optional per-head LayerNorm on q and k and
     interleaved 3D RoPE on the video tokens (index >= ``text_len``).
 
-    q, k, v: ``[B, S, H, D]`` (strided views allowed, last dim contiguous), fp16/bf16/fp32.
+    q, k, v: ``[B, S, H, D]``, fp16/bf16/fp32/fp64, any strides (a kernel gets copies of what it
+    cannot read in place).
     cos, sin: ``[S - text_len, D]`` float32 tables (see ``rope3d_freqs``) or None for no rotation.
     q_norm, k_norm: ``(weight, bias)`` of shape ``[D]`` or None. Returns ``[B, S, H, D]``.
     backend: ``"auto"`` (a kernel where one runs and supports the inputs, else the reference),

@@ -383,9 +383,6 @@ def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     B, S, H, D = q.shape
     interpret = q.device.type == "cpu"
     has_rope = cos is not None
-    if has_rope and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
-        # the kernels index both tables with cos's row stride (tables are small)
-        cos, sin = cos.contiguous(), sin.contiguous()
     if relayout_kv or apply_k_norm or has_rope:
         k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
                              head_major=relayout_kv)

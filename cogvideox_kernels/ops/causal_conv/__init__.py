@@ -23,9 +23,11 @@ registry.register_op("causal_conv3d", reference=causal_conv3d_reference, check=c
                      device_arg="x")
 registry.register_backend("causal_conv3d", "cuda", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cuda",
                           supports="cogvideox_kernels.ops.causal_conv.native:cuda_supports",
+                          layout={"*": registry.CONTIGUOUS},
                           available=_cuda_extension)
 registry.register_backend("causal_conv3d", "cpp", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cpp",
                           supports="cogvideox_kernels.ops.causal_conv.native:cpp_supports",
+                          layout={"*": registry.CONTIGUOUS},
                           available=_cpp_extension)
 
 

@@ -10,7 +10,7 @@ registry.register_backend(
     "expert_ffn", "triton",
     run="cogvideox_kernels.ops.expert_ffn.triton_fwd:expert_ffn_triton",
     supports="cogvideox_kernels.ops.expert_ffn.triton_fwd:supports",
-    available=registry.triton_device, auto_devices=("cuda",))
+    available=registry.triton_device, auto_devices=("cuda",), layout={"*": registry.CONTIGUOUS})
 
 
 def expert_ffn(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
