@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.attention import rope3d_attention
+from ._checks import check_input
 from ._switch import BackendSwitch
 
 
@@ -42,8 +43,8 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
     def forward(self, x: torch.Tensor, text_len: int, rope=None) -> torch.Tensor:
         """x [B, S, hidden] (first ``text_len`` tokens text); rope = (cos, sin) [S - text_len, head_dim]
         float32 tables or None. Returns [B, S, hidden]."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [B, S, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        check_input("RoPE3DAttention", "x", x, self.qkv.weight, ndim=3, width=self.hidden_size,
+                    width_name="hidden_size")
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)
         if rope is not None and (not isinstance(rope, (tuple, list)) or len(rope) != 2):

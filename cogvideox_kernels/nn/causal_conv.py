@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops import causal_conv3d
 from ..ops.causal_conv import PAD_MODES
+from ._checks import check_input
 from ._switch import BackendSwitch
 
 
@@ -64,6 +65,7 @@ class CausalConv3d(BackendSwitch, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        check_input("CausalConv3d", "x", x, self.weight, ndim=5)
         return causal_conv3d(x, self.weight, self.bias, stride=self.stride, pad_mode=self.pad_mode,
                              cache=cache, backend=self.backend)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.expert_ffn import expert_ffn
+from ._checks import check_input
 from .adaln import ExpertAdaLN
 from ._switch import BackendSwitch
 
@@ -80,6 +81,7 @@ class ExpertFFN(BackendSwitch, nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int) -> torch.Tensor:
         """x [B, S, hidden] (first ``text_len`` tokens text), temb [B, time_embed_dim] -> new x."""
+        check_input("ExpertFFN", "x", x, self.w1, ndim=3, width=self.hidden_size, width_name="hidden_size")
         return expert_ffn(x, self.adaln.modulation(temb), self.w1, self.b1, self.w2, self.b2,
                           text_len=text_len, norm_weight=self.adaln.norm.weight,
                           norm_bias=self.adaln.norm.bias, eps=self.adaln.norm.eps,

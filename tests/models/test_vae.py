@@ -351,6 +351,14 @@ def test_decode_and_dtype_errors():
         decode_latent(decoder, torch.randn(1, 2, 4, 2, 3), chunk_frames=0)
     with pytest.raises(ValueError, match="float64"):
         encode_video(encoder, torch.randn(1, 1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="encode_video takes the Encoder .* got Decoder"):
+        encode_video(decoder, torch.randn(1, 5, 3, 16, 24))
+    with pytest.raises(ValueError, match="decode_latent takes the Decoder .* got Encoder"):
+        decode_latent(encoder, torch.randn(1, 2, 4, 2, 3))
+    with pytest.raises(ValueError, match="Encoder: x has dtype torch.bfloat16"):  # the module called directly
+        encoder(torch.randn(1, 3, 5, 16, 24).bfloat16())
+    with pytest.raises(ValueError, match="Decoder: z has C=3"):
+        decoder(torch.randn(1, 3, 2, 2, 3))
 
 
 @pytest.mark.parametrize("kwargs,match", [

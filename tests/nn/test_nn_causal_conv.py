@@ -122,6 +122,8 @@ def test_bad_inputs():
         conv(torch.randn(1, 3, 5, 4, 4))
     with pytest.raises(ValueError, match="cache"):
         conv(torch.randn(1, 4, 5, 4, 4), torch.randn(1, 4, 1, 4, 4))
+    with pytest.raises(ValueError, match="CausalConv3d: x has dtype torch.bfloat16 but the module's parameters are"):
+        conv(torch.randn(1, 4, 5, 4, 4).bfloat16())
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension's causal conv is not built")

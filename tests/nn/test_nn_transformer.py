@@ -173,6 +173,29 @@ def test_attention_forward_errors():
         module(torch.randn(1, 5, 64), 2, rope=(torch.ones(4, 32), torch.zeros(4, 32)))
 
 
+def test_modules_name_the_argument_for_a_wrong_dtype_or_width():
+    """A ValueError naming the module and the argument, not torch's RuntimeError from inside a matmul."""
+    attn, ffn, adaln = RoPE3DAttention(32, 2), ExpertFFN(32, 16), ExpertAdaLN(16, 32)
+    x, temb = torch.randn(1, 4, 32), torch.randn(1, 16)
+    bf16 = r"has dtype torch.bfloat16 but the module's parameters are torch.float32"
+    with pytest.raises(ValueError, match=rf"RoPE3DAttention: x {bf16}"):
+        attn(x.bfloat16(), 1)
+    with pytest.raises(ValueError, match=rf"ExpertFFN: x {bf16}"):
+        ffn(x.bfloat16(), temb, 1)
+    with pytest.raises(ValueError, match=rf"ExpertAdaLN: temb {bf16}"):
+        ffn(x, temb.bfloat16(), 1)
+    with pytest.raises(ValueError, match=r"ExpertAdaLN: temb has shape \(1, 8\); its last dim must be time_embed_dim=16"):
+        ffn(x, torch.randn(1, 8), 1)
+    with pytest.raises(ValueError, match="ExpertAdaLN: temb .*time_embed_dim=16"):
+        adaln(x, torch.randn(1, 8), 1)
+    with pytest.raises(ValueError, match="ExpertAdaLN: x .*hidden_size=32"):
+        adaln(torch.randn(1, 4, 31), temb, 1)
+    with pytest.raises(ValueError, match="AdaLayerNormOut: temb .*time_embed_dim=16"):
+        AdaLayerNormOut(16, 32)(x, torch.randn(1, 9))
+    with pytest.raises(ValueError, match="PatchEmbed3D: latents .*bfloat16"):
+        PatchEmbed3D(4, 32, (1, 2, 2))(torch.randn(1, 1, 4, 4, 4).bfloat16())
+
+
 # ---------------------------------------------------------------- adaLN
 
 def test_expert_adaln_order_and_formula():

@@ -155,3 +155,24 @@ def test_autograd_takes_the_reference_or_refuses_at_the_call(monkeypatch):
         ops.rope3d_attention(**a, backend="triton")
     with torch.inference_mode():
         assert registry.resolve("rope3d_attention", **a) == "reference"  # (auto skips the interpreter)
+
+
+def test_meta_tensors_propagate_shapes_and_kernels_say_why_not():
+    """auto on meta tensors runs the reference (shapes only); a named kernel says that meta tensors hold
+    no data, not that the GPU is too old."""
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _inputs().items()}
+    assert ops.rope3d_attention(**meta).shape == meta["q"].shape
+    for kernel in registry.kernels("rope3d_attention"):
+        with pytest.raises(ValueError, match="cannot run on meta tensors") as info:
+            ops.rope3d_attention(**meta, backend=kernel)
+        assert "sm_80" not in str(info.value)
+    x = torch.randn(1, 3, 4, 5, 6, device="meta")
+    w = torch.randn(4, 3, 3, 1, 1, device="meta")
+    y, cache = ops.causal_conv3d(x, w)
+    assert y.shape == (1, 4, 4, 5, 6) and cache.shape == (1, 3, 2, 5, 6)
+    for kernel in registry.kernels("causal_conv3d"):
+        with pytest.raises(ValueError, match="cannot run on meta tensors"):
+            ops.causal_conv3d(x, w, backend=kernel)
+    x, mod = torch.randn(1, 5, 8, device="meta"), torch.randn(1, 6, 8, device="meta")
+    w1, w2 = torch.randn(2, 16, 8, device="meta"), torch.randn(2, 8, 16, device="meta")
+    assert ops.expert_ffn(x, mod, w1, None, w2, None, text_len=2, num_text_experts=1).shape == x.shape
