@@ -34,8 +34,9 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_attention import (SHAPES, bench_ms, diffusers_style_path, environment,  # noqa: E402
-                             make_inputs, reference_rows, rel_error, sample_rows, sdpa_alone)
+from bench_attention import (SHAPES, diffusers_style_path, make_inputs, reference_rows, rel_error,  # noqa: E402
+                             sample_rows, sdpa_alone)
+from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops  # noqa: E402
 from cogvideox_kernels.ops.attention.triton_fwd import (_exp2_x2, qk_norm_rope_fwd,  # noqa: E402
                                                         rope3d_attention_fwd)
@@ -72,7 +73,7 @@ def mufu_probe(log=print):
         try:
             fn()
             torch.cuda.synchronize()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms = time_ms(fn, "cuda")
             rate = grid * block * iters / ms / 1e6  # exponentials per nanosecond
             row = dict(kind="mufu_probe", variant=name, ms=round(ms, 4),
                        gexp_per_s=round(rate, 1),
@@ -113,7 +114,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    env = environment()
+    env = environment("cuda")
     print(json.dumps(env), flush=True)
     results = []
     for row in mufu_probe(log=lambda r: print(r, flush=True)):
@@ -136,7 +137,7 @@ def main(argv=None):
                 if ref_rows is not None:
                     row["rel_err"] = rel_error(out, ref_rows, rows)
                 del out
-                ms = bench_ms(fn, rep)
+                ms = time_ms(fn, "cuda", rep_ms=rep)
                 row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
             except Exception as e:  # keep going: record why a variant failed
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
