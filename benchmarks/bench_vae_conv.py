@@ -92,12 +92,13 @@ def variants(a, cache):
     out = {
         "ours_fused": (lambda: vae_conv3d(x, w, b, backend=BACKEND, **norm)[0], "fused"),
         "ours_fused_v2": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=2, **norm)[0], "fused"),
+        "ours_fused_v3": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=3, **norm)[0], "fused"),
         "ours_conv": (lambda: vae_conv3d(x, w, b, cache=cache, backend=BACKEND)[0], "conv"),
         "cudnn_conv": (cudnn, "conv"),
         "diffusers_seq": (lambda: diffusers_sequence(x, w, b, **norm)[0], "fused"),
     }
     if BACKEND != "cuda":
-        del out["ours_fused_v2"]
+        del out["ours_fused_v2"], out["ours_fused_v3"]
     return out
 
 
@@ -232,6 +233,40 @@ def write_results(rows, env, out_dir):
         f.write(format_table(rows) + "\n")
 
 
+def profile_kernels(shape, iters=3):
+    """Per-kernel CUDA time (torch.profiler, mean of `iters` calls) of ours_fused and ours_conv."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, cache = make_inputs(shape, "replicate", 0)
+    vs = variants(a, cache)
+    out = {}
+    for name in ("ours_fused", "ours_conv", "diffusers_seq"):
+        fn = vs[name][0]
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t and e.count:
+                kernels[e.key[:90]] = round(t / iters / 1e3, 4)  # ms per call
+        out[name] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+        print(json.dumps({"shape": "x".join(map(str, shape)), "impl": name, "kernels_ms": out[name]}), flush=True)
+    return out
+
+
+def ncu_case():
+    """One fused call at [1,256,6,240,360] for ncu (the conv kernel's stall reasons)."""
+    a, cache = make_inputs(SHAPES[1], "replicate", 0)
+    fn = variants(a, cache)["ours_fused"][0]
+    fn()
+    torch.cuda.synchronize()
+    return 0
+
+
 def sanitize_case():
     """Small shapes through every CUDA path: both variants, bf16/fp16, norm/modulation/cache/residual,
     odd W (scalar stores), partial tiles, C_out not a multiple of 128, zero front frames."""
@@ -248,7 +283,7 @@ def sanitize_case():
                   silu=True, residual=rnd(1, Co, T, H, W), pad_mode=pad_mode,
                   cache=rnd(1, C, 2, H, W) if use_cache else None)
         ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
-        for v in (1, 2):
+        for v in (1, 2, 3):
             y, _ = vae_conv3d_native(x, w, b, backend="cuda", variant=v, **kw)
             worst = max(worst, rel(y.double(), ref.double()))
     torch.cuda.synchronize()
@@ -263,9 +298,13 @@ def main(argv=None):
     ap.add_argument("--fronts", default="replicate,cache", help="comma-separated: replicate, cache")
     ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run at a small shape (C++ path)")
+    ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
+    ap.add_argument("--ncu-case", action="store_true", help="one fused call at the second shape, for ncu")
     args = ap.parse_args(argv)
     if args.sanitize_case:
         return sanitize_case()
+    if args.ncu_case:
+        return ncu_case()
     global DEVICE, BACKEND
     shapes = SHAPES
     if args.smoke:
@@ -278,6 +317,15 @@ def main(argv=None):
             rows += run_shape(shape, front, seed=i)
             if args.out:  # partial results survive a later failure or time-out
                 write_results(rows, env, args.out)
+    if args.profile and DEVICE == "cuda":
+        try:
+            prof = {"x".join(map(str, sh)): profile_kernels(sh) for sh in shapes[:2]}
+        except Exception as exc:  # the table matters more than the breakdown
+            print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
+            prof = {}
+        if args.out and prof:
+            with open(os.path.join(args.out, f"vae_conv_profile_{env['commit'][:7]}.json"), "w") as f:
+                json.dump(dict(env=env, kernels_ms=prof), f, indent=1)
     print(format_table(rows))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     return 1 if bad else 0

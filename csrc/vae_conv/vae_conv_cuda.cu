@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
     if (!is_cache) {
       if (a.coef) v = fmaf(v, a.coef[(b * C + c) * 2], a.coef[(b * C + c) * 2 + 1]);
       if (scale) v = fmaf(v, to_float(scale[off]), to_float(shift[off]));
-      if (p.silu) v = v / (1.0f + __expf(-v));
+      if (p.silu) v = v * __frcp_rn(1.0f + __expf(-v));
     }
     const T out = from_float<T>(v);
     tile[px][ch] = out;
@@ -193,6 +193,103 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
     const int px = e / kPrepCh, ch = e % kPrepCh;
     const int64_t c = c0 + ch, pix = p0 + px;
     if (c < C && pix < HW) dst[((b * nf + fs) * HW + pix) * C + c] = tile[px][ch];
+  }
+}
+
+// The same with 16-byte accesses (H*W % 8 == 0, C_in % 8 == 0, 16-byte aligned tensors): a thread
+// reads 8 pixels of one channel (its norm coefficients once), writes 8 channels of one pixel.
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = unpack2(w[q], __nv_bfloat16{});
+    v[2 * q] = f.x;
+    v[2 * q + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = unpack2(w[q], __half{});
+    v[2 * q] = f.x;
+    v[2 * q + 1] = f.y;
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const T (&v)[8]) {
+  return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a) {
+  static_assert(kPrepCh * kPrepPx / 8 == kPrepThreads, "one 8-element chunk per thread and phase");
+  __shared__ T tile[kPrepCh][kPrepPx + 2];  // 33-word rows: both phases bank-conflict free
+  const VaeConvParams& p = a.p;
+  const int64_t HW = p.height * p.width, C = p.c_in, Tn = p.frames;
+  const int nc = p.kt - 1;
+  const bool has_cache = p.cache != nullptr;
+  const int64_t p0 = int64_t(blockIdx.x) * kPrepPx;
+  const int64_t c0 = int64_t(blockIdx.y) * kPrepCh;
+  const int64_t b = blockIdx.z / a.frames_total;
+  const int64_t f = blockIdx.z % a.frames_total;
+  const bool is_cache = f >= Tn;
+  const int64_t fs = is_cache ? f - Tn : f;
+  const int64_t nf = is_cache ? nc : Tn;
+  {
+    const int ch = threadIdx.x >> 3, px0 = (threadIdx.x & 7) * 8;
+    const int64_t c = c0 + ch, pix = p0 + px0;
+    if (c < C && pix < HW) {  // H*W % 8 == 0: the 8 pixels are all in or all out
+      const int64_t off = ((b * C + c) * nf + fs) * HW + pix;
+      float v[8];
+      load8(static_cast<const T*>(is_cache ? p.cache : p.x) + off, v);
+      if (!is_cache) {
+        if (a.coef) {
+          const float ca = a.coef[(b * C + c) * 2], cd = a.coef[(b * C + c) * 2 + 1];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], ca, cd);
+        }
+        if (p.scale) {
+          float sc[8], sh[8];
+          load8(static_cast<const T*>(p.scale) + off, sc);
+          load8(static_cast<const T*>(p.shift) + off, sh);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], sc[i], sh[i]);
+        }
+        if (p.silu) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = v[i] * __frcp_rn(1.0f + __expf(-v[i]));
+        }
+      }
+      T out[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        out[i] = from_float<T>(v[i]);
+        tile[ch][px0 + i] = out[i];
+      }
+      for (int i = 0; i < nc; ++i) {  // new_cache slot i is padded frame T + i
+        const FrameSource s = padded_source(Tn + i, p.kt, p.pad_mode, has_cache);
+        const bool mine = is_cache ? (s.kind == kFromCache && s.frame == fs)
+                                   : ((s.kind == kFromInput && s.frame == f) || (s.kind == kFromZero && f == 0));
+        if (mine)
+          *reinterpret_cast<uint4*>(static_cast<T*>(p.new_cache) + ((b * C + c) * nc + i) * HW + pix) =
+              s.kind == kFromZero ? make_uint4(0u, 0u, 0u, 0u) : pack8(out);
+      }
+    }
+  }
+  __syncthreads();
+  {
+    const int px = threadIdx.x >> 2, cc = (threadIdx.x & 3) * 8;
+    const int64_t c = c0 + cc, pix = p0 + px;
+    if (c < C && pix < HW) {  // C % 8 == 0: the 8 channels are all in or all out
+      T v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = tile[cc + i][px];
+      T* dst = static_cast<T*>(is_cache ? a.cache_cl : a.act);
+      *reinterpret_cast<uint4*>(dst + ((b * nf + fs) * HW + pix) * C + c) = pack8(v);
+    }
   }
 }
 
@@ -228,7 +325,7 @@ struct ConvArgs {
   int pair_store;  // W even and y / residual 4-byte aligned: store output pairs
 };
 
-template <typename T, int STAGES>
+template <typename T, int STAGES, bool DBUF>
 __global__ void __launch_bounds__(kConvThreads, 1) _vae_conv3x3_fwd_kernel(ConvArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
@@ -340,11 +437,19 @@ __global__ void __launch_bounds__(kConvThreads, 1) _vae_conv3x3_fwd_kernel(ConvA
           Mma16816<T>::run(acc[i][j], af[buf][i], bf[buf][j / 2][(j % 2) * 2],
                            bf[buf][j / 2][(j % 2) * 2 + 1]);
     };
-    load_frags(0, 0);
+    if constexpr (DBUF) {
+      load_frags(0, 0);
 #pragma unroll
-    for (int tap = 0; tap < kTaps2d; ++tap) {
-      if (tap + 1 < kTaps2d) load_frags((tap + 1) & 1, tap + 1);
-      mma_frags(tap & 1);
+      for (int tap = 0; tap < kTaps2d; ++tap) {
+        if (tap + 1 < kTaps2d) load_frags((tap + 1) & 1, tap + 1);
+        mma_frags(tap & 1);
+      }
+    } else {  // fewer live registers, the warp scheduler hides the ldmatrix latency
+#pragma unroll
+      for (int tap = 0; tap < kTaps2d; ++tap) {
+        load_frags(0, tap);
+        mma_frags(0);
+      }
     }
   }
   cp_async_wait<0>();  // no copy may be in flight when the block exits
@@ -396,8 +501,11 @@ __global__ void __launch_bounds__(kConvThreads, 1) _vae_conv3x3_fwd_kernel(ConvA
 struct Variant {
   const char* name;
   int stages;
+  bool dbuf;  // fragments double-buffered by hand
 };
-constexpr Variant kVariants[] = {{"halo16x16_bm128_s4", 4}, {"halo16x16_bm128_s3", 3}};
+constexpr Variant kVariants[] = {{"halo16x16_bm128_s4", 4, true},
+                                 {"halo16x16_bm128_s3", 3, true},
+                                 {"halo16x16_bm128_s4_single_frag", 4, false}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 int device_max_smem(int device) {
@@ -423,12 +531,12 @@ class DeviceGuard {
 
 void invalid(const std::string& what) { throw std::invalid_argument("vae_conv3d_cuda: " + what); }
 
-template <typename T, int STAGES>
+template <typename T, int STAGES, bool DBUF>
 void launch_conv(const ConvArgs& c, int64_t batch, int device, cudaStream_t stream) {
   const size_t smem = size_t(STAGES) * kStage * sizeof(T);
   if (smem > size_t(device_max_smem(device)))
     invalid("the conv tile needs " + std::to_string(smem) + " bytes of shared memory, more than the device allows");
-  auto kernel = _vae_conv3x3_fwd_kernel<T, STAGES>;
+  auto kernel = _vae_conv3x3_fwd_kernel<T, STAGES, DBUF>;
   VAE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int64_t tiles = ((c.height + kTH - 1) / kTH) * c.tiles_w;
   const int64_t co_tiles = (c.c_out + kBM - 1) / kBM;
@@ -483,7 +591,14 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   const int64_t prep_y = (p.c_in + kPrepCh - 1) / kPrepCh;
   const int64_t prep_x = (HW + kPrepPx - 1) / kPrepPx;
   if (prep_z > 65535 || prep_y > 65535 || prep_x > 0x7fffffffLL) invalid("grid too large for this shape");
-  _vae_prep_kernel<T><<<dim3(unsigned(prep_x), unsigned(prep_y), unsigned(prep_z)), kPrepThreads, 0, stream>>>(pa);
+  const uintptr_t prep_addr = x_addr | reinterpret_cast<uintptr_t>(p.scale) | reinterpret_cast<uintptr_t>(p.shift) |
+                              reinterpret_cast<uintptr_t>(p.cache) | reinterpret_cast<uintptr_t>(p.new_cache) |
+                              reinterpret_cast<uintptr_t>(ws.act) | reinterpret_cast<uintptr_t>(ws.cache_cl);
+  const dim3 prep_grid{unsigned(prep_x), unsigned(prep_y), unsigned(prep_z)};
+  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0)
+    _vae_prep_vec_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
+  else
+    _vae_prep_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   VAE_CUDA_CHECK(cudaGetLastError());
 
   ConvArgs c;
@@ -504,11 +619,13 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   const uintptr_t out_addr = reinterpret_cast<uintptr_t>(p.y) | reinterpret_cast<uintptr_t>(p.residual);
   c.pair_store = (p.width % 2 == 0 && out_addr % 4 == 0) ? 1 : 0;
   if (reinterpret_cast<uintptr_t>(p.weight) % 16 != 0) invalid("the packed weight must be 16-byte aligned");
-  const int stages = kVariants[variant == 0 ? 0 : variant - 1].stages;
-  if (stages == 4)
-    launch_conv<T, 4>(c, p.batch, device, stream);
+  const Variant& v = kVariants[variant == 0 ? 0 : variant - 1];
+  if (v.stages == 4 && v.dbuf)
+    launch_conv<T, 4, true>(c, p.batch, device, stream);
+  else if (v.stages == 4)
+    launch_conv<T, 4, false>(c, p.batch, device, stream);
   else
-    launch_conv<T, 3>(c, p.batch, device, stream);
+    launch_conv<T, 3, true>(c, p.batch, device, stream);
 }
 
 }  // namespace
