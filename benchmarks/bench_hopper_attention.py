@@ -39,18 +39,34 @@ PEAK_TFLOPS = 790.0
 SHAPES = dict(SHAPES)
 SHAPES["d128"] = dict(B=2, H=24, S=17776, D=128, text_len=226, grid=(13, 30, 45))
 
-# name -> config overrides of default_config (the order is the order they run: safest first)
+# name -> config overrides of default_config (the order is the order they run: safest first).
+# Run 1 (H200, 8729612): STAGES=2 starved the consumers (25-26 ms); STAGES=3 gave 16.9 ms.
 VARIANTS = {
-    "ws2_serial": dict(NUM_WG=2, OVERLAP=False),
-    "ws2_overlap": dict(NUM_WG=2),
-    "ws2_overlap_s3": dict(NUM_WG=2, STAGES=3),
-    "ws2_n192": dict(NUM_WG=2, N_B=64),
-    "ws2_n192_poly": dict(NUM_WG=2, N_B=64, POLY_B=True),
-    "ws2_n160_poly": dict(NUM_WG=2, N_B=32, POLY_B=True),
-    "ws3_overlap": dict(NUM_WG=3),
-    "ws2_pingpong": dict(NUM_WG=2, PINGPONG=True),
-    "ws2_n192_poly_pp": dict(NUM_WG=2, N_B=64, POLY_B=True, PINGPONG=True),
-    "ws3_pingpong": dict(NUM_WG=3, PINGPONG=True),
+    "ws2_s3": dict(NUM_WG=2, STAGES=3),
+    "ws2_s3_serial": dict(NUM_WG=2, STAGES=3, OVERLAP=False),
+    "ws2_s4": dict(NUM_WG=2, STAGES=4),
+    "ws3_s3": dict(NUM_WG=3, STAGES=3),
+    "ws3_s4": dict(NUM_WG=3, STAGES=4),
+    "m128_n64_s4": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=4),
+    "m128_n64_s6": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=6),
+    "m128_n96poly_s4": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, N_B=32, POLY_B=True, STAGES=4),
+    "ws2_n192_s3": dict(NUM_WG=2, N_B=64, STAGES=3),
+    "ws2_n192poly_s3": dict(NUM_WG=2, N_B=64, POLY_B=True, STAGES=3),
+    "ws2_n192poly_s4": dict(NUM_WG=2, N_B=64, POLY_B=True, STAGES=4),
+    "ws2_n160poly_s4": dict(NUM_WG=2, N_B=32, POLY_B=True, STAGES=4),
+    "ws2_s3_pp": dict(NUM_WG=2, STAGES=3, PINGPONG=True),
+    "ws3_s3_pp": dict(NUM_WG=3, STAGES=3, PINGPONG=True),
+    "ws3_s4_pp": dict(NUM_WG=3, STAGES=4, PINGPONG=True),
+    "m128_n64_s4_pp": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=4, PINGPONG=True),
+    "ws2_n192poly_s3_pp": dict(NUM_WG=2, N_B=64, POLY_B=True, STAGES=3, PINGPONG=True),
+}
+D128_VARIANTS = {
+    "d128_n64_s4": dict(NUM_WG=2, BLOCK_N=64, STAGES=4),
+    "d128_n64_s5": dict(NUM_WG=2, BLOCK_N=64, STAGES=5),
+    "d128_ws3_n64_s4": dict(NUM_WG=3, BLOCK_N=64, STAGES=4),
+    "d128_n64_s4_pp": dict(NUM_WG=2, BLOCK_N=64, STAGES=4, PINGPONG=True),
+    "d128_n128_s2_pp": dict(NUM_WG=2, BLOCK_N=128, STAGES=2, PINGPONG=True),
+    "d128_m128_n64_s3": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=3),
 }
 
 
@@ -138,7 +154,7 @@ def run_shape(name, variants, results, log, deadline):
         if time.time() > deadline:
             log(f"  (time budget reached: skipping {vname} and later)")
             break
-        cfg = dict(default_config(D), **VARIANTS.get(vname, {}))
+        cfg = dict(default_config(D), **{**VARIANTS, **D128_VARIANTS}.get(vname, {}))
         WATCHDOG.step(f"{name}/{vname}", 90)
         out = torch.full((B, S, H, D), float("nan"), dtype=qh.dtype, device="cuda")
         try:
@@ -206,6 +222,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     env = environment()
+    env["commit"] = os.environ.get("BENCH_COMMIT", env["commit"])  # the staged copy has no .git
     results = []
     t0 = time.time()
 
@@ -220,9 +237,16 @@ def main(argv=None):
     best = None
     for i, name in enumerate(a.shapes.split(",")):
         print(f"== {name} {SHAPES[name]}", flush=True)
-        # the first shape runs every variant; the others the default and the first shape's best
-        variants = a.variants.split(",") if i == 0 else sorted({"ws2_overlap", best or "ws2_overlap"})
-        found = run_shape(name, variants, results, lambda s: print(s, flush=True), t0 + a.budget_s)
+        # the first shape runs every variant; D=128 its own list; the others the default and the
+        # first shape's best
+        if name == "d128":
+            variants = list(D128_VARIANTS)
+        elif i == 0:
+            variants = a.variants.split(",")
+        else:
+            variants = ["default"] + ([best] if best else [])
+        found = run_shape(name, variants, results, lambda s: print(s, flush=True),
+                          t0 + a.budget_s if i == 0 else time.time() + 120)
         best = best or found
     WATCHDOG.cancel()
     print(write(results, env, a.out), flush=True)

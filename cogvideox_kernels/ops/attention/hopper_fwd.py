@@ -29,7 +29,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 64  # query rows per consumer warpgroup (one wgmma M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +226,8 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, pb_op, s_zero, sb_zero, tu
 @gluon.jit
 def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.constexpr,
                         OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, POLY_B: gl.constexpr):
-    """One warpgroup: BLOCK_M (64) query rows against all keys; stores its rows of the output."""
+    """One warpgroup: BLOCK_M (64 or 128) query rows against all keys; stores its rows of the
+    output."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
@@ -309,7 +309,7 @@ def _hopper_attention_fwd_kernel(q_desc, ka_desc, va_desc, kb_desc, vb_desc, o_p
                                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                                  POLY_B: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  LOADER_REGS: gl.constexpr):
-    """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * 64 query rows of one (b, h).
+    """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * BLOCK_M query rows of one (b, h).
 
     Descriptors are over the head-major [B*H*S, D] storage; ka/va boxes are BLOCK_N keys, kb/vb
     boxes N_B keys (unused when N_B = 0). qk_scale = scale * log2(e).
@@ -386,12 +386,12 @@ def _hopper_attention_fwd_kernel(q_desc, ka_desc, va_desc, kb_desc, vb_desc, o_p
 # ----------------------------------------------------------------------------------------------
 def default_config(head_dim: int) -> dict:
     """Measured defaults (H200, see the notes file). Keys: NUM_WG consumer warpgroups, BLOCK_N +
-    N_B keys per block (part B on the FMA-pipe exp2 when POLY_B), STAGES of the K/V ring,
-    OVERLAP, PINGPONG."""
+    N_B keys per block (part B on the FMA-pipe exp2 when POLY_B), BLOCK_M query rows per consumer
+    warpgroup (64 or 128), STAGES of the K/V ring, OVERLAP, PINGPONG."""
     if head_dim <= 64:
-        return dict(NUM_WG=2, BLOCK_N=128, N_B=0, POLY_B=False, STAGES=2, OVERLAP=True,
-                    PINGPONG=False)
-    return dict(NUM_WG=2, BLOCK_N=128, N_B=0, POLY_B=False, STAGES=2, OVERLAP=True,
+        return dict(NUM_WG=2, BLOCK_M=64, BLOCK_N=128, N_B=0, POLY_B=False, STAGES=3,
+                    OVERLAP=True, PINGPONG=False)
+    return dict(NUM_WG=2, BLOCK_M=64, BLOCK_N=64, N_B=0, POLY_B=False, STAGES=4, OVERLAP=True,
                 PINGPONG=False)
 
 
@@ -415,7 +415,7 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
     cfg = dict(default_config(D))
     if config:
         cfg.update(config)
-    num_wg, block_n, n_b = cfg["NUM_WG"], cfg["BLOCK_N"], cfg["N_B"]
+    num_wg, block_m, block_n, n_b = cfg["NUM_WG"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["N_B"]
     gdt = gl.bfloat16 if qh.dtype == torch.bfloat16 else gl.float16
     rows = B * H * S
 
@@ -423,12 +423,12 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
         layout = gl.NVMMASharedLayout.get_default_for([box, D], gdt)
         return TensorDescriptor(t, [rows, D], [D, 1], [box, D], layout)
 
-    q_desc = desc(qh, BLOCK_M)
+    q_desc = desc(qh, block_m)
     ka_desc, va_desc = desc(kh, block_n), desc(vh, block_n)
     kb_desc, vb_desc = (desc(kh, n_b), desc(vh, n_b)) if n_b else (ka_desc, va_desc)
     consumer_regs, loader_regs = _registers(num_wg)
     consumer_regs = cfg.get("CONSUMER_REGS", consumer_regs)
-    grid = (triton.cdiv(S, BLOCK_M * num_wg), B * H)
+    grid = (triton.cdiv(S, block_m * num_wg), B * H)
     _hopper_attention_fwd_kernel[grid](
         q_desc, ka_desc, va_desc, kb_desc, vb_desc, out, S, H, out.stride(0), out.stride(1),
         out.stride(2), float(scale) * LOG2E, NUM_WG=num_wg, N_B=n_b, STAGES=cfg["STAGES"],
@@ -451,7 +451,7 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str =
         return f"tensordesc<{dtype}[{box}, {head_dim}],{layout!r}>"
 
     n_b = cfg["N_B"] or cfg["BLOCK_N"]
-    signature = {"q_desc": desc_type(BLOCK_M), "ka_desc": desc_type(cfg["BLOCK_N"]),
+    signature = {"q_desc": desc_type(cfg["BLOCK_M"]), "ka_desc": desc_type(cfg["BLOCK_N"]),
                  "va_desc": desc_type(cfg["BLOCK_N"]), "kb_desc": desc_type(n_b),
                  "vb_desc": desc_type(n_b), "o_ptr": f"*{dtype}", "S": "i32", "H": "i32",
                  "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32", "qk_scale": "fp32"}
