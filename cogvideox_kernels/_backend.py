@@ -1,9 +1,9 @@
-"""Backend selection shared by every op.
+"""Facts about this process that decide which kernels may run: the Triton interpreter, Triton on a GPU.
 
-`backend="auto"` takes a kernel when the tensors live on a GPU that supports it and the plain
-PyTorch reference otherwise. The environment variable ``COGVIDEOX_KERNELS_BACKEND`` overrides
-``auto`` for every op (for example ``reference`` to rule our kernels out while debugging).
-Triton kernels run on CPU tensors only under ``TRITON_INTERPRET=1`` (what CI does).
+Which backend an op runs is decided in one place, ``cogvideox_kernels.ops.registry``. The environment
+variable ``COGVIDEOX_KERNELS_BACKEND`` (read there) overrides ``auto`` for every op, for example
+``reference`` to rule our kernels out while debugging. Triton kernels run on CPU tensors only under
+``TRITON_INTERPRET=1`` (what CI does), which must be set before Python starts.
 """
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+try:  # (torch imports triton itself where it is installed)
+    import triton  # noqa: F401
+
+    _TRITON = True
+except Exception:  # pragma: no cover - triton missing on some platforms
+    _TRITON = False
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton missing on some platforms
-        return False
-    return True
+    return _TRITON
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,72 +48,33 @@ def gpu_supports_triton(device: torch.device) -> bool:
     return cuda_capability(index) >= (8, 0)
 
 
-def triton_can_run(device: torch.device) -> bool:
-    """Whether a Triton kernel can run on tensors of this device right now."""
-    if device.type == "cpu":
-        return interpret_mode() and triton_available()
-    return gpu_supports_triton(device)
-
-
-def resolve_backend(op: str, backend: str, device: torch.device, kernels: tuple[str, ...]) -> str:
-    """Map ``backend`` to a concrete one for an op whose kernel backends are ``kernels``.
-
-    ``auto``: the env override if set, else the first kernel that can run on ``device``,
-    else ``reference``. A named kernel that cannot run raises a ValueError that says why.
-    """
-    allowed = ("auto", "reference") + kernels
-    if backend not in allowed:
-        raise ValueError(f"{op}: backend={backend!r} is not supported; choose one of {allowed}")
-    if backend == "auto":
-        forced = os.environ.get(BACKEND_ENV, "").strip()
-        if forced and forced != "auto":
-            backend = forced if forced in allowed else "auto"
-    if backend == "auto":
-        for kernel in kernels:
-            if kernel_can_run(kernel, device, auto=True):
-                return kernel
-        return "reference"
-    if backend != "reference" and not kernel_can_run(backend, device, auto=False):
-        raise ValueError(
-            f"{op}: backend={backend!r} cannot run on {device} tensors "
-            f"({why_not(backend, device)}); use backend='reference' or 'auto'"
-        )
-    return backend
-
-
+# ------------------------------------------------------------------------------------------------
+# For callers that predate ops.registry (kernel names without an op); new code asks the registry.
+# ------------------------------------------------------------------------------------------------
 def kernel_can_run(kernel: str, device: torch.device, *, auto: bool) -> bool:
-    if kernel == "triton":
-        # auto never picks the (slow) interpreter; forcing backend="triton" on CPU tensors does.
-        return gpu_supports_triton(device) if auto else triton_can_run(device)
-    if kernel == "cuda":
-        from ._ext import cuda_available
+    """Whether some op's kernel backend ``kernel`` may run on ``device`` (``auto``: would ``auto``
+    consider it there)."""
+    from .ops import registry
 
-        return device.type == "cuda" and cuda_available()
-    if kernel == "cpp":
-        from ._ext import extension_available
-
-        return device.type == "cpu" and extension_available()
+    device = torch.device(device)
+    for op in registry.ops():
+        if kernel in registry.kernels(op) and registry.availability(op, device)[kernel] is None:
+            if not auto or registry.auto_allowed(op, kernel, device):
+                return True
     return False
 
 
-def why_not(kernel: str, device: torch.device) -> str:
-    if kernel == "triton":
-        if not triton_available():
-            return "triton is not installed"
-        if device.type == "cpu":
-            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-        return "the GPU is older than sm_80"
-    if kernel == "cuda":
-        from ._ext import cuda_available, extension_error
+def resolve_backend(op: str, backend: str, device: torch.device, kernels: tuple[str, ...] = ()) -> str:
+    """The backend ``op`` runs on ``device`` for inputs its kernels support (``kernels`` is ignored:
+    the registry knows them)."""
+    from .ops import registry
 
-        if device.type != "cuda":
-            return "the CUDA kernel needs CUDA tensors"
-        if not cuda_available():
-            return "the extension was built without CUDA" + extension_error()
-    if kernel == "cpp":
-        from ._ext import extension_error
-
-        if device.type != "cpu":
-            return "the C++ path needs CPU tensors"
-        return "the compiled extension could not be loaded" + extension_error()
-    return "unknown reason"
+    if backend == "auto":
+        return registry.auto_choice(op, device)
+    if backend not in registry.backends(op):
+        raise ValueError(f"{op}: backend={backend!r} is not supported; choose one of {registry.backends(op)}")
+    why = registry.availability(op, device).get(backend)
+    if why is not None:
+        raise ValueError(f"{op}: backend={backend!r} cannot run on {device} tensors ({why}); "
+                         "use backend='reference' or 'auto'")
+    return backend

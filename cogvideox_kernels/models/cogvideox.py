@@ -5,7 +5,8 @@ import inspect
 
 import torch.nn as nn
 
-from .transformer import MODEL_BACKENDS, TRANSFORMER_DEFAULTS, build_transformer
+from ..ops import registry
+from .transformer import MODEL_OPS, TRANSFORMER_DEFAULTS, build_transformer
 
 VIDEO_DEFAULTS = {"height": 480, "width": 720, "num_frames": 49}
 
@@ -22,12 +23,6 @@ def _vae_defaults() -> dict:
     params = inspect.signature(_vae_builder()).parameters
     return {name: p.default for name, p in params.items()
             if name not in ("backend", "device", "dtype") and p.default is not inspect.Parameter.empty}
-
-
-def _vae_backends() -> tuple:
-    from ..nn.causal_conv import BACKENDS
-
-    return tuple(BACKENDS)
 
 
 def recommended_defaults(part: str | None = None) -> dict:
@@ -99,7 +94,7 @@ def build(**opts) -> CogVideoX:
     ``backend`` goes to every part that has it ("auto"/"reference" everywhere; a kernel name to the
     part that has that kernel, "auto" to the other). Unknown keys raise ValueError."""
     backend = opts.pop("backend", "auto")
-    vae_backends, transformer_backends = _vae_backends(), MODEL_BACKENDS
+    vae_backends, transformer_backends = registry.backends("causal_conv3d"), registry.backends(*MODEL_OPS)
     if backend not in vae_backends and backend not in transformer_backends:
         supported = tuple(dict.fromkeys(vae_backends + transformer_backends))
         raise ValueError(f"build: backend={backend!r} is not supported; choose one of {supported}")

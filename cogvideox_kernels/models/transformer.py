@@ -13,12 +13,12 @@ import torch.nn as nn
 
 from ..nn.adaln import AdaLayerNormOut, ExpertAdaLN
 from ..nn._switch import BackendSwitch, check_backend
-from ..nn.attention import ATTENTION_BACKENDS, RoPE3DAttention
+from ..nn.attention import RoPE3DAttention
 from ..nn.embeddings import PatchEmbed3D, TimestepEmbedding, sincos_pos_embed_3d
-from ..nn.expert_ffn import EXPERT_FFN_BACKENDS, ExpertFFN, check_expert_options, ffn_inner_size
+from ..nn.expert_ffn import ExpertFFN, check_expert_options, ffn_inner_size
 from ..ops.rope import rope3d_freqs
 
-MODEL_BACKENDS = tuple(dict.fromkeys(ATTENTION_BACKENDS + EXPERT_FFN_BACKENDS))
+MODEL_OPS = ("rope3d_attention", "expert_ffn")
 
 TRANSFORMER_DEFAULTS = dict(
     patch_size=(1, 2, 2), hidden_size=1920, num_heads=48, num_layers=42, num_frames=49,
@@ -31,17 +31,17 @@ TRANSFORMER_DEFAULTS = dict(
 class CogVideoXBlock(BackendSwitch, nn.Module):
     """Attention half (expert adaLN, RoPE3D attention, gated residual) then the ``ExpertFFN`` half."""
 
-    BACKENDS = MODEL_BACKENDS
+    OPS = MODEL_OPS
 
     def __init__(self, hidden_size: int, num_heads: int, time_embed_dim: int, mlp_ratio: float = 4.0,
                  num_text_experts: int = 1, num_video_experts: int = 1, shared_ffn: bool = False,
                  qk_norm: bool = True, backend: str = "auto"):
         super().__init__()
         self.norm1 = ExpertAdaLN(time_embed_dim, hidden_size)
-        self.attn = RoPE3DAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
+        self.attn = RoPE3DAttention(hidden_size, num_heads, qk_norm=qk_norm)
         self.ffn = ExpertFFN(hidden_size, time_embed_dim, mlp_ratio, num_text_experts, num_video_experts,
-                             shared_ffn, backend=backend)
-        self.backend = backend
+                             shared_ffn)
+        self.backend = backend  # checked here, handed to attn and ffn
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int, rope=None) -> torch.Tensor:
         h, modulation = self.norm1(x, temb, text_len)
@@ -80,14 +80,14 @@ def _check_options(o: dict) -> None:
                           ("sample_width", o["sample_width"], patch[2])):
         if size % p:
             raise ValueError(f"{name}={size} is not a multiple of the patch size {p} (patch_size={tuple(patch)})")
-    check_backend("build_transformer", o["backend"], MODEL_BACKENDS)
+    check_backend("build_transformer", o["backend"], CogVideoXTransformer.supported_backends())
 
 
 class CogVideoXTransformer(BackendSwitch, nn.Module):
     """forward(latents [B, T, C, H, W], text_embeddings [B, L, text_hidden_size], timestep [B])
     -> [B, T, C, H, W] (the model's prediction for the latents). Build with ``build_transformer``."""
 
-    BACKENDS = MODEL_BACKENDS
+    OPS = MODEL_OPS
 
     def __init__(self, **options):
         super().__init__()
@@ -182,8 +182,9 @@ def build_transformer(patch_size=(1, 2, 2), hidden_size=1920, num_heads=48, num_
                       latent_channels=16, shared_ffn=False, use_rope=True, qk_norm=True, time_embed_dim=512,
                       sample_height=60, sample_width=90, temporal_compression=4,
                       backend="auto") -> CogVideoXTransformer:
-    """Build the CogVideoX transformer. ``backend`` ("auto" | "reference" | "triton") goes to every
-    attention and expert-FFN module and can be changed later through ``model.backend``."""
+    """Build the CogVideoX transformer. ``backend`` ("auto" | "reference" | a kernel of the attention or
+    expert-FFN op, e.g. "triton") goes to every attention and expert-FFN module that has it ("auto" to
+    one that does not) and can be changed later through ``model.backend``."""
     options = dict(locals())
     return CogVideoXTransformer(**options)
 
@@ -219,4 +220,4 @@ def param_count(**transformer_opts) -> int:
 
 
 __all__ = ["CogVideoXTransformer", "CogVideoXBlock", "build_transformer", "param_count",
-           "TRANSFORMER_DEFAULTS", "MODEL_BACKENDS"]
+           "TRANSFORMER_DEFAULTS", "MODEL_OPS"]

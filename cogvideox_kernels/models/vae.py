@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn._checks import check_input
 from ..nn._switch import BackendSwitch, check_backend
-from ..nn.causal_conv import BACKENDS, CausalConv3d
+from ..nn.causal_conv import CausalConv3d
 from ..nn.vae_blocks import (FactorizedConv3d, FrameGroupNorm, ResnetBlock, SpatialDownsample,
                              SpatialUpsample, StreamCache, TemporalDownsample, TemporalUpsample)
 
@@ -29,7 +30,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar / 2) finite when sampling
 class _CausalVaeHalf(BackendSwitch, nn.Module):
     """What Encoder and Decoder share: their sizes, and one ``backend`` for all causal convs."""
 
-    BACKENDS = BACKENDS
+    OPS = CausalConv3d.OPS
 
     def __init__(self, *, in_channels, latent_channels, num_frames, spatial_downsample,
                  temporal_downsample, backend):
@@ -37,7 +38,7 @@ class _CausalVaeHalf(BackendSwitch, nn.Module):
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.num_frames = num_frames
         self.spatial_downsample, self.temporal_downsample = spatial_downsample, temporal_downsample
-        self._backend = check_backend(type(self).__name__, backend, BACKENDS)
+        self._backend = check_backend(type(self).__name__, backend, self.supported_backends())
 
     @property
     def latent_frames(self) -> int:
@@ -74,6 +75,9 @@ class Encoder(_CausalVaeHalf):
         self.conv_out = FactorizedConv3d(previous, 2 * latent_channels, **factory)
 
     def forward(self, x, stream: StreamCache | None = None):
+        check_input("Encoder", "x", x, self.conv_in.spatial.weight, ndim=5)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Encoder: x has C={x.shape[1]} (dim 1 of [B, C, T, H, W]); in_channels={self.in_channels}")
         h = self.conv_in(x, stream)
         for stage in self.stages:
             for block in stage:
@@ -114,6 +118,10 @@ class Decoder(_CausalVaeHalf):
         self.conv_out = FactorizedConv3d(previous, in_channels, **factory)
 
     def forward(self, z, stream: StreamCache | None = None):
+        check_input("Decoder", "z", z, self.conv_in.spatial.weight, ndim=5)
+        if z.shape[1] != self.latent_channels:
+            raise ValueError(f"Decoder: z has C={z.shape[1]} (dim 1 of [B, C, T, H, W]); "
+                             f"latent_channels={self.latent_channels}")
         h = self.conv_in(z, stream)
         for block in self.mid:
             h = block(h, stream)
@@ -173,7 +181,7 @@ def build_vae(in_channels=3, latent_channels=16, num_frames=49, spatial_downsamp
             raise ValueError(f"{name}={value} needs {levels} downsampling steps but "
                              f"channel_multipliers={multipliers} has only {len(multipliers) - 1} "
                              "gaps between stages; give more stages")
-    check_backend("build_vae", backend, BACKENDS)
+    check_backend("build_vae", backend, CausalConv3d.supported_backends())
     options = dict(in_channels=in_channels, latent_channels=latent_channels, num_frames=num_frames,
                    spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample,
                    widths=[base_channels * m for m in multipliers], layers_per_block=layers_per_block,
@@ -230,6 +238,9 @@ def encode_video(encoder: Encoder, video, *, sample=False, generator=None, chunk
     clip in chunks of that many frames, the leftover last; the default streams only clips longer
     than ``encoder.num_frames``, in chunks of the largest multiple of temporal_downsample that fits.
     """
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"encode_video takes the Encoder (build_vae returns (encoder, decoder)), got "
+                         f"{type(encoder).__name__}")
     _check_input("video", video, encoder, encoder.in_channels, "in_channels")
     B, T, C, H, W = video.shape
     t_down, s_down = encoder.temporal_downsample, encoder.spatial_downsample
@@ -259,6 +270,9 @@ def decode_latent(decoder: Decoder, latent, *, chunk_frames=None):
     ``chunk_frames`` (any size >= 1) streams the latent in chunks of that many latent frames; the
     default streams only latents longer than ``decoder.latent_frames``, in chunks of that length.
     """
+    if not isinstance(decoder, Decoder):
+        raise ValueError(f"decode_latent takes the Decoder (build_vae returns (encoder, decoder)), got "
+                         f"{type(decoder).__name__}")
     _check_input("latent", latent, decoder, decoder.latent_channels, "latent_channels")
     _check_chunk(chunk_frames, 1, "decoder")
     return _run_chunked(decoder, latent, chunk_frames or decoder.latent_frames)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import check_input
+
 # rows of the [B, 6, hidden] modulation
 SHIFT_VIDEO, SCALE_VIDEO, GATE_VIDEO, SHIFT_TEXT, SCALE_TEXT, GATE_TEXT = range(6)
 
@@ -32,6 +34,8 @@ class ExpertAdaLN(nn.Module):
 
     def modulation(self, temb: torch.Tensor) -> torch.Tensor:
         """[B, 6, hidden]: shift, scale, gate for video, then for text."""
+        check_input("ExpertAdaLN", "temb", temb, self.linear.weight, ndim=2, width=self.linear.in_features,
+                    width_name="time_embed_dim")
         return self.linear(F.silu(temb)).unflatten(-1, (6, self.hidden_size))
 
     def modulate(self, x: torch.Tensor, modulation: torch.Tensor, text_len: int) -> torch.Tensor:
@@ -52,6 +56,7 @@ class ExpertAdaLN(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int):
         """(modulated x, modulation) so the caller can apply the gate after its sub-layer."""
+        check_input("ExpertAdaLN", "x", x, self.norm.weight, ndim=3, width=self.hidden_size, width_name="hidden_size")
         modulation = self.modulation(temb)
         return self.modulate(x, modulation, text_len), modulation
 
@@ -65,6 +70,10 @@ class AdaLayerNormOut(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=True)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        check_input("AdaLayerNormOut", "x", x, self.norm.weight, ndim=3, width=self.norm.normalized_shape[0],
+                    width_name="hidden_size")
+        check_input("AdaLayerNormOut", "temb", temb, self.linear.weight, ndim=2, width=self.linear.in_features,
+                    width_name="time_embed_dim")
         shift, scale = self.linear(F.silu(temb)).chunk(2, dim=-1)
         return self.norm(x) * (1 + scale[:, None, :]) + shift[:, None, :]
 

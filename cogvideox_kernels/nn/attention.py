@@ -6,13 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.attention import KERNELS as ATTENTION_KERNELS
 from ..ops.attention import rope3d_attention
+from ._checks import check_input
 from ._switch import BackendSwitch
-
-ATTENTION_BACKENDS = ("auto", "reference") + ATTENTION_KERNELS
-
-
 
 
 class RoPE3DAttention(BackendSwitch, nn.Module):
@@ -23,7 +19,7 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
     head_dim (eps 1e-6) when ``qk_norm``. ``to_out``: Linear(hidden -> hidden).
     """
 
-    BACKENDS = ATTENTION_BACKENDS
+    OPS = ("rope3d_attention",)
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
                  bias: bool = True, backend: str = "auto"):
@@ -47,8 +43,8 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
     def forward(self, x: torch.Tensor, text_len: int, rope=None) -> torch.Tensor:
         """x [B, S, hidden] (first ``text_len`` tokens text); rope = (cos, sin) [S - text_len, head_dim]
         float32 tables or None. Returns [B, S, hidden]."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [B, S, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        check_input("RoPE3DAttention", "x", x, self.qkv.weight, ndim=3, width=self.hidden_size,
+                    width_name="hidden_size")
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)
         if rope is not None and (not isinstance(rope, (tuple, list)) or len(rope) != 2):
@@ -64,4 +60,4 @@ class RoPE3DAttention(BackendSwitch, nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
 
-__all__ = ["RoPE3DAttention", "ATTENTION_BACKENDS"]
+__all__ = ["RoPE3DAttention"]

@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 from ..ops import causal_conv3d
-from ..ops.causal_conv import KERNELS, PAD_MODES
-
+from ..ops.causal_conv import PAD_MODES
+from ._checks import check_input
 from ._switch import BackendSwitch
-
-BACKENDS = ("auto", "reference") + KERNELS
 
 
 def _kernel_size(kernel_size) -> tuple[int, int, int]:
@@ -33,10 +31,11 @@ class CausalConv3d(BackendSwitch, nn.Module):
     ``forward(x, cache=None) -> (y, new_cache)``: with ``cache=None`` the kt-1 frames before frame 0
     are copies of frame 0 (``pad_mode="replicate"``) or zeros; passing the previous chunk's
     ``new_cache`` continues a clip chunk by chunk (every chunk but the last a multiple of ``stride``).
-    ``backend``: ``"auto"`` | ``"reference"`` | ``"cuda"`` | ``"cpp"``; may be changed at any time.
+    ``backend``: ``"auto"`` | ``"reference"`` | a kernel of ``causal_conv3d`` (``"cuda"``, ``"cpp"``); may
+    be changed at any time.
     """
 
-    BACKENDS = BACKENDS
+    OPS = ("causal_conv3d",)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, *, stride: int = 1,
                  pad_mode: str = "replicate", bias: bool = True, backend: str = "auto",
@@ -66,6 +65,7 @@ class CausalConv3d(BackendSwitch, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        check_input("CausalConv3d", "x", x, self.weight, ndim=5)
         return causal_conv3d(x, self.weight, self.bias, stride=self.stride, pad_mode=self.pad_mode,
                              cache=cache, backend=self.backend)
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import check_input
+
 # CogVideoX-2B compresses spatial positions by this factor in its sin-cos table (temporal: 1).
 SPATIAL_INTERPOLATION_SCALE = 1.875
 TEMPORAL_INTERPOLATION_SCALE = 1.0
@@ -81,6 +83,10 @@ class PatchEmbed3D(nn.Module):
         return x.permute(0, 1, 5, 4, 2, 6, 3, 7).reshape(B, t * pt, channels, h * ph, w * pw)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        check_input("PatchEmbed3D", "latents", latents, self.proj.weight, ndim=5)
+        if latents.shape[2] != self.in_channels:
+            raise ValueError(f"PatchEmbed3D: latents have C={latents.shape[2]} (dim 2 of [B, T, C, H, W]); "
+                             f"in_channels={self.in_channels}")
         return self.proj(self.patchify(latents))
 
 

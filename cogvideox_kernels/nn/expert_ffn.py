@@ -7,12 +7,10 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.expert_ffn import KERNELS as EXPERT_FFN_KERNELS
 from ..ops.expert_ffn import expert_ffn
+from ._checks import check_input
 from .adaln import ExpertAdaLN
 from ._switch import BackendSwitch
-
-EXPERT_FFN_BACKENDS = ("auto", "reference") + EXPERT_FFN_KERNELS
 
 
 def ffn_inner_size(hidden_size: int, mlp_ratio: float) -> int:
@@ -40,7 +38,7 @@ class ExpertFFN(BackendSwitch, nn.Module):
     routes each token to its top-1 expert with ``text_router``/``video_router`` (Linear to n experts).
     """
 
-    BACKENDS = EXPERT_FFN_BACKENDS
+    OPS = ("expert_ffn",)
 
     def __init__(self, hidden_size: int, time_embed_dim: int, mlp_ratio: float = 4.0,
                  num_text_experts: int = 1, num_video_experts: int = 1, shared_ffn: bool = False,
@@ -83,6 +81,7 @@ class ExpertFFN(BackendSwitch, nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int) -> torch.Tensor:
         """x [B, S, hidden] (first ``text_len`` tokens text), temb [B, time_embed_dim] -> new x."""
+        check_input("ExpertFFN", "x", x, self.w1, ndim=3, width=self.hidden_size, width_name="hidden_size")
         return expert_ffn(x, self.adaln.modulation(temb), self.w1, self.b1, self.w2, self.b2,
                           text_len=text_len, norm_weight=self.adaln.norm.weight,
                           norm_bias=self.adaln.norm.bias, eps=self.adaln.norm.eps,
@@ -96,4 +95,4 @@ class ExpertFFN(BackendSwitch, nn.Module):
                 f"backend={self.backend!r}")
 
 
-__all__ = ["ExpertFFN", "ffn_inner_size", "check_expert_options", "EXPERT_FFN_BACKENDS"]
+__all__ = ["ExpertFFN", "ffn_inner_size", "check_expert_options"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_input
 from .causal_conv import CausalConv3d
 
 MAX_GROUPS = 32
@@ -69,6 +70,7 @@ class FrameGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels, device=device, dtype=dtype))
 
     def forward(self, x):
+        check_input("FrameGroupNorm", "x", x, self.weight, ndim=5)
         return frame_group_norm(x, self.weight, self.bias, self.num_groups, self.eps)
 
     def extra_repr(self) -> str:
@@ -88,6 +90,7 @@ class FrameConv2d(nn.Conv2d):
                          device=device, dtype=dtype)
 
     def forward(self, x):
+        check_input("FrameConv2d", "x", x, self.weight, ndim=5)
         k, s = self.kernel_size[0], self.stride[0]
         return F.conv3d(x, self.weight.unsqueeze(2), self.bias, stride=(1, s, s), padding=(0, k // 2, k // 2))
 

@@ -357,3 +357,12 @@ def test_position_tables_are_cached_per_grid_and_device():
     assert other[0].shape == (4, 16) and model.position_tables((1, 2, 2), cpu) is other
     sincos = tiny(use_rope=False).position_tables((1, 2, 2), cpu)
     assert sincos.shape == (4, 48)
+
+
+def test_meta_model_propagates_shapes():
+    """On meta tensors auto runs the references (no kernel runs without data): shapes come out right."""
+    with torch.device("meta"):
+        model = tiny(backend="auto", num_video_experts=1)
+    latents = torch.randn(1, 3, 4, 6, 8, device="meta")
+    out = model(latents, torch.randn(1, 5, 20, device="meta"), torch.tensor([3.0], device="meta"))
+    assert out.shape == latents.shape and out.is_meta

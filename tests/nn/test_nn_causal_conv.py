@@ -1,7 +1,5 @@
 """CausalConv3d (the module) against an independent frame-by-frame formula, with streaming,
 causality, backend switching and argument errors."""
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +7,7 @@ import torch.nn.functional as F
 from cogvideox_kernels._ext import extension_available
 from cogvideox_kernels.nn.causal_conv import CausalConv3d
 
-HAS_NATIVE = (extension_available()
-              and importlib.util.find_spec("cogvideox_kernels.ops.causal_conv.native") is not None)
+HAS_NATIVE = extension_available()
 
 
 def rel(out, ref):
@@ -125,6 +122,8 @@ def test_bad_inputs():
         conv(torch.randn(1, 3, 5, 4, 4))
     with pytest.raises(ValueError, match="cache"):
         conv(torch.randn(1, 4, 5, 4, 4), torch.randn(1, 4, 1, 4, 4))
+    with pytest.raises(ValueError, match="CausalConv3d: x has dtype torch.bfloat16 but the module's parameters are"):
+        conv(torch.randn(1, 4, 5, 4, 4).bfloat16())
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension's causal conv is not built")
@@ -135,6 +134,24 @@ def test_cpp_backend_matches_reference(stride):
     cpp = CausalConv3d(6, 5, 3, stride=stride, backend="cpp")
     cpp.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 7, 5, 9)
-    (y_ref, cache_ref), (y_cpp, cache_cpp) = ref(x), cpp(x)
+    with torch.no_grad():  # (the kernel has no backward: with grad mode on the named backend refuses)
+        (y_ref, cache_ref), (y_cpp, cache_cpp) = ref(x), cpp(x)
     assert rel(y_cpp, y_ref) <= 1e-5
     assert torch.equal(cache_cpp, cache_ref)
+
+
+def test_default_module_trains_on_cpu():
+    """auto takes the differentiable reference while autograd records (the kernels have no backward);
+    the gradients are the reference's, and a named kernel refuses at the call."""
+    torch.manual_seed(7)
+    conv, ref = CausalConv3d(4, 5, 3, stride=2), CausalConv3d(4, 5, 3, stride=2, backend="reference")
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 4, 5, 3, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    conv(x)[0].square().sum().backward()
+    ref(x_ref)[0].square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
+    if HAS_NATIVE:
+        conv.backend = "cpp"
+        with pytest.raises(ValueError, match="backend='cpp' has no backward pass, but weight requires grad"):
+            conv(x.detach())

@@ -1,11 +1,20 @@
 """``rope3d_attention``: QK-norm + RoPE3D on video tokens + softmax attention, [B, S, H, D] in and out."""
 from __future__ import annotations
 
-from ..._backend import resolve_backend
+from .. import registry
 from .reference import (apply_rope_interleaved, attention_flops, check_attention_inputs,
                         rope3d_attention_reference)
 
-KERNELS = ("triton",)
+registry.register_op("rope3d_attention", reference=rope3d_attention_reference, check=check_attention_inputs,
+                     device_arg="q")
+registry.register_backend(
+    "rope3d_attention", "triton",
+    run="cogvideox_kernels.ops.attention.triton_fwd:rope3d_attention_triton",
+    supports="cogvideox_kernels.ops.attention.triton_fwd:supports",
+    available=registry.triton_device, auto_devices=("cuda",),
+    # q, k, v are read through their strides; the small tables and norm vectors as packed rows
+    layout={"q": registry.UNIT_LAST_STRIDE, "k": registry.UNIT_LAST_STRIDE, "v": registry.UNIT_LAST_STRIDE,
+            "*": registry.CONTIGUOUS})
 
 
 def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
@@ -13,20 +22,15 @@ def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_no
     """Attention over ``[text ; video]`` tokens with optional per-head LayerNorm on q and k and
     interleaved 3D RoPE on the video tokens (index >= ``text_len``).
 
-    q, k, v: ``[B, S, H, D]`` (strided views allowed, last dim contiguous), fp16/bf16/fp32.
+    q, k, v: ``[B, S, H, D]``, fp16/bf16/fp32/fp64, any strides (a kernel gets copies of what it
+    cannot read in place).
     cos, sin: ``[S - text_len, D]`` float32 tables (see ``rope3d_freqs``) or None for no rotation.
     q_norm, k_norm: ``(weight, bias)`` of shape ``[D]`` or None. Returns ``[B, S, H, D]``.
-    backend: ``"auto"`` (Triton on a supported GPU, else the reference), ``"triton"``, ``"reference"``.
+    backend: ``"auto"`` (a kernel where one runs and supports the inputs, else the reference),
+    ``"reference"`` or a kernel (``registry.kernels("rope3d_attention")``: ``"triton"``).
     """
-    check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale)
-    chosen = resolve_backend("rope3d_attention", backend, q.device, KERNELS)
-    if chosen == "triton":
-        from .triton_fwd import rope3d_attention_triton
-
-        return rope3d_attention_triton(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
-                                       k_norm=k_norm, eps=eps, scale=scale)
-    return rope3d_attention_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
-                                      k_norm=k_norm, eps=eps, scale=scale)
+    return registry.dispatch("rope3d_attention", backend, q=q, k=k, v=v, text_len=text_len, cos=cos, sin=sin,
+                             q_norm=q_norm, k_norm=k_norm, eps=eps, scale=scale)
 
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "apply_rope_interleaved",

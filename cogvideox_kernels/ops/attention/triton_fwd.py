@@ -383,9 +383,6 @@ def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     B, S, H, D = q.shape
     interpret = q.device.type == "cpu"
     has_rope = cos is not None
-    if has_rope and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
-        # the kernels index both tables with cos's row stride (tables are small)
-        cos, sin = cos.contiguous(), sin.contiguous()
     if relayout_kv or apply_k_norm or has_rope:
         k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
                              head_major=relayout_kv)
@@ -452,20 +449,19 @@ def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_
     return q.new_empty(q.shape)
 
 
-def check_triton_attention_inputs(q: torch.Tensor) -> None:
-    D = q.shape[-1]
+def supports(q, **_) -> str | None:
+    """Registry ``supports``: the dtypes and head dims this kernel takes (None), or why not."""
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"rope3d_attention(backend='triton'): q has dtype {q.dtype}; supported: "
-                         "float16, bfloat16, float32 (use backend='reference' for float64)")
+        return f"q has dtype {q.dtype}; the Triton kernel takes float16, bfloat16 and float32"
+    D = q.shape[-1]
     if D > MAX_HEAD_DIM or D % 2:
-        raise ValueError(f"rope3d_attention(backend='triton'): head_dim={D} is not supported; the "
-                         f"Triton kernel takes even head dims up to {MAX_HEAD_DIM}")
+        return f"head_dim={D}; the Triton kernel takes even head dims up to {MAX_HEAD_DIM}"
+    return None
 
 
 def rope3d_attention_triton(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
                             eps=1e-6, scale=None):
-    """Triton path of ``rope3d_attention`` (inputs already checked by the dispatcher)."""
-    check_triton_attention_inputs(q)
+    """Triton path of ``rope3d_attention`` (inputs checked and ``supports``-ed by the registry)."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     q_w, q_b = q_norm if q_norm is not None else (None, None)

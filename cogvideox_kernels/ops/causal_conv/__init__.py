@@ -1,30 +1,44 @@
 """``causal_conv3d``: causal temporal convolution with a streaming cache, [B, C, T, H, W]."""
 from __future__ import annotations
 
-from ..._backend import resolve_backend
+from ... import _ext
+from .. import registry
 from .reference import (PAD_MODES, causal_conv3d_bytes, causal_conv3d_flops, causal_conv3d_reference,
                         causal_pad_front, check_causal_conv_inputs)
 
-KERNELS = ("cuda", "cpp")
+
+def _cuda_extension(device):
+    if device.type != "cuda":
+        return "the CUDA kernel needs CUDA tensors"
+    return None if _ext.cuda_available() else "the extension was built without CUDA" + _ext.extension_error()
+
+
+def _cpp_extension(device):
+    if device.type != "cpu":
+        return "the C++ path needs CPU tensors"
+    return None if _ext.extension_available() else "the compiled extension could not be loaded" + _ext.extension_error()
+
+
+registry.register_op("causal_conv3d", reference=causal_conv3d_reference, check=check_causal_conv_inputs,
+                     device_arg="x")
+registry.register_backend("causal_conv3d", "cuda", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cuda",
+                          supports="cogvideox_kernels.ops.causal_conv.native:cuda_supports",
+                          layout={"*": registry.CONTIGUOUS},
+                          available=_cuda_extension)
+registry.register_backend("causal_conv3d", "cpp", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cpp",
+                          supports="cogvideox_kernels.ops.causal_conv.native:cpp_supports",
+                          layout={"*": registry.CONTIGUOUS},
+                          available=_cpp_extension)
 
 
 def causal_conv3d(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None, backend="auto"):
     """Causal conv over time (see ``reference.py``): returns ``(y, new_cache)``.
 
-    backend: ``"auto"`` (CUDA kernel for GPU tensors, C++ path for CPU tensors, where built and
-    supported, else the reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
+    backend: ``"auto"`` (the CUDA kernel for GPU tensors, the C++ path for CPU tensors, where built
+    and supported, else the reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
     """
-    check_causal_conv_inputs(x, weight, bias, stride, pad_mode, cache)
-    chosen = resolve_backend("causal_conv3d", backend, x.device, KERNELS)
-    if chosen in ("cuda", "cpp"):
-        from .native import causal_conv3d_native, native_supports
-
-        if backend == "auto" and not native_supports(x, weight, stride):
-            chosen = "reference"
-        else:
-            return causal_conv3d_native(x, weight, bias, stride=stride, pad_mode=pad_mode, cache=cache,
-                                        backend=chosen)
-    return causal_conv3d_reference(x, weight, bias, stride=stride, pad_mode=pad_mode, cache=cache)
+    return registry.dispatch("causal_conv3d", backend, x=x, weight=weight, bias=bias, stride=stride,
+                             pad_mode=pad_mode, cache=cache)
 
 
 __all__ = ["causal_conv3d", "causal_conv3d_reference", "check_causal_conv_inputs", "causal_pad_front",

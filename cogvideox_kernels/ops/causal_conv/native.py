@@ -40,10 +40,31 @@ def _kernel_supports(x, weight, stride) -> bool:
     return (kh, kw) == (1, 1) and 1 <= kt <= MAX_KT and stride in STRIDES and x.dtype in _DTYPE_CODES
 
 
+def _why_unsupported(x, weight, stride) -> str | None:
+    if not _kernel_supports(x, weight, stride):
+        return (f"weight shape {tuple(weight.shape)} with stride={stride} is not supported by the native kernel "
+                f"(kt in 1..{MAX_KT}, kh = kw = 1, stride in {STRIDES})")
+    return None
+
+
+def cpp_supports(x, weight, bias, stride, pad_mode, cache) -> str | None:
+    """Registry ``supports`` of the C++ path: None, or why these inputs are not covered."""
+    return _why_unsupported(x, weight, stride)
+
+
+def cuda_supports(x, weight, bias, stride, pad_mode, cache) -> str | None:
+    """Registry ``supports`` of the CUDA kernel (its new-cache copy launches one grid row per frame)."""
+    why = _why_unsupported(x, weight, stride)
+    frames = x.shape[0] * x.shape[1] * (weight.shape[2] - 1)
+    if why is None and frames > 65535:
+        why = f"B * C * (kt - 1) = {frames} cache frames; the CUDA kernel copies at most 65535"
+    return why
+
+
 def native_supports(x, weight, stride) -> bool:
-    """What the native kernels cover: kh = kw = 1, kt <= 5, stride 1 or 2, float dtypes, contiguous x
-    (``auto`` takes the reference otherwise; forcing a native backend raises a ValueError)."""
-    return _kernel_supports(x, weight, stride) and x.is_contiguous()
+    """What the native kernels cover: kh = kw = 1, kt <= 5, stride 1 or 2, float dtypes (any strides:
+    the registry hands them contiguous tensors)."""
+    return _kernel_supports(x, weight, stride)
 
 
 def output_frames(frames: int, stride: int) -> int:
@@ -91,6 +112,10 @@ def _check_native(x, weight, bias, cache, stride, backend):
 def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       cache: Optional[torch.Tensor], stride: int, pad_mode: str, backend: str,
                       variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("cache", cache)):
+        if t is not None and not t.is_contiguous():  # the binding reads packed memory by address
+            raise ValueError(f"causal_conv3d ({backend}): {name} must be contiguous (got strides {t.stride()} "
+                             f"for shape {tuple(t.shape)}); ops.causal_conv3d makes the copies")
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
     y = torch.empty((B, C_out, output_frames(T, stride), H, W), dtype=x.dtype, device=x.device)
@@ -118,6 +143,16 @@ def _causal_conv3d_fake(x, weight, bias, cache, stride, pad_mode, backend, varia
     C_out, _, kt = weight.shape[:3]
     y = x.new_empty((B, C_out, output_frames(T, stride), H, W))
     return y, x.new_empty((B, C, kt - 1, H, W))
+
+
+def causal_conv3d_cpp(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None):
+    """Registry ``run`` of the C++ path (inputs checked, supported, contiguous)."""
+    return _causal_conv3d_op(x, weight, bias, cache, stride, pad_mode, "cpp", 0)
+
+
+def causal_conv3d_cuda(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None):
+    """Registry ``run`` of the CUDA kernel (inputs checked, supported, contiguous)."""
+    return _causal_conv3d_op(x, weight, bias, cache, stride, pad_mode, "cuda", auto_cuda_variant(x, weight, stride))
 
 
 def causal_conv3d_native(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None,

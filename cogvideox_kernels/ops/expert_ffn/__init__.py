@@ -1,11 +1,16 @@
 """``expert_ffn``: expert adaLN (LayerNorm + per-modality modulate) + FFN experts + gate + residual."""
 from __future__ import annotations
 
-from ..._backend import resolve_backend
+from .. import registry
 from .reference import (check_expert_ffn_inputs, expert_assignment, expert_ffn_flops,
                         expert_ffn_reference, modulated_norm_reference)
 
-KERNELS = ("triton",)
+registry.register_op("expert_ffn", reference=expert_ffn_reference, check=check_expert_ffn_inputs, device_arg="x")
+registry.register_backend(
+    "expert_ffn", "triton",
+    run="cogvideox_kernels.ops.expert_ffn.triton_fwd:expert_ffn_triton",
+    supports="cogvideox_kernels.ops.expert_ffn.triton_fwd:supports",
+    available=registry.triton_device, auto_devices=("cuda",), layout={"*": registry.CONTIGUOUS})
 
 
 def expert_ffn(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
@@ -17,18 +22,13 @@ def expert_ffn(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, nor
     w2 ``[E, hidden, inner]``, b2 ``[E, hidden]`` (b1/b2 may be None). ``num_text_experts=0``: one
     FFN shared by text and video (E = 1); else the first ``num_text_experts`` experts serve text,
     the rest video, with a top-1 router ``(weight, bias)`` for a modality that has several.
-    See ``reference.py`` for the exact maths.
+    See ``reference.py`` for the exact maths. backend: ``"auto"``, ``"reference"`` or a kernel
+    (``registry.kernels("expert_ffn")``: ``"triton"``).
     """
-    check_expert_ffn_inputs(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps,
-                            num_text_experts, text_router, video_router)
-    chosen = resolve_backend("expert_ffn", backend, x.device, KERNELS)
-    kwargs = dict(text_len=text_len, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                  num_text_experts=num_text_experts, text_router=text_router, video_router=video_router)
-    if chosen == "triton":
-        from .triton_fwd import expert_ffn_triton
-
-        return expert_ffn_triton(x, modulation, w1, b1, w2, b2, **kwargs)
-    return expert_ffn_reference(x, modulation, w1, b1, w2, b2, **kwargs)
+    return registry.dispatch("expert_ffn", backend, x=x, modulation=modulation, w1=w1, b1=b1, w2=w2, b2=b2,
+                             text_len=text_len, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                             num_text_experts=num_text_experts, text_router=text_router,
+                             video_router=video_router)
 
 
 __all__ = ["expert_ffn", "expert_ffn_reference", "check_expert_ffn_inputs", "expert_assignment",

@@ -129,18 +129,26 @@ def expert_ffn_reference(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight
     up_pair = lambda p: None if p is None else (up(p[0]), up(p[1]))  # noqa: E731
     xw = x.to(work)
     h, gate = modulated_norm_reference(xw, up(modulation), text_len, up(norm_weight), up(norm_bias), eps)
-    E = w1.shape[0]
-    expert, token_scale = expert_assignment(h, text_len, E, num_text_experts, up_pair(text_router),
-                                            up_pair(video_router))
-    f = torch.zeros_like(h)
-    for e in range(E):  # the reference may loop; the kernel is one grouped GEMM
-        mask = expert == e
-        if not bool(mask.any()):
-            continue
-        he = h[mask]
-        inner = F.gelu(F.linear(he, up(w1[e]), None if b1 is None else up(b1[e])), approximate="tanh")
-        f[mask] = F.linear(inner, up(w2[e]), None if b2 is None else up(b2[e]))
-    out = xw + gate * (f * token_scale[..., None])
+
+    def ffn(tokens, e):
+        inner = F.gelu(F.linear(tokens, up(w1[e]), None if b1 is None else up(b1[e])), approximate="tanh")
+        return F.linear(inner, up(w2[e]), None if b2 is None else up(b2[e]))
+
+    if num_text_experts == 0:  # one FFN for every token
+        f = ffn(h, 0)
+    elif text_router is None and video_router is None:  # one expert per modality: chosen by position
+        f = torch.cat((ffn(h[:, :text_len], 0), ffn(h[:, text_len:], num_text_experts)), dim=1)
+    else:  # routed: the reference may loop over experts; the kernel is one grouped GEMM
+        E = w1.shape[0]
+        expert, token_scale = expert_assignment(h, text_len, E, num_text_experts, up_pair(text_router),
+                                                up_pair(video_router))
+        f = torch.zeros_like(h)
+        for e in range(E):
+            mask = expert == e
+            if bool(mask.any()):
+                f[mask] = ffn(h[mask], e)
+        f = f * token_scale[..., None]
+    out = xw + gate * f
     return out.to(x.dtype)
 
 

@@ -414,18 +414,12 @@ def _linear_gelu_cublaslt(h, weight, bias):
 
 def expert_ffn_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps, num_text_experts,
                    text_router, video_router, shared_path=None, config1=None, config2=None):
-    """Launch the pipeline; inputs already checked. Returns a new tensor shaped like x."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"expert_ffn backend='triton' supports float16, bfloat16 and float32, got x.dtype="
-                         f"{x.dtype}; use backend='reference' for float64")
+    """Launch the pipeline; inputs checked and contiguous (the registry's layout). Returns a new
+    tensor shaped like x."""
     B, S, Hd = x.shape
     E, inner, _ = w1.shape
     T = B * S
-    x2d = x.contiguous().view(T, Hd)
-    modulation = modulation.contiguous()
-    w1, w2 = w1.contiguous(), w2.contiguous()
-    b1 = None if b1 is None else b1.contiguous()
-    b2 = None if b2 is None else b2.contiguous()
+    x2d = x.view(T, Hd)
     routed = num_text_experts > 0 and E > 1 and (text_router is not None or video_router is not None)
 
     if num_text_experts == 0:  # one shared FFN: a single group of all T rows, no permutation
@@ -489,12 +483,16 @@ def _expert_ffn_fake(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def supports(x, **_) -> str | None:
+    """Registry ``supports``: None for the dtypes this kernel takes, else why not."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x has dtype {x.dtype}; the Triton kernels take float16, bfloat16 and float32"
+    return None
+
+
 def expert_ffn_triton(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
                       num_text_experts=0, text_router=None, video_router=None):
-    """Triton backend of ``expert_ffn`` (inputs already checked by ``check_expert_ffn_inputs``)."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"expert_ffn backend='triton' supports float16, bfloat16 and float32, got x.dtype="
-                         f"{x.dtype}; use backend='reference' for float64")
+    """Triton backend of ``expert_ffn`` (inputs checked and ``supports``-ed by the registry)."""
     tw, tb = text_router if text_router is not None else (None, None)
     vw, vb = video_router if video_router is not None else (None, None)
     return expert_ffn_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps),
