@@ -27,8 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_attention import (SHAPES, bench_ms, diffusers_style_path, environment,  # noqa: E402
-                             make_inputs, reference_rows, rel_error, sample_rows, sdpa_alone)
+from bench_attention import (SHAPES, diffusers_style_path, make_inputs, reference_rows, rel_error,  # noqa: E402
+                             sample_rows, sdpa_alone)
+from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention import rope3d_attention  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper_fwd import default_config, hopper_attention_core  # noqa: E402
@@ -121,7 +122,7 @@ def run_shape(name, variants, results, log, deadline):
                    qk_norm_rope_fwd(inp["k"], inp["text_len"], inp["cos"], inp["sin"], kn[0], kn[1], True, eps),
                    qk_norm_rope_fwd(inp["v"], 0, None, None, None, None, False, eps))
     qh, kh, vh = pre()
-    record("pre-pass (q, k norm+rope, v copy)", bench_ms(pre, rep))
+    record("pre-pass (q, k norm+rope, v copy)", time_ms(pre, "cuda", rep_ms=rep))
     qh_t, kh_t, vh_t = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
 
     # baselines
@@ -131,20 +132,20 @@ def run_shape(name, variants, results, log, deadline):
         qc, kc, vc = qh.contiguous(), kh.contiguous(), vh.contiguous()
         out = fa3(qc, kc, vc, softmax_scale=scale)
         out = out[0] if isinstance(out, tuple) else out
-        fa3_ms = bench_ms(lambda: fa3(qc, kc, vc, softmax_scale=scale), rep)
+        fa3_ms = time_ms(lambda: fa3(qc, kc, vc, softmax_scale=scale), "cuda", rep_ms=rep)
         record("FA3 alone (normed q/k, contiguous)", fa3_ms, rel_error(out, ref, rows))
         del qc, kc, vc
     out = sdpa_alone(qh, kh, vh, scale, "cudnn")
-    record("cuDNN SDPA alone (normed q/k)", bench_ms(lambda: sdpa_alone(qh, kh, vh, scale, "cudnn"), rep),
+    record("cuDNN SDPA alone (normed q/k)", time_ms(lambda: sdpa_alone(qh, kh, vh, scale, "cudnn"), "cuda", rep_ms=rep),
            rel_error(out, ref, rows))
     args = dict(text_len=inp["text_len"], cos=inp["cos"], sin=inp["sin"], q_norm=qn, k_norm=kn,
                 scale=scale)
     tri = lambda: rope3d_attention(inp["q"], inp["k"], inp["v"], backend="triton", **args)  # noqa: E731
     out = tri()
-    record("ours Triton (LN+RoPE+attn)", bench_ms(tri, rep), rel_error(out, ref, rows))
+    record("ours Triton (LN+RoPE+attn)", time_ms(tri, "cuda", rep_ms=rep), rel_error(out, ref, rows))
     dif = lambda: diffusers_style_path(inp["q"], inp["k"], inp["v"], **args)  # noqa: E731
     out = dif()
-    record("diffusers-style (LN+RoPE+SDPA bf16)", bench_ms(dif, rep), rel_error(out, ref, rows))
+    record("diffusers-style (LN+RoPE+SDPA bf16)", time_ms(dif, "cuda", rep_ms=rep), rel_error(out, ref, rows))
     del out
     torch.cuda.empty_cache()
 
@@ -165,7 +166,7 @@ def run_shape(name, variants, results, log, deadline):
             continue
         finite = bool(torch.isfinite(out).all())
         err = rel_error(out, ref, rows) if finite else float("inf")
-        ms = bench_ms(lambda: hopper_attention_core(qh_t, kh_t, vh_t, out, scale, cfg), rep)
+        ms = time_ms(lambda: hopper_attention_core(qh_t, kh_t, vh_t, out, scale, cfg), "cuda", rep_ms=rep)
         extra = dict(config=cfg, finite=finite)
         if fa3_ms:
             extra["vs_fa3"] = round(ms / fa3_ms, 4)
@@ -180,7 +181,7 @@ def run_shape(name, variants, results, log, deadline):
                                             inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps,
                                             scale, config=cfg)
         out = full()
-        ms = bench_ms(full, rep)
+        ms = time_ms(full, "cuda", rep_ms=rep)
         extra = dict(config=cfg or default_config(D))
         if fa3_ms:
             extra["vs_fa3"] = round(ms / fa3_ms, 4)
@@ -221,7 +222,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=300)
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
-    env = environment()
+    env = environment("cuda")
     env["commit"] = os.environ.get("BENCH_COMMIT", env["commit"])  # the staged copy has no .git
     results = []
     t0 = time.time()

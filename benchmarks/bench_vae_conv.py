@@ -29,9 +29,11 @@ import sys
 
 import torch
 
+from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
+from cogvideox_kernels.bench.presets import VAE_CONV_SHAPES
 from cogvideox_kernels.ops.vae_conv import diffusers_sequence, vae_conv3d, vae_conv3d_reference
 
-SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90)]
+SHAPES = VAE_CONV_SHAPES
 SMOKE_SHAPES = [(1, 32, 3, 8, 10)]  # --smoke: CPU, C++ path, wall-clock timing (checks the script runs)
 GROUPS = 32
 DEVICE, BACKEND = "cuda", "cuda"
@@ -126,32 +128,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_ms(fn):
-    if DEVICE != "cuda":
-        import time
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def peak_mib(fn):
-    if DEVICE != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return round(peak / 2**20, 1)
-
-
 def run_shape(shape, front, seed):
     a, cache = make_inputs(shape, front, seed)
     refs, ref_cache = references(a, cache)
@@ -174,13 +150,14 @@ def run_shape(shape, front, seed):
                                   backend=BACKEND)
             cache_err = rel(new_cache, ref_cache)
             del new_cache
-        ms = time_ms(fn)
+        ms = time_ms(fn, DEVICE)
+        peak = peak_memory_gib(fn, DEVICE)
         # minimal traffic: x, weight, y once (+ residual read for the fused op)
         nbytes = (a["x"].numel() * (2 if kind == "fused" else 1) + a["weight"].numel() + a["x"].numel()) * elem
         rows.append(dict(shape="x".join(map(str, shape)), front=front, impl=name, ms=round(ms, 4),
                          tflops=round(flops / ms / 1e9, 1), gbps=round(nbytes / ms / 1e6, 1),
                          rel_err=float(f"{err:.3e}"), cache_rel_err=None if cache_err is None else float(f"{cache_err:.3e}"),
-                         peak_mib=peak_mib(fn)))
+                         peak_mib=None if peak is None else round(peak * 1024, 1)))
         print(json.dumps(rows[-1]), flush=True)
     by = {r["impl"]: r for r in rows}
     for r in rows:
@@ -192,18 +169,6 @@ def run_shape(shape, front, seed):
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def environment(commit):
-    import triton
-    env = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version(), commit=commit)
-    if DEVICE == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, sms=p.multi_processor_count)
-    else:
-        env.update(gpu="none (CPU smoke run: C++ path, wall-clock timing)")
-    return env
 
 
 def format_table(rows):
@@ -294,7 +259,7 @@ def sanitize_case():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="folder for vae_conv_bench_<commit>.json/.csv/.md")
-    ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="the commit to record (default: COGVIDEOX_KERNELS_COMMIT or git)")
     ap.add_argument("--fronts", default="replicate,cache", help="comma-separated: replicate, cache")
     ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run at a small shape (C++ path)")
@@ -309,7 +274,8 @@ def main(argv=None):
     shapes = SHAPES
     if args.smoke:
         DEVICE, BACKEND, shapes = "cpu", "cpp", SMOKE_SHAPES
-    env = environment(args.commit)
+    env = environment(DEVICE)
+    env["commit"] = args.commit or env["commit"]
     print(json.dumps(env), flush=True)
     rows = []
     for i, shape in enumerate(shapes):

@@ -182,7 +182,8 @@ def environment(device=None) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm=f"{props.major}.{props.minor}", cudnn=str(torch.backends.cudnn.version()))
+        env.update(gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                   cudnn=str(torch.backends.cudnn.version()))
         try:
             env["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
         except Exception:

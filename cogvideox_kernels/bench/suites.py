@@ -50,24 +50,15 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def kernel_backend_available(op: str, device: torch.device) -> str | None:
-    """The kernel backend of ``op`` that can run here, or None."""
-    from .._backend import kernel_can_run
+OP_NAMES = {"attention": "rope3d_attention", "ffn": "expert_ffn", "conv": "causal_conv3d"}
 
-    kernels = {"attention": ("triton",), "ffn": ("triton",), "conv": ("cuda", "cpp")}[op]
-    for k in kernels:
-        if kernel_can_run(k, device, auto=False):
-            try:  # the kernel module must exist too
-                if op == "attention":
-                    from ..ops.attention import triton_fwd  # noqa: F401
-                elif op == "ffn":
-                    from ..ops.expert_ffn import triton_fwd  # noqa: F401
-                else:
-                    from ..ops.causal_conv import native  # noqa: F401
-            except ImportError:
-                return None
-            return k
-    return None
+
+def kernel_backends(op: str, device: torch.device) -> list[str]:
+    """The kernel backends of ``op`` that can run on ``device`` (from the op registry), in the order
+    ``auto`` tries them: each gets its own "ours (<kernel>)" row."""
+    from ..ops import registry
+
+    return [k for k, why_not in registry.availability(OP_NAMES[op], device).items() if why_not is None]
 
 
 def float32(obj):
@@ -152,8 +143,7 @@ def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> li
             return float32_reference(ops.rope3d_attention, **a, backend="reference")
 
         variants = []
-        kb = kernel_backend_available("attention", device)
-        if kb:
+        for kb in kernel_backends("attention", device):
             variants.append(Variant(f"ours ({kb})", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb),
                                     backend=backend_label(kb, device)))
         variants.append(Variant("diffusers LN+RoPE+SDPA", "baseline",
@@ -204,15 +194,15 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
                                   a["w2"][0], a["b2"][0], a["text_len"])
 
         variants = []
-        kb = kernel_backend_available("ffn", device)
-        if kb:
+        kernels = kernel_backends("ffn", device)
+        for kb in kernels:
             variants.append(Variant(f"ours ({kb})", "ours", lambda a=a, kb=kb: ops.expert_ffn(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
                 norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb), backend=backend_label(kb, device)))
-        if kb and device.type == "cuda":  # the shared FFN picks its GEMM path by measurement; show both
+        if "triton" in kernels and device.type == "cuda":  # the shared FFN picks its GEMM path by measurement
             from ..ops.expert_ffn.triton_fwd import expert_ffn_fwd
 
-            variants[-1].name = "ours (default path)"
+            next(v for v in variants if v.name == "ours (triton)").name = "ours (default path)"
             variants.append(Variant("ours (all-Triton GEMMs)", "ours", lambda a=a: expert_ffn_fwd(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], a["text_len"], a["norm_weight"],
                 a["norm_bias"], 1e-5, 0, None, None, shared_path="triton"), backend="triton"))
@@ -253,8 +243,7 @@ def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Ca
             return F.conv3d(F.pad(x, (0, 0, 0, 0, 2, 0)), w, b, stride=(stride, 1, 1))
 
         variants = []
-        kb = kernel_backend_available("conv", device)
-        if kb:
+        for kb in kernel_backends("conv", device):
             variants.append(Variant(f"ours ({kb})", "ours", lambda x=x, w=w, b=b, stride=stride, kb=kb: ops.causal_conv3d(
                 x, w, b, stride=stride, pad_mode="replicate", backend=kb)[0], backend=kb))
         variants.append(Variant("cat+Conv3d", "baseline", cudnn_cat))
