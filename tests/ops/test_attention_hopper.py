@@ -95,9 +95,9 @@ print(json.dumps(dict(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor"
 
 
 @pytest.mark.parametrize("config,D,dtype", [
-    ({}, 64, "bf16"),
+    pytest.param({}, 64, "bf16", marks=pytest.mark.slow),
     ({}, 128, "fp16"),
-    (dict(NUM_WG=3, PINGPONG=True, N_B=64, POLY_B=True, STAGES=3), 64, "bf16"),
+    pytest.param(dict(NUM_WG=3, PINGPONG=True, N_B=64, POLY_B=True, STAGES=3), 64, "bf16", marks=pytest.mark.slow),
 ])
 def test_kernel_compiles_for_sm90a_offline(config, D, dtype, tmp_path):
     """The Gluon kernel lowers to sm_90a PTX without a GPU: warpgroup MMAs, TMA, register
