@@ -68,6 +68,20 @@ D128_VARIANTS = {
     "d128_n128_s2_pp": dict(NUM_WG=2, BLOCK_N=128, STAGES=2, PINGPONG=True),
     "d128_m128_n64_s3": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=3),
 }
+# run 3: row sums on the tensor cores (P x ones) instead of one FADD per score
+RUN3_VARIANTS = {
+    "ws3_s3": dict(NUM_WG=3, STAGES=3),
+    "ws3_s3_rowsum": dict(NUM_WG=3, STAGES=3, ROWSUM_MMA=True),
+    "ws3_s4_rowsum": dict(NUM_WG=3, STAGES=4, ROWSUM_MMA=True),
+    "ws3_s3_rowsum_pp": dict(NUM_WG=3, STAGES=3, ROWSUM_MMA=True, PINGPONG=True),
+    "ws2_n192_s3_rowsum": dict(NUM_WG=2, N_B=64, STAGES=3, ROWSUM_MMA=True),
+}
+RUN3_D128 = {
+    "d128_ws3_n64_s4": dict(NUM_WG=3, BLOCK_N=64, STAGES=4),
+    "d128_ws3_n64_s4_rowsum": dict(NUM_WG=3, BLOCK_N=64, STAGES=4, ROWSUM_MMA=True),
+    "d128_ws3_n128_s2": dict(NUM_WG=3, BLOCK_N=128, STAGES=2),
+}
+ALL_VARIANTS = {**VARIANTS, **D128_VARIANTS, **RUN3_VARIANTS, **RUN3_D128}
 
 
 class Watchdog:
@@ -96,7 +110,7 @@ def fa3_fn():
     return flash_attn_func
 
 
-def run_shape(name, variants, results, log, deadline):
+def run_shape(name, variants, results, log, deadline, quick=False):
     shape = SHAPES[name]
     B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
     flops = attention_flops(B, S, H, D)
@@ -134,17 +148,18 @@ def run_shape(name, variants, results, log, deadline):
         fa3_ms = bench_ms(lambda: fa3(qc, kc, vc, softmax_scale=scale), rep)
         record("FA3 alone (normed q/k, contiguous)", fa3_ms, rel_error(out, ref, rows))
         del qc, kc, vc
-    out = sdpa_alone(qh, kh, vh, scale, "cudnn")
-    record("cuDNN SDPA alone (normed q/k)", bench_ms(lambda: sdpa_alone(qh, kh, vh, scale, "cudnn"), rep),
-           rel_error(out, ref, rows))
     args = dict(text_len=inp["text_len"], cos=inp["cos"], sin=inp["sin"], q_norm=qn, k_norm=kn,
                 scale=scale)
     tri = lambda: rope3d_attention(inp["q"], inp["k"], inp["v"], backend="triton", **args)  # noqa: E731
-    out = tri()
-    record("ours Triton (LN+RoPE+attn)", bench_ms(tri, rep), rel_error(out, ref, rows))
     dif = lambda: diffusers_style_path(inp["q"], inp["k"], inp["v"], **args)  # noqa: E731
-    out = dif()
-    record("diffusers-style (LN+RoPE+SDPA bf16)", bench_ms(dif, rep), rel_error(out, ref, rows))
+    sdpa = lambda: sdpa_alone(qh, kh, vh, scale, "cudnn")  # noqa: E731
+    baselines = [("ours Triton (LN+RoPE+attn)", tri)]
+    if not quick:
+        baselines += [("cuDNN SDPA alone (normed q/k)", sdpa),
+                      ("diffusers-style (LN+RoPE+SDPA bf16)", dif)]
+    for label, fn in baselines:
+        out = fn()
+        record(label, bench_ms(fn, rep), rel_error(out, ref, rows))
     del out
     torch.cuda.empty_cache()
 
@@ -154,7 +169,7 @@ def run_shape(name, variants, results, log, deadline):
         if time.time() > deadline:
             log(f"  (time budget reached: skipping {vname} and later)")
             break
-        cfg = dict(default_config(D), **{**VARIANTS, **D128_VARIANTS}.get(vname, {}))
+        cfg = dict(default_config(D), **ALL_VARIANTS.get(vname, {}))
         WATCHDOG.step(f"{name}/{vname}", 90)
         out = torch.full((B, S, H, D), float("nan"), dtype=qh.dtype, device="cuda")
         try:
@@ -219,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="5b")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--d128-variants", default=",".join(D128_VARIANTS))
+    ap.add_argument("--quick", action="store_true", help="FA3 and Triton baselines only")
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     env = environment()
@@ -240,13 +257,13 @@ def main(argv=None):
         # the first shape runs every variant; D=128 its own list; the others the default and the
         # first shape's best
         if name == "d128":
-            variants = list(D128_VARIANTS)
+            variants = a.d128_variants.split(",")
         elif i == 0:
             variants = a.variants.split(",")
         else:
             variants = ["default"] + ([best] if best else [])
         found = run_shape(name, variants, results, lambda s: print(s, flush=True),
-                          t0 + a.budget_s if i == 0 else time.time() + 120)
+                          t0 + a.budget_s if i == 0 else time.time() + 120, quick=a.quick)
         best = best or found
     WATCHDOG.cancel()
     print(write(results, env, a.out), flush=True)

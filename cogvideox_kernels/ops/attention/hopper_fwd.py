@@ -23,8 +23,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
@@ -60,7 +60,9 @@ def _mask_tail(s, n0, S):
 class _Shared:
     """Shared-memory buffers and mbarriers of one CTA. A key block is BLOCK_N + N_B keys: part A
     (BLOCK_N keys, exp2 on MUFU) and part B (N_B keys, 0 = none; exp2 on the FMA pipe when
-    POLY_B). Tensor shapes must be powers of two, so a block of 192 keys is 128 + 64."""
+    POLY_B). Tensor shapes must be powers of two, so a block of 192 keys is 128 + 64.
+    ROWSUM_MMA: the softmax row sums come from the tensor cores, P times a [BLOCK_N, 8] tile of
+    ones (``ones``), instead of one FADD per score on the FMA pipe."""
     q_bufs: gl.shared_memory_descriptor
     ka_bufs: gl.shared_memory_descriptor
     va_bufs: gl.shared_memory_descriptor
@@ -71,14 +73,16 @@ class _Shared:
     v_ready: gl.shared_memory_descriptor
     kv_empty: gl.shared_memory_descriptor
     turn_bars: gl.shared_memory_descriptor
+    ones: gl.shared_memory_descriptor
     NUM_WG: gl.constexpr
     BLOCK_N: gl.constexpr
     N_B: gl.constexpr
     STAGES: gl.constexpr
+    ROWSUM_MMA: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_bufs, ka_bufs, va_bufs, kb_bufs, vb_bufs, q_bar, k_ready, v_ready,
-                 kv_empty, turn_bars, NUM_WG, BLOCK_N, N_B, STAGES):
+                 kv_empty, turn_bars, ones, NUM_WG, BLOCK_N, N_B, STAGES, ROWSUM_MMA):
         self.q_bufs = q_bufs
         self.ka_bufs = ka_bufs
         self.va_bufs = va_bufs
@@ -89,10 +93,12 @@ class _Shared:
         self.v_ready = v_ready
         self.kv_empty = kv_empty
         self.turn_bars = turn_bars
+        self.ones = ones
         self.NUM_WG = gl.constexpr(NUM_WG)
         self.BLOCK_N = gl.constexpr(BLOCK_N)
         self.N_B = gl.constexpr(N_B)
         self.STAGES = gl.constexpr(STAGES)
+        self.ROWSUM_MMA = gl.constexpr(ROWSUM_MMA)
 
 
 @gluon.jit
@@ -148,19 +154,28 @@ def _wait_qk(s, sb, pending: gl.constexpr, N_B: gl.constexpr):
 
 
 @gluon.jit
-def _issue_pv(p_op, pb_op, sm, stage, acc):
-    """Start O += P V (async), P from registers."""
+def _issue_pv(p_op, pb_op, sm, stage, acc, l_acc):
+    """Start O += P V (async), P from registers; with ROWSUM_MMA also L += P 1 (row sums in
+    every one of L's 8 columns)."""
     acc = warpgroup_mma(p_op, sm.va_bufs.index(stage), acc, is_async=True)
     if sm.N_B > 0:
         acc = warpgroup_mma(pb_op, sm.vb_bufs.index(stage), acc, is_async=True)
-    return acc
+    if sm.ROWSUM_MMA:
+        lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout,
+                                                      k_width=2)
+        l_acc = warpgroup_mma(gl.convert_layout(p_op, lp_layout), sm.ones, l_acc, is_async=True)
+        if sm.N_B > 0:
+            l_acc = warpgroup_mma(gl.convert_layout(pb_op, lp_layout), sm.ones.slice(0, sm.N_B),
+                                  l_acc, is_async=True)
+    return acc, l_acc
 
 
 @gluon.jit
 def _softmax_step(s, sb, m_i, l_i, qk_scale, n0, S, N_B: gl.constexpr, POLY_B: gl.constexpr,
-                  MASK: gl.constexpr):
+                  MASK: gl.constexpr, ROWSUM_MMA: gl.constexpr):
     """Online softmax on one key block: P of parts A and B (fp32), the new row max and row sum,
-    and alpha = 2^(m_old - m_new) for the accumulator. exp2 takes the scale folded into one FMA."""
+    and alpha = 2^(m_old - m_new) for the accumulator. exp2 takes the scale folded into one FMA.
+    With ROWSUM_MMA l_i is the [BLOCK_M, 8] MMA accumulator of the row sums, left unchanged here."""
     row_layout: gl.constexpr = m_i.type.layout
     if MASK:  # the last block: keys past S score -inf
         s = _mask_tail(s, n0, S)
@@ -171,18 +186,21 @@ def _softmax_step(s, sb, m_i, l_i, qk_scale, n0, S, N_B: gl.constexpr, POLY_B: g
         m_blk = gl.maximum(m_blk, gl.convert_layout(gl.max(sb, axis=1), row_layout))
     m_new = gl.maximum(m_i, m_blk * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])
-    row_sum = gl.sum(p, axis=1)
+    if not ROWSUM_MMA:
+        row_sum = gl.sum(p, axis=1)
     if N_B > 0:
         mb = gl.convert_layout(m_new, gl.SliceLayout(1, sb.type.layout))
         if POLY_B:
             pb = _exp2_poly(sb * qk_scale - mb[:, None])
         else:
             pb = gl.exp2(sb * qk_scale - mb[:, None])
-        row_sum = row_sum + gl.convert_layout(gl.sum(pb, axis=1), row_layout)
+        if not ROWSUM_MMA:
+            row_sum = row_sum + gl.convert_layout(gl.sum(pb, axis=1), row_layout)
     else:
         pb = p
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + row_sum
+    if not ROWSUM_MMA:
+        l_i = l_i * alpha + row_sum
     return p, pb, m_new, l_i, alpha
 
 
@@ -196,7 +214,7 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, pb_op, s_zero, sb_zero, tu
     and its wait: ptxas then waits for the wgmma at the join and the overlap is lost."""
     N_B: gl.constexpr = sm.N_B
     STAGES: gl.constexpr = sm.STAGES
-    PV_GROUPS: gl.constexpr = 2 if N_B > 0 else 1
+    PV_GROUPS: gl.constexpr = (2 if N_B > 0 else 1) * (2 if sm.ROWSUM_MMA else 1)
     stage = j % STAGES
     prev = (j - 1) % STAGES
     if PINGPONG:
@@ -205,17 +223,21 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, pb_op, s_zero, sb_zero, tu
     s, sb = _issue_qk(q_smem, sm, stage, s_zero, sb_zero)
     if not OVERLAP:
         s, sb = _wait_qk(s, sb, 0, N_B)
-    acc = _issue_pv(p_op, pb_op, sm, prev, acc)  # V_{j-1} was waited for by the last step
+    acc, l_i = _issue_pv(p_op, pb_op, sm, prev, acc, l_i)  # V_{j-1}: waited for by the last step
     if PINGPONG:
         mbarrier.arrive(next_turn)
     if OVERLAP:
         s, sb = _wait_qk(s, sb, PV_GROUPS, N_B)
     p, pb, m_i, l_i, alpha = _softmax_step(s, sb, m_i, l_i, qk_scale, j * (sm.BLOCK_N + N_B), S,
-                                           N_B, POLY_B, MASK)
+                                           N_B, POLY_B, MASK, sm.ROWSUM_MMA)
     # Wait for V_j (needed by the next step) here: the mbarrier poll loop ends a basic block, so
     # ptxas cannot hoist the P V wait below above the softmax (it does within one block).
     mbarrier.wait(sm.v_ready.index(stage), (j // STAGES) & 1)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+    if sm.ROWSUM_MMA:
+        acc, l_i = warpgroup_mma_wait(0, deps=(acc, l_i))
+        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(prev))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
@@ -242,7 +264,12 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    if sm.ROWSUM_MMA:  # row sums accumulate on the tensor cores, 8 equal columns
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, 8, 16])
+        l_i = gl.zeros([BLOCK_M, 8], gl.float32, layout=l_layout)
+    else:
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     if N_B > 0:
@@ -266,7 +293,8 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
     if PINGPONG:
         mbarrier.arrive(next_turn)
     s, sb = _wait_qk(s, sb, 0, N_B)
-    p, pb, m_i, l_i, alpha = _softmax_step(s, sb, m_i, l_i, qk_scale, 0, S, N_B, POLY_B, True)
+    p, pb, m_i, l_i, alpha = _softmax_step(s, sb, m_i, l_i, qk_scale, 0, S, N_B, POLY_B, True,
+                                           sm.ROWSUM_MMA)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     pb_op = gl.convert_layout(pb.to(dtype), p_layout)
@@ -285,10 +313,14 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
     last = (n_blocks - 1) % STAGES
     if PINGPONG:
         mbarrier.wait(turn, n_blocks & 1)
-    acc = _issue_pv(p_op, pb_op, sm, last, acc)
+    acc, l_i = _issue_pv(p_op, pb_op, sm, last, acc, l_i)
     if PINGPONG:
         mbarrier.arrive(next_turn)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+    if sm.ROWSUM_MMA:
+        acc, l_i = warpgroup_mma_wait(0, deps=(acc, l_i))
+        l_i = gl.max(l_i, axis=1)
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
 
     # ---- epilogue: O / l; rows past S are not stored
@@ -307,8 +339,8 @@ def _hopper_attention_fwd_kernel(q_desc, ka_desc, va_desc, kb_desc, vb_desc, o_p
                                  stride_ob, stride_os, stride_oh, qk_scale,
                                  NUM_WG: gl.constexpr, N_B: gl.constexpr, STAGES: gl.constexpr,
                                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                                 POLY_B: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                 LOADER_REGS: gl.constexpr):
+                                 POLY_B: gl.constexpr, ROWSUM_MMA: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * BLOCK_M query rows of one (b, h).
 
     Descriptors are over the head-major [B*H*S, D] storage; ka/va boxes are BLOCK_N keys, kb/vb
@@ -351,9 +383,17 @@ def _hopper_attention_fwd_kernel(q_desc, ka_desc, va_desc, kb_desc, vb_desc, o_p
         mbarrier.init(turn_bars.index(i), count=1)
     if PINGPONG:
         mbarrier.arrive(turn_bars.index(0))  # warpgroup 0 issues first
+    if ROWSUM_MMA:
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 8], dtype)
+        fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [gl.num_warps(), 1], [1, 0])
+        ones = gl.allocate_shared_memory(dtype, [BLOCK_N, 8], ones_layout,
+                                         gl.full([BLOCK_N, 8], 1.0, dtype, layout=fill_layout))
+        fence_async_shared()  # written by plain stores, read by wgmma (async proxy)
+    else:
+        ones = q_bar
 
     sm = _Shared(q_bufs, ka_bufs, va_bufs, kb_bufs, vb_bufs, q_bar, k_ready, v_ready, kv_empty,
-                 turn_bars, NUM_WG, BLOCK_N, N_B, STAGES)
+                 turn_bars, ones, NUM_WG, BLOCK_N, N_B, STAGES, ROWSUM_MMA)
     if NUM_WG == 1:
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 0, OVERLAP,
@@ -389,10 +429,10 @@ def default_config(head_dim: int) -> dict:
     N_B keys per block (part B on the FMA-pipe exp2 when POLY_B), BLOCK_M query rows per consumer
     warpgroup (64 or 128), STAGES of the K/V ring, OVERLAP, PINGPONG."""
     if head_dim <= 64:
-        return dict(NUM_WG=2, BLOCK_M=64, BLOCK_N=128, N_B=0, POLY_B=False, STAGES=3,
-                    OVERLAP=True, PINGPONG=False)
-    return dict(NUM_WG=2, BLOCK_M=64, BLOCK_N=64, N_B=0, POLY_B=False, STAGES=4, OVERLAP=True,
-                PINGPONG=False)
+        return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=128, N_B=0, POLY_B=False, STAGES=3,
+                    OVERLAP=True, PINGPONG=False, ROWSUM_MMA=False)
+    return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=64, N_B=0, POLY_B=False, STAGES=4, OVERLAP=True,
+                PINGPONG=False, ROWSUM_MMA=False)
 
 
 def _registers(num_wg: int) -> tuple[int, int]:
@@ -433,7 +473,7 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
         q_desc, ka_desc, va_desc, kb_desc, vb_desc, out, S, H, out.stride(0), out.stride(1),
         out.stride(2), float(scale) * LOG2E, NUM_WG=num_wg, N_B=n_b, STAGES=cfg["STAGES"],
         OVERLAP=cfg["OVERLAP"], PINGPONG=cfg["PINGPONG"] and num_wg > 1, POLY_B=cfg["POLY_B"],
-        CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4)
+        ROWSUM_MMA=cfg["ROWSUM_MMA"], CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4)
     return out
 
 
@@ -458,7 +498,8 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str =
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
     constexprs = dict(NUM_WG=cfg["NUM_WG"], N_B=cfg["N_B"], STAGES=cfg["STAGES"],
                       OVERLAP=cfg["OVERLAP"], PINGPONG=cfg["PINGPONG"] and cfg["NUM_WG"] > 1,
-                      POLY_B=cfg["POLY_B"], CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+                      POLY_B=cfg["POLY_B"], ROWSUM_MMA=cfg["ROWSUM_MMA"],
+                      CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(_hopper_attention_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
