@@ -163,10 +163,11 @@ def _issue_pv(p_op, pb_op, sm, stage, acc, l_acc):
     if sm.ROWSUM_MMA:
         lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout,
                                                       k_width=2)
-        l_acc = warpgroup_mma(gl.convert_layout(p_op, lp_layout), sm.ones, l_acc, is_async=True)
+        ones_t = sm.ones.permute((1, 0))  # [BLOCK_N, 8], K-major like K in Q K^T
+        l_acc = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_t, l_acc, is_async=True)
         if sm.N_B > 0:
-            l_acc = warpgroup_mma(gl.convert_layout(pb_op, lp_layout), sm.ones.slice(0, sm.N_B),
-                                  l_acc, is_async=True)
+            l_acc = warpgroup_mma(gl.convert_layout(pb_op, lp_layout),
+                                  ones_t.slice(0, sm.N_B, dim=0), l_acc, is_async=True)
     return acc, l_acc
 
 
@@ -384,10 +385,13 @@ def _hopper_attention_fwd_kernel(q_desc, ka_desc, va_desc, kb_desc, vb_desc, o_p
     if PINGPONG:
         mbarrier.arrive(turn_bars.index(0))  # warpgroup 0 issues first
     if ROWSUM_MMA:
-        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 8], dtype)
-        fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [gl.num_warps(), 1], [1, 0])
-        ones = gl.allocate_shared_memory(dtype, [BLOCK_N, 8], ones_layout,
-                                         gl.full([BLOCK_N, 8], 1.0, dtype, layout=fill_layout))
+        # stored [8, BLOCK_N] (K contiguous, 128-byte swizzle) and fed transposed, the layout
+        # the K tiles use; a [BLOCK_N, 8] N-major tile (16-byte rows, no swizzle) faulted on the
+        # H200 (illegal address, run 3)
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, gl.num_warps()], [1, 0])
+        ones = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_layout,
+                                         gl.full([8, BLOCK_N], 1.0, dtype, layout=fill_layout))
         fence_async_shared()  # written by plain stores, read by wgmma (async proxy)
     else:
         ones = q_bar
