@@ -6,9 +6,11 @@ in one run, with parity of every variant on the same inputs. Needs an H100/H200.
 
 Per shape: q, k, v are strided views of a [B, S, 3, H, D] bf16 QKV tensor (as the model feeds
 them), QK LayerNorm + RoPE3D on. Each kernel variant writes into a NaN-filled output (kernel only,
-on head-major q/k/v from the pre-pass) and is checked for finiteness and against a float64
-reference on sampled query rows (all keys); its kernel time and (for the default and the best)
-the full path time (pre-pass + kernel) are measured with do_bench (median) next to FA3 alone
+on head-major q/k/v from the pre-pass; variants come from
+``benchmarks/experiments/hopper_attention_variants.py``, the superset of the shipped kernel) and is
+checked for finiteness and against a float64 reference on sampled query rows (all keys); its
+kernel time and (for the shipped default and the best variant) the full path time (pre-pass +
+kernel) are measured with do_bench (median) next to FA3 alone
 (on contiguous normed q/k/v), cuDNN SDPA alone, our Triton path and the diffusers-style path.
 A watchdog writes what was measured and exits if one step hangs (a deadlocked kernel).
 """
@@ -31,7 +33,7 @@ from bench_attention import (SHAPES, bench_ms, diffusers_style_path, environment
                              make_inputs, reference_rows, rel_error, sample_rows, sdpa_alone)
 from cogvideox_kernels.ops.attention import rope3d_attention  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd  # noqa: E402
-from cogvideox_kernels.ops.attention.hopper_fwd import default_config, hopper_attention_core  # noqa: E402
+from experiments.hopper_attention_variants import default_config, hopper_attention_core  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops  # noqa: E402
 from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd  # noqa: E402
 
@@ -188,18 +190,29 @@ def run_shape(name, variants, results, log, deadline, quick=False):
         if finite and err < 1e-2 and (best is None or ms < best[1]):
             best = (vname, ms, cfg)
         WATCHDOG.cancel()
-    # full path (pre-pass + kernel) for the default and the best variant
-    for vname, cfg in [("default", None)] + ([(best[0], best[2])] if best else []):
-        WATCHDOG.step(f"{name}/full/{vname}", 90)
-        full = lambda: hopper_attention_fwd(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],  # noqa: E731
-                                            inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps,
-                                            scale, config=cfg)
+    # full path (LN + RoPE pre-pass + kernel): the shipped op with its defaults, and the best
+    # variant (pre-pass + the variants module's kernel)
+    def shipped_full():
+        return hopper_attention_fwd(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
+                                    inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps, scale)
+
+    def variant_full(cfg):
+        q2, k2, v2 = pre()
+        out = torch.empty((B, S, H, D), dtype=q2.dtype, device="cuda")
+        return hopper_attention_core(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                     out, scale, cfg)
+
+    runs = [("shipped default", shipped_full, default_config(D))]
+    if best:
+        runs.append((best[0], lambda: variant_full(best[2]), best[2]))
+    for label, full, cfg in runs:
+        WATCHDOG.step(f"{name}/full/{label}", 90)
         out = full()
         ms = bench_ms(full, rep)
-        extra = dict(config=cfg or default_config(D))
+        extra = dict(config=cfg)
         if fa3_ms:
             extra["vs_fa3"] = round(ms / fa3_ms, 4)
-        record(f"hopper full path {vname} (LN+RoPE+attn)", ms, rel_error(out, ref, rows), **extra)
+        record(f"hopper full path {label} (LN+RoPE+attn)", ms, rel_error(out, ref, rows), **extra)
         WATCHDOG.cancel()
     del inp, qh, kh, vh, ref
     torch.cuda.empty_cache()
