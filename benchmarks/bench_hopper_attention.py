@@ -6,9 +6,11 @@ in one run, with parity of every variant on the same inputs. Needs an H100/H200.
 
 Per shape: q, k, v are strided views of a [B, S, 3, H, D] bf16 QKV tensor (as the model feeds
 them), QK LayerNorm + RoPE3D on. Each kernel variant writes into a NaN-filled output (kernel only,
-on head-major q/k/v from the pre-pass) and is checked for finiteness and against a float64
-reference on sampled query rows (all keys); its kernel time and (for the default and the best)
-the full path time (pre-pass + kernel) are measured with do_bench (median) next to FA3 alone
+on head-major q/k/v from the pre-pass; variants come from
+``benchmarks/experiments/hopper_attention_variants.py``, the superset of the shipped kernel) and is
+checked for finiteness and against a float64 reference on sampled query rows (all keys); its
+kernel time and (for the shipped default and the best variant) the full path time (pre-pass +
+kernel) are measured with do_bench (median) next to FA3 alone
 (on contiguous normed q/k/v), cuDNN SDPA alone, our Triton path and the diffusers-style path.
 A watchdog writes what was measured and exits if one step hangs (a deadlocked kernel).
 """
@@ -32,7 +34,7 @@ from bench_attention import (SHAPES, diffusers_style_path, make_inputs, referenc
 from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention import rope3d_attention  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd  # noqa: E402
-from cogvideox_kernels.ops.attention.hopper_fwd import default_config, hopper_attention_core  # noqa: E402
+from experiments.hopper_attention_variants import default_config, hopper_attention_core  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops  # noqa: E402
 from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd  # noqa: E402
 
@@ -69,6 +71,20 @@ D128_VARIANTS = {
     "d128_n128_s2_pp": dict(NUM_WG=2, BLOCK_N=128, STAGES=2, PINGPONG=True),
     "d128_m128_n64_s3": dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=3),
 }
+# run 3: row sums on the tensor cores (P x ones) instead of one FADD per score
+RUN3_VARIANTS = {
+    "ws3_s3": dict(NUM_WG=3, STAGES=3),
+    "ws3_s3_rowsum": dict(NUM_WG=3, STAGES=3, ROWSUM_MMA=True),
+    "ws3_s4_rowsum": dict(NUM_WG=3, STAGES=4, ROWSUM_MMA=True),
+    "ws3_s3_rowsum_pp": dict(NUM_WG=3, STAGES=3, ROWSUM_MMA=True, PINGPONG=True),
+    "ws2_n192_s3_rowsum": dict(NUM_WG=2, N_B=64, STAGES=3, ROWSUM_MMA=True),
+}
+RUN3_D128 = {
+    "d128_ws3_n64_s4": dict(NUM_WG=3, BLOCK_N=64, STAGES=4),
+    "d128_ws3_n64_s4_rowsum": dict(NUM_WG=3, BLOCK_N=64, STAGES=4, ROWSUM_MMA=True),
+    "d128_ws3_n128_s2": dict(NUM_WG=3, BLOCK_N=128, STAGES=2),
+}
+ALL_VARIANTS = {**VARIANTS, **D128_VARIANTS, **RUN3_VARIANTS, **RUN3_D128}
 
 
 class Watchdog:
@@ -97,7 +113,7 @@ def fa3_fn():
     return flash_attn_func
 
 
-def run_shape(name, variants, results, log, deadline):
+def run_shape(name, variants, results, log, deadline, quick=False):
     shape = SHAPES[name]
     B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
     flops = attention_flops(B, S, H, D)
@@ -135,17 +151,18 @@ def run_shape(name, variants, results, log, deadline):
         fa3_ms = time_ms(lambda: fa3(qc, kc, vc, softmax_scale=scale), "cuda", rep_ms=rep)
         record("FA3 alone (normed q/k, contiguous)", fa3_ms, rel_error(out, ref, rows))
         del qc, kc, vc
-    out = sdpa_alone(qh, kh, vh, scale, "cudnn")
-    record("cuDNN SDPA alone (normed q/k)", time_ms(lambda: sdpa_alone(qh, kh, vh, scale, "cudnn"), "cuda", rep_ms=rep),
-           rel_error(out, ref, rows))
     args = dict(text_len=inp["text_len"], cos=inp["cos"], sin=inp["sin"], q_norm=qn, k_norm=kn,
                 scale=scale)
     tri = lambda: rope3d_attention(inp["q"], inp["k"], inp["v"], backend="triton", **args)  # noqa: E731
-    out = tri()
-    record("ours Triton (LN+RoPE+attn)", time_ms(tri, "cuda", rep_ms=rep), rel_error(out, ref, rows))
     dif = lambda: diffusers_style_path(inp["q"], inp["k"], inp["v"], **args)  # noqa: E731
-    out = dif()
-    record("diffusers-style (LN+RoPE+SDPA bf16)", time_ms(dif, "cuda", rep_ms=rep), rel_error(out, ref, rows))
+    sdpa = lambda: sdpa_alone(qh, kh, vh, scale, "cudnn")  # noqa: E731
+    baselines = [] if quick else [("ours Triton (LN+RoPE+attn)", tri),
+                                  ("cuDNN SDPA alone (normed q/k)", sdpa),
+                                  ("diffusers-style (LN+RoPE+SDPA bf16)", dif)]
+    out = None
+    for label, fn in baselines:
+        out = fn()
+        record(label, time_ms(fn, "cuda", rep_ms=rep), rel_error(out, ref, rows))
     del out
     torch.cuda.empty_cache()
 
@@ -155,7 +172,7 @@ def run_shape(name, variants, results, log, deadline):
         if time.time() > deadline:
             log(f"  (time budget reached: skipping {vname} and later)")
             break
-        cfg = dict(default_config(D), **{**VARIANTS, **D128_VARIANTS}.get(vname, {}))
+        cfg = dict(default_config(D), **ALL_VARIANTS.get(vname, {}))
         WATCHDOG.step(f"{name}/{vname}", 90)
         out = torch.full((B, S, H, D), float("nan"), dtype=qh.dtype, device="cuda")
         try:
@@ -174,18 +191,29 @@ def run_shape(name, variants, results, log, deadline):
         if finite and err < 1e-2 and (best is None or ms < best[1]):
             best = (vname, ms, cfg)
         WATCHDOG.cancel()
-    # full path (pre-pass + kernel) for the default and the best variant
-    for vname, cfg in [("default", None)] + ([(best[0], best[2])] if best else []):
-        WATCHDOG.step(f"{name}/full/{vname}", 90)
-        full = lambda: hopper_attention_fwd(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],  # noqa: E731
-                                            inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps,
-                                            scale, config=cfg)
+    # full path (LN + RoPE pre-pass + kernel): the shipped op with its defaults, and the best
+    # variant (pre-pass + the variants module's kernel)
+    def shipped_full():
+        return hopper_attention_fwd(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
+                                    inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps, scale)
+
+    def variant_full(cfg):
+        q2, k2, v2 = pre()
+        out = torch.empty((B, S, H, D), dtype=q2.dtype, device="cuda")
+        return hopper_attention_core(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                     out, scale, cfg)
+
+    runs = [("shipped default", shipped_full, default_config(D))]
+    if best:
+        runs.append((best[0], lambda: variant_full(best[2]), best[2]))
+    for label, full, cfg in runs:
+        WATCHDOG.step(f"{name}/full/{label}", 90)
         out = full()
         ms = time_ms(full, "cuda", rep_ms=rep)
-        extra = dict(config=cfg or default_config(D))
+        extra = dict(config=cfg)
         if fa3_ms:
             extra["vs_fa3"] = round(ms / fa3_ms, 4)
-        record(f"hopper full path {vname} (LN+RoPE+attn)", ms, rel_error(out, ref, rows), **extra)
+        record(f"hopper full path {label} (LN+RoPE+attn)", ms, rel_error(out, ref, rows), **extra)
         WATCHDOG.cancel()
     del inp, qh, kh, vh, ref
     torch.cuda.empty_cache()
@@ -220,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="5b")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--d128-variants", default=",".join(D128_VARIANTS))
+    ap.add_argument("--quick", action="store_true", help="FA3 as the only baseline")
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     env = environment("cuda")
@@ -241,13 +271,13 @@ def main(argv=None):
         # the first shape runs every variant; D=128 its own list; the others the default and the
         # first shape's best
         if name == "d128":
-            variants = list(D128_VARIANTS)
+            variants = a.d128_variants.split(",")
         elif i == 0:
             variants = a.variants.split(",")
         else:
             variants = ["default"] + ([best] if best else [])
         found = run_shape(name, variants, results, lambda s: print(s, flush=True),
-                          t0 + a.budget_s if i == 0 else time.time() + 120)
+                          t0 + a.budget_s if i == 0 else time.time() + 120, quick=a.quick)
         best = best or found
     WATCHDOG.cancel()
     print(write(results, env, a.out), flush=True)

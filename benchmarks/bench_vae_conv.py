@@ -6,7 +6,8 @@ or replicated) it first checks parity against the float32 reference (TF32 off) w
 torch.empty NaN-poisoned, then times (triton do_bench median):
 
 * ``ours_fused``      vae_conv3d: GroupNorm(32) + SiLU + conv + bias + residual (default variant)
-* ``ours_fused_v2``   the same, conv variant 2 (3-stage pipeline)
+* ``ours_fused_vN``   the same with conv variant N forced (1: 4 stages, 2: 3 stages, 3: single-buffered
+                      fragments, 4: 3 stages + residual loaded before the stores)
 * ``ours_conv``       vae_conv3d with no norm/SiLU/residual (the conv alone, incl. its layout pass)
 * ``cudnn_conv``      torch.cat(front, x) + F.conv3d (cuDNN), the conv alone
 * ``diffusers_seq``   F.group_norm, F.silu, torch.cat, F.conv3d, + residual: diffusers' ResNet step
@@ -95,12 +96,13 @@ def variants(a, cache):
         "ours_fused": (lambda: vae_conv3d(x, w, b, backend=BACKEND, **norm)[0], "fused"),
         "ours_fused_v2": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=2, **norm)[0], "fused"),
         "ours_fused_v3": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=3, **norm)[0], "fused"),
+        "ours_fused_v4": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=4, **norm)[0], "fused"),
         "ours_conv": (lambda: vae_conv3d(x, w, b, cache=cache, backend=BACKEND)[0], "conv"),
         "cudnn_conv": (cudnn, "conv"),
         "diffusers_seq": (lambda: diffusers_sequence(x, w, b, **norm)[0], "fused"),
     }
     if BACKEND != "cuda":
-        del out["ours_fused_v2"], out["ours_fused_v3"]
+        del out["ours_fused_v2"], out["ours_fused_v3"], out["ours_fused_v4"]
     return out
 
 
@@ -248,7 +250,7 @@ def sanitize_case():
                   silu=True, residual=rnd(1, Co, T, H, W), pad_mode=pad_mode,
                   cache=rnd(1, C, 2, H, W) if use_cache else None)
         ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
-        for v in (1, 2, 3):
+        for v in (1, 2, 3, 4):
             y, _ = vae_conv3d_native(x, w, b, backend="cuda", variant=v, **kw)
             worst = max(worst, rel(y.double(), ref.double()))
     torch.cuda.synchronize()

@@ -261,7 +261,7 @@ CUDA_CASES = [  # (B, C, C_out, T, H, W, kt, options): odd sizes, partial tiles,
 
 @pytest.mark.gpu
 @needs_cuda_ext
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", range(len(CUDA_CASES)))
 def test_cuda_matches_reference(case, dtype, variant):
