@@ -20,6 +20,7 @@ from ..ops.expert_ffn import expert_ffn_flops
 from .common import Progress, Result, peak_memory_gib, time_ms
 from .presets import attention_shapes, conv_shapes, ffn_shapes
 
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     if not torch.isfinite(out).all():
