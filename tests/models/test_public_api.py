@@ -40,7 +40,7 @@ def test_package_imports_without_extension_diffusers_or_gpu():
     importlib.import_module("cogvideox_kernels.integrations.diffusers")
 
 
-def test_cli_info_and_bench_help_run():
+def test_cli_info_lists_every_op():
     out = subprocess.run([sys.executable, "-m", "cogvideox_kernels.cli", "info"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

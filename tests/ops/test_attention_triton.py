@@ -10,14 +10,10 @@ import torch
 from cogvideox_kernels.ops import rope3d_attention, rope3d_freqs
 from cogvideox_kernels.ops.attention.reference import (qk_norm_rope_reference,
                                                        rope3d_attention_reference)
+from helpers import rel_err
 
 BUDGET = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GPU_BUDGET = {torch.float32: 5e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # fp32 dot is TF32
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflowed elements)"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_case(B, S, H, D, text_len, dtype, *, rope=True, q_norm=True, k_norm=True, k_bias=True,

@@ -9,18 +9,12 @@ import torch
 
 from cogvideox_kernels import _ext
 from cogvideox_kernels.ops.causal_conv import causal_conv3d, causal_conv3d_reference
+from helpers import rel_err
 
 needs_ext = pytest.mark.skipif(not _ext.extension_available(),
                                reason="cogvideox_kernels._C is not built" + _ext.extension_error())
-pytestmark = needs_ext
 
 BUDGET = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflow)"
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def make_inputs(B, C_in, C_out, T, H, W, kt, dtype, device, *, bias=True, cache=False, seed=0):
@@ -49,12 +43,19 @@ def check_against_reference(x, w, b, c, stride, pad_mode, backend, **kw):
     return err
 
 
+def test_extension_is_built():
+    """The tests below skip without the extension; this one says that it is missing (a broken build
+    must not pass as a clean run)."""
+    assert _ext.extension_available(), "cogvideox_kernels._C is not built" + _ext.extension_error()
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU (CI): the C++ path
 # ------------------------------------------------------------------------------------------------
 CHANNELS = [(3, 5), (5, 3), (17, 17)]
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pad_mode", ["replicate", "zeros"])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -68,6 +69,7 @@ def test_cpp_matches_reference(kt, stride, pad_mode, dtype):
     check_against_reference(x, w, b, c, stride, pad_mode, "cpp")
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kt", [1, 3, 5])
 def test_cpp_single_frame_and_dtypes(kt, dtype):
@@ -87,6 +89,7 @@ def run_chunked(x, w, b, stride, pad_mode, lengths, backend):
     return torch.cat(outs, dim=2), cache
 
 
+@needs_ext
 @pytest.mark.parametrize("stride, lengths", [(1, (3, 1, 5)), (2, (4, 2, 3)), (2, (2, 6, 1))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpp_chunked_equals_whole(stride, lengths, dtype):
@@ -97,6 +100,7 @@ def test_cpp_chunked_equals_whole(stride, lengths, dtype):
     assert torch.equal(whole_cache, chunk_cache)
 
 
+@needs_ext
 def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
     monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
     x, w, b, _ = make_inputs(1, 3, 5, 4, 3, 5, 3, torch.float32, "cpu")
@@ -108,6 +112,7 @@ def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
     assert len(calls) == 1 and calls[0][6] == "cpp"
 
 
+@needs_ext
 def test_unsupported_kernel_falls_back_or_raises():
     x, _, _, _ = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu")
     w = torch.randn(5, 3, 3, 3, 3)
@@ -122,6 +127,7 @@ def test_unsupported_kernel_falls_back_or_raises():
         causal_conv3d(x, torch.randn(5, 3, 3, 1, 1), None, stride=3, backend="cpp")
 
 
+@needs_ext
 def test_bad_inputs_raise():
     x, w, b, c = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu", cache=True)
     # (views are fine: tests/ops/test_strides.py; the raw op refuses them, it reads packed memory)
@@ -149,6 +155,7 @@ KERNEL_CHOICES = [  # (dtype, C_in, kt, stride, H*W, aligned) -> the CUDA kernel
 ]
 
 
+@needs_ext
 def test_cuda_kernel_choice_by_shape_class():
     """The one choice of CUDA kernel (csrc/causal_conv/cuda_tiles.h) for Hopper's 227 KB of shared
     memory: the measured-fastest per shape class (benchmarks/results/conv_notes.md). Pure C++: answered
@@ -160,6 +167,7 @@ def test_cuda_kernel_choice_by_shape_class():
     assert cuda_kernel(torch.bfloat16, 128, 3, 1, 64, 100 * 1024) == "tapmajor"  # a smaller GPU: no ring
 
 
+@needs_ext
 def test_cuda_available_matches_build():
     flag = os.environ.get("COGVIDEOX_KERNELS_CUDA", "AUTO").upper()
     nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") or os.environ.get("CUDACXX")
@@ -186,6 +194,7 @@ class _TemporalConv(torch.nn.Module):
         return y * 2, new_cache
 
 
+@needs_ext
 def test_compile_fullgraph_cpu():
     torch._dynamo.reset()
     mod = _TemporalConv(5, 3, "cpu", torch.float32)
@@ -214,6 +223,7 @@ def gpu_reference(x, w, b, c, stride, pad_mode):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("stride", [1, 2])
@@ -244,6 +254,7 @@ KERNEL_CASES = {
 }
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -262,6 +273,7 @@ def test_cuda_each_kernel(kernel, dtype):
         assert torch.equal(nc, ref_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_unaligned_base_takes_the_masked_kernel():
@@ -279,6 +291,7 @@ def test_cuda_unaligned_base_takes_the_masked_kernel():
     assert torch.equal(nc, want_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -297,6 +310,7 @@ def test_cuda_odd_shapes(kt, dtype):
                 assert torch.equal(nc, ref_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_matches_cpp():
@@ -307,6 +321,7 @@ def test_cuda_matches_cpp():
     assert torch.equal(nc_gpu.cpu(), nc_cpu)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("stride, lengths", [(1, (5, 3, 9)), (2, (4, 8, 5))])
@@ -318,6 +333,7 @@ def test_cuda_chunked_equals_whole(stride, lengths):
     assert torch.equal(whole_cache, chunk_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_compile_fullgraph():
@@ -330,6 +346,7 @@ def test_cuda_compile_fullgraph():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_uses_current_stream():

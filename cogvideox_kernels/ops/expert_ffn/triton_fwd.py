@@ -30,6 +30,12 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import ensure_tma_allocator, interpret_mode, store_cast, tma_aligned
+from . import reference as _rows
+
+# modulation rows from their one definition (jit code reads module globals that are constexprs)
+ROWS = tl.constexpr(_rows.MODULATION_ROWS)
+SHIFT_V, SCALE_V, GATE_V = tl.constexpr(_rows.SHIFT_V), tl.constexpr(_rows.SCALE_V), tl.constexpr(_rows.GATE_V)
+SHIFT_T, SCALE_T, GATE_T = tl.constexpr(_rows.SHIFT_T), tl.constexpr(_rows.SCALE_T), tl.constexpr(_rows.GATE_T)
 
 EPILOGUE_GELU = 0
 EPILOGUE_GATE_RESIDUAL = 1
@@ -68,11 +74,11 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, se
         y = y * tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM_B:
         y = y + tl.load(norm_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # modulation rows: 0 shift_v, 1 scale_v, (2 gate_v), 3 shift_t, 4 scale_t, (5 gate_t)
-    shift_row = tl.where(is_text, 3, 0)
-    mod_row = mod_ptr + sample * 6 * hidden + shift_row * hidden
+    tl.static_assert(SCALE_T - SHIFT_T == SCALE_V - SHIFT_V, "scale sits the same rows after shift")
+    shift_row = tl.where(is_text, SHIFT_T, SHIFT_V)
+    mod_row = mod_ptr + sample * ROWS * hidden + shift_row * hidden
     shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(mod_row + hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
     tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -101,8 +107,8 @@ def _ffn_epilogue(acc, rows, row_mask, tokens, cols, N, c_ptr, bias_ptr, bias_ba
         if HAS_ROW_SCALE:
             acc = acc * tl.load(row_scale_ptr + tokens, mask=row_mask, other=0.0)[:, None]
         sample = tokens // seq_len
-        gate_row = tl.where(tokens - sample * seq_len < text_len, 5, 2)
-        gate = tl.load(mod_ptr + (sample * 6 + gate_row)[:, None] * N + cols[None, :],
+        gate_row = tl.where(tokens - sample * seq_len < text_len, GATE_T, GATE_V)
+        gate = tl.load(mod_ptr + (sample * ROWS + gate_row)[:, None] * N + cols[None, :],
                        mask=out_mask, other=0.0).to(tl.float32)
         token_offs = tokens[:, None] * N + cols[None, :]
         x = tl.load(x_ptr + token_offs, mask=out_mask, other=0.0).to(tl.float32)
@@ -224,13 +230,13 @@ def _gate_residual_fwd_kernel(x_ptr, f_ptr, mod_ptr, bias_ptr, out_ptr, seq_len,
     """out = x + gate_m * (f + b2), one token per program (the cuBLAS GEMM2 alternative)."""
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
-    gate_row = tl.where(row - sample * seq_len < text_len, 5, 2)
+    gate_row = tl.where(row - sample * seq_len < text_len, GATE_T, GATE_V)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
     f = tl.load(f_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         f = f + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(mod_ptr + (sample * 6 + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(mod_ptr + (sample * ROWS + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, store_cast(x + gate * f, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
