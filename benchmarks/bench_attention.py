@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -25,18 +22,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
+from cogvideox_kernels.bench.presets import MODELS  # noqa: E402
 from cogvideox_kernels.ops.attention import rope3d_attention  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops, qk_norm_rope_reference  # noqa: E402
 from cogvideox_kernels.ops.rope import rope3d_freqs  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling on the H100 (CONVENTIONS.md)
 
-# name -> B, H, S, D, text_len, latent grid (t, h, w) for RoPE or None
-SHAPES = {
-    "5b": dict(B=2, H=48, S=17776, D=64, text_len=226, grid=(13, 30, 45)),
-    "2b": dict(B=2, H=30, S=17776, D=64, text_len=226, grid=None),
-    "1.5-5b": dict(B=2, H=48, S=45104, D=64, text_len=224, grid=(11, 48, 85)),
-}
+# name -> B, H, S, D, text_len, latent grid (t, h, w) for RoPE or None (bench/presets.py)
+SHAPES = {m.name: dict(B=m.batch, H=m.num_heads, S=m.seq_len, D=m.head_dim, text_len=m.text_len,
+                       grid=m.grid if m.rope else None) for m in (MODELS["5b"], MODELS["2b"], MODELS["1.5-5b"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,29 +141,6 @@ def ours(inp, **overrides):
                                 inp["scale"], **overrides)
 
 
-def bench_ms(fn, rep_ms: float) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 5), rep=rep_ms,
-                                   return_mode="median")
-
-
-def environment() -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:  # pragma: no cover
-        commit = ""
-    # the device machine gets the working tree without .git: the caller passes the commit
-    commit = commit or os.environ.get("BENCH_COMMIT", "unknown")
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), python=platform.python_version(), commit=commit)
-
-
 # ----------------------------------------------------------------------------------------------
 # config sweep (5B shape) and the main table
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +206,7 @@ def run_sweep(out_dir: str, shape_name: str = "5b", log=print, time_budget_s=90)
             row["compile_s"] = round(time.time() - t0, 2)
             row["rel_err"] = rel_error(out, ref_rows_, rows) if ref_rows_ is not None else None
             del out
-            ms = bench_ms(fn, 300)
+            ms = time_ms(fn, "cuda", rep_ms=300)
             row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
         except Exception as e:  # keep sweeping: record why a variant failed
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -271,7 +244,7 @@ def run_sweep(out_dir: str, shape_name: str = "5b", log=print, time_budget_s=90)
 def run_attention_bench(shapes, out_dir: str, log=print) -> list[dict]:
     """Time ours and the baselines at each named shape; returns one dict per (shape, method)."""
     os.makedirs(out_dir, exist_ok=True)
-    env = environment()
+    env = environment("cuda")
     results = []
     for shape_name in shapes:
         shape = SHAPES[shape_name]
@@ -304,7 +277,7 @@ def run_attention_bench(shapes, out_dir: str, log=print) -> list[dict]:
                 torch.cuda.synchronize()
                 row["rel_err"] = rel_error(out, ref_rows_, rows)
                 del out
-                ms = bench_ms(fn, rep)
+                ms = time_ms(fn, "cuda", rep_ms=rep)
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 fn()
@@ -359,7 +332,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time the config sweep at the 5B shape first")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    print(json.dumps(environment()), flush=True)
+    print(json.dumps(environment("cuda")), flush=True)
     if args.sweep:
         sweep = run_sweep(args.out, log=lambda s: print(s, flush=True))
         ok = sorted((r for r in sweep if "ms" in r), key=lambda r: r["ms"])

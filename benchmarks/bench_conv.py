@@ -17,15 +17,16 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
+from cogvideox_kernels.bench.presets import VAE_CONV_LONG, VAE_CONV_SHAPES
 from cogvideox_kernels.ops.causal_conv import causal_conv3d_bytes, causal_conv3d_flops, causal_conv3d_reference
 
-DEFAULT_SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90), (1, 128, 49, 480, 720)]
+DEFAULT_SHAPES = [*VAE_CONV_SHAPES, VAE_CONV_LONG]
 BANDWIDTH = 3.0e12  # measured device copy, H100 80GB (CONVENTIONS.md)
 MATMUL = 790e12     # measured bf16 matmul
 
@@ -41,24 +42,6 @@ def _kernel_name(x, w, stride) -> str:
 
     return cuda_kernel(x.dtype, x.shape[1], w.shape[2], stride, x.shape[3] * x.shape[4],
                        _max_smem(torch.cuda.current_device()))
-
-
-def _time(fn):
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _peak_mib(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
 
 
 def _reference_fp32(x, w, b, stride, pad_mode):
@@ -111,8 +94,8 @@ def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3,
                     out = fn()
                     err = _rel(out, refs["zeros" if name == "cudnn_pad_zeros" else "replicate"])
                     del out
-                    ms = _time(fn)
-                    peak = _peak_mib(fn)
+                    ms = time_ms(fn, "cuda")
+                    peak = peak_memory_gib(fn, "cuda") * 1024
                 except (RuntimeError, ValueError) as exc:  # an implementation that cannot run this shape
                     log(f"  {name} {shape} st{stride}: {type(exc).__name__}: {exc}")
                     continue
@@ -135,18 +118,6 @@ def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3,
     return rows
 
 
-def environment() -> dict:
-    commit = os.environ.get("CVK_COMMIT", "")  # the GPU machine's copy may carry no .git
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    import triton
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), commit=commit)
-
-
 def format_table(rows) -> str:
     head = ("| shape | st | impl | kernel | ms | GB/s | TFLOP/s | % floor | peak MiB | rel err | x cuDNN zeros "
             "| x cuDNN cat |")
@@ -163,7 +134,7 @@ def format_table(rows) -> str:
 
 def write_results(rows, out_dir, stem="conv_bench"):
     os.makedirs(out_dir, exist_ok=True)
-    env = environment()
+    env = environment("cuda")
     with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in rows for k in r)) + list(env)
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -219,7 +190,7 @@ def main(argv=None):
         rows += run_conv_bench(DEFAULT_SHAPES[3:], None)
     if args.out:
         write_results(rows, args.out)
-    print(json.dumps(environment()))
+    print(json.dumps(environment("cuda")))
     print(format_table(rows))
     return 0
 

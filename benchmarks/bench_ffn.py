@@ -15,22 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from cogvideox_kernels.bench.common import environment, time_ms
+from cogvideox_kernels.bench.presets import ffn_shapes
 from cogvideox_kernels.ops.expert_ffn import expert_ffn_flops, expert_ffn_reference
 from cogvideox_kernels.ops.expert_ffn import triton_fwd as tf
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling on the H100 (CONVENTIONS.md)
 
-SHAPES = {  # name: (B, text_len, video_len, hidden, inner)
-    "5b": (2, 226, 17550, 3072, 12288),
-    "2b": (2, 226, 17550, 1920, 7680),
-}
+SHAPES = {name: ffn_shapes(name)[-1] for name in ("5b", "2b")}  # name: (B, text_len, video_len, hidden, inner)
 
 _BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, persistent=True,
              epilogue_subtile=True)
@@ -88,27 +86,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def bench(fn, warmup=25, rep=100):
-    if DEVICE != "cuda":  # CPU smoke run of this script (interpreter): one timed call
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def env_info():
-    import triton
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = os.environ.get("GIT_COMMIT", "unknown")
-    return dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
-                triton=triton.__version__,
-                commit=commit)
-
-
 def ours(inp, path, config1=None, config2=None):
     return tf.expert_ffn_fwd(inp["x"], inp["modulation"], inp["w1"], inp["b1"], inp["w2"], inp["b2"],
                              inp["text_len"], inp["norm_weight"], inp["norm_bias"], 1e-5, 0, None, None,
@@ -161,7 +138,7 @@ def sweep_gemms(name, inp, log, budget_s=90.0):
                     ref2 = (inp["x"].float() + gate * f).view(T, Hd)
                     row["rel_err"] = rel_err(out, ref2)
                     del f, ref2
-                t = bench(fn, warmup=10, rep=60)
+                t = time_ms(fn, DEVICE, rep_ms=60, quick=DEVICE != "cuda")
                 row.update(ms=t, tflops=flops / t / 1e9)
             except Exception as e:  # a config that fails to compile is a result too
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -176,7 +153,7 @@ def sweep_gemms(name, inp, log, budget_s=90.0):
                       ("cublaslt_gelu1", lambda: torch._addmm_activation(inp["b1"][0], h, inp["w1"][0].t(),
                                                                         use_gelu=True)),
                       ("cublas_linear2", lambda: F.linear(inter, inp["w2"][0], inp["b2"][0]))):
-        t = bench(fn, warmup=10, rep=60)
+        t = time_ms(fn, DEVICE, rep_ms=60, quick=DEVICE != "cuda")
         row = dict(shape=name, gemm=label, ms=t, tflops=flops / t / 1e9)
         if label == "cublaslt_gelu1":  # which GELU does the cuBLASLt epilogue compute? (fp32: no rounding)
             a32, w32 = h[:4096].float(), inp["w1"][0, :1024].float()
@@ -207,7 +184,7 @@ def run_ffn_bench(shapes, out_dir, *, sweep=False, compile_chain=True, paths=("t
                   dtype=torch.bfloat16, config1=None, config2=None):
     """Time ours vs the torch chain (eager / compiled) vs bare cuBLAS at each shape; list of result rows."""
     os.makedirs(out_dir, exist_ok=True)
-    info = env_info()
+    info = environment(DEVICE)
     results = []
     log = open(os.path.join(out_dir, "ffn_log.jsonl"), "a")
     for name in shapes:
@@ -259,7 +236,7 @@ def run_ffn_bench(shapes, out_dir, *, sweep=False, compile_chain=True, paths=("t
                 sync()
                 if DEVICE == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                ms = bench(fn)
+                ms = time_ms(fn, DEVICE, quick=DEVICE != "cuda")
                 peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
             except Exception as e:
                 print(f"  {name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -316,7 +293,7 @@ def main(argv=None):
     results = run_ffn_bench(args.shapes.split(","), args.out, sweep=set(filter(None, args.sweep.split(","))),
                             compile_chain=not args.no_compile)
     table = format_table(results)
-    info = env_info()
+    info = environment(DEVICE)
     header = f"GPU {info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}"
     with open(os.path.join(args.out, "ffn_results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -93,9 +93,7 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -109,22 +107,16 @@ if str(ROOT) not in sys.path:  # run from a source tree without an install
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cogvideox_kernels.bench.common import profiled_kernel_ms  # noqa: E402
+from cogvideox_kernels.bench.common import Stopwatch, environment, profiled_kernel_ms  # noqa: E402
+from cogvideox_kernels.bench.presets import MODELS  # noqa: E402
 
-_COMMON = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, in_channels=16, out_channels=16,
-               time_embed_dim=512, text_embed_dim=4096, patch_size=2, use_rotary_positional_embeddings=True)
-PRESETS = {
-    # CogVideoX1.5-5B (T2V): patch_size_t=2, sample 300 x 300 latents (the RoPE "slice" grid's max size),
-    # 224 text tokens; patch_bias=False and no ofs embedding as recalled from the published T2V config,
-    # not checked against it here (neither changes the step's cost measurably: a bias on the patch
-    # projection, a tiny MLP on the timestep path).
-    "1.5-5b": dict(model=dict(_COMMON, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300,
-                              sample_frames=81, max_text_seq_length=224),
-                   batch=2, text_len=224, latents=(22, 16, 96, 170)),
-    # CogVideoX-5B: as cogvideox_kernels.bench.step builds it.
-    "5b": dict(model=dict(_COMMON, sample_height=60, sample_width=90, sample_frames=49, max_text_seq_length=226),
-               batch=2, text_len=226, latents=(13, 16, 60, 90)),
-}
+
+def _spec(m) -> dict:  # a model size of bench/presets.py as this script's spec (latents with 16 channels)
+    t, h, w = m.latents
+    return dict(model=m.diffusers_config(), batch=m.batch, text_len=m.text_len, latents=(t, 16, h, w))
+
+
+PRESETS = {name: _spec(MODELS[name]) for name in ("1.5-5b", "5b")}
 _TINY_COMMON = dict(num_attention_heads=6, attention_head_dim=16, num_layers=2, in_channels=4, out_channels=4,
                     time_embed_dim=24, text_embed_dim=12, patch_size=2, use_rotary_positional_embeddings=True,
                     sample_height=8, sample_width=12, max_text_seq_length=7)
@@ -251,38 +243,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-class Clock:
-    """CUDA events on the current stream (GPU) or perf_counter (CPU); ``ms()`` after the work is done."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def elapsed_ms(self, start, end) -> float:
-        if self.cuda:
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
-
-    stop = start
-
-
 def timed_step(step, device):
     """Barrier, one step, barrier: (ms of the step on this rank, output)."""
-    clock = Clock(device)
+    watch = Stopwatch(device)
     dist.barrier()
     _sync(device)
-    t0 = clock.start()
+    t0 = watch.mark()
     out = step()
-    t1 = clock.stop()
+    t1 = watch.mark()
     _sync(device)
-    ms = clock.elapsed_ms(t0, t1)
+    ms = watch.ms(t0, t1)
     dist.barrier()
     return ms, out
 
@@ -292,17 +262,17 @@ class A2ATimer:
     all-to-alls of cogvideox_kernels.parallel call it through the module, so the patch sees them)."""
 
     def __init__(self, device):
-        self.clock = Clock(device)
+        self.watch = Stopwatch(device)
         self.pairs = []
 
     def __enter__(self):
         self.original = dist.all_to_all_single
-        original, clock, pairs = self.original, self.clock, self.pairs
+        original, watch, pairs = self.original, self.watch, self.pairs
 
         def timed(*args, **kwargs):
-            t0 = clock.start()
+            t0 = watch.mark()
             result = original(*args, **kwargs)
-            pairs.append((t0, clock.stop()))
+            pairs.append((t0, watch.mark()))
             return result
 
         dist.all_to_all_single = timed
@@ -313,7 +283,7 @@ class A2ATimer:
         return False
 
     def total_ms(self) -> float:  # after a sync
-        return sum(self.clock.elapsed_ms(a, b) for a, b in self.pairs)
+        return sum(self.watch.ms(a, b) for a, b in self.pairs)
 
 
 def profile_step(step, device) -> dict:
@@ -340,34 +310,10 @@ def profile_step(step, device) -> dict:
 # environment and files
 
 
-def environment(device) -> dict:
-    commit = os.environ.get("COGVIDEOX_KERNELS_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    versions = {}
-    for name in ("triton", "diffusers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    nccl = None
-    if torch.cuda.is_available():
-        try:
-            nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
-        except Exception:  # noqa: BLE001 - informational only
-            nccl = None
-    return dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                gpus_visible=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                torch=torch.__version__, cuda=torch.version.cuda, nccl=nccl, python=platform.python_version(),
-                commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                host=platform.node(), nvls=dict((k, os.environ.get(k)) for k in
-                                               ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                "NVSHMEM_DISABLE_NVLS")),
-                command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **versions)
+def run_environment(device) -> dict:
+    """bench/common.py's environment record plus the NVLink multicast switches this script sets."""
+    return dict(environment(device), nvls={k: os.environ.get(k) for k in
+                                           ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")})
 
 
 MD_FIELDS = ("device", "N", "preset", "tokens/sample", "ms", "peak GiB per rank", "a2a share", "a2a ms",
@@ -523,7 +469,7 @@ def _run(args, spec, rank, world, device, dtype_name, dtype) -> int:
             a2a_share=None if a2a_ms is None else round(max(shares), 4),
             profile=profile, fingerprint=fp, ranks_identical=all(g["fingerprint"] == fp for g in gathered),
             weights_checksum=checksum, weights_agree=weights_agree, output_file=None, notes=notes,
-            env=environment(device))
+            env=run_environment(device))
         if args.save_output:
             torch.save(out.detach().cpu().contiguous(), out_dir / "output.pt")
             result["output_file"] = "output.pt"

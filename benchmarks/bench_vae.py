@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 
 import cogvideox_kernels.nn.causal_conv as causal_conv_module
 from cogvideox_kernels import build_vae, decode_latent, encode_video
-from cogvideox_kernels.bench.common import environment
+from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
 from cogvideox_kernels.ops.causal_conv import causal_conv3d_reference
 
 OUR_OP = causal_conv_module.causal_conv3d
@@ -33,23 +32,12 @@ def cudnn_same_dtype(x, weight, bias=None, *, stride=1, pad_mode="replicate", ca
 
 
 def timed(fn, device, reps):
-    """(median ms, peak GiB above the start, last output) over ``reps`` runs after one warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """(median ms over ``reps`` runs after the first, peak GiB of one run above the start, first output)."""
     out = fn()
-    sync()
-    del out
-    times = []
+    ms = time_ms(fn, device, reps=reps, warmup=0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak, out
+    return ms, peak_memory_gib(fn, device), out
 
 
 def main(argv=None):

@@ -1,6 +1,4 @@
 """cogvideox-kernels: fast GPU kernels for CogVideoX with exact PyTorch references."""
-from . import ops
-from .ops.rope import rope3d_freqs
 
 __version__ = "0.1.0"
 
@@ -8,11 +6,17 @@ _MODEL_API = ("build_vae", "build_transformer", "build", "encode_video", "decode
               "recommended_defaults")
 
 
-def __getattr__(name):  # the model API loads lazily so `import cogvideox_kernels.ops` stays light
-    if name in _MODEL_API:
-        from . import models
+def __getattr__(name):
+    # Everything loads on first use, so `import cogvideox_kernels` (and `cogvideox-kernels --help`)
+    # does not pay for torch and triton, and `import cogvideox_kernels.ops` stays light.
+    import importlib
 
-        return getattr(models, name)
+    if name == "ops":
+        return importlib.import_module(f"{__name__}.ops")
+    if name == "rope3d_freqs":
+        return importlib.import_module(f"{__name__}.ops.rope").rope3d_freqs
+    if name in _MODEL_API:
+        return getattr(importlib.import_module(f"{__name__}.models"), name)
     raise AttributeError(f"module 'cogvideox_kernels' has no attribute {name!r}")
 
 

@@ -1,18 +1,70 @@
-"""The ``cogvideox-kernels`` command: ``info`` and ``bench``."""
+"""The ``cogvideox-kernels`` command: ``info`` and ``bench``.
+
+Arguments are parsed and checked before torch or triton is imported, so ``--help`` and argument
+errors answer at once; each command imports what it needs.
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 
 PRESETS = ("small", "2b", "5b", "1.5-5b")
 OPS = ("attention", "ffn", "conv", "step", "vae")
+DEFAULT_OPS = ("attention", "ffn", "conv")
+
+BENCH_HELP = f"""\
+Times our kernels against PyTorch / cuDNN / diffusers baselines on the same inputs, after checking
+each variant's parity against a float32 reference (a wrong kernel is reported, never timed).
+
+By default it runs the kernel ops {', '.join(DEFAULT_OPS)}; step (one diffusers CogVideoX denoising
+step) and vae (the diffusers VAE) need a CUDA GPU and diffusers and run only when named in --ops.
+Without a GPU it runs the 'small' preset on the CPU (Triton kernels in the interpreter, the C++ conv
+path): parity and errors are real, the timings are CPU figures and not the product's speed.
+
+Writes bench_<preset>.csv/.json/.md to --out, and PNG plots when matplotlib is installed
+(pip install 'cogvideox-kernels[bench]')."""
 
 
-def _device():
-    import torch
+def _ops(text: str) -> list[str]:
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    if not ops:
+        raise argparse.ArgumentTypeError(f"no op given; choose from {', '.join(OPS)}")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(map(repr, unknown))}; choose from {', '.join(OPS)}")
+    return list(dict.fromkeys(ops))
 
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot take the output files, or None when it can (it is created if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogvideox-kernels", description="CogVideoX GPU kernels: 'info' shows the "
+                                     "device and the backends each op can use, 'bench' benchmarks the kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="device, versions, and which backend each op can use")
+    b = sub.add_parser("bench", help="benchmark our kernels against the PyTorch/cuDNN/diffusers baselines",
+                       description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--preset", choices=PRESETS, default="small",
+                   help="model shapes (default: small; the others need a GPU)")
+    b.add_argument("--ops", type=_ops, default=list(DEFAULT_OPS),
+                   help=f"comma list from {','.join(OPS)} (default: {','.join(DEFAULT_OPS)})")
+    b.add_argument("--out", default=None, help="folder for CSV/JSON/markdown/PNG (default: bench-out/<preset>)")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions")
+    b.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
 
 def cmd_info(args) -> int:
@@ -51,93 +103,40 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args, argv: list[str] | None) -> int:
     import torch
 
-    device = _device()
     preset = args.preset
-    if device.type == "cpu":
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            # Triton kernels run on CPU tensors only in its interpreter, which is chosen when the
+            # kernels are defined: switch it on before triton loads, or run in a child process.
+            if argv is None and "triton" not in sys.modules:
+                os.environ["TRITON_INTERPRET"] = "1"
+            else:  # called from Python (leave the caller's environment alone) or triton already loaded
+                sys.stdout.flush()
+                child = [sys.executable, "-m", "cogvideox_kernels.cli", *(sys.argv[1:] if argv is None else argv)]
+                return subprocess.call(child, env={**os.environ, "TRITON_INTERPRET": "1"})
         if preset != "small":
             print(f"no GPU here: preset {preset!r} needs one; running the 'small' preset on the CPU instead")
             preset = "small"
-        # Triton kernels run on CPU tensors only in the interpreter, which must be switched on before
-        # triton is first imported (torch imports it early): run this command again with it set.
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            os.environ["TRITON_INTERPRET"] = "1"
-            sys.stdout.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "cogvideox_kernels.cli", *sys.argv[1:]])
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    bad = [o for o in ops if o not in OPS]
-    if bad:
-        print(f"unknown --ops {bad}; choose from {', '.join(OPS)}", file=sys.stderr)
-        return 2
+    from .bench.runner import run_bench
 
-    from .bench.common import Progress, environment, measure_ceilings, table, write_outputs
-    from .bench.suites import attention_cases, conv_cases, ffn_cases, run_cases
-
-    dtype = torch.bfloat16
-    env = environment(device)
-    print(f"device: {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    print(f"measured ceilings: {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s, "
-          f"copy {ceilings['copy_gbps']:.0f} GB/s")
-    cases = []
-    if "attention" in ops:
-        cases += attention_cases(preset, device, dtype)
-    if "ffn" in ops:
-        cases += ffn_cases(preset, device, dtype, compile_baseline=device.type == "cuda" and not args.no_compile)
-    if "conv" in ops:
-        cases += conv_cases(preset, device, dtype)
-    extra_ops = [o for o in ops if o in ("step", "vae")]
-    progress = Progress(len(cases) + len(extra_ops), enabled=not args.no_progress)
-    results = run_cases(cases, device, ceilings, args.quick, progress)
-    for op in extra_ops:
-        results += run_model_bench(op, preset, device, args)
-        progress.step(op)
-    print(table(results))
-    print("* partial baselines: SDPA without QK-norm/RoPE, GEMMs without norm/gate, zero instead of replicate "
-          "padding; they are timed but not compared. speedup = baseline ms / ours ms.")
-    if device.type == "cpu":
-        print("\nCPU run: parity is real, timings are CPU (Triton interpreter / C++ path) and NOT comparable "
-              "with GPU figures. Run on a GPU for the real benchmark.")
-    out = args.out or os.path.join("bench-out", preset)
-    paths = write_outputs(results, env, ceilings, out, preset)
-    try:
-        from .bench.plots import plot_results
-
-        paths += plot_results(results, out, preset)
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
-    print("wrote " + ", ".join(paths))
-    wrong = [r for r in results if r.status in ("wrong", "error") and r.kind == "ours"]
-    return 1 if wrong else 0
+    return run_bench(preset, args.ops, args.out or os.path.join("bench-out", preset), quick=args.quick,
+                     compile_baselines=not args.no_compile, progress=not args.no_progress)
 
 
-def run_model_bench(op, preset, device, args):
-    from .bench.common import Result
-
-    try:
-        from .bench.model import run_model_bench as run
-    except ImportError as exc:
-        return [Result(op, preset, "-", "ours", status="skipped", note=f"model bench unavailable: {exc}")]
-    return run(op, preset, device, quick=args.quick, compile_variants=not args.no_compile)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cogvideox-kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="device, versions, and which backend each op can use")
-    b = sub.add_parser("bench", help="benchmark our kernels against the PyTorch/cuDNN/diffusers baselines")
-    b.add_argument("--preset", choices=PRESETS, default="small", help="model shapes (default: small)")
-    b.add_argument("--ops", default="attention,ffn,conv", help=f"comma list from {','.join(OPS)}")
-    b.add_argument("--out", default=None, help="folder for CSV/JSON/markdown/PNG (default bench-out/<preset>)")
-    b.add_argument("--quick", action="store_true", help="fewer repetitions")
-    b.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. ``argv`` (without the program name) defaults to the command line."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "info":
         return cmd_info(args)
-    return cmd_bench(args)
+    out = args.out or "bench-out"  # the default is bench-out/<preset>: check the folder that holds it
+    why = _unwritable(out)
+    if why:
+        parser.exit(2, f"cogvideox-kernels bench: error: --out {out}: cannot write there ({why})\n")
+    return cmd_bench(args, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ namespace py = pybind11;
 
 namespace cvk {
 void register_causal_conv(py::module_& m);  // csrc/causal_conv/
+namespace vae {
+void register_vae_conv(py::module_& m);  // csrc/vae_conv/
+}
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "True when the extension was compiled with its CUDA kernels");
   cvk::register_causal_conv(m);
+  cvk::vae::register_vae_conv(m);
 }

@@ -38,8 +38,9 @@ sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "..")]
 
 from attention_variants import _exp2_x2  # noqa: E402
 from attention_variants import attention_variant_fwd as rope3d_attention_fwd  # noqa: E402
-from bench_attention import (SHAPES, bench_ms, diffusers_style_path, environment,  # noqa: E402
-                             make_inputs, reference_rows, rel_error, sample_rows, sdpa_alone)
+from bench_attention import (SHAPES, diffusers_style_path, make_inputs, reference_rows, rel_error,  # noqa: E402
+                             sample_rows, sdpa_alone)
+from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops  # noqa: E402
 from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd  # noqa: E402
 
@@ -75,7 +76,7 @@ def mufu_probe(log=print):
         try:
             fn()
             torch.cuda.synchronize()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms = time_ms(fn, "cuda")
             rate = grid * block * iters / ms / 1e6  # exponentials per nanosecond
             row = dict(kind="mufu_probe", variant=name, ms=round(ms, 4),
                        gexp_per_s=round(rate, 1),
@@ -116,7 +117,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    env = environment()
+    env = environment("cuda")
     print(json.dumps(env), flush=True)
     results = []
     for row in mufu_probe(log=lambda r: print(r, flush=True)):
@@ -139,7 +140,7 @@ def main(argv=None):
                 if ref_rows is not None:
                     row["rel_err"] = rel_error(out, ref_rows, rows)
                 del out
-                ms = bench_ms(fn, rep)
+                ms = time_ms(fn, "cuda", rep_ms=rep)
                 row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
             except Exception as e:  # keep going: record why a variant failed
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

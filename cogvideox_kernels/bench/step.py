@@ -15,10 +15,6 @@ import argparse
 import csv
 import gc
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -26,15 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .common import profiled_kernel_ms
+from .common import environment, profiled_kernel_ms, time_ms
+from .presets import MODELS
 
-PRESETS = {
-    # CogVideoX-5B: 42 layers, 48 heads x 64, RoPE3D, 226 text tokens, 13 x 60 x 90 latents, CFG batch 2
-    "5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
-    # CogVideoX-2B: 30 layers, 30 heads x 64, sincos positional embeddings (no RoPE)
-    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, use_rotary_positional_embeddings=False),
-}
-BATCH, TEXT_LEN, FRAMES, HEIGHT, WIDTH = 2, 226, 13, 60, 90
+PRESETS = ("5b", "2b")  # CogVideoX-5B (RoPE3D) and -2B (sin-cos positions): same tokens, bench/presets.py
+BATCH, TEXT_LEN = MODELS["5b"].batch, MODELS["5b"].text_len
+FRAMES, HEIGHT, WIDTH = MODELS["5b"].latents  # 13 x 60 x 90 latents (49 x 480 x 720 video)
 DEVICE = "cuda"  # a module global so a CPU smoke run of the script's logic can swap it
 FIELDS = ["section", "preset", "variant", "ms", "rel_err_vs_fp32", "peak_mem_gib", "first_call_s", "status", "note"]
 
@@ -48,7 +41,7 @@ class Recorder:
         previous = out_dir / "step_rows.json"
         if previous.exists():  # a later process of the same run appends to the earlier one's rows
             self.rows = json.loads(previous.read_text())["rows"]
-        self.meta = environment()
+        self.meta = environment(DEVICE)
         (out_dir / "step_env.json").write_text(json.dumps(self.meta, indent=1))
 
     def left_s(self) -> float:
@@ -67,31 +60,6 @@ class Recorder:
         (self.out_dir / "step_rows.json").write_text(json.dumps({"env": self.meta, "rows": self.rows}, indent=1))
 
 
-def environment() -> dict:
-    commit = os.environ.get("COGVIDEOX_KERNELS_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).resolve().parent).stdout.strip() or None
-        except OSError:
-            commit = None
-    import triton
-
-    try:
-        import diffusers
-
-        diffusers_version = diffusers.__version__
-    except ImportError:
-        diffusers_version = None
-    import cogvideox_kernels
-    from cogvideox_kernels._ext import cuda_available
-
-    return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                package=str(Path(cogvideox_kernels.__file__).parent), extension_cuda=cuda_available(),
-                triton=triton.__version__, diffusers=diffusers_version, python=platform.python_version(),
-                commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-
-
 def free_memory():
     gc.collect()
     torch.cuda.empty_cache()
@@ -106,22 +74,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_calls(fn, warmup: int, reps: int):
-    """(first call s, median ms of ``reps`` timed calls after ``warmup`` calls, last output)."""
+    """(first call s, median ms of ``reps`` timed calls after ``warmup`` calls in all, first output)."""
     t0 = time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        out = fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return first_s, statistics.median(times), out
+    return first_s, time_ms(fn, DEVICE, reps=reps, warmup=warmup - 1), out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,9 +91,7 @@ def build_transformer(preset: str, dtype: torch.dtype):
 
     torch.manual_seed(0)
     with torch.device(DEVICE):  # parameters are made and initialised on the GPU (fast)
-        model = CogVideoXTransformer3DModel(
-            in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096, sample_width=WIDTH,
-            sample_height=HEIGHT, sample_frames=49, patch_size=2, max_text_seq_length=TEXT_LEN, **PRESETS[preset])
+        model = CogVideoXTransformer3DModel(**MODELS[preset].diffusers_config())
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -430,7 +386,7 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for step_rows.csv/json and step_results.md")
-    parser.add_argument("--preset", default="5b", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="5b", choices=PRESETS)
     parser.add_argument("--deadline", type=float, default=None,
                         help="wall-clock epoch seconds by which to stop starting new measurements")
     parser.add_argument("--sections", default=",".join(SECTIONS),

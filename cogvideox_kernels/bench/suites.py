@@ -1,7 +1,9 @@
 """Benchmark cases: for each op and shape, our kernel and every baseline, on the same inputs.
 
 Each case computes a float32 reference once, runs every variant once to check parity (a variant
-outside its budget is reported as wrong and never timed), then times the correct ones.
+outside its budget is reported as wrong and never timed), then times the correct ones. Shapes come
+from ``bench/presets.py``. On a CPU the partial baselines (starred; a different function) are left
+out and nothing is compared by speed: CPU timings say nothing about the product.
 """
 from __future__ import annotations
 
@@ -16,31 +18,7 @@ from .. import ops
 from ..ops.attention import apply_rope_interleaved, attention_flops
 from ..ops.expert_ffn import expert_ffn_flops
 from .common import Progress, Result, peak_memory_gib, time_ms
-
-# name -> (B, heads, text_len, (T, H, W) latent grid after patchify, head_dim, rope)
-ATTENTION_SHAPES = {
-    "small": [(1, 2, 13, (2, 5, 7), 64, True), (2, 3, 5, (1, 4, 8), 40, True)],
-    "2b": [(2, 30, 226, (13, 30, 45), 64, False)],
-    # 5B at 13 latent frames (the real shape), plus 3 and 7 frames for the time-vs-length plot
-    "5b": [(2, 48, 226, (t, 30, 45), 64, True) for t in (3, 7, 13)],
-    "1.5-5b": [(2, 48, 224, (11, 48, 85), 64, True)],
-}
-# name -> (B, text_len, video_tokens, hidden, inner)
-FFN_SHAPES = {
-    "small": [(2, 7, 57, 64, 256)],
-    "2b": [(2, 226, 17550, 1920, 7680)],
-    "5b": [(2, 226, 1350 * t, 3072, 12288) for t in (3, 7, 13)],
-    "1.5-5b": [(2, 224, 44880, 3072, 12288)],
-}
-# name -> [(B, C, T, H, W, stride)]
-CONV_SHAPES = {
-    "small": [(1, 8, 5, 16, 24, 1), (1, 12, 6, 9, 13, 2)],
-    "2b": [(1, 128, 6, 480, 720, 1), (1, 256, 6, 240, 360, 1), (1, 512, 6, 60, 90, 1),
-           (1, 128, 6, 480, 720, 2), (1, 256, 6, 240, 360, 2), (1, 512, 6, 60, 90, 2)],
-}
-CONV_SHAPES["5b"] = CONV_SHAPES["2b"]
-CONV_SHAPES["1.5-5b"] = CONV_SHAPES["2b"]
-
+from .presets import attention_shapes, conv_shapes, ffn_shapes
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
@@ -56,6 +34,7 @@ class Variant:
     fn: Callable[[], torch.Tensor]
     compare: bool = True  # False for partial baselines (e.g. attention without norm/RoPE)
     note: str = ""
+    backend: str = "torch"  # what runs: our kernel's backend, or "torch" for a PyTorch baseline
 
 
 @dataclass
@@ -91,6 +70,32 @@ def kernel_backend_available(op: str, device: torch.device) -> str | None:
     return None
 
 
+def float32(obj):
+    """``obj`` with every floating tensor in it (also inside tuples / dicts) as float32."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: float32(v) for k, v in obj.items()}
+    return obj
+
+
+def float32_reference(fn, *args, **kwargs) -> torch.Tensor:
+    """``fn`` on float32 copies of its inputs with TF32 off: the float32 output every variant is
+    compared with (not the reference's output rounded back to the input dtype)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return fn(*float32(args), **float32(kwargs))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def backend_label(kernel: str, device: torch.device) -> str:
+    return f"{kernel} (interpreter)" if kernel == "triton" and device.type == "cpu" else kernel
+
+
 # ------------------------------------------------------------------------------------- attention
 def diffusers_style_attention(q, k, v, text_len, cos, sin, q_norm, k_norm, eps):
     """diffusers' CogVideoX processor path: transpose to [B, H, S, D], LayerNorm in the input dtype,
@@ -123,7 +128,7 @@ def sdpa_backend(backend_name: str):
 
 def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases = []
-    for B, H, text_len, grid, D, rope in ATTENTION_SHAPES[preset]:
+    for B, H, text_len, grid, D, rope in attention_shapes(preset):
         S = text_len + grid[0] * grid[1] * grid[2]
         name = f"B{B} H{H} S{S} D{D}{'' if rope else ' no-rope'}"
 
@@ -144,12 +149,13 @@ def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> li
         args = inputs
 
         def reference(a=args):
-            return ops.rope3d_attention(**a, backend="reference")  # float32 maths inside
+            return float32_reference(ops.rope3d_attention, **a, backend="reference")
 
         variants = []
         kb = kernel_backend_available("attention", device)
         if kb:
-            variants.append(Variant("ours (triton)", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb)))
+            variants.append(Variant(f"ours ({kb})", "ours", lambda a=args, kb=kb: ops.rope3d_attention(**a, backend=kb),
+                                    backend=backend_label(kb, device)))
         variants.append(Variant("diffusers LN+RoPE+SDPA", "baseline",
                                 lambda a=args: diffusers_style_attention(a["q"], a["k"], a["v"], a["text_len"], a["cos"],
                                                                          a["sin"], a["q_norm"], a["k_norm"], 1e-6)))
@@ -159,10 +165,6 @@ def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> li
                 variants.append(Variant(f"SDPA {bn}*", "baseline",
                                         lambda a=args, run=run: run(a["q"], a["k"], a["v"]), compare=False,
                                         note="no QK-norm/RoPE"))
-        else:
-            run = sdpa_backend("math")
-            variants.append(Variant("SDPA math*", "baseline", lambda a=args, run=run: run(a["q"], a["k"], a["v"]),
-                                    compare=False, note="no QK-norm/RoPE"))
         cases.append(Case("attention", name, reference, variants, flops=attention_flops(B, S, H, D),
                           torch_path="diffusers LN+RoPE+SDPA"))
     return cases
@@ -182,7 +184,7 @@ def eager_ffn_half(x, modulation, norm, w1, b1, w2, b2, text_len):
 
 def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_baseline: bool) -> list[Case]:
     cases = []
-    for B, text_len, video, Hd, Fi in FFN_SHAPES[preset]:
+    for B, text_len, video, Hd, Fi in ffn_shapes(preset):
         S = text_len + video
         name = f"B{B} S{S} {Hd}->{Fi}"
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -195,8 +197,7 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
         a = dict(x=x, modulation=mod, w1=w1, b1=b1, w2=w2, b2=b2, text_len=text_len, norm_weight=nw, norm_bias=nb)
 
         def reference(a=a):
-            return ops.expert_ffn(a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
-                                  norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend="reference")
+            return float32_reference(ops.expert_ffn, **a, backend="reference")
 
         def eager(a=a):
             return eager_ffn_half(a["x"], a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0], a["b1"][0],
@@ -205,25 +206,26 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
         variants = []
         kb = kernel_backend_available("ffn", device)
         if kb:
-            variants.append(Variant("ours (triton)", "ours", lambda a=a, kb=kb: ops.expert_ffn(
+            variants.append(Variant(f"ours ({kb})", "ours", lambda a=a, kb=kb: ops.expert_ffn(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
-                norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb)))
+                norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], backend=kb), backend=backend_label(kb, device)))
         if kb and device.type == "cuda":  # the shared FFN picks its GEMM path by measurement; show both
             from ..ops.expert_ffn.triton_fwd import expert_ffn_fwd
 
             variants[-1].name = "ours (default path)"
             variants.append(Variant("ours (all-Triton GEMMs)", "ours", lambda a=a: expert_ffn_fwd(
                 a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], a["text_len"], a["norm_weight"],
-                a["norm_bias"], 1e-5, 0, None, None, shared_path="triton")))
+                a["norm_bias"], 1e-5, 0, None, None, shared_path="triton"), backend="triton"))
         variants.append(Variant("eager chain", "baseline", eager))
         if compile_baseline:
             compiled = torch.compile(eager_ffn_half)
             variants.append(Variant("compiled chain", "baseline", lambda a=a, c=compiled: c(
                 a["x"], a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0], a["b1"][0], a["w2"][0],
                 a["b2"][0], a["text_len"])))
-        variants.append(Variant("cuBLAS GEMMs*", "baseline", lambda a=a: F.linear(
-            F.gelu(F.linear(a["x"], a["w1"][0], a["b1"][0]), approximate="tanh"), a["w2"][0], a["b2"][0]),
-            compare=False, note="two Linear + GELU, no norm/gate"))
+        if device.type == "cuda":
+            variants.append(Variant("cuBLAS GEMMs*", "baseline", lambda a=a: F.linear(
+                F.gelu(F.linear(a["x"], a["w1"][0], a["b1"][0]), approximate="tanh"), a["w2"][0], a["b2"][0]),
+                compare=False, note="two Linear + GELU, no norm/gate"))
         cases.append(Case("ffn", name, reference, variants, flops=expert_ffn_flops(B * S, Hd, Fi),
                           torch_path="eager chain"))
     return cases
@@ -232,7 +234,7 @@ def ffn_cases(preset: str, device: torch.device, dtype: torch.dtype, compile_bas
 # ------------------------------------------------------------------------------------- causal conv
 def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases = []
-    for B, C, T, H, W, stride in CONV_SHAPES[preset]:
+    for B, C, T, H, W, stride in conv_shapes(preset):
         name = f"[{B},{C},{T},{H},{W}] kt3 st{stride}"
         g = torch.Generator(device="cpu").manual_seed(2)
         x = torch.randn(B, C, T, H, W, generator=g).to(device, dtype)
@@ -240,7 +242,8 @@ def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Ca
         b = (torch.randn(C, generator=g) * 0.1).to(device, dtype)
 
         def reference(x=x, w=w, b=b, stride=stride):
-            return ops.causal_conv3d(x, w, b, stride=stride, pad_mode="replicate", backend="reference")[0]
+            return float32_reference(ops.causal_conv3d, x, w, b, stride=stride, pad_mode="replicate",
+                                     backend="reference")[0]
 
         def cudnn_cat(x=x, w=w, b=b, stride=stride):  # replicate frame 0 as diffusers does: torch.cat + Conv3d
             xp = torch.cat((x[:, :, :1], x[:, :, :1], x), dim=2)
@@ -253,9 +256,10 @@ def conv_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Ca
         kb = kernel_backend_available("conv", device)
         if kb:
             variants.append(Variant(f"ours ({kb})", "ours", lambda x=x, w=w, b=b, stride=stride, kb=kb: ops.causal_conv3d(
-                x, w, b, stride=stride, pad_mode="replicate", backend=kb)[0]))
+                x, w, b, stride=stride, pad_mode="replicate", backend=kb)[0], backend=kb))
         variants.append(Variant("cat+Conv3d", "baseline", cudnn_cat))
-        variants.append(Variant("pad0+Conv3d*", "baseline", cudnn_pad, compare=False, note="zero padding"))
+        if device.type == "cuda":
+            variants.append(Variant("pad0+Conv3d*", "baseline", cudnn_pad, compare=False, note="zero padding"))
         y_numel = B * C * ((T - 1) // stride + 1) * H * W
         nbytes = (x.numel() + w.numel() + y_numel) * x.element_size()  # the floor: each byte once
         flops = 2.0 * y_numel * C * 3
@@ -272,7 +276,7 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: dict, quick: bo
         errors = {}
         rows = []
         for var in case.variants:
-            r = Result(case.op, case.shape, var.name, var.kind, note=var.note)
+            r = Result(case.op, case.shape, var.name, var.kind, note=var.note, backend=var.backend)
             try:
                 out = var.fn()
                 if var.compare:
@@ -295,10 +299,15 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: dict, quick: bo
                     r.status, r.note = "wrong", f"rel err {r.rel_err:.2e} > budget {budget:.2e}; not timed"
                     continue
             try:
-                r.ms = time_ms(var.fn, device, quick=quick)
+                if device.type == "cuda":
+                    r.ms = time_ms(var.fn, device, quick=quick)
+                else:  # warm from the parity call; CPU figures are not the product's: few repetitions
+                    r.ms = time_ms(var.fn, device, reps=3, warmup=0)
                 r.peak_mem_gib = peak_memory_gib(var.fn, device)
             except Exception as exc:
                 r.status, r.note = "error", f"{type(exc).__name__}: {str(exc)[:70]}"
+                continue
+            if device.type != "cuda":  # a CPU time is not a throughput of the product: report ms only
                 continue
             if case.flops:
                 r.tflops = case.flops / r.ms / 1e9
@@ -309,9 +318,9 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: dict, quick: bo
                 bounds.append(case.flops / (ceilings["matmul_tflops"] * 1e12) * 1e3)
             if case.bytes:
                 bounds.append(case.bytes / (ceilings["copy_gbps"] * 1e9) * 1e3)
-            if bounds and device.type == "cuda":  # CPU ceilings are too rough to quote
+            if bounds:
                 r.pct_ceiling = 100.0 * max(bounds) / r.ms
-        ours = [r for _, r in rows if r.kind == "ours" and r.ms]
+        ours = [r for _, r in rows if r.kind == "ours" and r.ms and device.type == "cuda"]
         for o in ours:
             for _, r in rows:
                 if r.kind == "baseline" and r.ms:

@@ -25,12 +25,24 @@ def _vae_defaults() -> dict:
             if name not in ("backend", "device", "dtype") and p.default is not inspect.Parameter.empty}
 
 
-def recommended_defaults() -> dict:
-    """The seed defaults: {"vae": {...}, "transformer": {...}, "height", "width", "num_frames"}."""
-    vae = {k: v for k, v in _vae_defaults().items()
-           if k in ("in_channels", "latent_channels", "num_frames", "spatial_downsample",
-                    "temporal_downsample", "base_channels")}
-    return {"vae": vae, "transformer": dict(TRANSFORMER_DEFAULTS), **VIDEO_DEFAULTS}
+def recommended_defaults(part: str | None = None) -> dict:
+    """The seed defaults as the flat option set ``build`` takes: ``build(**recommended_defaults())``
+    builds the default model (a CogVideoX-5B-sized transformer and the 49 x 480 x 720 VAE).
+
+    ``part="vae"`` / ``part="transformer"`` split that set as ``build`` does, so
+    ``build_vae(**recommended_defaults("vae"))`` and ``build_transformer(**recommended_defaults("transformer"))``
+    make the same parts; the transformer's ``sample_height`` / ``sample_width`` / ``temporal_compression``
+    are derived from the video size and the VAE, as ``build`` derives them (so they are not in the flat set).
+    """
+    derived = ("sample_height", "sample_width", "temporal_compression")
+    flat = {**_vae_defaults(), **{k: v for k, v in TRANSFORMER_DEFAULTS.items() if k not in derived},
+            **VIDEO_DEFAULTS}
+    if part is None:
+        return flat
+    if part not in ("vae", "transformer"):
+        raise ValueError(f"recommended_defaults: part={part!r} is not supported; choose None, 'vae' or 'transformer'")
+    vae, transformer, _ = _split_options(flat)
+    return vae if part == "vae" else transformer
 
 
 class CogVideoX(nn.Module):

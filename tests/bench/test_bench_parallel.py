@@ -53,6 +53,7 @@ def _compare(*args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_parallel_tiny_two_ranks_equal_one(tmp_path):
     two = _torchrun(2, tmp_path / "n2")
     one = _torchrun(1, tmp_path / "n1")

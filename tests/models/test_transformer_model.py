@@ -258,13 +258,42 @@ TINY_BUILD = dict(hidden_size=48, num_heads=3, num_layers=1, text_hidden_size=20
 def test_recommended_defaults_are_the_seed_defaults():
     cogvideox = _vae_ready()
     d = cogvideox.recommended_defaults()
-    assert d["vae"] == dict(in_channels=3, latent_channels=16, num_frames=49, spatial_downsample=8,
-                            temporal_downsample=4, base_channels=128)
-    assert d["transformer"] == {name: p.default for name, p in inspect.signature(build_transformer).parameters.items()
-                                if name != "backend"}
+    assert all(not isinstance(v, dict) for v in d.values())  # one flat option set, as build takes
+    vae, transformer = cogvideox.recommended_defaults("vae"), cogvideox.recommended_defaults("transformer")
+    assert {k: vae[k] for k in ("in_channels", "latent_channels", "num_frames", "spatial_downsample",
+                                "temporal_downsample", "base_channels")} == dict(
+        in_channels=3, latent_channels=16, num_frames=49, spatial_downsample=8, temporal_downsample=4, base_channels=128)
+    assert transformer == {name: p.default for name, p in inspect.signature(build_transformer).parameters.items()
+                           if name != "backend"}
     assert (d["height"], d["width"], d["num_frames"]) == (480, 720, 49)
-    assert d["transformer"]["sample_height"] == d["height"] // d["vae"]["spatial_downsample"]
-    assert param_count(**d["transformer"]) == 3_605_791_872
+    assert transformer["sample_height"] == d["height"] // vae["spatial_downsample"]
+    assert set(d) == set(vae) | set(transformer) - {"sample_height", "sample_width", "temporal_compression"} | {
+        "height", "width"}
+    assert param_count(**transformer) == 3_605_791_872
+    with pytest.raises(ValueError, match="part='unet'"):
+        cogvideox.recommended_defaults("unet")
+
+
+def test_recommended_defaults_round_trip_through_build():
+    """build(**recommended_defaults()) and the split parts build the same model (on meta: no memory)."""
+    cogvideox = _vae_ready()
+    from cogvideox_kernels.models import build_vae
+
+    with torch.device("meta"):
+        model = cogvideox.build(**cogvideox.recommended_defaults())
+        encoder, decoder = build_vae(**cogvideox.recommended_defaults("vae"))
+        transformer = build_transformer(**cogvideox.recommended_defaults("transformer"))
+    assert model.transformer.config == transformer.config
+    assert counted(model.transformer) == counted(transformer) == 3_605_791_872
+    for ours, theirs in ((model.encoder, encoder), (model.decoder, decoder), (model.transformer, transformer)):
+        assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    for key, value in cogvideox.recommended_defaults().items():  # every default reached the model
+        assert model.config[key] == value, key
+    changed = cogvideox.recommended_defaults()
+    changed.update(num_layers=1, hidden_size=96, height=96, width=160, base_channels=8)
+    with torch.device("meta"):
+        small = cogvideox.build(**changed)
+    assert small.transformer.config["sample_height"] == 12 and small.transformer.config["num_layers"] == 1
 
 
 def test_build_shares_options_between_vae_and_transformer():

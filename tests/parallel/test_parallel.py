@@ -338,16 +338,18 @@ def test_ulysses_attention_equals_single_process_and_errors(world, tmp_path):
     spawn(world, ["attention", "errors"], tmp_path)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_model_context_parallel_equals_single_process(world, tmp_path):
     spawn(world, ["model_reference", "model_errors"], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_model_context_parallel_triton(world, tmp_path, interpret):
     spawn(world, ["model_triton"], tmp_path)
 
 
+@pytest.mark.slow
 def test_diffusers_enable_parallelism_hosts_our_processor(tmp_path):
     pytest.importorskip("diffusers")
     spawn(2, ["diffusers"], tmp_path)

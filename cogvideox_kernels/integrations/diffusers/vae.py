@@ -1,0 +1,115 @@
+"""VAE: ``CogVideoXCausalConv3d`` modules run ``causal_conv3d`` where our conv kernel covers them."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from . import weights
+
+_ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
+
+
+def _plain_conv(conv) -> bool:
+    """diffusers' CogVideoXSafeConv3d (a Conv3d that only splits big inputs in time) or a plain Conv3d;
+    not a peft LoRA layer, a quantized conv or any other subclass with its own forward."""
+    cls = type(conv)
+    return cls is torch.nn.Conv3d or (cls.__name__ == "CogVideoXSafeConv3d" and cls.__module__.startswith("diffusers."))
+
+
+def conv_shape_supported(module) -> bool:
+    """Convs whose padding/stride/dilation are what ``causal_conv3d`` computes."""
+    conv = module.conv
+    if not _plain_conv(conv):
+        return False
+    kt, kh, kw = conv.kernel_size
+    return (module.pad_mode != "replicate"  # diffusers' "replicate" also pads H, W by replication
+            and kh == kw and kh % 2 == 1
+            and tuple(conv.padding) == (0, kh // 2, kw // 2)
+            and conv.stride[1:] == (1, 1) and tuple(conv.dilation) == (1, 1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _native_supports(shape, dtype, weight_shape, stride) -> bool:
+    """Our native kernel's coverage, asked with shape-only (meta) probes: no values are read, and the
+    weight may still be offloaded or in its storage dtype when this is asked."""
+    try:
+        from ...ops.causal_conv.native import native_supports
+    except ImportError:
+        return False
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    w = torch.empty(weight_shape, dtype=dtype, device="meta")
+    try:
+        return bool(native_supports(x, w, stride))
+    except (TypeError, ValueError):  # a shape the probe itself rejects: not covered
+        return False
+
+
+def backend_can_run_here(backend) -> bool:
+    """Whether ``backend`` can ever take a conv in this process (``auto``: a CUDA GPU and the CUDA build)."""
+    if backend == "reference":
+        return True
+    from ..._ext import cuda_available, extension_available
+
+    if backend == "cpp":
+        return extension_available()
+    return cuda_available() and torch.cuda.is_available()
+
+
+def kernel_shape_covered(module, backend) -> bool:
+    """The conv's kernel shape and stride are ones our kernel for ``backend`` takes (checked at apply)."""
+    weight = module.conv.weight
+    return backend == "reference" or _native_supports((1, weight.shape[1], 2, 4, 4), torch.float32,
+                                                      weight.shape, module.conv.stride[0])
+
+
+def _takes(inputs, weight_shape, stride, backend) -> bool:
+    """Whether ``backend`` runs our conv on these inputs (else diffusers' conv, cuDNN on a GPU).
+    ``auto`` takes our CUDA kernel on CUDA tensors only; ``cuda``/``cpp`` that kernel where it covers."""
+    if backend == "reference":
+        return True
+    if backend == "auto" and inputs.device.type != "cuda":
+        return False
+    return _native_supports(inputs.shape, inputs.dtype, weight_shape, stride)
+
+
+class KernelConvForward:
+    """``CogVideoXCausalConv3d.forward`` while patched: frame-0 replicate padding and the chunk cache inside
+    ``causal_conv3d``, no ``torch.cat``. diffusers' forward runs whatever our kernel does not cover
+    (for ``auto``: non-CUDA tensors, uncovered shapes), under autograd, and when the conv's weights cannot
+    be had exactly (unknown hooks, LoRA, quantized weights; see weights.py)."""
+
+    def __init__(self, module, backend: str = "auto"):
+        self.module = module
+        self.backend = backend
+
+    def __call__(self, inputs, conv_cache=None):
+        module, backend = self.module, self.backend
+        conv = module.conv
+        stride = conv.stride[0]
+        runs = (_plain_conv(conv) and weights.hooks_known(conv)
+                and not weights.autograd_needed((inputs, conv_cache), (conv,))
+                and _takes(inputs, conv.weight.shape, stride, backend))
+        if runs:
+            with contextlib.ExitStack() as stack:
+                params = weights.leaf_params(conv, stack)
+                if params is not None:
+                    return self._ours(inputs, conv_cache, *params, stride)
+        return type(module).forward(module, inputs, conv_cache)
+
+    def _ours(self, inputs, conv_cache, weight, bias, stride):
+        kt = self.module.time_kernel_size
+        # For kt == 1 diffusers passes (and keeps) a clone of the whole input as "cache": not needed.
+        cache = conv_cache if kt > 1 else None
+        if self.backend != "reference":  # the native kernels take contiguous tensors
+            inputs = inputs.contiguous()
+            cache = None if cache is None else cache.contiguous()
+        out, new_cache = _ops.causal_conv3d(inputs, weight, bias, stride=stride, pad_mode="replicate", cache=cache,
+                                            backend=self.backend)
+        return out, (new_cache if kt > 1 else None)
+
+
+def coverage_note(convs) -> str:
+    shapes = sorted({tuple(m.conv.kernel_size) for m in convs})
+    return f"{len(convs)} CogVideoXCausalConv3d with kernel shapes {shapes}"

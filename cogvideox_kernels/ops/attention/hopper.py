@@ -1,0 +1,150 @@
+"""Hopper (sm_90a) backend of ``rope3d_attention``: the public function, its checks and custom op.
+
+``rope3d_attention_hopper`` computes exactly ``rope3d_attention_reference`` (QK LayerNorm, RoPE3D
+on the video tokens, softmax attention) with the Triton pre-pass ``qk_norm_rope_fwd`` (norm +
+rotation, head-major q/k/v) and the Gluon kernel of ``hopper_fwd.py`` (TMA K/V ring, warp
+specialized, ``warpgroup_mma``). It runs only on sm_90 GPUs (H100/H200) with bf16/fp16 inputs and
+head_dim 64 or 128; ``hopper_supports`` says whether a call can take it and ``hopper_available``
+whether a device can. The Gluon module is imported lazily, so this file imports anywhere (CPU CI).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .reference import check_attention_inputs
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 2 ** 31 - 1  # TMA coordinates are int32: B * H * S rows of the head-major view
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_import_error() -> Optional[str]:
+    """None when the Gluon kernel module imports, else the reason it does not."""
+    try:
+        from . import hopper_fwd  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the installed triton
+        return f"the Gluon kernel does not import ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """(major, minor) of a CUDA device, None for other devices."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def unsupported_reason(dtype: torch.dtype, head_dim: int, capability: Optional[tuple[int, int]],
+                       rows: int = 0) -> Optional[str]:
+    """Why the Hopper kernel cannot take such a call (None: it can). ``capability`` is the
+    device's compute capability (None: not a CUDA device); ``rows`` = B * H * S."""
+    if capability is None:
+        return "it needs a CUDA device (sm_90)"
+    if capability != (9, 0):
+        return f"it needs compute capability 9.0 (H100/H200); the device has {capability}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"q has dtype {dtype}; supported: bfloat16, float16"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim={head_dim}; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+    if rows > MAX_ROWS:
+        return f"B*H*S={rows} rows exceed the int32 TMA coordinates"
+    return gluon_import_error()
+
+
+# torch.compile cannot trace the device queries and caches below; the answers are fixed for a
+# device, so dynamo evaluates them once while tracing and keeps the result (no graph break).
+@torch.compiler.assume_constant_result
+def _device_ok(device: torch.device) -> bool:
+    return device_capability(device) == (9, 0) and gluon_import_error() is None
+
+
+@torch.compiler.assume_constant_result
+def _call_reason(dtype: torch.dtype, head_dim: int, device: torch.device, rows: int) -> str:
+    return unsupported_reason(dtype, head_dim, device_capability(device), rows) or ""
+
+
+def hopper_available(device) -> tuple[bool, str]:
+    """(True, "") when the Hopper kernel can run on ``device``, else (False, why)."""
+    device = torch.device(device)
+    reason = unsupported_reason(torch.bfloat16, 64, device_capability(device))
+    return reason is None, reason or ""
+
+
+def hopper_supports(q, k, v, *args, **kwargs) -> bool:
+    """Whether ``rope3d_attention_hopper`` takes these tensors (dtype, head_dim, device sm_90,
+    Gluon importable). The other arguments of the op do not change the answer."""
+    if not _device_ok(q.device):
+        return False
+    B, S, H, D = q.shape
+    return (q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and D in SUPPORTED_HEAD_DIMS and B * H * S <= MAX_ROWS)
+
+
+# ----------------------------------------------------------------------------------------------
+# the op
+# ----------------------------------------------------------------------------------------------
+def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
+                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, config=None):
+    """Pre-pass (LayerNorm + RoPE, head-major q/k/v) then the Gluon attention kernel."""
+    from .hopper_fwd import hopper_attention_core
+    from .triton_fwd import qk_norm_rope_fwd
+
+    B, S, H, D = q.shape
+    if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
+        cos, sin = cos.contiguous(), sin.contiguous()  # the pre-pass indexes both with cos's stride
+    qh = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps)
+    kh = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps)
+    vh = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    # the pre-pass returns [B, S, H, D] views of [B, H, S, D] storage
+    return hopper_attention_core(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), out,
+                                 scale, config)
+
+
+@torch.library.custom_op("cogvideox_kernels::rope3d_attention_hopper", mutates_args=())
+def rope3d_attention_hopper_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int,
+                               cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                               q_norm_weight: Optional[torch.Tensor],
+                               q_norm_bias: Optional[torch.Tensor],
+                               k_norm_weight: Optional[torch.Tensor],
+                               k_norm_bias: Optional[torch.Tensor], apply_q_norm: bool,
+                               apply_k_norm: bool, eps: float, scale: float) -> torch.Tensor:
+    return hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
+                                k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale)
+
+
+@rope3d_attention_hopper_op.register_fake
+def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+      apply_q_norm, apply_k_norm, eps, scale):
+    return q.new_empty(q.shape)  # contiguous [B, S, H, D], as the kernel writes it
+
+
+def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
+                            eps=1e-6, scale=None):
+    """``rope3d_attention`` on the Hopper kernel; same arguments and result as
+    ``rope3d_attention_reference`` (q, k, v ``[B, S, H, D]`` strided views with unit last stride,
+    q_norm/k_norm ``(weight, bias)`` pairs or None, cos/sin ``[S - text_len, D]`` float32).
+    Raises ValueError when the kernel cannot take the call (see ``hopper_supports``)."""
+    check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale)
+    B, S, H, D = q.shape
+    reason = _call_reason(q.dtype, D, q.device, B * H * S)
+    if reason:
+        raise ValueError(f"rope3d_attention_hopper: {reason}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    q_w, q_b = q_norm if q_norm is not None else (None, None)
+    k_w, k_b = k_norm if k_norm is not None else (None, None)
+    return rope3d_attention_hopper_op(q, k, v, int(text_len), cos, sin, q_w, q_b, k_w, k_b,
+                                      q_norm is not None, k_norm is not None, float(eps), scale)
+
+
+__all__ = ["rope3d_attention_hopper", "rope3d_attention_hopper_op", "hopper_available",
+           "hopper_supports", "unsupported_reason", "hopper_attention_fwd"]

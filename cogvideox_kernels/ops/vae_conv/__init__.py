@@ -1,0 +1,41 @@
+"""``vae_conv3d``: GroupNorm-apply + SiLU + causal (3,3,3) conv + bias + residual, the step of
+CogVideoX's VAE ResNet blocks, in one op with a streaming cache (see ``reference.py``)."""
+from __future__ import annotations
+
+from ..._backend import resolve_backend
+from .reference import (PAD_MODES, check_vae_conv_inputs, diffusers_sequence, vae_conv3d_bytes,
+                        vae_conv3d_flops, vae_conv3d_reference)
+
+KERNELS = ("cuda", "cpp")
+
+
+def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
+               scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
+               backend="auto"):
+    """``y, new_cache = conv(act(x)) + bias (+ residual)`` with causal temporal padding.
+
+    x [B, C, T, H, W]; weight [C_out, C, kt, kh, kw] (stride 1, spatial zero padding kh//2, kw//2);
+    ``num_groups`` > 0 turns GroupNorm on (statistics over each group's channels and all frames,
+    rows and columns of x, like nn.GroupNorm; affine ``norm_weight``/``norm_bias``), then
+    ``h * scale + shift`` when given (spatial norm), then SiLU when ``silu``. The kt-1 frames before
+    x come from ``cache`` (activated frames, as returned in ``new_cache``), else copies of frame 0
+    (``pad_mode="replicate"``, diffusers' ``"first"``) or zeros. ``residual`` [B, C_out, T, H, W]
+    is added before the output's single rounding.
+
+    backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
+    reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
+    """
+    kw = dict(num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale,
+              shift=shift, silu=silu, cache=cache, pad_mode=pad_mode, residual=residual)
+    check_vae_conv_inputs(x, weight, bias, **kw)
+    chosen = resolve_backend("vae_conv3d", backend, x.device, KERNELS)
+    if chosen in ("cuda", "cpp"):
+        from .native import cuda_kernel_supports, vae_conv3d_native
+
+        if not (backend == "auto" and chosen == "cuda" and not cuda_kernel_supports(x, weight)):
+            return vae_conv3d_native(x, weight, bias, backend=chosen, **kw)
+    return vae_conv3d_reference(x, weight, bias, **kw)
+
+
+__all__ = ["vae_conv3d", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",
+           "vae_conv3d_flops", "vae_conv3d_bytes", "PAD_MODES"]

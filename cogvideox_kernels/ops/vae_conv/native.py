@@ -1,0 +1,123 @@
+"""The extension's fused VAE conv (C++ on CPU tensors, CUDA on GPU tensors).
+
+Exposed as the custom op ``cogvideox_kernels::vae_conv3d`` with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it. The binding takes raw addresses, sizes and the
+stream as integers (the extension is not linked against torch); everything it relies on is checked
+here first, and non-contiguous inputs are copied to contiguous ones.
+
+The C++ path covers every input the reference accepts (any kt, odd kh/kw, any dtype). The CUDA
+kernel covers bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0 (the VAE's 128/256/512-channel
+ResNet convs); ``auto`` takes the reference for anything else on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._ext import get_ext
+from .reference import check_vae_conv_inputs
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_PAD_CODES = {"replicate": 0, "zeros": 1}
+_STAT_CHUNK = 32768  # elements per block of the statistics pass
+_MAX_SPLITS = 1024
+
+
+def cuda_kernel_supports(x, weight) -> bool:
+    """What the CUDA kernel covers (shapes and dtype only, so it traces under torch.compile)."""
+    kt, kh, kw = weight.shape[2:]
+    return (x.dtype in (torch.bfloat16, torch.float16) and (kh, kw) == (3, 3) and 1 <= kt <= 5
+            and x.shape[1] % 16 == 0)
+
+
+def pack_weight(weight):
+    """[C_out, C_in, kt, 3, 3] -> [C_out, kt, C_in/16, 9, 16]: the CUDA kernel's K order (temporal
+    tap, 16-channel chunk, spatial tap, channel), one pipeline step = 144 contiguous elements."""
+    C_out, C_in, kt, kh, kw = weight.shape
+    return weight.reshape(C_out, C_in // 16, 16, kt, kh * kw).permute(0, 3, 1, 4, 2).contiguous()
+
+
+def _stat_splits(x, num_groups) -> int:
+    span = x.numel() // (x.shape[0] * num_groups)
+    return max(1, min(_MAX_SPLITS, -(-span // _STAT_CHUNK)))
+
+
+@torch.library.custom_op("cogvideox_kernels::vae_conv3d", mutates_args=())
+def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                   cache: Optional[torch.Tensor], residual: Optional[torch.Tensor], num_groups: int,
+                   eps: float, silu: bool, pad_mode: str, backend: str,
+                   variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, T, H, W = x.shape
+    C_out, _, kt, kh, kw = weight.shape
+    y = torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device)
+    new_cache = torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device)
+    tensors = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
+               "scale": scale, "shift": shift, "cache": cache, "residual": residual, "y": y,
+               "new_cache": new_cache}
+    sizes = {"batch": B, "c_in": C, "c_out": C_out, "frames": T, "height": H, "width": W, "kt": kt,
+             "kh": kh, "kw": kw, "pad_mode": _PAD_CODES[pad_mode], "groups": num_groups, "eps": float(eps),
+             "silu": bool(silu), "splits": 1}
+    ext = get_ext()
+    if backend == "cuda":
+        tensors["weight"] = pack_weight(weight)
+        tensors["act"] = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
+        if cache is not None:
+            tensors["cache_cl"] = torch.empty((B, kt - 1, H, W, C), dtype=x.dtype, device=x.device)
+        if num_groups:
+            sizes["splits"] = _stat_splits(x, num_groups)
+            tensors["partial"] = torch.empty(B * num_groups * sizes["splits"] * 2, dtype=torch.float64,
+                                             device=x.device)
+            tensors["coef"] = torch.empty(B * C * 2, dtype=torch.float32, device=x.device)
+        addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
+        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        ext.vae_conv3d_cuda(addrs, sizes, _DTYPE_CODES[x.dtype], device, stream, variant)
+    else:
+        addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
+        ext.vae_conv3d_cpu(addrs, sizes, _DTYPE_CODES[x.dtype])
+    return y, new_cache
+
+
+@_vae_conv3d_op.register_fake
+def _vae_conv3d_fake(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
+                     eps, silu, pad_mode, backend, variant):
+    B, C, T, H, W = x.shape
+    C_out, _, kt = weight.shape[:3]
+    return x.new_empty((B, C_out, T, H, W)), x.new_empty((B, C, kt - 1, H, W))
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
+                      scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
+                      backend="cpp", variant=0):
+    """Native fused VAE conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
+
+    Returns ``(y, new_cache)`` like ``vae_conv3d_reference``. Non-contiguous inputs are copied.
+    ``variant`` (CUDA only) forces a conv configuration for benchmarks (0 = default).
+    """
+    if backend not in ("cuda", "cpp"):
+        raise ValueError(f"vae_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
+    check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
+                          norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
+                          pad_mode=pad_mode, residual=residual)
+    want = "cuda" if backend == "cuda" else "cpu"
+    if x.device.type != want:
+        raise ValueError(f"vae_conv3d backend={backend!r}: x is on {x.device}; this backend needs {want} tensors")
+    if backend == "cuda" and not cuda_kernel_supports(x, weight):
+        raise ValueError(
+            f"vae_conv3d backend='cuda': x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} is "
+            "not covered by the CUDA kernel (bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0); "
+            "use backend='reference' or 'auto'")
+    if variant:
+        n = len(get_ext().vae_conv_cuda_variants())
+        if backend != "cuda" or not 0 <= variant <= n:
+            raise ValueError(f"vae_conv3d_native: variant={variant} needs backend='cuda' and 0 <= variant <= {n}")
+    return _vae_conv3d_op(_contig(x), _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias),
+                          _contig(scale), _contig(shift), _contig(cache), _contig(residual), num_groups,
+                          float(eps), silu, pad_mode, backend, variant)

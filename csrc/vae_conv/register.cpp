@@ -1,0 +1,116 @@
+// Python bindings of the fused VAE conv. Tensors arrive as raw addresses (ints, 0 = none), sizes
+// and the stream as integers; Python (ops/vae_conv/native.py) has checked them already, the
+// checks here only guard against misuse of the raw binding.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "vae_conv/vae_conv.h"
+
+namespace py = pybind11;
+
+namespace cvk {
+namespace vae {
+namespace {
+
+template <typename P = const void*>
+P ptr(std::uintptr_t a) {
+  return reinterpret_cast<P>(a);
+}
+
+VaeConvParams make_params(const py::dict& t, const py::dict& s) {
+  VaeConvParams p;
+  auto addr = [&](const char* name) -> std::uintptr_t {
+    return t.contains(name) ? t[name].cast<std::uintptr_t>() : 0;
+  };
+  p.x = ptr(addr("x"));
+  p.weight = ptr(addr("weight"));
+  p.bias = ptr(addr("bias"));
+  p.norm_weight = ptr(addr("norm_weight"));
+  p.norm_bias = ptr(addr("norm_bias"));
+  p.scale = ptr(addr("scale"));
+  p.shift = ptr(addr("shift"));
+  p.cache = ptr(addr("cache"));
+  p.residual = ptr(addr("residual"));
+  p.y = ptr<void*>(addr("y"));
+  p.new_cache = ptr<void*>(addr("new_cache"));
+  p.batch = s["batch"].cast<int64_t>();
+  p.c_in = s["c_in"].cast<int64_t>();
+  p.c_out = s["c_out"].cast<int64_t>();
+  p.frames = s["frames"].cast<int64_t>();
+  p.height = s["height"].cast<int64_t>();
+  p.width = s["width"].cast<int64_t>();
+  p.kt = s["kt"].cast<int>();
+  p.kh = s["kh"].cast<int>();
+  p.kw = s["kw"].cast<int>();
+  p.pad_mode = s["pad_mode"].cast<int>();
+  p.groups = s["groups"].cast<int>();
+  p.eps = s["eps"].cast<float>();
+  p.silu = s["silu"].cast<bool>();
+  if (p.batch < 1 || p.c_in < 1 || p.c_out < 1 || p.frames < 1 || p.height < 1 || p.width < 1)
+    throw std::invalid_argument("vae_conv3d: every size must be >= 1");
+  if (p.kt < 1 || p.kh < 1 || p.kw < 1 || p.kh % 2 == 0 || p.kw % 2 == 0)
+    throw std::invalid_argument("vae_conv3d: kt >= 1 and odd kh, kw are supported");
+  if (p.pad_mode != kPadReplicate && p.pad_mode != kPadZeros)
+    throw std::invalid_argument("vae_conv3d: pad_mode code must be 0 (replicate) or 1 (zeros)");
+  if (p.groups < 0 || (p.groups > 0 && p.c_in % p.groups != 0))
+    throw std::invalid_argument("vae_conv3d: groups=" + std::to_string(p.groups) +
+                                " must divide c_in=" + std::to_string(p.c_in));
+  if ((p.scale == nullptr) != (p.shift == nullptr))
+    throw std::invalid_argument("vae_conv3d: scale and shift come together");
+  if (!p.x || !p.weight || !p.y || (p.kt > 1 && !p.new_cache))
+    throw std::invalid_argument("vae_conv3d: x, weight, y and new_cache need addresses");
+  return p;
+}
+
+}  // namespace
+
+#ifndef COGVIDEOX_WITH_CUDA
+void vae_conv3d_cuda(const VaeConvParams&, const VaeConvWorkspace&, int, int, std::uintptr_t, int) {
+  throw std::runtime_error("vae_conv3d_cuda: the extension was built without CUDA (no nvcc)");
+}
+std::vector<std::string> vae_conv_cuda_variants() { return {}; }
+#endif
+
+void register_vae_conv(py::module_& m) {
+  m.def(
+      "vae_conv3d_cpu",
+      [](const py::dict& tensors, const py::dict& sizes, int dtype) {
+        const VaeConvParams p = make_params(tensors, sizes);
+        py::gil_scoped_release release;
+        vae_conv3d_cpu(p, dtype);
+      },
+      py::arg("tensors"), py::arg("sizes"), py::arg("dtype"),
+      "Fused VAE conv on the CPU. tensors: name -> address of a contiguous tensor (x, weight "
+      "[C_out, C_in, kt, kh, kw], bias, norm_weight, norm_bias, scale, shift, cache, residual, y, "
+      "new_cache); sizes: batch, c_in, c_out, frames, height, width, kt, kh, kw, pad_mode (0 "
+      "replicate, 1 zeros), groups (0 = no GroupNorm), eps, silu");
+  m.def(
+      "vae_conv3d_cuda",
+      [](const py::dict& tensors, const py::dict& sizes, int dtype, int device, std::uintptr_t stream,
+         int variant) {
+        const VaeConvParams p = make_params(tensors, sizes);
+        VaeConvWorkspace ws;
+        auto addr = [&](const char* name) -> std::uintptr_t {
+          return tensors.contains(name) ? tensors[name].cast<std::uintptr_t>() : 0;
+        };
+        ws.act = reinterpret_cast<void*>(addr("act"));
+        ws.cache_cl = reinterpret_cast<void*>(addr("cache_cl"));
+        ws.partial = reinterpret_cast<double*>(addr("partial"));
+        ws.coef = reinterpret_cast<float*>(addr("coef"));
+        ws.splits = sizes["splits"].cast<int>();
+        vae_conv3d_cuda(p, ws, dtype, device, stream, variant);
+      },
+      py::arg("tensors"), py::arg("sizes"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::arg("variant") = 0,
+      "Fused VAE conv on a CUDA device, launched on `stream` (cudaStream_t as an int). Like "
+      "vae_conv3d_cpu, with weight packed [C_out, kt, C_in/16, 9, 16] and the workspaces act, "
+      "cache_cl, partial, coef (addresses) and splits (size)");
+  m.def("vae_conv_cuda_variants", &vae_conv_cuda_variants,
+        "Names of the CUDA conv configurations; variant i+1 forces entry i (0 = default)");
+}
+
+}  // namespace vae
+}  // namespace cvk

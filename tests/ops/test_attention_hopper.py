@@ -1,0 +1,265 @@
+"""Hopper (Gluon, sm_90a) rope3d_attention vs the float32/float64 reference.
+
+Gluon kernels do not run under the Triton interpreter, so on CPU only the wrapper is checked:
+input checks, the support/dispatch decisions, the fake implementation (what torch.compile traces)
+and that the kernel module imports and compiles for sm_90a offline. GPU tests (marker ``gpu``,
+H100/H200 only): parity against a float64 reference on odd shapes, strided/non-contiguous inputs,
+NaN-poisoned outputs (conftest), error at most 1.25x a diffusers-style bf16 path, the 5B shape on
+sampled rows, the kernel configs the shipped kernel takes, and torch.compile(fullgraph=True).
+"""
+import pytest
+import torch
+
+from cogvideox_kernels.ops.attention import hopper
+from cogvideox_kernels.ops.attention.hopper import (hopper_available, hopper_supports,
+                                                    rope3d_attention_hopper, unsupported_reason)
+from cogvideox_kernels.ops.attention.reference import (qk_norm_rope_reference,
+                                                       rope3d_attention_reference)
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflowed elements)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_case(B, S, H, D, text_len, dtype, *, rope=True, q_norm=True, k_norm=True, k_bias=True,
+              seed=0, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    qkv = rand(B, S, 3, H, D).to(dtype)
+    q, k, v = qkv.unbind(2)  # strided [B, S, H, D] views of the QKV projection
+    cos = sin = None
+    if rope:
+        angles = (rand(S - text_len, D // 2) * 3.0).double().repeat_interleave(2, dim=1)
+        cos, sin = angles.cos().float(), angles.sin().float()
+    qn = ((1 + 0.2 * rand(D)).to(dtype), (0.2 * rand(D)).to(dtype)) if q_norm else None
+    kn = (((1 + 0.2 * rand(D)).to(dtype), (0.2 * rand(D)).to(dtype) if k_bias else None)
+          if k_norm else None)
+    return dict(q=q, k=k, v=v, text_len=text_len, cos=cos, sin=sin, q_norm=qn, k_norm=kn)
+
+
+def case_args(case):
+    return dict(text_len=case["text_len"], cos=case["cos"], sin=case["sin"],
+                q_norm=case["q_norm"], k_norm=case["k_norm"])
+
+
+# ---------------------------------------------------------------------------------------- CPU
+def test_unsupported_reasons():
+    assert unsupported_reason(torch.bfloat16, 64, (9, 0)) is None
+    assert unsupported_reason(torch.float16, 128, (9, 0)) is None
+    assert "CUDA" in unsupported_reason(torch.bfloat16, 64, None)
+    assert "9.0" in unsupported_reason(torch.bfloat16, 64, (8, 0))
+    assert "9.0" in unsupported_reason(torch.bfloat16, 64, (10, 0))
+    assert "dtype" in unsupported_reason(torch.float32, 64, (9, 0))
+    assert "head_dim=40" in unsupported_reason(torch.bfloat16, 40, (9, 0))
+    assert "int32" in unsupported_reason(torch.bfloat16, 64, (9, 0), rows=2 ** 31)
+
+
+def test_cpu_is_not_supported():
+    case = make_case(1, 8, 2, 64, 2, torch.bfloat16)
+    assert not hopper_supports(case["q"], case["k"], case["v"])
+    ok, why = hopper_available("cpu")
+    assert not ok and "CUDA" in why
+    with pytest.raises(ValueError, match="rope3d_attention_hopper: it needs a CUDA device"):
+        rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case))
+
+
+def test_input_checks_run_first():
+    case = make_case(1, 8, 2, 64, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="text_len"):
+        rope3d_attention_hopper(case["q"], case["k"], case["v"], text_len=9)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        rope3d_attention_hopper(case["q"], case["k"], case["v"], text_len=2,
+                                cos=case["cos"][:3], sin=case["sin"][:3])
+
+
+def test_fake_impl_shape_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 33, 3, 64, dtype=torch.bfloat16)
+        cos = torch.empty(30, 64)
+        out = torch.ops.cogvideox_kernels.rope3d_attention_hopper(
+            q, q, q, 3, cos, cos, None, None, None, None, False, False, 1e-6, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+
+
+def test_unknown_config_key_raises():
+    from cogvideox_kernels.ops.attention.hopper_fwd import hopper_attention_core
+
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="PINGPONG"):
+        hopper_attention_core(q, q, q, torch.empty(1, 8, 2, 64, dtype=torch.bfloat16), 0.125,
+                              dict(PINGPONG=True))
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+from cogvideox_kernels.ops.attention.hopper_fwd import compile_offline
+config, head_dim, dtype = json.loads(sys.argv[1])
+ptx = compile_offline(config, head_dim, dtype).asm["ptx"]
+print(json.dumps(dict(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                      setmaxnreg="setmaxnreg" in ptx, local=".local" in ptx)))
+"""
+
+
+@pytest.mark.parametrize("config,D,dtype", [
+    ({}, 64, "bf16"),
+    ({}, 128, "fp16"),
+    (dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64, STAGES=4), 64, "bf16"),
+])
+def test_kernel_compiles_for_sm90a_offline(config, D, dtype, tmp_path):
+    """The Gluon kernel lowers to sm_90a PTX without a GPU: warpgroup MMAs, TMA, register
+    reallocation, nothing in local memory. Gluon does not build under TRITON_INTERPRET, so this
+    runs in a subprocess without it (and with an empty Triton cache, so it really compiles)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps([config, D, dtype])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found == dict(wgmma=True, tma=True, setmaxnreg=True, local=False), found
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def _on_hopper():
+    return torch.cuda.is_available() and hopper_available("cuda")[0]
+
+
+gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("B,S,H,D,text_len,dtype", [
+    (1, 1, 1, 64, 0, torch.bfloat16),        # S = 1
+    (2, 37, 3, 64, 5, torch.bfloat16),       # S below one block
+    (1, 300, 5, 64, 0, torch.bfloat16),      # text_len 0, S not a multiple of 64/128/192
+    (2, 333, 3, 64, 333, torch.bfloat16),    # text_len = S (no video tokens)
+    (1, 1000, 7, 128, 17, torch.bfloat16),   # head_dim 128, odd H
+    (2, 517, 3, 64, 26, torch.float16),
+    (1, 777, 2, 128, 100, torch.float16),
+])
+def test_gpu_parity_odd_shapes(B, S, H, D, text_len, dtype):
+    case = make_case(B, S, H, D, text_len, dtype, seed=S + D + H, device="cuda")
+    out = rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case))
+    ref = rope3d_attention_reference(case["q"], case["k"], case["v"], compute_dtype=torch.float64,
+                                     **case_args(case))
+    assert out.shape == case["q"].shape and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, ref) <= 1e-2
+
+
+def _diffusers_style(case, scale):
+    """LayerNorm in the input dtype, RoPE in float32 cast back, SDPA in the input dtype."""
+    import torch.nn.functional as F
+
+    def prep(x, norm):
+        x = x.transpose(1, 2)
+        if norm is not None:
+            x = F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], 1e-6)
+        if case["cos"] is not None:
+            t = case["text_len"]
+            video = x[:, :, t:]
+            pairs = video.float().unflatten(-1, (-1, 2))
+            rot = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+            video = (video.float() * case["cos"] + rot * case["sin"]).to(x.dtype)
+            x = torch.cat((x[:, :, :t], video), dim=2)
+        return x
+
+    q, k = prep(case["q"], case["q_norm"]), prep(case["k"], case["k_norm"])
+    out = F.scaled_dot_product_attention(q, k, case["v"].transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_error_vs_diffusers_style(D):
+    """Error vs float64 at most 1.25x the error of the diffusers-style bf16 path (same inputs)."""
+    case = make_case(2, 2000, 4, D, 226, torch.bfloat16, seed=D, device="cuda")
+    ref = rope3d_attention_reference(case["q"], case["k"], case["v"], compute_dtype=torch.float64,
+                                     **case_args(case))
+    ours = rel_err(rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case)), ref)
+    theirs = rel_err(_diffusers_style(case, D ** -0.5), ref)
+    assert ours <= 1.25 * theirs, (ours, theirs)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_non_contiguous_inputs():
+    """Each of q, k, v (and cos/sin) also as a non-contiguous view; results equal the contiguous run."""
+    case = make_case(2, 403, 3, 64, 30, torch.bfloat16, seed=3, device="cuda")
+    base = rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case))
+    ref = rope3d_attention_reference(case["q"], case["k"], case["v"], compute_dtype=torch.float64,
+                                     **case_args(case))
+    assert rel_err(base, ref) <= 1e-2
+    for name in ("q", "k", "v"):
+        wide = torch.zeros(2, 403 * 2, 3, 64, dtype=torch.bfloat16, device="cuda")
+        wide[:, ::2] = case[name]
+        other = dict(case, **{name: wide[:, ::2]})  # stepped slice along S
+        assert not other[name].is_contiguous()
+        out = rope3d_attention_hopper(other["q"], other["k"], other["v"], **case_args(other))
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+    cos_t = case["cos"].t().contiguous().t()  # column-major cos/sin tables
+    sin_t = case["sin"].t().contiguous().t()
+    out = rope3d_attention_hopper(case["q"], case["k"], case["v"],
+                                  **dict(case_args(case), cos=cos_t, sin=sin_t))
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_cogvideox_5b_shape_sampled_rows():
+    B, S, H, D, text_len = 2, 17776, 48, 64, 226
+    case = make_case(B, S, H, D, text_len, torch.bfloat16, seed=5, device="cuda")
+    out = rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case))
+    assert torch.isfinite(out).all()
+    rows = torch.unique(torch.cat((torch.tensor([0, text_len - 1, text_len, S - 1]),
+                                   torch.randint(0, S, (96,))))).cuda()
+    args = (text_len, case["cos"], case["sin"])
+    qw = qk_norm_rope_reference(case["q"], *args, case["q_norm"], 1e-6, torch.float64)
+    kw = qk_norm_rope_reference(case["k"], *args, case["k_norm"], 1e-6, torch.float64)
+    ref = []
+    for b in range(B):
+        p = torch.softmax(torch.einsum("rhd,shd->hrs", qw[b, rows], kw[b]) * D ** -0.5, dim=-1)
+        ref.append(torch.einsum("hrs,shd->rhd", p, case["v"][b].double()))
+    assert rel_err(out[:, rows], torch.stack(ref)) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("D,config", [
+    (64, dict(NUM_WG=2)), (64, dict(STAGES=2)), (64, dict(STAGES=4)),
+    (64, dict(BLOCK_M=128, BLOCK_N=64, STAGES=4)), (64, dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64)),
+    (64, dict(BLOCK_N=64)), (128, dict(NUM_WG=2)), (128, dict(BLOCK_N=128, STAGES=2)),
+])
+def test_gpu_kernel_configs(D, config):
+    """Every config the benchmark measures computes the same function (S not a multiple of any
+    block, so the masked last block and the partial last query tile are exercised)."""
+    from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd
+
+    case = make_case(2, 1111, 3, D, 11, torch.bfloat16, seed=11, device="cuda")
+    qn, kn = case["q_norm"], case["k_norm"]
+    out = hopper_attention_fwd(case["q"], case["k"], case["v"], 11, case["cos"], case["sin"],
+                               qn[0], qn[1], kn[0], kn[1], True, True, 1e-6, 0.125, config=config)
+    ref = rope3d_attention_reference(case["q"], case["k"], case["v"], compute_dtype=torch.float64,
+                                     scale=0.125, **case_args(case))
+    assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_compile_fullgraph():
+    case = make_case(1, 300, 2, 64, 20, torch.bfloat16, seed=7, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():  # inductor's init makes tensors the conftest poisons; as the Triton test
+        fn = torch.compile(lambda q, k, v: rope3d_attention_hopper(q, k, v, **case_args(case)) * 2,
+                           fullgraph=True)
+        out = fn(case["q"], case["k"], case["v"])
+        eager = rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case)) * 2
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)

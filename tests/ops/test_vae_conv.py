@@ -1,0 +1,347 @@
+"""The fused VAE conv (GroupNorm-apply + modulation + SiLU + causal (kt,kh,kw) conv + bias + residual):
+the reference against diffusers' op sequence, the extension's C++ path (CI) and CUDA kernel (GPU)
+against the reference, at odd shapes and every option, non-contiguous inputs, streaming with the
+cache, and the errors for bad input."""
+import pytest
+import torch
+
+from cogvideox_kernels import _ext
+from cogvideox_kernels.ops.vae_conv import diffusers_sequence, vae_conv3d, vae_conv3d_reference
+
+needs_ext = pytest.mark.skipif(not _ext.extension_available(),
+                               reason="cogvideox_kernels._C is not built" + _ext.extension_error())
+needs_cuda_ext = pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
+
+BUDGET = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+CACHE_BUDGET = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 5e-3, torch.float16: 1e-3}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflow)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def make_case(B, C, C_out, T, H, W, k=(3, 3, 3), *, dtype=torch.float32, device="cpu", groups=0,
+              affine=True, modulation=False, silu=True, cache=False, residual=False, bias=True,
+              offset=0.5, seed=0):
+    """Inputs and keyword arguments of one call (fresh seeded random data, never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x = rnd(B, C, T, H, W) + offset
+    w = rnd(C_out, C, *k) / (C * k[0] * k[1] * k[2]) ** 0.5
+    kw = dict(num_groups=groups, silu=silu)
+    if groups and affine:
+        kw.update(norm_weight=rnd(C) * 0.5 + 1, norm_bias=rnd(C) * 0.5)
+    if modulation:
+        kw.update(scale=rnd(B, C, T, H, W) * 0.5 + 1, shift=rnd(B, C, T, H, W) * 0.5)
+    if cache:
+        kw["cache"] = rnd(B, C, k[0] - 1, H, W)
+    if residual:
+        kw["residual"] = rnd(B, C_out, T, H, W)
+    return x, w, (rnd(C_out) if bias else None), kw
+
+
+def check(x, w, b, kw, backend, *, own_rule=True, **extra):
+    y, new_cache = vae_conv3d(x, w, b, backend=backend, **kw, **extra)
+    ref, ref_cache = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw, **extra)
+    assert y.shape == ref.shape and y.dtype == x.dtype and new_cache.shape == ref_cache.shape
+    err = rel_err(y, ref)
+    assert err <= BUDGET[x.dtype], f"rel err {err:.2e} > {BUDGET[x.dtype]:.0e}"
+    if x.dtype in (torch.bfloat16, torch.float16) and own_rule:
+        own, _ = diffusers_sequence(x, w, b, **kw, **extra)  # torch's own same-dtype path
+        assert err <= 2 * rel_err(own, ref) + 1e-6, f"rel err {err:.2e} vs torch's own {rel_err(own, ref):.2e}"
+    if new_cache.numel():
+        cerr = rel_err(new_cache, ref_cache)
+        assert cerr <= CACHE_BUDGET[x.dtype], f"cache rel err {cerr:.2e}"
+    return y, new_cache
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference is diffusers' function
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", [dict(), dict(groups=4), dict(groups=2, modulation=True, residual=True),
+                                  dict(groups=1, cache=True, affine=False), dict(silu=False, cache=True)])
+def test_reference_equals_op_sequence(opts):
+    x, w, b, kw = make_case(2, 8, 6, 3, 5, 7, dtype=torch.float64, seed=1, **opts)
+    for pad_mode in ("replicate", "zeros"):
+        y, c = vae_conv3d_reference(x, w, b, pad_mode=pad_mode, **kw)
+        ys, cs = diffusers_sequence(x, w, b, pad_mode=pad_mode, **kw)
+        assert rel_err(y, ys) < 1e-13 and rel_err(c, cs) < 1e-13
+
+
+def test_reference_group_norm_statistics_span_all_frames():
+    """GroupNorm statistics come from every frame of the tensor given (nn.GroupNorm on 5-D input)."""
+    x, w, b, kw = make_case(1, 8, 4, 4, 3, 3, dtype=torch.float64, groups=2, affine=False, silu=False, seed=2)
+    gn = torch.nn.GroupNorm(2, 8, eps=1e-6, affine=False).double()
+    y, _ = vae_conv3d_reference(x, w, b, **kw)
+    y2, _ = vae_conv3d_reference(gn(x), w, b)
+    assert rel_err(y, y2) < 1e-13
+    # normalising frame by frame would differ
+    per_frame = torch.cat([gn(x[:, :, i:i + 1]) for i in range(4)], dim=2)
+    y3, _ = vae_conv3d_reference(per_frame, w, b)
+    assert rel_err(y3, y) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU (CI): the C++ path
+# ------------------------------------------------------------------------------------------------
+CPP_CASES = [  # (B, C, C_out, T, H, W, k, options)
+    (2, 8, 6, 4, 5, 7, (3, 3, 3), dict(groups=4)),
+    (1, 6, 5, 1, 3, 4, (3, 3, 3), dict(groups=3, modulation=True, residual=True)),
+    (2, 5, 3, 2, 4, 3, (3, 3, 3), dict(groups=5, cache=True, residual=True)),
+    (1, 4, 7, 5, 1, 6, (3, 3, 3), dict(silu=False, cache=True)),
+    (1, 3, 2, 3, 6, 5, (2, 1, 3), dict(groups=1, affine=False)),
+    (1, 4, 4, 2, 5, 5, (1, 5, 5), dict(groups=2, residual=True, bias=False)),
+    (1, 16, 8, 3, 7, 9, (5, 3, 3), dict(groups=4, modulation=True, cache=True)),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(CPP_CASES)))
+def test_cpp_matches_reference(case, dtype):
+    B, C, Co, T, H, W, k, opts = CPP_CASES[case]
+    x, w, b, kw = make_case(B, C, Co, T, H, W, k, dtype=dtype, seed=10 + case, **opts)
+    for pad_mode in ("replicate", "zeros"):
+        check(x, w, b, kw, "cpp", pad_mode=pad_mode)
+
+
+@needs_ext
+def test_cpp_large_mean_statistics():
+    """|mean| >> std: the shifted sums keep the variance right (a naive E[x^2]-E[x]^2 in fp32 would not)."""
+    x, w, b, kw = make_case(1, 8, 4, 3, 6, 6, groups=2, offset=300.0, seed=3)
+    check(x, w, b, kw, "cpp")
+
+
+def noncontig_views(t):
+    """Non-contiguous views of t: equal values (stepped slice, transposed, channels_last_3d) and a
+    stride-0 expand (other values)."""
+    views = {"stepped": torch.stack([t, t], dim=-1)[..., 0]}
+    if t.dim() >= 2:
+        views["transposed"] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if t.dim() == 5:
+        views["channels_last"] = t.contiguous(memory_format=torch.channels_last_3d)
+    views["expand"] = t[..., :1].expand(t.shape)
+    return views
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "norm_weight", "norm_bias", "scale", "shift",
+                                  "cache", "residual"])
+def test_cpp_non_contiguous_inputs(name):
+    x, w, b, kw = make_case(1, 6, 4, 3, 4, 5, groups=3, modulation=True, cache=True, residual=True, seed=4)
+    args = dict(kw, x=x, weight=w, bias=b)
+    for kind, view in noncontig_views(args[name]).items():
+        assert not view.is_contiguous(), kind
+        yv, cv = vae_conv3d(**dict(args, **{name: view}), backend="cpp")
+        yc, cc = vae_conv3d(**dict(args, **{name: view.contiguous()}), backend="cpp")
+        assert torch.equal(yv, yc) and torch.equal(cv, cc), f"{name} {kind}"
+        assert torch.isfinite(yv).all()
+
+
+def run_chunked(x, w, b, lengths, backend, **kw):
+    outs, cache, t0 = [], None, 0
+    for n in lengths:
+        y, cache = vae_conv3d(x[:, :, t0:t0 + n], w, b, cache=cache, backend=backend, **kw)
+        outs.append(y)
+        t0 += n
+    return torch.cat(outs, dim=2), cache
+
+
+@needs_ext
+@pytest.mark.parametrize("lengths", [(1, 1, 1, 1, 1), (3, 2), (2, 1, 2)])
+def test_cpp_chunked_equals_whole(lengths):
+    """Without GroupNorm (whose statistics depend on the chunk), streaming with the cache is exact."""
+    x, w, b, _ = make_case(1, 5, 4, 5, 4, 6, seed=5)
+    for silu in (False, True):
+        whole, whole_cache = vae_conv3d(x, w, b, silu=silu, backend="cpp")
+        chunked, chunk_cache = run_chunked(x, w, b, lengths, "cpp", silu=silu)
+        assert torch.equal(whole, chunked) and torch.equal(whole_cache, chunk_cache)
+
+
+@needs_ext
+def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
+    monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
+    import cogvideox_kernels.ops.vae_conv.native as native
+
+    calls = []
+    real = native._vae_conv3d_op
+    monkeypatch.setattr(native, "_vae_conv3d_op", lambda *a: calls.append(a) or real(*a))
+    x, w, b, kw = make_case(1, 4, 4, 2, 3, 3, groups=2, seed=6)
+    check(x, w, b, kw, "auto")
+    assert len(calls) == 1 and calls[0][13] == "cpp"
+
+
+def test_bad_inputs_raise():
+    x, w, b, kw = make_case(1, 6, 4, 3, 4, 5, groups=3, cache=True, residual=True, seed=7)
+    bad = [
+        (dict(weight=w[:, :5]), "C_in=5"),
+        (dict(weight=w[..., :2]), "odd kh, kw"),
+        (dict(bias=b[:3]), "bias must have shape"),
+        (dict(num_groups=4), "num_groups=4 must divide"),
+        (dict(num_groups=0), "need num_groups > 0"),
+        (dict(scale=x), "scale and shift"),
+        (dict(cache=kw["cache"][:, :, :1]), "cache must have shape"),
+        (dict(residual=kw["residual"][:, :3]), "residual must have shape"),
+        (dict(pad_mode="first"), "pad_mode='first'"),
+        (dict(norm_weight=kw["norm_weight"].double()), "norm_weight has dtype"),
+        (dict(eps=0.0), "eps must be"),
+        (dict(silu=1), "silu must be a bool"),
+    ]
+    for change, match in bad:
+        args = {**kw, "x": x, "weight": w, "bias": b, **change}
+        with pytest.raises(ValueError, match=match):
+            vae_conv3d(**args, backend="reference")
+    with pytest.raises(ValueError, match="backend="):
+        vae_conv3d(x, w, b, backend="triton", **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu"):
+            vae_conv3d(x, w, b, backend="cuda", **kw)
+
+
+@needs_ext
+def test_cuda_backend_refuses_uncovered_inputs():
+    from cogvideox_kernels.ops.vae_conv.native import vae_conv3d_native
+
+    x, w, b, kw = make_case(1, 6, 4, 3, 4, 5, seed=8)
+    with pytest.raises(ValueError, match="needs cuda tensors"):
+        vae_conv3d_native(x, w, b, backend="cuda", **kw)
+    with pytest.raises(ValueError, match="variant=1 needs backend='cuda'"):
+        vae_conv3d_native(x, w, b, backend="cpp", variant=1, **kw)
+
+
+@needs_ext
+def test_cuda_available_matches_build():
+    assert (len(_ext._C.vae_conv_cuda_variants()) > 0) == _ext.cuda_available()
+    if _ext.cuda_available() and not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):  # no GPU: a clear error, no crash
+            _ext._C.vae_conv3d_cuda({"x": 16, "weight": 16, "y": 16, "new_cache": 16, "act": 16},
+                                    dict(batch=1, c_in=16, c_out=1, frames=1, height=1, width=1, kt=3,
+                                         kh=3, kw=3, pad_mode=0, groups=0, eps=1e-6, silu=False,
+                                         splits=1), 3, 0, 0)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, C, device, dtype):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(C, C, 3, device=device, dtype=dtype)
+        self.norm = torch.nn.GroupNorm(4, C, device=device, dtype=dtype)
+
+    def forward(self, x, cache):
+        y, new_cache = vae_conv3d(x, self.conv.weight, self.conv.bias, num_groups=4, norm_weight=self.norm.weight,
+                                  norm_bias=self.norm.bias, silu=True, cache=cache, residual=x)
+        return y * 2, new_cache
+
+
+@needs_ext
+def test_compile_fullgraph_cpu():
+    torch._dynamo.reset()
+    mod = _Block(8, "cpu", torch.float32)
+    x, _, _, kw = make_case(1, 8, 8, 3, 4, 5, cache=True, seed=9)
+    with torch.no_grad():
+        eager = mod(x, kw["cache"])
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")(x, kw["cache"])
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the CUDA kernel (bf16/fp16, kh = kw = 3, C_in % 16 == 0)
+# ------------------------------------------------------------------------------------------------
+CUDA_CASES = [  # (B, C, C_out, T, H, W, kt, options): odd sizes, partial tiles, C_out not a multiple of 128
+    (1, 16, 8, 1, 5, 7, 3, dict(groups=4)),
+    (2, 32, 136, 3, 17, 23, 3, dict(groups=8, residual=True)),
+    (1, 48, 64, 2, 33, 18, 3, dict(groups=3, modulation=True, cache=True)),
+    (1, 64, 128, 5, 16, 32, 3, dict(silu=False, cache=True, residual=True)),
+    (1, 32, 32, 4, 9, 40, 2, dict(groups=32, bias=False)),
+    (1, 128, 256, 3, 20, 30, 3, dict(groups=32, residual=True, offset=20.0)),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(CUDA_CASES)))
+def test_cuda_matches_reference(case, dtype, variant):
+    B, C, Co, T, H, W, kt, opts = CUDA_CASES[case]
+    x, w, b, kw = make_case(B, C, Co, T, H, W, (kt, 3, 3), dtype=dtype, device="cuda", seed=20 + case, **opts)
+    for pad_mode in ("replicate", "zeros"):
+        from cogvideox_kernels.ops.vae_conv.native import vae_conv3d_native
+
+        y, c = vae_conv3d_native(x, w, b, backend="cuda", variant=variant, pad_mode=pad_mode, **kw)
+        ref, ref_cache = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, pad_mode=pad_mode, **kw)
+        err = rel_err(y, ref)
+        own, _ = diffusers_sequence(x, w, b, pad_mode=pad_mode, **kw)
+        assert err <= BUDGET[dtype] and err <= 2 * rel_err(own, ref) + 1e-6, \
+            f"rel err {err:.2e}, torch's own {rel_err(own, ref):.2e}"
+        if c.numel():
+            assert rel_err(c, ref_cache) <= CACHE_BUDGET[dtype]
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_matches_cpp():
+    x, w, b, kw = make_case(1, 32, 48, 3, 10, 12, dtype=torch.bfloat16, groups=8, modulation=True,
+                            cache=True, residual=True, seed=30)
+    y_cpu, c_cpu = vae_conv3d(x, w, b, backend="cpp", **kw)
+    to = lambda t: t.cuda() if torch.is_tensor(t) else t  # noqa: E731
+    y_gpu, c_gpu = vae_conv3d(to(x), to(w), to(b), backend="cuda", **{k: to(v) for k, v in kw.items()})
+    assert rel_err(y_gpu.cpu(), y_cpu) < 5e-3 and rel_err(c_gpu.cpu(), c_cpu) < 5e-3
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("name", ["x", "weight", "scale", "cache", "residual"])
+def test_cuda_non_contiguous_inputs(name):
+    x, w, b, kw = make_case(1, 32, 32, 3, 8, 16, dtype=torch.bfloat16, device="cuda", groups=8,
+                            modulation=True, cache=True, residual=True, seed=31)
+    args = dict(kw, x=x, weight=w, bias=b)
+    ref = vae_conv3d(**{k: v for k, v in args.items()}, backend="cuda")
+    args[name] = noncontig_views(args[name])["stepped"]
+    out = vae_conv3d(**args, backend="cuda")
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("lengths", [(1, 1, 1, 1), (3, 1), (2, 2)])
+def test_cuda_chunked_equals_whole(lengths):
+    x, w, b, _ = make_case(1, 32, 32, 4, 12, 20, dtype=torch.bfloat16, device="cuda", seed=32)
+    whole, whole_cache = vae_conv3d(x, w, b, silu=True, backend="cuda")
+    chunked, chunk_cache = run_chunked(x, w, b, lengths, "cuda", silu=True)
+    assert torch.equal(whole, chunked) and torch.equal(whole_cache, chunk_cache)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_real_shape_512():
+    x, w, b, kw = make_case(1, 512, 512, 6, 60, 90, dtype=torch.bfloat16, device="cuda", groups=32,
+                            residual=True, seed=33)
+    check(x, w, b, kw, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_compile_fullgraph():
+    torch._dynamo.reset()
+    mod = _Block(32, "cuda", torch.bfloat16)
+    x, _, _, kw = make_case(1, 32, 32, 3, 16, 24, dtype=torch.bfloat16, device="cuda", cache=True, seed=34)
+    with torch.no_grad():
+        eager = mod(x, kw["cache"])
+        compiled = torch.compile(mod, fullgraph=True)(x, kw["cache"])
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_uses_current_stream():
+    x, w, b, kw = make_case(1, 128, 128, 6, 96, 96, dtype=torch.bfloat16, device="cuda", groups=32, seed=35)
+    ref, _ = vae_conv3d(x, w, b, backend="cuda", **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y, _ = vae_conv3d(x, w, b, backend="cuda", **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(y, ref)
