@@ -5,9 +5,11 @@ padding through ``torch.cat`` + Conv3d. Reports ms (do_bench median), GB/s and T
 minimal traffic/work, % of the floor max(bytes / 3.0e12, flops / 790e12), speedups, peak memory.
 
     python benchmarks/bench_conv.py --out DIR              # the table
-    python benchmarks/bench_conv.py --out DIR --sweep      # + every CUDA tile variant
     python benchmarks/bench_conv.py --sanitize-case        # small cases for compute-sanitizer
-    python benchmarks/bench_conv.py --out DIR --variants 0,1,16,17 --t49-variants 0,16  # a chosen subset
+
+"ours" is the shipped path (the extension picks the kernel per shape class, csrc/causal_conv/cuda_tiles.h;
+the ``kernel`` column names it). The tile variants of earlier sweeps are gone from the extension; their
+numbers are in benchmarks/results/conv_notes.md.
 """
 from __future__ import annotations
 
@@ -29,9 +31,17 @@ BANDWIDTH = 3.0e12  # measured device copy, H100 80GB (CONVENTIONS.md)
 MATMUL = 790e12     # measured bf16 matmul
 
 
-def _native():
-    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
-    return causal_conv3d_native
+def _ours(x, w, b, stride):
+    from cogvideox_kernels.ops.causal_conv import causal_conv3d
+
+    return causal_conv3d(x, w, b, stride=stride, pad_mode="replicate", backend="cuda")[0]
+
+
+def _kernel_name(x, w, stride) -> str:
+    from cogvideox_kernels.ops.causal_conv.native import _max_smem, cuda_kernel
+
+    return cuda_kernel(x.dtype, x.shape[1], w.shape[2], stride, x.shape[3] * x.shape[4],
+                       _max_smem(torch.cuda.current_device()))
 
 
 def _reference_fp32(x, w, b, stride, pad_mode):
@@ -49,13 +59,12 @@ def _rel(out, ref):
 
 
 def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3, dtype=torch.bfloat16,
-                   variants=(0,), baselines=True, log=print) -> list[dict]:
-    """Time ours (each of ``variants``; 0 = automatic choice) and the cuDNN baselines.
+                   baselines=True, log=print) -> list[dict]:
+    """Time ours (the shipped kernel for each shape) and the cuDNN baselines.
 
     Returns one dict per (shape, stride, implementation); writes ``conv_bench.csv``/``.md``/``.json``
     under ``out_dir`` when given.
     """
-    native = _native()
     rows = []
     for shape in shapes:
         B, C, T, H, W = shape
@@ -68,10 +77,7 @@ def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3,
         w = (torch.randn(C, C, kt, 1, 1, device="cuda", dtype=dtype, generator=gen) / (C * kt) ** 0.5)
         b = torch.randn(C, device="cuda", dtype=dtype, generator=gen)
         for stride in strides:
-            impls = {}
-            for v in variants:
-                impls["ours" if v == 0 else f"ours_v{v}"] = (
-                    lambda v=v: native(x, w, b, stride=stride, pad_mode="replicate", backend="cuda", variant=v)[0])
+            impls = {"ours": lambda: _ours(x, w, b, stride)}
             if baselines:
                 impls["cudnn_pad_zeros"] = lambda: F.conv3d(F.pad(x, (0, 0, 0, 0, kt - 1, 0)), w, b,
                                                             stride=(stride, 1, 1))
@@ -90,11 +96,12 @@ def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3,
                     del out
                     ms = time_ms(fn, "cuda")
                     peak = peak_memory_gib(fn, "cuda") * 1024
-                except (RuntimeError, ValueError) as exc:  # a variant that cannot run this shape
+                except (RuntimeError, ValueError) as exc:  # an implementation that cannot run this shape
                     log(f"  {name} {shape} st{stride}: {type(exc).__name__}: {exc}")
                     continue
                 results[name] = ms
-                these.append(dict(shape="x".join(map(str, shape)), stride=stride, kt=kt, impl=name, ms=ms,
+                these.append(dict(shape="x".join(map(str, shape)), stride=stride, kt=kt, impl=name,
+                                  kernel=_kernel_name(x, w, stride) if name == "ours" else "cudnn", ms=ms,
                                   gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9, floor_ms=floor_ms,
                                   pct_floor=100 * floor_ms / ms, peak_mib=peak, rel_err=err))
                 log(f"  {these[-1]['shape']} st{stride} {name}: {ms:.3f} ms  err {err:.1e}")
@@ -112,11 +119,13 @@ def run_conv_bench(shapes=DEFAULT_SHAPES, out_dir=None, *, strides=(1, 2), kt=3,
 
 
 def format_table(rows) -> str:
-    head = "| shape | st | impl | ms | GB/s | TFLOP/s | % floor | peak MiB | rel err | x cuDNN zeros | x cuDNN cat |"
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| shape | st | impl | kernel | ms | GB/s | TFLOP/s | % floor | peak MiB | rel err | x cuDNN zeros "
+            "| x cuDNN cat |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['stride']} | {r['impl']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['tflops']:.0f} | "
+            f"| {r['shape']} | {r['stride']} | {r['impl']} | {r.get('kernel', '')} | {r['ms']:.3f} | {r['gbps']:.0f} | "
+            f"{r['tflops']:.0f} | "
             f"{r['pct_floor']:.0f} | {r['peak_mib']:.0f} | {r['rel_err']:.1e} | "
             f"{r.get('speedup_vs_cudnn_pad_zeros', float('nan')):.2f} | "
             f"{r.get('speedup_vs_cudnn_cat_replicate', float('nan')):.2f} |")
@@ -141,15 +150,13 @@ def write_results(rows, out_dir, stem="conv_bench"):
 
 
 def sanitize_case():
-    """Small shapes through every CUDA path (vector and masked loads, all variants, fp32, cache)."""
-    native = _native()
+    """Small shapes through every CUDA kernel (ring, tap-major, streamed, masked, fma; cache, strides)."""
     torch.manual_seed(0)
-    from cogvideox_kernels import _ext
-    n = len(_ext.get_ext().causal_conv_cuda_variants())
     cases = [(torch.bfloat16, 64, 64, 4, 8, 16, 3, 1, True), (torch.float16, 24, 40, 5, 6, 12, 2, 2, False),
-             (torch.bfloat16, 17, 9, 3, 5, 7, 5, 2, True), (torch.float32, 9, 17, 4, 5, 7, 3, 1, True),
-             (torch.bfloat16, 96, 80, 5, 6, 12, 3, 2, False)]  # frame-ring path, replicate front frames shared
-    worst = 0.0
+             (torch.bfloat16, 20, 48, 5, 6, 20, 2, 2, True), (torch.bfloat16, 17, 9, 3, 5, 7, 5, 2, True),
+             (torch.float32, 9, 17, 4, 5, 7, 3, 1, True), (torch.bfloat16, 96, 80, 5, 6, 12, 3, 2, False),
+             (torch.bfloat16, 256, 64, 3, 4, 8, 3, 1, True)]
+    worst, seen = 0.0, set()
     for dtype, cin, cout, T, H, W, kt, st, use_cache in cases:
         x = torch.randn(1, cin, T, H, W, device="cuda", dtype=dtype)
         w = torch.randn(cout, cin, kt, 1, 1, device="cuda", dtype=dtype) / (cin * kt) ** 0.5
@@ -157,36 +164,30 @@ def sanitize_case():
         c = torch.randn(1, cin, kt - 1, H, W, device="cuda", dtype=dtype) if use_cache else None
         ref, _ = causal_conv3d_reference(x.double(), w.double(), b.double(), stride=st,
                                          cache=None if c is None else c.double())
-        for v in range(0, (n if dtype != torch.float32 else 0) + 1):
-            y, _ = native(x, w, b, stride=st, cache=c, backend="cuda", variant=v)
-            worst = max(worst, _rel(y.double(), ref))
+        from cogvideox_kernels.ops.causal_conv import causal_conv3d
+
+        y, _ = causal_conv3d(x, w, b, stride=st, cache=c, backend="cuda")
+        seen.add(_kernel_name(x, w, st))
+        worst = max(worst, _rel(y.double(), ref))
     torch.cuda.synchronize()
-    print(f"sanitize case done, worst rel err {worst:.2e}")
+    print(f"sanitize case done ({', '.join(sorted(seen))}), worst rel err {worst:.2e}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="folder for conv_bench.csv/.md/.json")
-    ap.add_argument("--sweep", action="store_true", help="also time every CUDA tile variant")
     ap.add_argument("--no-t49", action="store_true", help="skip the [1,128,49,480,720] shape")
     ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
-    ap.add_argument("--variants", default=None, help="comma-separated variants to time (0 = automatic); "
-                    "overrides --sweep")
-    ap.add_argument("--t49-variants", default="0", help="comma-separated variants for the T=49 shape")
     ap.add_argument("--no-baselines", action="store_true", help="skip cuDNN at the three T=6 shapes")
     args = ap.parse_args(argv)
     if args.sanitize_case:
         sanitize_case()
         return 0
-    from cogvideox_kernels import _ext
-    variants = (0,) + (tuple(range(1, len(_ext.get_ext().causal_conv_cuda_variants()) + 1)) if args.sweep else ())
-    if args.variants:
-        variants = tuple(int(v) for v in args.variants.split(","))
-    rows = run_conv_bench(DEFAULT_SHAPES[:3], None, variants=variants, baselines=not args.no_baselines)
+    rows = run_conv_bench(DEFAULT_SHAPES[:3], None, baselines=not args.no_baselines)
     if args.out:  # partial results survive a later failure or time-out
         write_results(rows, args.out)
-    if not args.no_t49:  # the long clip: the automatic choice (or the given variants) and the baselines
-        rows += run_conv_bench(DEFAULT_SHAPES[3:], None, variants=tuple(int(v) for v in args.t49_variants.split(",")))
+    if not args.no_t49:  # the long clip
+        rows += run_conv_bench(DEFAULT_SHAPES[3:], None)
     if args.out:
         write_results(rows, args.out)
     print(json.dumps(environment("cuda")))

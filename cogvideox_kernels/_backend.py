@@ -65,10 +65,13 @@ def kernel_can_run(kernel: str, device: torch.device, *, auto: bool) -> bool:
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, kernels: tuple[str, ...] = ()) -> str:
-    """The backend ``op`` runs on ``device`` for inputs its kernels support (``kernels`` is ignored:
-    the registry knows them)."""
+    """The backend ``op`` runs on ``device`` for inputs its kernels support. For a registered op the
+    registry decides (``kernels`` is ignored); an op not registered yet names its ``kernels``, each
+    judged by the registered kernel of the same name (``cuda``, ``cpp``, ``triton``)."""
     from .ops import registry
 
+    if op not in registry.ops():
+        return _resolve_unregistered(op, backend, torch.device(device), tuple(kernels))
     if backend == "auto":
         return registry.auto_choice(op, device)
     if backend not in registry.backends(op):
@@ -77,4 +80,24 @@ def resolve_backend(op: str, backend: str, device: torch.device, kernels: tuple[
     if why is not None:
         raise ValueError(f"{op}: backend={backend!r} cannot run on {device} tensors ({why}); "
                          "use backend='reference' or 'auto'")
+    return backend
+
+
+def _resolve_unregistered(op: str, backend: str, device: torch.device, kernels: tuple[str, ...]) -> str:
+    allowed = ("auto", "reference") + kernels
+    if backend not in allowed:
+        raise ValueError(f"{op}: backend={backend!r} is not supported; choose one of {allowed}")
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV, "").strip()
+        if forced and forced != "auto":
+            from .ops import registry
+
+            valid = tuple(dict.fromkeys(registry.backends() + kernels))
+            if forced not in valid:
+                raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {valid} (or unset it)")
+            backend = forced if forced in allowed else "auto"
+    if backend == "auto":
+        return next((k for k in kernels if kernel_can_run(k, device, auto=True)), "reference")
+    if backend != "reference" and not kernel_can_run(backend, device, auto=False):
+        raise ValueError(f"{op}: backend={backend!r} cannot run on {device} tensors; use backend='reference' or 'auto'")
     return backend

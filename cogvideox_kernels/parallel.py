@@ -26,11 +26,11 @@ For diffusers' ``CogVideoXTransformer3DModel``, diffusers' own ``enable_parallel
 (see ``cogvideox_kernels.integrations.diffusers``): there each rank holds ``[text_r ; video_r]`` and
 ``ulysses_rope3d_attention(..., text_lens=...)`` reorders the gathered tokens to the global sequence.
 
-``enable_context_parallel`` leaves the model's forward as it is and adds module hooks: the first
-block's input (the embedded full sequence) is cut to the rank's slice, every block gets the rank's
-local text length for its token-local work, every ``RoPE3DAttention`` runs the Ulysses path, and the
-last block's output is gathered back, so the final norm, projection and unpatchify run on full tensors
-and every rank returns the full output.
+``enable_context_parallel`` leaves every forward as it is: module hooks cut the first block's input
+(the embedded full sequence) to the rank's slice and give every block the rank's local text length
+for its token-local work, every ``RoPE3DAttention`` gets the Ulysses attention as its ``attention``
+function (the module's projections stay its own), and the last block's output is gathered back, so
+the final norm, projection and unpatchify run on full tensors and every rank returns the full output.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from .ops.attention import rope3d_attention
 
 __all__ = ["ulysses_rope3d_attention", "shard_sequence", "gather_sequence", "sequence_split_sizes",
-           "enable_context_parallel", "disable_context_parallel", "ContextParallelHandle"]
+           "enable_context_parallel", "disable_context_parallel", "ContextParallelHandle", "UlyssesAttention"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,14 +272,15 @@ class ContextParallelHandle:
     """Returned by :func:`enable_context_parallel`; ``remove()`` (or leaving the ``with``) undoes it."""
 
     def __init__(self, model, state, handles, attentions):
+        # attentions: {RoPE3DAttention: the attention function it had before}
         self.model, self.state, self._handles, self._attentions = model, state, handles, attentions
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for attn in self._attentions:
-            attn.__dict__.pop("forward", None)
-        self._handles, self._attentions = [], []
+        for attn, previous in self._attentions.items():
+            attn.attention = previous
+        self._handles, self._attentions = [], {}
         if getattr(self.model, "_cogvideox_context_parallel", None) is self:
             del self.model._cogvideox_context_parallel
 
@@ -303,25 +304,24 @@ def _args_set(args, kwargs, index, name, value):
     return args, kwargs
 
 
-def _ulysses_attention_forward(attn, state):
-    """A forward for one RoPE3DAttention: its projections on the local tokens, Ulysses in between."""
+class UlyssesAttention:
+    """The attention function ``enable_context_parallel`` hands every ``RoPE3DAttention``: the same
+    arguments as ``ops.rope3d_attention`` on the rank's tokens, run over the whole sequence with
+    :func:`ulysses_rope3d_attention` (the module passes the local text length; the global one and
+    the per-rank lengths come from the model's hooks)."""
 
-    def forward(x, text_len, rope=None):
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None, eps=1e-6,
+                 scale=None, backend="auto"):
+        state = self.state
         if state.seq_lens is None:
             raise RuntimeError("this RoPE3DAttention runs under enable_context_parallel and can only be "
                                "called from inside the model's forward (the hooks set the sequence layout)")
-        if x.dim() != 3 or x.shape[-1] != attn.hidden_size:
-            raise ValueError(f"x must be [B, S_local, hidden_size={attn.hidden_size}], got {tuple(x.shape)}")
-        B, S_r, _ = x.shape
-        q, k, v = attn.qkv(x).view(B, S_r, 3, attn.num_heads, attn.head_dim).unbind(2)
-        cos, sin = (None, None) if rope is None else rope
-        out = ulysses_rope3d_attention(q, k, v, text_len=state.text_len, cos=cos, sin=sin,
-                                       q_norm=attn._norm_params(attn.norm_q), k_norm=attn._norm_params(attn.norm_k),
-                                       eps=attn.eps, group=state.group, seq_lens=state.seq_lens,
-                                       backend=attn.backend)
-        return attn.to_out(out.reshape(B, S_r, attn.hidden_size))
-
-    return forward
+        return ulysses_rope3d_attention(q, k, v, text_len=state.text_len, cos=cos, sin=sin, q_norm=q_norm,
+                                        k_norm=k_norm, eps=eps, scale=scale, group=state.group,
+                                        seq_lens=state.seq_lens, backend=backend)
 
 
 def enable_context_parallel(model, group=None) -> ContextParallelHandle:
@@ -373,9 +373,10 @@ def enable_context_parallel(model, group=None) -> ContextParallelHandle:
     for block in blocks:
         handles.append(block.register_forward_pre_hook(every_pre, with_kwargs=True))
     handles.append(blocks[-1].register_forward_hook(last_post, with_kwargs=True))
-    attentions = [m for m in model.modules() if isinstance(m, RoPE3DAttention)]
+    attentions = {m: m.attention for m in model.modules() if isinstance(m, RoPE3DAttention)}
+    ulysses = UlyssesAttention(state)
     for attn in attentions:
-        attn.forward = _ulysses_attention_forward(attn, state)
+        attn.attention = ulysses
     handle = ContextParallelHandle(model, state, handles, attentions)
     model._cogvideox_context_parallel = handle
     return handle

@@ -125,13 +125,12 @@ class CogVideoXTransformer(BackendSwitch, nn.Module):
             self.position_tables(self.default_grid, torch.device("cpu"))  # ready for the default size
 
     def position_tables(self, grid: tuple[int, int, int], device: torch.device):
-        """(cos, sin) RoPE tables [N, head_dim] when use_rope, else the sin-cos table [N, hidden];
-        float32, cached per grid and device."""
+        """``RopeTables`` [N, head_dim] when use_rope, else the sin-cos table [N, hidden]; float32,
+        cached per grid and device."""
         key = (tuple(grid), str(device))
         if key not in self._position_cache:
             if self.use_rope:
-                sin, cos = rope3d_freqs(*grid, hidden_size=self.hidden_size, num_heads=self.num_heads)
-                tables = (cos.to(device), sin.to(device))
+                tables = rope3d_freqs(*grid, hidden_size=self.hidden_size, num_heads=self.num_heads, device=device)
             else:
                 tables = sincos_pos_embed_3d(*grid, self.hidden_size).to(device)
             self._position_cache[key] = tables

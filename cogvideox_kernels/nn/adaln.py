@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.expert_ffn.reference import (GATE_T, GATE_V, MODULATION_ROWS, SCALE_T, SCALE_V, SHIFT_T,
+                                        SHIFT_V)
 from ._checks import check_input
-
-# rows of the [B, 6, hidden] modulation
-SHIFT_VIDEO, SCALE_VIDEO, GATE_VIDEO, SHIFT_TEXT, SCALE_TEXT, GATE_TEXT = range(6)
 
 
 def _per_modality(x: torch.Tensor, text_len: int, text_op, video_op) -> torch.Tensor:
@@ -29,29 +28,29 @@ class ExpertAdaLN(nn.Module):
     def __init__(self, time_embed_dim: int, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.hidden_size = hidden_size
-        self.linear = nn.Linear(time_embed_dim, 6 * hidden_size)
+        self.linear = nn.Linear(time_embed_dim, MODULATION_ROWS * hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=True)
 
     def modulation(self, temb: torch.Tensor) -> torch.Tensor:
         """[B, 6, hidden]: shift, scale, gate for video, then for text."""
         check_input("ExpertAdaLN", "temb", temb, self.linear.weight, ndim=2, width=self.linear.in_features,
                     width_name="time_embed_dim")
-        return self.linear(F.silu(temb)).unflatten(-1, (6, self.hidden_size))
+        return self.linear(F.silu(temb)).unflatten(-1, (MODULATION_ROWS, self.hidden_size))
 
     def modulate(self, x: torch.Tensor, modulation: torch.Tensor, text_len: int) -> torch.Tensor:
         """LN(x) * (1 + scale_m) + shift_m for x [B, S, hidden] whose first text_len tokens are text."""
         m = modulation[:, :, None, :]
         return _per_modality(
             self.norm(x), text_len,
-            lambda t: t * (1 + m[:, SCALE_TEXT]) + m[:, SHIFT_TEXT],
-            lambda v: v * (1 + m[:, SCALE_VIDEO]) + m[:, SHIFT_VIDEO])
+            lambda t: t * (1 + m[:, SCALE_T]) + m[:, SHIFT_T],
+            lambda v: v * (1 + m[:, SCALE_V]) + m[:, SHIFT_V])
 
     @staticmethod
     def gated_residual(x: torch.Tensor, update: torch.Tensor, modulation: torch.Tensor,
                        text_len: int) -> torch.Tensor:
         """x + gate_m * update."""
         m = modulation[:, :, None, :]
-        gated = _per_modality(update, text_len, lambda t: t * m[:, GATE_TEXT], lambda v: v * m[:, GATE_VIDEO])
+        gated = _per_modality(update, text_len, lambda t: t * m[:, GATE_T], lambda v: v * m[:, GATE_V])
         return x + gated
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int):

@@ -86,6 +86,7 @@ class Op:
 
 
 _OPS: dict[str, Op] = {}
+_NAMES: dict[tuple, tuple] = {}  # backends(*ops), cached until a registration changes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +98,7 @@ def register_op(name: str, *, reference: Callable, check: Callable[..., None], d
     if name in _OPS:
         raise ValueError(f"op {name!r} is registered already")
     _OPS[name] = Op(name, reference, check, device_arg)
+    _NAMES.clear()
 
 
 def register_backend(op: str, name: str, *, run, available, supports=None, layout=None, auto_devices=None,
@@ -118,12 +120,14 @@ def register_backend(op: str, name: str, *, run, available, supports=None, layou
         error = f"its module could not be imported ({type(exc).__name__}: {exc})"
     backend = Backend(name, run, available, supports, dict(layout or {}), auto_devices, error)
     entry.kernels.insert(names.index(before) if before is not None else len(names), backend)
+    _NAMES.clear()
     return backend
 
 
 def unregister_backend(op: str, name: str) -> None:
     entry = _op(op)
     entry.kernels = [k for k in entry.kernels if k.name != name]
+    _NAMES.clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,10 +145,12 @@ def kernels(op: str) -> tuple[str, ...]:
 def backends(*op_names: str) -> tuple[str, ...]:
     """Every value ``backend=`` accepts for any of ``op_names`` (all ops when none is given):
     ``"auto"``, ``"reference"``, then the kernels."""
-    names = ["auto", "reference"]
-    for op in op_names or tuple(_OPS):
-        names += [k for k in kernels(op) if k not in names]
-    return tuple(names)
+    if op_names not in _NAMES:
+        names = ["auto", "reference"]
+        for op in op_names or tuple(_OPS):
+            names += [k for k in kernels(op) if k not in names]
+        _NAMES[op_names] = tuple(names)
+    return _NAMES[op_names]
 
 
 def availability(op: str, device) -> dict[str, Reason]:

@@ -6,9 +6,19 @@ frequency appears twice in a row of the table.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._checks import check_int
+
+
+class RopeTables(NamedTuple):
+    """The two RoPE tables, ``[N, head_dim]`` float32 each. Positionally ``(sin, cos)``, as the seed's
+    ``rope3d_freqs`` API returns them; read them by name (``tables.cos``, ``tables.sin``): the op and
+    diffusers take them the other way round."""
+    sin: torch.Tensor
+    cos: torch.Tensor
 
 
 def rope3d_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -39,8 +49,8 @@ def rope3d_angles(time_dim: int, height_dim: int, width_dim: int, head_dim: int,
 
 
 def rope3d_freqs(time_dim: int, height_dim: int, width_dim: int, *, hidden_size: int, num_heads: int,
-                 theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sin, cos), each ``[time_dim*height_dim*width_dim, head_dim]`` float32.
+                 theta: float = 10000.0, device=None) -> RopeTables:
+    """``RopeTables(sin, cos)``, each ``[time_dim*height_dim*width_dim, head_dim]`` float32.
 
     ``time_dim``/``height_dim``/``width_dim`` are the latent grid after patchify (frames, rows,
     columns of patches); ``head_dim = hidden_size // num_heads``.
@@ -59,4 +69,4 @@ def rope3d_freqs(time_dim: int, height_dim: int, width_dim: int, *, hidden_size:
     sin, cos = angles.sin().float(), angles.cos().float()
     if device is not None:
         sin, cos = sin.to(device), cos.to(device)
-    return sin, cos
+    return RopeTables(sin=sin, cos=cos)

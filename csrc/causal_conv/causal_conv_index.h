@@ -24,7 +24,7 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 struct CausalConvParams {
   const void* x = nullptr;
   const void* weight = nullptr;
-  const void* weight_packed = nullptr;  // [C_out, kt, C_in] copy, for the tap-major CUDA variants
+  const void* weight_packed = nullptr;  // [C_out, kt, C_in] copy, for the tap-major CUDA kernel
   const void* bias = nullptr;
   const void* cache = nullptr;
   void* y = nullptr;

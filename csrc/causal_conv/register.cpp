@@ -8,6 +8,7 @@
 #include <string>
 
 #include "causal_conv/causal_conv.h"
+#include "causal_conv/cuda_tiles.h"
 
 namespace py = pybind11;
 
@@ -51,10 +52,12 @@ CausalConvParams make_params(std::uintptr_t x, std::uintptr_t weight, std::uintp
 }  // namespace
 
 #ifndef COGVIDEOX_WITH_CUDA
-void causal_conv3d_cuda(const CausalConvParams&, int, int, std::uintptr_t, int) {
+void causal_conv3d_cuda(const CausalConvParams&, int, int, std::uintptr_t) {
   throw std::runtime_error("causal_conv3d_cuda: the extension was built without CUDA (no nvcc)");
 }
-std::vector<std::string> causal_conv_cuda_variants() { return {}; }
+int causal_conv3d_cuda_max_smem(int) {
+  throw std::runtime_error("causal_conv3d_cuda_max_smem: the extension was built without CUDA (no nvcc)");
+}
 #endif
 
 void register_causal_conv(py::module_& m) {
@@ -79,21 +82,30 @@ void register_causal_conv(py::module_& m) {
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t cache,
          std::uintptr_t y, std::uintptr_t new_cache, int64_t batch, int64_t c_in, int64_t c_out,
          int64_t frames, int64_t height, int64_t width, int kt, int stride, int pad_mode, int dtype,
-         int device, std::uintptr_t stream, int variant, std::uintptr_t weight_packed) {
+         int device, std::uintptr_t stream, std::uintptr_t weight_packed) {
         CausalConvParams p = make_params(x, weight, bias, cache, y, new_cache, batch, c_in, c_out,
                                          frames, height, width, kt, stride, pad_mode);
         p.weight_packed = reinterpret_cast<const void*>(weight_packed);
-        causal_conv3d_cuda(p, dtype, device, stream, variant);
+        causal_conv3d_cuda(p, dtype, device, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("cache"), py::arg("y"),
       py::arg("new_cache"), py::arg("batch"), py::arg("c_in"), py::arg("c_out"), py::arg("frames"),
       py::arg("height"), py::arg("width"), py::arg("kt"), py::arg("stride"), py::arg("pad_mode"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("variant") = 0,
-      py::arg("weight_packed") = 0,
-      "Causal temporal conv on a CUDA device, launched on `stream` (cudaStream_t as an int); "
-      "tap-major variants also take the weight repacked as [C_out, kt, C_in] (weight_packed)");
-  m.def("causal_conv_cuda_variants", &causal_conv_cuda_variants,
-        "Names of the CUDA tile configurations; variant i+1 forces entry i (0 = automatic)");
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("weight_packed") = 0,
+      "Causal temporal conv on a CUDA device, launched on `stream` (cudaStream_t as an int); the "
+      "tap-major kernel also reads the weight repacked as [C_out, kt, C_in] (weight_packed)");
+  m.def(
+      "causal_conv3d_cuda_kernel",
+      [](int dtype, int64_t c_in, int kt, int stride, int64_t hw, int max_smem, bool aligned) {
+        const bool half = dtype == kBFloat16 || dtype == kFloat16;
+        return std::string(cuda_kernel_name(choose_cuda_kernel(half, c_in, kt, stride, hw, aligned, max_smem)));
+      },
+      py::arg("dtype"), py::arg("c_in"), py::arg("kt"), py::arg("stride"), py::arg("hw"), py::arg("max_smem"),
+      py::arg("aligned") = true,
+      "The CUDA kernel causal_conv3d_cuda runs for this shape: ring, tapmajor (needs weight_packed), "
+      "streamed, masked or fma (pure C++: answers without a GPU)");
+  m.def("causal_conv3d_cuda_max_smem", &causal_conv3d_cuda_max_smem, py::arg("device"),
+        "The device's opt-in shared memory per block, in bytes (CUDA builds only)");
 }
 
 }  // namespace cvk

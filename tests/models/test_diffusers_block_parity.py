@@ -16,13 +16,9 @@ from diffusers.models.transformers.cogvideox_transformer_3d import (  # noqa: E4
 
 from cogvideox_kernels.models.transformer import CogVideoXBlock, build_transformer  # noqa: E402
 from cogvideox_kernels.ops.rope import rope3d_freqs  # noqa: E402
+from helpers import rel_err
 
 TOL = 1e-5
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def randomize(module, seed):

@@ -12,6 +12,7 @@ from cogvideox_kernels.nn.causal_conv import CausalConv3d
 from cogvideox_kernels.nn.vae_blocks import (FrameConv2d, FrameGroupNorm, SpatialDownsample,
                                              StreamCache, TemporalDownsample, TemporalUpsample,
                                              frame_group_norm, group_count, repeat_frames)
+from helpers import rel_err
 
 HAS_NATIVE = extension_available()
 
@@ -19,10 +20,6 @@ TINY = dict(base_channels=8, latent_channels=4, layers_per_block=1, num_frames=1
 # For float32 comparisons: a latent of only 2 x 1 pixels makes per-frame GroupNorm over a group of
 # 2 values, which amplifies rounding up to ~1e-3; 4x downsampling of 16 x 24 keeps 24 per group.
 NUMERIC = dict(TINY, spatial_downsample=4)
-
-
-def rel(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def tiny_vae(seed=0, **overrides):
@@ -52,9 +49,9 @@ def test_frame_group_norm_is_group_norm_per_frame():
     folded = x.double().transpose(1, 2).reshape(10, 12, 4, 3)
     ref = F.group_norm(folded, 4, weight.double(), bias.double(), 1e-6)
     ref = ref.reshape(2, 5, 12, 4, 3).transpose(1, 2)
-    assert rel(y, ref) <= 1e-6
+    assert rel_err(y, ref) <= 1e-6
     y16 = frame_group_norm(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), 4, 1e-6)
-    assert y16.dtype == torch.bfloat16 and rel(y16, ref) <= 1e-2
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, ref) <= 1e-2
 
 
 def test_frame_conv2d_is_conv2d_per_frame():
@@ -64,7 +61,7 @@ def test_frame_conv2d_is_conv2d_per_frame():
     ref = F.conv2d(x.double().transpose(1, 2).reshape(8, 3, 8, 6), conv.weight.double(),
                    conv.bias.double(), stride=2, padding=1)
     ref = ref.reshape(2, 4, 5, 4, 3).transpose(1, 2)
-    assert rel(conv(x), ref) <= 1e-6
+    assert rel_err(conv(x), ref) <= 1e-6
 
 
 def test_repeat_frames():
@@ -102,10 +99,10 @@ def test_49_frames_to_13_and_back_streamed():
         latent = encode_video(encoder, video)
         assert latent.shape == (1, 13, 4, 1, 1)
         # chunks of 8 frames and the leftover frame last: 6 * 8 + 1
-        assert rel(encode_video(encoder, video, chunk_frames=8), latent) <= 1e-5
+        assert rel_err(encode_video(encoder, video, chunk_frames=8), latent) <= 1e-5
         out = decode_latent(decoder, latent)
         assert out.shape == (1, 49, 3, 8, 8) and torch.isfinite(out).all()
-        assert rel(decode_latent(decoder, latent, chunk_frames=5), out) <= 1e-5
+        assert rel_err(decode_latent(decoder, latent, chunk_frames=5), out) <= 1e-5
 
 
 # ---- causality ---------------------------------------------------------------------------------
@@ -148,7 +145,7 @@ def test_chunked_encode_equals_one_pass(chunk_frames):
     video = torch.randn(2, 13, 3, 16, 24)
     with torch.no_grad():
         whole = encode_video(encoder, video)
-        assert rel(encode_video(encoder, video, chunk_frames=chunk_frames), whole) <= 1e-5
+        assert rel_err(encode_video(encoder, video, chunk_frames=chunk_frames), whole) <= 1e-5
 
 
 @pytest.mark.parametrize("chunk_frames", [1, 2, 3])
@@ -158,7 +155,7 @@ def test_chunked_decode_equals_one_pass(chunk_frames):
     latent = torch.randn(2, 4, 4, 4, 6)
     with torch.no_grad():
         whole = decode_latent(decoder, latent)
-        assert rel(decode_latent(decoder, latent, chunk_frames=chunk_frames), whole) <= 1e-5
+        assert rel_err(decode_latent(decoder, latent, chunk_frames=chunk_frames), whole) <= 1e-5
 
 
 def test_stream_cache_holds_every_causal_conv():
@@ -199,11 +196,11 @@ def test_num_frames_sets_default_streaming():
     with torch.no_grad():
         latent = encode_video(encoder, video)
         assert calls == [4, 4, 4, 1]
-        assert rel(latent, encode_video(encoder, video, chunk_frames=12)) <= 1e-5
+        assert rel_err(latent, encode_video(encoder, video, chunk_frames=12)) <= 1e-5
         calls.clear()
         out = decode_latent(decoder, latent)  # latent_frames = 2
         assert calls == [2, 2]
-        assert rel(out, decode_latent(decoder, latent, chunk_frames=4)) <= 1e-5
+        assert rel_err(out, decode_latent(decoder, latent, chunk_frames=4)) <= 1e-5
 
 
 def test_sample_uses_mean_logvar_and_generator():
@@ -217,7 +214,7 @@ def test_sample_uses_mean_logvar_and_generator():
     assert torch.equal(s1, s2) and not torch.allclose(s1, mean)
     logvar = moments[:, :, 4:]
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-    assert rel(s1, mean + torch.exp(0.5 * logvar) * noise) <= 1e-6
+    assert rel_err(s1, mean + torch.exp(0.5 * logvar) * noise) <= 1e-6
 
 
 # ---- options -----------------------------------------------------------------------------------
@@ -291,14 +288,14 @@ def test_cpp_backend_vae_matches_reference():
         latent_ref = encode_video(encoder, video)
         out_ref = decode_latent(decoder, latent64.float())
         encoder.backend = decoder.backend = encoder64.backend = decoder64.backend = "cpp"
-        assert rel(encode_video(encoder64, video.double(), chunk_frames=4), latent64) <= 1e-10
-        assert rel(decode_latent(decoder64, latent64, chunk_frames=2), out64) <= 1e-10
+        assert rel_err(encode_video(encoder64, video.double(), chunk_frames=4), latent64) <= 1e-10
+        assert rel_err(decode_latent(decoder64, latent64, chunk_frames=2), out64) <= 1e-10
         for chunk in (None, 4):
             latent = encode_video(encoder, video, chunk_frames=chunk)
-            assert rel(latent, latent64) <= 2 * rel(latent_ref, latent64) + 1e-6
+            assert rel_err(latent, latent64) <= 2 * rel_err(latent_ref, latent64) + 1e-6
         for chunk in (None, 2):
             out = decode_latent(decoder, latent64.float(), chunk_frames=chunk)
-            assert rel(out, out64) <= 2 * rel(out_ref, out64) + 1e-6
+            assert rel_err(out, out64) <= 2 * rel_err(out_ref, out64) + 1e-6
 
 
 @pytest.mark.gpu
@@ -320,10 +317,10 @@ def test_cuda_backend_vae_matches_reference(dtype, budget):
         encoder.backend = decoder.backend = "cuda"
         for chunk in (None, 4):
             latent = encode_video(encoder, video.to(dtype), chunk_frames=chunk)
-            assert rel(latent, latent64) <= max(2 * rel(latent_ref, latent64), budget)
+            assert rel_err(latent, latent64) <= max(2 * rel_err(latent_ref, latent64), budget)
         for chunk in (None, 2):
             out = decode_latent(decoder, latent64.to(dtype), chunk_frames=chunk)
-            assert rel(out, out64) <= max(2 * rel(out_ref, out64), budget)
+            assert rel_err(out, out64) <= max(2 * rel_err(out_ref, out64), budget)
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -6,12 +6,9 @@ import torch.nn.functional as F
 
 from cogvideox_kernels._ext import extension_available
 from cogvideox_kernels.nn.causal_conv import CausalConv3d
+from helpers import rel_err
 
 HAS_NATIVE = extension_available()
-
-
-def rel(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def causal_conv_by_frames(x, weight, bias, stride, pad_mode):
@@ -44,7 +41,7 @@ def test_matches_frame_by_frame_formula(kernel_size, stride, pad_mode, frames):
     y, cache = conv(x)
     ref = causal_conv_by_frames(x, conv.weight, conv.bias, stride, pad_mode)
     assert y.shape == ref.shape == (2, 7, (frames - 1) // stride + 1, 5, 3)
-    assert rel(y, ref) <= 1e-5
+    assert rel_err(y, ref) <= 1e-5
     kt = conv.kernel_size[0]
     assert cache.shape == (2, 5, kt - 1, 5, 3)
 
@@ -60,7 +57,7 @@ def test_streaming_with_cache_equals_one_pass(stride, chunks):
         y, cache = conv(x[:, :, start:start + n], cache)
         pieces.append(y)
         start += n
-    assert rel(torch.cat(pieces, dim=2), whole) <= 1e-6
+    assert rel_err(torch.cat(pieces, dim=2), whole) <= 1e-6
 
 
 def test_output_frame_sees_only_earlier_frames():
@@ -84,7 +81,7 @@ def test_state_dict_and_backend_switch():
     assert list(a.state_dict()) == ["weight", "bias"] and a.weight.shape == (6, 4, 3, 1, 1)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 4, 5, 3, 7)
-    assert rel(b(x)[0], a(x)[0]) <= 1e-6
+    assert rel_err(b(x)[0], a(x)[0]) <= 1e-6
     b.backend = "reference"
     assert torch.equal(b(x)[0], a(x)[0])
     with pytest.raises(ValueError, match="backend='bogus'"):
@@ -97,7 +94,7 @@ def test_no_bias():
     x = torch.randn(1, 3, 4, 2, 2)
     assert conv.bias is None and list(conv.state_dict()) == ["weight"]
     ref = causal_conv_by_frames(x, conv.weight, torch.zeros(2), 1, "replicate")
-    assert rel(conv(x)[0], ref) <= 1e-5
+    assert rel_err(conv(x)[0], ref) <= 1e-5
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -136,7 +133,7 @@ def test_cpp_backend_matches_reference(stride):
     x = torch.randn(2, 6, 7, 5, 9)
     with torch.no_grad():  # (the kernel has no backward: with grad mode on the named backend refuses)
         (y_ref, cache_ref), (y_cpp, cache_cpp) = ref(x), cpp(x)
-    assert rel(y_cpp, y_ref) <= 1e-5
+    assert rel_err(y_cpp, y_ref) <= 1e-5
     assert torch.equal(cache_cpp, cache_ref)
 
 

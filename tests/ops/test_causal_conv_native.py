@@ -9,18 +9,12 @@ import torch
 
 from cogvideox_kernels import _ext
 from cogvideox_kernels.ops.causal_conv import causal_conv3d, causal_conv3d_reference
+from helpers import rel_err
 
 needs_ext = pytest.mark.skipif(not _ext.extension_available(),
                                reason="cogvideox_kernels._C is not built" + _ext.extension_error())
-pytestmark = needs_ext
 
 BUDGET = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflow)"
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def make_inputs(B, C_in, C_out, T, H, W, kt, dtype, device, *, bias=True, cache=False, seed=0):
@@ -49,12 +43,19 @@ def check_against_reference(x, w, b, c, stride, pad_mode, backend, **kw):
     return err
 
 
+def test_extension_is_built():
+    """The tests below skip without the extension; this one says that it is missing (a broken build
+    must not pass as a clean run)."""
+    assert _ext.extension_available(), "cogvideox_kernels._C is not built" + _ext.extension_error()
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU (CI): the C++ path
 # ------------------------------------------------------------------------------------------------
 CHANNELS = [(3, 5), (5, 3), (17, 17)]
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pad_mode", ["replicate", "zeros"])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -68,6 +69,7 @@ def test_cpp_matches_reference(kt, stride, pad_mode, dtype):
     check_against_reference(x, w, b, c, stride, pad_mode, "cpp")
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kt", [1, 3, 5])
 def test_cpp_single_frame_and_dtypes(kt, dtype):
@@ -87,6 +89,7 @@ def run_chunked(x, w, b, stride, pad_mode, lengths, backend):
     return torch.cat(outs, dim=2), cache
 
 
+@needs_ext
 @pytest.mark.parametrize("stride, lengths", [(1, (3, 1, 5)), (2, (4, 2, 3)), (2, (2, 6, 1))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpp_chunked_equals_whole(stride, lengths, dtype):
@@ -97,6 +100,7 @@ def test_cpp_chunked_equals_whole(stride, lengths, dtype):
     assert torch.equal(whole_cache, chunk_cache)
 
 
+@needs_ext
 def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
     monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
     x, w, b, _ = make_inputs(1, 3, 5, 4, 3, 5, 3, torch.float32, "cpu")
@@ -108,6 +112,7 @@ def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
     assert len(calls) == 1 and calls[0][6] == "cpp"
 
 
+@needs_ext
 def test_unsupported_kernel_falls_back_or_raises():
     x, _, _, _ = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu")
     w = torch.randn(5, 3, 3, 3, 3)
@@ -122,17 +127,14 @@ def test_unsupported_kernel_falls_back_or_raises():
         causal_conv3d(x, torch.randn(5, 3, 3, 1, 1), None, stride=3, backend="cpp")
 
 
+@needs_ext
 def test_bad_inputs_raise():
-    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
-
     x, w, b, c = make_inputs(1, 3, 5, 4, 5, 7, 3, torch.float32, "cpu", cache=True)
     # (views are fine: tests/ops/test_strides.py; the raw op refuses them, it reads packed memory)
     with pytest.raises(ValueError, match="x must be contiguous"):
-        torch.ops.cogvideox_kernels.causal_conv3d(x.transpose(3, 4), w, b, c, 1, "replicate", "cpp", 0)
+        torch.ops.cogvideox_kernels.causal_conv3d(x.transpose(3, 4), w, b, c, 1, "replicate", "cpp")
     with pytest.raises(ValueError, match="cache must have shape"):
         causal_conv3d(x, w, b, cache=c[:, :, :1], backend="cpp")
-    with pytest.raises(ValueError, match="needs cuda tensors"):
-        causal_conv3d_native(x, w, b, backend="cuda")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu"):
             causal_conv3d(x, w, b, backend="cuda")
@@ -140,22 +142,32 @@ def test_bad_inputs_raise():
         causal_conv3d(x, w.double(), b, backend="cpp")
 
 
-def test_auto_cuda_variant_by_shape_class():
-    """variant=0 on CUDA takes the measured-fastest variant per shape class (see native.py)."""
-    from cogvideox_kernels.ops.causal_conv.native import RING_VARIANT, TAPMAJOR_VARIANT, auto_cuda_variant
-
-    def pick(C, H, W, kt, stride, dtype=torch.bfloat16):
-        return auto_cuda_variant(torch.empty(1, C, 2, H, W, dtype=dtype), torch.empty(C, C, kt, 1, 1), stride)
-
-    assert pick(128, 480, 720, 3, 1) == RING_VARIANT and pick(128, 480, 720, 3, 2) == RING_VARIANT
-    assert pick(256, 240, 360, 3, 1) == TAPMAJOR_VARIANT and pick(512, 60, 90, 3, 2) == TAPMAJOR_VARIANT
-    assert pick(128, 4, 4, 1, 2) == TAPMAJOR_VARIANT  # ring needs kt >= stride
-    assert pick(96, 8, 8, 5, 1) == TAPMAJOR_VARIANT  # ring does not fit shared memory
-    assert pick(24, 4, 4, 3, 1) == TAPMAJOR_VARIANT and pick(20, 4, 4, 3, 1) == 0
-    assert pick(64, 5, 7, 3, 1) == 0  # H*W % 8 != 0
-    assert pick(128, 8, 8, 3, 1, torch.float32) == 0
+KERNEL_CHOICES = [  # (dtype, C_in, kt, stride, H*W, aligned) -> the CUDA kernel (cuda_tiles.h)
+    ((torch.bfloat16, 128, 3, 1, 480 * 720, True), "ring"), ((torch.float16, 128, 3, 2, 480 * 720, True), "ring"),
+    ((torch.bfloat16, 256, 3, 1, 240 * 360, True), "tapmajor"), ((torch.bfloat16, 512, 3, 2, 60 * 90, True), "tapmajor"),
+    ((torch.bfloat16, 128, 1, 2, 16, True), "tapmajor"),  # the ring needs kt >= stride
+    ((torch.bfloat16, 96, 5, 1, 64, True), "tapmajor"),  # weights + 5 frame slots do not fit 227 KB
+    ((torch.bfloat16, 24, 3, 1, 16, True), "tapmajor"), ((torch.bfloat16, 20, 2, 1, 16, True), "streamed"),
+    ((torch.bfloat16, 20, 3, 1, 16, True), "masked"),  # C_in * kt % 8 != 0
+    ((torch.bfloat16, 64, 3, 1, 35, True), "masked"),  # H*W % 8 != 0
+    ((torch.bfloat16, 128, 3, 1, 64, False), "masked"),  # a base not 16-byte aligned
+    ((torch.float32, 128, 3, 1, 64, True), "fma"), ((torch.float64, 3, 1, 1, 5, True), "fma"),
+]
 
 
+@needs_ext
+def test_cuda_kernel_choice_by_shape_class():
+    """The one choice of CUDA kernel (csrc/causal_conv/cuda_tiles.h) for Hopper's 227 KB of shared
+    memory: the measured-fastest per shape class (benchmarks/results/conv_notes.md). Pure C++: answered
+    in the CPU build too."""
+    from cogvideox_kernels.ops.causal_conv.native import cuda_kernel
+
+    for (dtype, c_in, kt, stride, hw, aligned), want in KERNEL_CHOICES:
+        assert cuda_kernel(dtype, c_in, kt, stride, hw, 227 * 1024, aligned) == want, (c_in, kt, stride, hw)
+    assert cuda_kernel(torch.bfloat16, 128, 3, 1, 64, 100 * 1024) == "tapmajor"  # a smaller GPU: no ring
+
+
+@needs_ext
 def test_cuda_available_matches_build():
     flag = os.environ.get("COGVIDEOX_KERNELS_CUDA", "AUTO").upper()
     nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") or os.environ.get("CUDACXX")
@@ -164,10 +176,11 @@ def test_cuda_available_matches_build():
         assert not _ext.cuda_available()
     elif flag == "ON" or nvcc:
         assert _ext.cuda_available(), "nvcc is here but the extension was built without CUDA"
-    assert (len(_ext._C.causal_conv_cuda_variants()) > 0) == _ext.cuda_available()
-    if _ext.cuda_available() and not torch.cuda.is_available():
-        with pytest.raises(RuntimeError):  # no GPU: a clear error, no crash
-            _ext._C.causal_conv3d_cuda(1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 8, 3, 1, 0, 3, 0, 0, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):  # no GPU (or no CUDA in the build): a clear error, no crash
+            _ext._C.causal_conv3d_cuda(1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 8, 3, 1, 0, 3, 0, 0)
+        with pytest.raises(RuntimeError):
+            _ext._C.causal_conv3d_cuda_max_smem(0)
 
 
 class _TemporalConv(torch.nn.Module):
@@ -181,6 +194,7 @@ class _TemporalConv(torch.nn.Module):
         return y * 2, new_cache
 
 
+@needs_ext
 def test_compile_fullgraph_cpu():
     torch._dynamo.reset()
     mod = _TemporalConv(5, 3, "cpu", torch.float32)
@@ -209,6 +223,7 @@ def gpu_reference(x, w, b, c, stride, pad_mode):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("stride", [1, 2])
@@ -224,45 +239,59 @@ def test_cuda_real_shapes(shape, stride):
     assert torch.equal(new_cache, ref_cache)
 
 
-@pytest.mark.gpu
-@needs_cuda_ext
-@pytest.mark.parametrize("variant", list(range(1, 27)))
-def test_cuda_every_variant(variant):
-    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
-
-    for (C_in, C_out, HW, kt, stride, cache) in [(128, 128, (48, 72), 3, 1, False), (256, 192, (24, 40), 3, 2, True),
-                                                 (64, 320, (8, 16), 5, 1, True),
-                                                 (32, 48, (6, 20), 1, 2, False), (16, 40, (7, 24), 2, 2, True)]:
-        x, w, b, c = make_inputs(1, C_in, C_out, 7, *HW, kt, torch.bfloat16, "cuda", cache=cache, seed=variant)
-        try:
-            y, nc = causal_conv3d_native(x, w, b, stride=stride, cache=c, backend="cuda", variant=variant)
-        except ValueError as exc:  # big resident-weight tiles do not fit every C: a clear error
-            assert "shared memory" in str(exc)
-            continue
-        ref, ref_cache = gpu_reference(x, w, b, c, stride, "replicate")
-        assert rel_err(y, ref) <= 1e-2
-        assert torch.equal(nc, ref_cache)
-
-
-@pytest.mark.gpu
-@needs_cuda_ext
-@pytest.mark.parametrize("variant", list(range(16, 27)))
-def test_cuda_ring_variants(variant):
-    """Frame-ring kernels: batches, pixel tails, zero/replicate/cache padding, T = 1, both strides."""
-    from cogvideox_kernels.ops.causal_conv.native import causal_conv3d_native
-
-    cases = [(2, 64, 96, 5, 10, 12, 3, 1, "zeros", False), (2, 64, 96, 6, 10, 12, 3, 2, "replicate", True),
+# Cases for each tensor-core kernel: (B, C_in, C_out, T, H, W, kt, stride, pad_mode, cache), all taking
+# that kernel on an H100/H200 (checked against cuda_kernel before running).
+KERNEL_CASES = {
+    "ring": [(2, 64, 96, 5, 10, 12, 3, 1, "zeros", False), (2, 64, 96, 6, 10, 12, 3, 2, "replicate", True),
              (1, 64, 40, 1, 9, 8, 3, 1, "replicate", False), (1, 32, 64, 9, 5, 16, 4, 2, "zeros", True),
-             (3, 96, 16, 4, 3, 8, 2, 1, "replicate", True), (1, 16, 24, 3, 4, 6, 3, 1, "replicate", False)]
-    for i, (B, C_in, C_out, T, H, W, kt, stride, pad_mode, cache) in enumerate(cases):
-        x, w, b, c = make_inputs(B, C_in, C_out, T, H, W, kt, torch.bfloat16, "cuda", cache=cache, seed=100 + i)
-        y, nc = causal_conv3d_native(x, w, b, stride=stride, pad_mode=pad_mode, cache=c, backend="cuda",
-                                     variant=variant)
+             (3, 96, 16, 4, 3, 8, 2, 1, "replicate", True), (1, 128, 128, 7, 48, 72, 3, 1, "replicate", False)],
+    "tapmajor": [(1, 256, 192, 7, 24, 40, 3, 2, "replicate", True), (1, 96, 320, 7, 8, 16, 5, 1, "replicate", True),
+                 (1, 16, 24, 3, 4, 6, 3, 1, "replicate", False), (2, 24, 40, 5, 16, 24, 1, 2, "zeros", False),
+                 (1, 128, 64, 4, 8, 8, 1, 2, "replicate", False)],
+    "streamed": [(1, 20, 48, 7, 6, 20, 2, 2, "replicate", True), (2, 12, 40, 5, 8, 8, 2, 1, "zeros", False)],
+    "masked": [(2, 17, 17, 6, 9, 13, 3, 1, "replicate", True), (1, 32, 48, 7, 5, 9, 1, 2, "zeros", False),
+               (1, 64, 64, 5, 5, 7, 3, 2, "replicate", True)],
+}
+
+
+@needs_ext
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", list(KERNEL_CASES))
+def test_cuda_each_kernel(kernel, dtype):
+    """Every tensor-core kernel auto can pick, through its shape class: batches, pixel tails,
+    zero/replicate/cache padding, T = 1, both strides, against a float32 reference."""
+    from cogvideox_kernels.ops.causal_conv.native import _max_smem, cuda_kernel
+
+    for i, (B, C_in, C_out, T, H, W, kt, stride, pad_mode, cache) in enumerate(KERNEL_CASES[kernel]):
+        assert cuda_kernel(dtype, C_in, kt, stride, H * W, _max_smem(torch.cuda.current_device())) == kernel
+        x, w, b, c = make_inputs(B, C_in, C_out, T, H, W, kt, dtype, "cuda", cache=cache, seed=100 + i)
+        y, nc = causal_conv3d(x, w, b, stride=stride, pad_mode=pad_mode, cache=c, backend="cuda")
         ref, ref_cache = gpu_reference(x, w, b, c, stride, pad_mode)
-        assert rel_err(y, ref) <= 1e-2, (i, rel_err(y, ref))
+        assert rel_err(y, ref) <= 1e-2, (kernel, i, rel_err(y, ref))
         assert torch.equal(nc, ref_cache)
 
 
+@needs_ext
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_unaligned_base_takes_the_masked_kernel():
+    """A contiguous x whose data starts 2 bytes past a 16-byte boundary: the 16-byte kernels cannot
+    load it, the masked one runs (same answer as an aligned copy)."""
+    x, w, b, _ = make_inputs(1, 128, 128, 5, 8, 16, 3, torch.bfloat16, "cuda", seed=4)
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    shifted = storage[1:].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    y, nc = causal_conv3d(shifted, w, b, backend="cuda")
+    want, want_cache = causal_conv3d(x, w, b, backend="cuda")  # the ring kernel
+    ref, _ = gpu_reference(x, w, b, None, 1, "replicate")
+    assert rel_err(y, ref) <= 1e-2 and rel_err(want, ref) <= 1e-2
+    assert torch.equal(nc, want_cache)
+
+
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -281,6 +310,7 @@ def test_cuda_odd_shapes(kt, dtype):
                 assert torch.equal(nc, ref_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_matches_cpp():
@@ -291,6 +321,7 @@ def test_cuda_matches_cpp():
     assert torch.equal(nc_gpu.cpu(), nc_cpu)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("stride, lengths", [(1, (5, 3, 9)), (2, (4, 8, 5))])
@@ -302,6 +333,7 @@ def test_cuda_chunked_equals_whole(stride, lengths):
     assert torch.equal(whole_cache, chunk_cache)
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_compile_fullgraph():
@@ -314,6 +346,7 @@ def test_cuda_compile_fullgraph():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
+@needs_ext
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_cuda_uses_current_stream():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cogvideox_kernels.ops.expert_ffn import expert_assignment, expert_ffn, expert_ffn_reference
 from cogvideox_kernels.ops.expert_ffn import modulated_norm_reference
+from helpers import rel_err
 
 BUDGET = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -45,11 +46,6 @@ def upcast(args, kwargs, dtype=torch.float64):
         if kw.get(k) is not None:
             kw[k] = tuple(t.to(dtype) for t in kw[k])
     return up, kw
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite values in the output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def run_and_compare(args, kwargs, dtype):

@@ -8,10 +8,7 @@ import torch.nn.functional as F
 from cogvideox_kernels import ops
 from cogvideox_kernels.ops.attention import apply_rope_interleaved
 from cogvideox_kernels.ops.rope import rope3d_axis_dims
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from helpers import rel_err
 
 
 # ---------------------------------------------------------------- RoPE3D tables
@@ -56,7 +53,7 @@ def test_rope_rotation_matches_complex_multiplication():
     got = apply_rope_interleaved(x, cos, sin)
     z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
     want = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).flatten(-2)
-    assert rel(got, want) < 1e-14
+    assert rel_err(got, want) < 1e-14
 
 
 def test_rope3d_freqs_errors():
@@ -119,7 +116,7 @@ def test_attention_reference_matches_float64_formula(S, text_len, D, norms, rope
                                backend="reference")
     want = naive_attention(q, k, v, text_len, cos, sin, qn, kn, 1e-6, None)
     assert out.shape == (B, S, H, D) and out.dtype == torch.float32
-    assert rel(out, want) < 1e-5
+    assert rel_err(out, want) < 1e-5
 
 
 def test_attention_reference_custom_scale_and_bf16():
@@ -127,10 +124,10 @@ def test_attention_reference_custom_scale_and_bf16():
     q, k, v = (torch.randn(1, 20, 2, 64, generator=g) for _ in range(3))
     want = naive_attention(q, k, v, 0, None, None, None, None, 1e-6, 0.3)
     out = ops.rope3d_attention(q, k, v, text_len=0, scale=0.3, backend="reference")
-    assert rel(out, want) < 1e-5
+    assert rel_err(out, want) < 1e-5
     out16 = ops.rope3d_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), text_len=0, scale=0.3,
                                  backend="reference")
-    assert out16.dtype == torch.bfloat16 and rel(out16, want) < 1e-2
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, want) < 1e-2
 
 
 def test_attention_errors_are_clear():
@@ -202,7 +199,7 @@ def test_expert_ffn_reference_matches_token_formula(nt, nv, text_len):
     out = ops.expert_ffn(x, mod, w1, b1, w2, b2, text_len=text_len, norm_weight=nw, norm_bias=nb,
                          num_text_experts=nt, text_router=tr, video_router=vr, backend="reference")
     want = naive_expert_ffn(x, mod, w1, b1, w2, b2, text_len, nw, nb, 1e-5, nt, tr, vr)
-    assert rel(out, want) < 1e-5
+    assert rel_err(out, want) < 1e-5
 
 
 def test_expert_ffn_routing_uses_several_experts():
@@ -258,7 +255,7 @@ def test_causal_conv_reference_matches_padded_conv3d(kt, stride, pad_mode, T):
     xp = padded_by_hand(x, kt, pad_mode, None)
     want = F.conv3d(xp, w, b, stride=(stride, 1, 1), padding=(0, 1, 0))
     assert y.shape == (2, 3, (T - 1) // stride + 1, 7, 9)
-    assert rel(y, want) < 1e-12
+    assert rel_err(y, want) < 1e-12
     assert torch.equal(cache, xp[:, :, xp.shape[2] - (kt - 1):])
     # causality: output frame t does not change when a later input frame changes
     if T > 2:
@@ -281,7 +278,7 @@ def test_causal_conv_reference_streams_with_cache(stride):
     for lo, hi in ((0, 4), (4, 8), (8, 12), (12, 13)):
         y, cache = ops.causal_conv3d(x[:, :, lo:hi], w, stride=stride, cache=cache, backend="reference")
         pieces.append(y)
-    assert torch.equal(torch.cat(pieces, 2), whole) or rel(torch.cat(pieces, 2), whole) < 1e-14
+    assert torch.equal(torch.cat(pieces, 2), whole) or rel_err(torch.cat(pieces, 2), whole) < 1e-14
 
 
 def test_causal_conv_errors_are_clear():

@@ -14,7 +14,7 @@ import torch
 from cogvideox_kernels import _ext, ops
 from cogvideox_kernels._backend import interpret_mode
 from cogvideox_kernels.ops import registry
-from helpers import rel_err
+from helpers import rel_err, replaced, strided_view as view, tensor_args, view_kinds as kinds
 
 
 def attention_inputs(g):
@@ -46,52 +46,6 @@ def causal_conv3d_inputs(g):
 OPS = {"rope3d_attention": (ops.rope3d_attention, attention_inputs),
        "expert_ffn": (ops.expert_ffn, expert_ffn_inputs),
        "causal_conv3d": (ops.causal_conv3d, causal_conv3d_inputs)}
-
-
-def view(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """A non-contiguous tensor of ``t``'s values (``expand``: ``t``'s first slice, repeated)."""
-    if kind == "step":
-        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)  # NaN (poisoned) in between
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if kind == "slice":
-        padded = torch.empty(t.shape[0], t.shape[1] + 3, *t.shape[2:], dtype=t.dtype)
-        padded[:, 1:1 + t.shape[1]] = t
-        return padded[:, 1:1 + t.shape[1]]
-    if kind == "expand":
-        dim = next(d for d, n in enumerate(t.shape) if n > 1)
-        return t.narrow(dim, 0, 1).expand(t.shape)
-    if kind == "transpose":  # the last two dims longer than 1
-        a, b = [d for d, n in enumerate(t.shape) if n > 1][-2:]
-        return t.transpose(a, b).contiguous().transpose(a, b)
-    assert kind == "channels_last_3d"
-    return t.contiguous(memory_format=torch.channels_last_3d)
-
-
-def kinds(t: torch.Tensor):
-    long_dims = sum(n > 1 for n in t.shape)
-    return (["step", "expand"] + (["slice"] if t.dim() >= 2 else []) + (["transpose"] if long_dims >= 2 else [])
-            + (["channels_last_3d"] if t.dim() == 5 and not view(t, "channels_last_3d").is_contiguous() else []))
-
-
-def tensor_args(inputs):
-    """(argument, index in a tuple argument or None, tensor)."""
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            yield name, None, value
-        elif isinstance(value, tuple):
-            for i, t in enumerate(value):
-                if isinstance(t, torch.Tensor):
-                    yield name, i, t
-
-
-def replaced(inputs, name, index, t):
-    out = dict(inputs)
-    if index is None:
-        out[name] = t
-    else:
-        out[name] = tuple(t if i == index else v for i, v in enumerate(inputs[name]))
-    return out
 
 
 def cpu_backends(op):

@@ -5,19 +5,18 @@ Layout of the work (chosen by measurement on an H100, see ``benchmarks/results/a
 * ``_qk_norm_rope_fwd_kernel`` (a pre-pass, ~0.17 ms per tensor at the 5B shape) norms and rotates
   q and k once, and writes k and v head-major ([B, H, S, D] storage), so each key/value block is one
   contiguous chunk (strided K/V cost ~2 ms at 5B). K is re-read by every query block, so rotating it
-  inside the attention loop would repeat that work S / BLOCK_M times. Doing q in the attention
-  prologue instead (``q_prologue=True``) is correct too but raises the kernel's registers from 107 to
-  over 128, which halves the CTAs per SM (22.9 vs 17.4 ms).
-* ``_rope3d_attention_fwd_kernel`` reads q, k, v through strides (any [B, S, H, D] views, for example
-  slices of the [B, S, 3, H, D] QKV projection), runs an online softmax with float32 statistics and
-  exp2 with scale * log2(e) folded into one multiply, full key blocks unmasked and one masked tail
-  block, and writes a contiguous [B, S, H, D] output. Two options that move the exponentials off
-  the fp32 MUFU path, ``POLY_EXP`` (half of P on the FMA pipe) and ``EXP_X2`` (packed bf16x2/f16x2
-  ex2), are both measured slower and off by default.
+  inside the attention loop would repeat that work S / BLOCK_M times; q done in the attention prologue
+  raised the kernel's registers over 128 and halved the CTAs per SM (22.9 vs 17.4 ms).
+* ``_rope3d_attention_fwd_kernel`` reads q, k, v through strides, runs an online softmax with float32
+  statistics and exp2 with scale * log2(e) folded into one multiply, full key blocks unmasked and one
+  masked tail block, and writes a contiguous [B, S, H, D] output.
+
+Variants measured slower (q prologue, k/v read in place, FMA-pipe or packed 16-bit exponentials) live
+in ``benchmarks/experiments/attention_variants.py``.
 
 Under ``TRITON_INTERPRET=1`` bf16/fp16 arithmetic is wrong (the interpreter keeps raw 16-bit
 integers), so the ``INTERPRET`` flag upcasts dot operands to float32 there; loads, stores and casts
-are fine, except that float32 -> bf16 casts truncate there (see ``_round_for_store``). The
+are fine, except that float32 -> bf16 casts truncate there (see ``_triton_utils.store_cast``). The
 interpreter also cannot time autotune configs, so it runs one pinned config.
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backend import interpret_mode
+from .._triton_utils import ensure_tma_allocator, interpret_mode, store_cast, tma_aligned
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -38,18 +37,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _round_for_store(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Cast float32 x to the output dtype. The interpreter truncates float32 -> bf16 (the GPU
-    rounds to nearest even), which doubles the rounding error; round to nearest even by hand there
-    so CPU tests see GPU numerics."""
-    if INTERPRET and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
                     cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
@@ -109,45 +96,12 @@ def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
     y_rows = b * stride_yb + tokens.to(tl.int64) * stride_ys + heads * stride_yh
     mask = row_mask[:, None] & (offs_d < D)[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_d[None, :],
-             _round_for_store(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+             store_cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 on the FMA pipe instead of the MUFU unit (which is the bottleneck of D=64
-    attention): 2^round(x) goes into the exponent bits, 2^f for f in [-0.5, 0.5] is a degree-3
-    minimax polynomial (max relative error 7.5e-5, far below the bf16 rounding of P)."""
-    x = tl.maximum(x, -125.0)
-    shifted = x + 12582912.0  # 1.5 * 2^23: round(x) lands in the low mantissa bits
-    f = x - (shifted - 12582912.0)
-    p = 0.05517167 * f + 0.24261115
-    p = p * f + 0.69326099
-    p = p * f + 0.99992807
-    # the high bits of `shifted` fall off the shift, leaving round(x) << 23
-    bits = p.to(tl.int32, bitcast=True) + (shifted.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_x2(x, EXP_X2: tl.constexpr):
-    """2^x of a 16-bit tensor, one PTX ``ex2.approx`` per packed pair (sm_90). ptxas still issues
-    one MUFU op per element (MUFU.EX2.BF16 on each half), so this saves no MUFU time on the H100
-    (see DEFAULT_EXP_X2). EXP_X2 == 1: in x's own dtype (``ex2.approx.ftz.bf16x2`` for bf16,
-    ``ex2.approx.f16x2`` for fp16). EXP_X2 == 2: in fp16 whatever x's dtype (more mantissa for the
-    argument and the result; the caller casts back). GPU only: the interpreter has no inline asm."""
-    if EXP_X2 == 2 or x.dtype == tl.float16:
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        tl.static_assert(x.dtype == tl.bfloat16, "_exp2_x2 takes bf16 or fp16")
-        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x],
-                                         dtype=tl.bfloat16, is_pure=True, pack=2)
-
-
-@triton.jit
-def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
-                  MASK_COLS: tl.constexpr, POLY_EXP: tl.constexpr, INTERPRET: tl.constexpr,
-                  EXP_X2: tl.constexpr = 0):
+def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid, MASK_COLS: tl.constexpr,
+                  INTERPRET: tl.constexpr):
     """One online-softmax step over a [BLOCK_N, BLOCK_D] block of keys and values."""
     if INTERPRET:
         qk = tl.dot(q, tl.trans(k.to(tl.float32)))
@@ -159,19 +113,7 @@ def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
         p = tl.math.exp2(qk - m_new[:, None])
     else:
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-        logits = qk * qk_scale - m_new[:, None]
-        if POLY_EXP:
-            # odd columns on the FMA pipe, even ones on MUFU (pairs sit in one thread)
-            BM: tl.constexpr = logits.shape[0]
-            BN: tl.constexpr = logits.shape[1]
-            even, odd = tl.split(tl.reshape(logits, [BM, BN // 2, 2]))
-            p = tl.reshape(tl.join(tl.math.exp2(even), _exp2_fma(odd)), [BM, BN])
-        elif EXP_X2 != 0 and not INTERPRET and v.dtype != tl.float32:
-            # the fp32 argument (<= 0) rounded to 16 bits, then one packed ex2 per pair; P is
-            # rounded to 16 bits for the PV dot anyway, and the row sum l adds the same rounded P
-            p = _exp2_x2(logits.to(v.dtype), EXP_X2).to(v.dtype)
-        else:
-            p = tl.math.exp2(logits)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     acc = acc * alpha[:, None]
@@ -184,15 +126,12 @@ def _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid,
 
 @triton.jit
 def _rope3d_attention_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, S, H, text_len, S_BUCKET,
+        q_ptr, k_ptr, v_ptr, o_ptr, S, H, S_BUCKET,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-        cos_ptr, sin_ptr, stride_cs, q_weight_ptr, q_bias_ptr, eps, qk_scale,
-        Q_NORM: tl.constexpr, Q_WEIGHT: tl.constexpr, Q_BIAS: tl.constexpr, Q_ROPE: tl.constexpr,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, POLY_EXP: tl.constexpr,
-        INTERPRET: tl.constexpr, EXP_X2: tl.constexpr = 0):
-    """out[b, m-block, h] = softmax(q' k^T * scale) v with q' = rope(layernorm(q)) done here.
+        USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[b, m-block, h] = softmax(q k^T * scale) v for q, k already normed and rotated.
 
     qk_scale = scale * log2(e), so the softmax runs on exp2. S_BUCKET is only an autotune key.
     """
@@ -208,8 +147,8 @@ def _rope3d_attention_fwd_kernel(
     PAD_D: tl.constexpr = BLOCK_D != D  # masks on the head dim only when D is not a power of 2
 
     q_rows = b * stride_qb + offs_m.to(tl.int64) * stride_qs + h * stride_qh
-    q = _norm_rope_tile(q_ptr, q_rows, offs_m, m_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
-                        stride_cs, q_weight_ptr, q_bias_ptr, eps, Q_NORM, Q_WEIGHT, Q_BIAS, Q_ROPE)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0).to(tl.float32)
     if not INTERPRET:
         q = q.to(k_ptr.dtype.element_ty)
 
@@ -229,13 +168,12 @@ def _rope3d_attention_fwd_kernel(
         for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
-                                          POLY_EXP, INTERPRET, EXP_X2)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False, INTERPRET)
         if n_full < S:
             k = k_desc.load([n_full, 0])
             v = v_desc.load([n_full, 0])
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale,
-                                          n_full + offs_n < S, True, False, INTERPRET)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, n_full + offs_n < S, True,
+                                          INTERPRET)
     else:
         k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
@@ -246,8 +184,7 @@ def _rope3d_attention_fwd_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False,
-                                          POLY_EXP, INTERPRET, EXP_X2)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False, INTERPRET)
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
         if n_full < S:
@@ -255,23 +192,21 @@ def _rope3d_attention_fwd_kernel(
             tail_mask = cols_valid[:, None] & d_mask[None, :]
             k = tl.load(k_ptrs, mask=tail_mask, other=0.0)
             v = tl.load(v_ptrs, mask=tail_mask, other=0.0)
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid, True,
-                                          False, INTERPRET)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, qk_scale, cols_valid, True, INTERPRET)
 
     out = acc / l_i[:, None]
     o_rows = b * stride_ob + offs_m.to(tl.int64) * stride_os + h * stride_oh
     tl.store(o_ptr + o_rows[:, None] + offs_d[None, :],
-             _round_for_store(out, o_ptr.dtype.element_ty, INTERPRET),
+             store_cast(out, o_ptr.dtype.element_ty, INTERPRET),
              mask=m_mask[:, None] & d_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------
-def _attention_config(block_m, block_n, num_warps, num_stages, use_tma=False, warp_specialize=False,
-                      poly_exp=False):
+def _attention_config(block_m, block_n, num_warps, num_stages, use_tma=False, warp_specialize=False):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": use_tma,
-                          "WARP_SPECIALIZE": warp_specialize, "POLY_EXP": poly_exp},
+                          "WARP_SPECIALIZE": warp_specialize},
                          num_warps=num_warps, num_stages=num_stages)
 
 
@@ -296,41 +231,13 @@ TMA_CONFIGS = [
     _attention_config(128, 128, 8, 3, use_tma=True),
 ]
 # The interpreter cannot time configs: one small pinned config.
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "USE_TMA": False, "WARP_SPECIALIZE": False,
-                    "POLY_EXP": False}
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "USE_TMA": False, "WARP_SPECIALIZE": False}
 
-# Packed 16-bit softmax exponentials for 16-bit inputs on the GPU (``exp_x2`` of
-# rope3d_attention_fwd). Off: measured slower on the H100 at every real shape (5B kernel 18.20 vs
-# 16.99 ms, 2B 11.45 vs 10.70, 1.5-5B 116.4 vs 109.6; benchmarks/results/attention_exp.md). ptxas
-# (12.8 and 13.0) splits each sm_90 ex2.approx.*x2 into two MUFU.EX2.BF16/F16, one per half, at the
-# fp32 MUFU.EX2 rate (15.7 vs 15.6 per clock per SM), and the halves cost extra PRMTs to repack.
-DEFAULT_EXP_X2 = 0
-
-_AUTOTUNE_KEY = ["S_BUCKET", "D", "Q_NORM", "Q_ROPE", "EXP_X2"]
+_AUTOTUNE_KEY = ["S_BUCKET", "D"]
 _attention_pointer_autotuned = triton.autotune(configs=POINTER_CONFIGS, key=_AUTOTUNE_KEY)(
     _rope3d_attention_fwd_kernel)
 _attention_tma_autotuned = triton.autotune(configs=TMA_CONFIGS, key=_AUTOTUNE_KEY)(
     _rope3d_attention_fwd_kernel)
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_tma_allocator():
-    # device-side tensor descriptors need a global scratch allocator
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
-                                                                         device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-def _tma_aligned(*tensors) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and strides."""
-    for t in tensors:
-        es = t.element_size()
-        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
-            return False
-    return True
 
 
 def _s_bucket(S: int) -> int:
@@ -352,7 +259,7 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
         y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
     block_d = max(16, triton.next_power_of_2(D))
     if block_r is None:
-        block_r = 32 if x.device.type == "cpu" else (64 if block_d <= 64 else 32)
+        block_r = 32 if interpret_mode() else (64 if block_d <= 64 else 32)
     has_rope = cos is not None
     grid = (triton.cdiv(S * H, block_r), B)
     _qk_norm_rope_fwd_kernel[grid](
@@ -360,70 +267,45 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
         y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps,
         HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
         HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
-        BLOCK_D=block_d, INTERPRET=x.device.type == "cpu", num_warps=4)
+        BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=4)
     return y
 
 
 def rope3d_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
-                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, q_prologue=False,
-                         relayout_kv=True, config=None, use_tma=None, exp_x2=None):
-    """Launch the pre-passes and the attention kernel.
+                         k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, config=None, use_tma=None):
+    """Launch the pre-passes and the attention kernel (tables and norm vectors packed, as the
+    registry hands them).
 
-    Defaults are the measured fastest on the H100 (benchmarks/results/attention_*): q and k are
-    normed/rotated by the pre-pass (``q_prologue=True`` does q inside the attention kernel, which
-    costs registers and occupancy), and k and v are written head-major ([B, H, S, D] storage,
-    ``relayout_kv``) so each key/value block is one contiguous chunk.
-    ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, POLY_EXP, num_warps,
-    num_stages (optionally maxnreg) to bypass autotuning (benchmark sweeps).
-    ``use_tma``: force the TMA/pointer autotune set.
-    ``exp_x2``: 0 = float32 exp2 for P, 1 = packed 16-bit exp2 in the input dtype, 2 = packed fp16
-    exp2 (see ``_exp2_x2``); None = ``DEFAULT_EXP_X2``. Only 16-bit inputs on the GPU use it (the
-    interpreter and float32 inputs always take float32 exp2). A ``config`` may also set EXP_X2.
+    k and v always go through the pre-pass (k normed/rotated, v copied), written head-major; q
+    through it when it is normed or rotated. ``config``: a dict of BLOCK_M, BLOCK_N, USE_TMA,
+    WARP_SPECIALIZE, num_warps, num_stages (optionally maxnreg) to bypass autotuning (benchmark
+    sweeps). ``use_tma``: force the TMA/pointer autotune set.
     """
     B, S, H, D = q.shape
-    interpret = q.device.type == "cpu"
-    has_rope = cos is not None
-    if relayout_kv or apply_k_norm or has_rope:
-        k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
-                             head_major=relayout_kv)
-    if relayout_kv:
-        v = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps)
-    q_norm_here, q_rope_here = apply_q_norm, has_rope
-    if not q_prologue and (apply_q_norm or has_rope):
-        q = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps,
-                             head_major=relayout_kv)
-        q_norm_here, q_rope_here = False, False
+    interpret = interpret_mode()
+    k = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps)
+    v = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps)
+    if apply_q_norm or cos is not None:
+        q = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps)
 
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
-    args = (q, k, v, out, S, H, text_len, _s_bucket(S),
+    args = (q, k, v, out, S, H, _s_bucket(S),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            cos if q_rope_here else None, sin if q_rope_here else None,
-            cos.stride(0) if q_rope_here else 0,
-            q_norm_weight if q_norm_here else None, q_norm_bias if q_norm_here else None,
-            eps, scale * LOG2E)
-    if exp_x2 is None:
-        exp_x2 = DEFAULT_EXP_X2
-    if interpret or q.dtype == torch.float32:
-        exp_x2 = 0
-    flags = dict(Q_NORM=q_norm_here, Q_WEIGHT=q_norm_here and q_norm_weight is not None,
-                 Q_BIAS=q_norm_here and q_norm_bias is not None, Q_ROPE=q_rope_here, D=D,
-                 BLOCK_D=block_d, INTERPRET=interpret, EXP_X2=exp_x2)
+            scale * LOG2E)
+    flags = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRET=interpret)
     if interpret or config is not None:
         meta = dict(config) if config is not None else dict(INTERPRET_CONFIG)
-        if interpret:
-            meta.pop("EXP_X2", None)
         if meta.get("USE_TMA"):
-            _ensure_tma_allocator()
+            ensure_tma_allocator()
         grid = (triton.cdiv(S, meta["BLOCK_M"]), B * H)
         _rope3d_attention_fwd_kernel[grid](*args, **{**flags, **meta})
         return out
     if use_tma is None:
-        use_tma = _tma_aligned(k, v) and (D * q.element_size()) % 16 == 0
+        use_tma = tma_aligned(k, v) and (D * q.element_size()) % 16 == 0
     kernel = _attention_tma_autotuned if use_tma else _attention_pointer_autotuned
     if use_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](*args, **flags)
     return out

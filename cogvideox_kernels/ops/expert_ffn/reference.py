@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
-# modulation rows
+# The rows of the [B, 6, hidden] modulation: the one definition (nn.adaln and the Triton kernels read it).
 SHIFT_V, SCALE_V, GATE_V, SHIFT_T, SCALE_T, GATE_T = range(6)
+MODULATION_ROWS = 6
 
 
 def check_expert_ffn_inputs(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps,
@@ -30,7 +31,7 @@ def check_expert_ffn_inputs(x, modulation, w1, b1, w2, b2, text_len, norm_weight
     if min(B, S, Hd) == 0:
         raise ValueError(f"x has an empty dimension: shape {tuple(x.shape)} [B, S, hidden]")
     check_tensor("modulation", modulation, ndim=3, device=device)
-    check_shape("modulation", modulation, (B, 6, Hd))
+    check_shape("modulation", modulation, (B, MODULATION_ROWS, Hd))
     check_tensor("w1", w1, ndim=3, device=device)
     E, F_, hid = w1.shape
     if hid != Hd:

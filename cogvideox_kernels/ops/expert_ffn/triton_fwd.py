@@ -29,7 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backend import interpret_mode
+from .._triton_utils import ensure_tma_allocator, interpret_mode, store_cast, tma_aligned
+from . import reference as _rows
+
+# modulation rows from their one definition (jit code reads module globals that are constexprs)
+ROWS = tl.constexpr(_rows.MODULATION_ROWS)
+SHIFT_V, SCALE_V, GATE_V = tl.constexpr(_rows.SHIFT_V), tl.constexpr(_rows.SCALE_V), tl.constexpr(_rows.GATE_V)
+SHIFT_T, SCALE_T, GATE_T = tl.constexpr(_rows.SHIFT_T), tl.constexpr(_rows.SCALE_T), tl.constexpr(_rows.GATE_T)
 
 EPILOGUE_GELU = 0
 EPILOGUE_GATE_RESIDUAL = 1
@@ -51,18 +57,6 @@ SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _cast_for_store(v, out_ptr, INTERPRET: tl.constexpr):
-    """fp32 -> the output dtype. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest
-    even), which doubles the rounding error; round to nearest even by hand there."""
-    if INTERPRET:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            v = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return v.to(out_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, seq_len, text_len, hidden, eps,
                                HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, BLOCK_H: tl.constexpr,
                                INTERPRET: tl.constexpr):
@@ -80,13 +74,13 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, se
         y = y * tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM_B:
         y = y + tl.load(norm_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # modulation rows: 0 shift_v, 1 scale_v, (2 gate_v), 3 shift_t, 4 scale_t, (5 gate_t)
-    shift_row = tl.where(is_text, 3, 0)
-    mod_row = mod_ptr + sample * 6 * hidden + shift_row * hidden
+    tl.static_assert(SCALE_T - SHIFT_T == SCALE_V - SHIFT_V, "scale sits the same rows after shift")
+    shift_row = tl.where(is_text, SHIFT_T, SHIFT_V)
+    mod_row = mod_ptr + sample * ROWS * hidden + shift_row * hidden
     shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(mod_row + hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
-    tl.store(h_ptr + row * hidden + cols, _cast_for_store(h, h_ptr, INTERPRET), mask=mask)
+    tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -108,17 +102,17 @@ def _ffn_epilogue(acc, rows, row_mask, tokens, cols, N, c_ptr, bias_ptr, bias_ba
     if EPILOGUE == 0:  # tanh-GELU, stored in grouped row order
         acc = _gelu_tanh(acc)
         c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(c_ptrs, _cast_for_store(acc, c_ptr, INTERPRET), mask=out_mask)
+        tl.store(c_ptrs, store_cast(acc, c_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
     else:  # * router prob * gate_m + x, stored at the token's row
         if HAS_ROW_SCALE:
             acc = acc * tl.load(row_scale_ptr + tokens, mask=row_mask, other=0.0)[:, None]
         sample = tokens // seq_len
-        gate_row = tl.where(tokens - sample * seq_len < text_len, 5, 2)
-        gate = tl.load(mod_ptr + (sample * 6 + gate_row)[:, None] * N + cols[None, :],
+        gate_row = tl.where(tokens - sample * seq_len < text_len, GATE_T, GATE_V)
+        gate = tl.load(mod_ptr + (sample * ROWS + gate_row)[:, None] * N + cols[None, :],
                        mask=out_mask, other=0.0).to(tl.float32)
         token_offs = tokens[:, None] * N + cols[None, :]
         x = tl.load(x_ptr + token_offs, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(c_ptr + token_offs, _cast_for_store(x + gate * acc, c_ptr, INTERPRET), mask=out_mask)
+        tl.store(c_ptr + token_offs, store_cast(x + gate * acc, c_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
 
 
 @triton.jit
@@ -236,15 +230,15 @@ def _gate_residual_fwd_kernel(x_ptr, f_ptr, mod_ptr, bias_ptr, out_ptr, seq_len,
     """out = x + gate_m * (f + b2), one token per program (the cuBLAS GEMM2 alternative)."""
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
-    gate_row = tl.where(row - sample * seq_len < text_len, 5, 2)
+    gate_row = tl.where(row - sample * seq_len < text_len, GATE_T, GATE_V)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
     f = tl.load(f_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         f = f + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(mod_ptr + (sample * 6 + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(mod_ptr + (sample * ROWS + gate_row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, _cast_for_store(x + gate * f, out_ptr, INTERPRET), mask=mask)
+    tl.store(out_ptr + row * hidden + cols, store_cast(x + gate * f, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,24 +272,9 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda" if not interpret_mode() else "cpu")
-
-
-_allocator_set = False
-
-
-def _ensure_tma_allocator() -> None:
-    # device-side tensor descriptors need a scratch allocator (set once per process)
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(_tma_allocator)
-        _allocator_set = True
-
-
 def _tma_ok(t: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base and 16-byte aligned row pitch."""
-    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+    """The descriptors here assume packed rows: contiguous, and the TMA alignment rule."""
+    return t.is_contiguous() and tma_aligned(t)
 
 
 def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_index=None, gather_a=False,
@@ -326,7 +305,7 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
     a_tma = use_tma and not gather_a and _tma_ok(a)
     b_tma = use_tma and _tma_ok(weight)
     if a_tma or b_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     if G > 1 and group_rows is None:
         raise ValueError(f"grouped_gemm_fwd: weight stacks {G} groups but group_rows was not given")
     dummy = out

@@ -1,6 +1,8 @@
 """Benchmark: packed 16-bit softmax exponentials (``exp_x2``) in the Triton attention kernel.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_attention_exp.py --out DIR
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/experiments/bench_attention_exp.py --out DIR
+
+(Run 3 of benchmarks/results/attention_notes.md; the option now lives in attention_variants.py here.)
 
 ``exp_x2=1`` computes P = 2^(s - m) as ``ex2.approx.ftz.bf16x2`` (fp16 inputs: ``ex2.approx.f16x2``)
 on the fp32 argument rounded to 16 bits, instead of one fp32 ``ex2.approx`` per element;
@@ -31,15 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "..")]
 
+from attention_variants import _exp2_x2  # noqa: E402
+from attention_variants import attention_variant_fwd as rope3d_attention_fwd  # noqa: E402
 from bench_attention import (SHAPES, diffusers_style_path, make_inputs, reference_rows, rel_error,  # noqa: E402
                              sample_rows, sdpa_alone)
 from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention.reference import attention_flops  # noqa: E402
-from cogvideox_kernels.ops.attention.triton_fwd import (_exp2_x2, qk_norm_rope_fwd,  # noqa: E402
-                                                        rope3d_attention_fwd)
+from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd  # noqa: E402
 
 
 @triton.jit
@@ -224,7 +227,7 @@ def main(argv=None):
 
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
         cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
-        for path in sorted(glob.glob(os.path.join(cache, "*", "_rope3d_attention_fwd_kernel.cubin"))):
+        for path in sorted(glob.glob(os.path.join(cache, "*", "_attention_variant_kernel.cubin"))):
             sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
             mufu = {}
             for op in re.findall(r"MUFU\.[A-Z0-9.]+", sass):
