@@ -71,7 +71,7 @@ def cmd_info(args) -> int:
     import torch
 
     from . import __version__
-    from ._backend import interpret_mode, kernel_can_run, triton_available
+    from ._backend import interpret_mode, triton_available
     from ._ext import cuda_available, extension_available, extension_error
 
     print(f"cogvideox-kernels {__version__}")
@@ -90,16 +90,10 @@ def cmd_info(args) -> int:
         print("GPU: none (kernels run through the Triton interpreter and the C++ CPU path only)")
     print(f"extension _C: {'built' if extension_available() else 'missing' + extension_error()}; "
           f"CUDA kernels in it: {'yes' if cuda_available() else 'no'}")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    kernels = {"rope3d_attention": ("triton",), "expert_ffn": ("triton",), "causal_conv3d": ("cuda", "cpp")}
-    print("backends each op can use (besides 'reference'):")
-    for op, ks in kernels.items():
-        parts = []
-        for dev in devices:
-            usable = [k for k in ks if kernel_can_run(k, dev, auto=False)]
-            auto = next((k for k in ks if kernel_can_run(k, dev, auto=True)), "reference")
-            parts.append(f"{dev.type}: {', '.join(usable) or 'none'} (auto -> {auto})")
-        print(f"  {op:<17} " + "; ".join(parts))
+    from .ops import registry
+
+    print("backends each op can use (besides 'reference'), from the op registry:")
+    print("\n".join("  " + line for line in registry.describe().splitlines()))
     return 0
 
 

@@ -153,10 +153,29 @@ def count_kernel_calls(model, inputs):
     return seen
 
 
-def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled", "ours", "ours+compile"),
-                        profile: bool = True):
-    from cogvideox_kernels._backend import resolve_backend
+def fa3_sdpa():
+    """``F.scaled_dot_product_attention`` on FlashAttention-3's forward (the ``fa3-fwd`` wheel), for
+    the "diffusers + FA3 + compiled blocks" baseline; None where FA3 is not importable."""
+    try:
+        from fa3_fwd_interface import flash_attn_func
+    except Exception:  # pragma: no cover - needs the fa3-fwd wheel on an sm_90 GPU
+        return None
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or dropout_p or is_causal or kwargs:
+            raise ValueError("the FA3 baseline covers unmasked, non-causal attention without dropout only")
+        out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scale)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+    return sdpa
+
+
+STEP_VARIANTS = ("eager", "compiled", "ours", "ours+compile", "fa3+compile")
+
+
+def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, profile: bool = True):
     from cogvideox_kernels.integrations import diffusers as integration
+    from cogvideox_kernels.ops import registry
 
     section = f"step_{preset}"
     # float32 reference (true fp32 GEMMs), once, then the same weights in bf16
@@ -184,18 +203,27 @@ def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled
     results = {}
     eager_out = None
     for variant in variants:
-        need = {"eager": 15, "compiled": 90, "ours": 20, "ours+compile": 80}[variant]
+        need = {"eager": 15, "compiled": 90, "ours": 20, "ours+compile": 80, "fa3+compile": 90}[variant]
         if rec.left_s() < need:
             rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
             continue
         note = ""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         try:
             free_memory()
+            if variant.startswith("fa3"):  # diffusers' own processor with FA3 as its attention core
+                fa3 = fa3_sdpa()
+                if fa3 is None:
+                    rec.add(section=section, preset=preset, variant=variant, status="skipped",
+                            note="fa3_fwd_interface is not importable")
+                    continue
+                torch.nn.functional.scaled_dot_product_attention = fa3
+                note = "diffusers' processor, F.scaled_dot_product_attention -> FA3 forward"
             if variant.startswith("ours"):
                 integration.apply(model, vae=False)
             if variant == "ours":  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
-                backend_attn = resolve_backend("rope3d_attention", "auto", torch.device(DEVICE), ("triton",))
+                backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
                 note = f"op calls per step {calls}, auto backend: {backend_attn}"
             if variant.endswith("compile") or variant == "compiled":
                 compile_blocks(model)
@@ -215,6 +243,7 @@ def transformer_section(rec: Recorder, preset: str, variants=("eager", "compiled
             rec.add(section=section, preset=preset, variant=variant, status="error",
                     note=f"{type(exc).__name__}: {str(exc)[:300]}")
         finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
             if "compile" in variant:
                 uncompile_blocks(model)
             integration.remove(model)
@@ -356,7 +385,8 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
                    sections=SECTIONS) -> list[dict]:
     """Run the step benchmark; rows also land in ``out_dir`` as they are measured.
 
-    sections: "step" (``preset``: eager, compiled, ours, ours+compile, then a profile split), "vae"
+    sections: "step" (``preset``: eager, compiled, ours, ours+compile, diffusers + FA3 + compile where
+    the fa3-fwd wheel is importable, then a profile split), "vae"
     (decode/encode 49x480x720 eager vs patched), "other" (the other preset: eager, ours, compiled).
     Each later section runs only while ``deadline`` leaves it time.
     """

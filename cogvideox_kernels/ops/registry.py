@@ -236,6 +236,24 @@ def cuda_arch(major: int, minor: int = 0) -> Callable[[torch.device], Reason]:
     return available
 
 
+def extension_cuda(device: torch.device) -> Reason:
+    """``available`` for the extension's CUDA kernels: CUDA tensors and an extension built with CUDA."""
+    from .. import _ext
+
+    if device.type != "cuda":
+        return "the CUDA kernel needs CUDA tensors"
+    return None if _ext.cuda_available() else "the extension was built without CUDA" + _ext.extension_error()
+
+
+def extension_cpp(device: torch.device) -> Reason:
+    """``available`` for the extension's C++ CPU path: CPU tensors and a loadable extension."""
+    from .. import _ext
+
+    if device.type != "cpu":
+        return "the C++ path needs CPU tensors"
+    return None if _ext.extension_available() else "the compiled extension could not be loaded" + _ext.extension_error()
+
+
 # ------------------------------------------------------------------------------------------------
 # internals
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def stub():
 
 def test_stub_backend_auto_named_unsupported(stub, monkeypatch):
     monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
-    assert registry.kernels("rope3d_attention") == ("stub", "triton")
+    assert registry.kernels("rope3d_attention") == ("hopper", "stub", "triton")
     assert "stub" in registry.backends() and "stub" not in registry.backends("expert_ffn")
     a = _inputs()
     want = ops.rope3d_attention(**a, backend="reference")
@@ -82,7 +82,7 @@ def test_stub_backend_auto_named_unsupported(stub, monkeypatch):
 def test_backend_names_and_errors(monkeypatch):
     monkeypatch.delenv("COGVIDEOX_KERNELS_BACKEND", raising=False)
     a = _inputs()
-    with pytest.raises(ValueError, match=r"backend='cudnn' is not supported; choose one of \('auto', 'reference', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend='cudnn' is not supported; choose one of \('auto', 'reference', 'hopper', 'triton'\)"):
         ops.rope3d_attention(**a, backend="cudnn")
     with pytest.raises(ValueError, match="backend='cpp' is not supported"):  # a kernel of another op
         ops.rope3d_attention(**a, backend="cpp")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import registry
+from . import hopper as _hopper
 from .reference import (apply_rope_interleaved, attention_flops, check_attention_inputs,
                         rope3d_attention_reference)
 
@@ -16,6 +17,17 @@ registry.register_backend(
     layout={"q": registry.UNIT_LAST_STRIDE, "k": registry.UNIT_LAST_STRIDE, "v": registry.UNIT_LAST_STRIDE,
             "*": registry.CONTIGUOUS})
 
+# The Hopper (sm_90a) Gluon kernel: auto tries it first where it runs (measured faster than the
+# Triton kernel on the H200 at the 5B and 1.5-5B shapes; benchmarks/results/hopper_attention_notes.md).
+registry.register_backend(
+    "rope3d_attention", "hopper",
+    run="cogvideox_kernels.ops.attention.hopper:rope3d_attention_hopper",
+    supports="cogvideox_kernels.ops.attention.hopper:supports",
+    available=_hopper.available, auto_devices=("cuda",),
+    layout={"q": registry.UNIT_LAST_STRIDE, "k": registry.UNIT_LAST_STRIDE, "v": registry.UNIT_LAST_STRIDE,
+            "*": registry.CONTIGUOUS},
+    before="triton")
+
 
 def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
                      eps=1e-6, scale=None, backend="auto"):
@@ -27,7 +39,7 @@ def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_no
     cos, sin: ``[S - text_len, D]`` float32 tables (see ``rope3d_freqs``) or None for no rotation.
     q_norm, k_norm: ``(weight, bias)`` of shape ``[D]`` or None. Returns ``[B, S, H, D]``.
     backend: ``"auto"`` (a kernel where one runs and supports the inputs, else the reference),
-    ``"reference"`` or a kernel (``registry.kernels("rope3d_attention")``: ``"triton"``).
+    ``"reference"`` or a kernel (``registry.kernels("rope3d_attention")``: ``"hopper"`` on sm_90, ``"triton"``).
     """
     return registry.dispatch("rope3d_attention", backend, q=q, k=k, v=v, text_len=text_len, cos=cos, sin=sin,
                              q_norm=q_norm, k_norm=k_norm, eps=eps, scale=scale)

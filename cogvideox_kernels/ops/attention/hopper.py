@@ -72,6 +72,19 @@ def _call_reason(dtype: torch.dtype, head_dim: int, device: torch.device, rows: 
     return unsupported_reason(dtype, head_dim, device_capability(device), rows) or ""
 
 
+def available(device) -> Optional[str]:
+    """Registry hook: None when the kernel can run on ``device``, else why not."""
+    return _call_reason(torch.bfloat16, 64, torch.device(device), 0) or None
+
+
+def supports(q, k, v, **_) -> Optional[str]:
+    """Registry hook: None when the kernel takes these inputs, else why not."""
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the kernel needs one dtype"
+    B, S, H, D = q.shape
+    return _call_reason(q.dtype, D, q.device, B * H * S) or None
+
+
 def hopper_available(device) -> tuple[bool, str]:
     """(True, "") when the Hopper kernel can run on ``device``, else (False, why)."""
     device = torch.device(device)

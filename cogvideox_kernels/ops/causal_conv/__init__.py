@@ -1,22 +1,9 @@
 """``causal_conv3d``: causal temporal convolution with a streaming cache, [B, C, T, H, W]."""
 from __future__ import annotations
 
-from ... import _ext
 from .. import registry
 from .reference import (PAD_MODES, causal_conv3d_bytes, causal_conv3d_flops, causal_conv3d_reference,
                         causal_pad_front, check_causal_conv_inputs)
-
-
-def _cuda_extension(device):
-    if device.type != "cuda":
-        return "the CUDA kernel needs CUDA tensors"
-    return None if _ext.cuda_available() else "the extension was built without CUDA" + _ext.extension_error()
-
-
-def _cpp_extension(device):
-    if device.type != "cpu":
-        return "the C++ path needs CPU tensors"
-    return None if _ext.extension_available() else "the compiled extension could not be loaded" + _ext.extension_error()
 
 
 registry.register_op("causal_conv3d", reference=causal_conv3d_reference, check=check_causal_conv_inputs,
@@ -24,11 +11,11 @@ registry.register_op("causal_conv3d", reference=causal_conv3d_reference, check=c
 registry.register_backend("causal_conv3d", "cuda", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cuda",
                           supports="cogvideox_kernels.ops.causal_conv.native:cuda_supports",
                           layout={"*": registry.CONTIGUOUS},
-                          available=_cuda_extension)
+                          available=registry.extension_cuda)
 registry.register_backend("causal_conv3d", "cpp", run="cogvideox_kernels.ops.causal_conv.native:causal_conv3d_cpp",
                           supports="cogvideox_kernels.ops.causal_conv.native:cpp_supports",
                           layout={"*": registry.CONTIGUOUS},
-                          available=_cpp_extension)
+                          available=registry.extension_cpp)
 
 
 def causal_conv3d(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None, backend="auto"):

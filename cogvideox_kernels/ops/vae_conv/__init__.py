@@ -2,11 +2,17 @@
 CogVideoX's VAE ResNet blocks, in one op with a streaming cache (see ``reference.py``)."""
 from __future__ import annotations
 
-from ..._backend import resolve_backend
+from .. import registry
 from .reference import (PAD_MODES, check_vae_conv_inputs, diffusers_sequence, vae_conv3d_bytes,
                         vae_conv3d_flops, vae_conv3d_reference)
 
-KERNELS = ("cuda", "cpp")
+registry.register_op("vae_conv3d", reference=vae_conv3d_reference, check=check_vae_conv_inputs, device_arg="x")
+# the launchers copy what is not contiguous themselves (layout: any strides reach them)
+registry.register_backend("vae_conv3d", "cuda", run="cogvideox_kernels.ops.vae_conv.native:vae_conv3d_cuda",
+                          supports="cogvideox_kernels.ops.vae_conv.native:cuda_supports",
+                          available=registry.extension_cuda)
+registry.register_backend("vae_conv3d", "cpp", run="cogvideox_kernels.ops.vae_conv.native:vae_conv3d_cpp",
+                          available=registry.extension_cpp)
 
 
 def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
@@ -25,16 +31,9 @@ def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bia
     backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
     reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
     """
-    kw = dict(num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale,
-              shift=shift, silu=silu, cache=cache, pad_mode=pad_mode, residual=residual)
-    check_vae_conv_inputs(x, weight, bias, **kw)
-    chosen = resolve_backend("vae_conv3d", backend, x.device, KERNELS)
-    if chosen in ("cuda", "cpp"):
-        from .native import cuda_kernel_supports, vae_conv3d_native
-
-        if not (backend == "auto" and chosen == "cuda" and not cuda_kernel_supports(x, weight)):
-            return vae_conv3d_native(x, weight, bias, backend=chosen, **kw)
-    return vae_conv3d_reference(x, weight, bias, **kw)
+    return registry.dispatch("vae_conv3d", backend, x=x, weight=weight, bias=bias, num_groups=num_groups,
+                             norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale, shift=shift,
+                             silu=silu, cache=cache, pad_mode=pad_mode, residual=residual)
 
 
 __all__ = ["vae_conv3d", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",

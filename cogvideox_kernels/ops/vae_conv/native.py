@@ -121,3 +121,19 @@ def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, n
     return _vae_conv3d_op(_contig(x), _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias),
                           _contig(scale), _contig(shift), _contig(cache), _contig(residual), num_groups,
                           float(eps), silu, pad_mode, backend, variant)
+
+
+# registry hooks (see ops/registry.py): the op's inputs as keywords
+def cuda_supports(x, weight, **_) -> Optional[str]:
+    if cuda_kernel_supports(x, weight):
+        return None
+    return (f"x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} is not covered by the CUDA kernel "
+            "(bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0)")
+
+
+def vae_conv3d_cuda(x, weight, bias=None, **kwargs):
+    return vae_conv3d_native(x, weight, bias, backend="cuda", **kwargs)
+
+
+def vae_conv3d_cpp(x, weight, bias=None, **kwargs):
+    return vae_conv3d_native(x, weight, bias, backend="cpp", **kwargs)
