@@ -298,12 +298,16 @@ def test_unknown_hook_on_a_skipped_module_takes_diffusers_path(monkeypatch):
     reference, model = make_transformer("5b"), make_transformer("5b")
     inputs = transformer_inputs(model)
     integration.apply(model, backend="reference")
-    for m in (reference, model):  # a user's hook that changes the FFN output
+    for m in (reference, model):  # a user's hooks that change the FFN output and block 0's normed keys
         m.transformer_blocks[1].ff.register_forward_hook(lambda mod, args, out: out * 0.5)
+        m.transformer_blocks[0].attn1.norm_k.register_forward_hook(lambda mod, args, out: out * 2.0)
     spy = OpSpy(monkeypatch)
     with torch.no_grad():
         ref, out = reference(**inputs)[0], model(**inputs)[0]
     assert len(spy.ffn_calls) == 1  # block 0 ours, block 1 diffusers'
+    # block 0's attention is still ours, with q/k normed by calling the norm modules (the hook runs)
+    assert len(spy.attention_calls) == 2 and spy.attention_calls[0][1]["k_norm"] is None
+    assert spy.attention_calls[1][1]["k_norm"] is not None
     assert rel_err(out, ref) <= BUDGET
 
 
