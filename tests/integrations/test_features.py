@@ -392,6 +392,27 @@ def test_fuse_and_set_attn_processor_after_apply_keep_state_truthful(monkeypatch
         assert torch.equal(model(**inputs)[0], make_transformer("5b")(**inputs)[0])
 
 
+def test_user_processor_set_before_apply_is_left_alone(monkeypatch):
+    class Mine(CogVideoXAttnProcessor2_0):  # a user's own processor: not ours to replace
+        pass
+
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    mine = Mine()
+    model.transformer_blocks[1].attn1.set_processor(mine)
+    with pytest.warns(UserWarning, match=r"1.attn1: Mine"):
+        integration.apply(model, backend="reference")
+    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0}
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    assert len(spy.attention_calls) == 1 and rel_err(out, ref) <= BUDGET
+    integration.remove(model)
+    assert model.transformer_blocks[1].attn1.processor is mine
+
+
 def test_fused_before_apply_remove_restores_diffusers_fused_processor():
     model = make_transformer("5b")
     model.fuse_qkv_projections()
