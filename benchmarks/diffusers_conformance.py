@@ -14,7 +14,8 @@ PATH: a git repository (a clone or mirror) of huggingface/diffusers; the tests a
 version, with a note). The machine needs no network: the tests' only Hub download,
 ``hf-internal-testing/tiny-random-t5``, is replaced by a tiny T5 (d_model 32, random weights, a word-level
 tokenizer) built here, in both runs alike, so tests that compare against the Hub model's numbers fail in
-both. ``--backend triton`` runs the transformer ops in the Triton kernels (CPU: under TRITON_INTERPRET=1;
+both. The LoRA tests import ``parameterized`` (diffusers' test extra): ``pip install parameterized``.
+``--backend triton`` runs the transformer ops in the Triton kernels (CPU: under TRITON_INTERPRET=1;
 slow); the VAE convs use ``reference`` on CPU (our conv kernels need a GPU or the C++ build).
 """
 from __future__ import annotations
@@ -262,6 +263,10 @@ def main(argv=None):
     print(f"diffusers {diffusers.__version__}: tests from {ref} ({commit[:10]}); {len(files)} files; out {out}")
     if note:
         print(f"  note: {note}")
+    try:
+        import parameterized  # noqa: F401
+    except ImportError:
+        print("  note: `parameterized` is not installed: the LoRA tests will not import (pip install parameterized)")
     extra = ["-k", args.k] if args.k else []
     unpatched, _ = run_pytest(root, files, "off", args.workers, out, extra)
     patched, calls = run_pytest(root, files, args.backend, args.workers, out, extra)

@@ -153,7 +153,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             ref32 = model(**inputs32)[0].float().cpu()
-        result["rows"].append(dict(variant="float32 reference (unpatched, LoRA on)", first_call_s=time.perf_counter() - t0))
+        result["rows"].append(dict(variant="float32 reference (unpatched, LoRA on)",
+                                   first_call_s=round(time.perf_counter() - t0, 2)))
     inputs = dict(inputs32, hidden_states=inputs32["hidden_states"].bfloat16(),
                   encoder_hidden_states=inputs32["encoder_hidden_states"].bfloat16())
     del inputs32
