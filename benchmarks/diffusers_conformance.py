@@ -8,6 +8,8 @@ pass patched. Reports pass/fail counts for both runs, the tests whose outcome di
 patched tests ran our ops (counted per test).
 
     python benchmarks/diffusers_conformance.py --diffusers-git PATH [--backend reference] [-n 1] [--out DIR]
+    python benchmarks/diffusers_conformance.py --diffusers-git PATH --extract-to DIR   # then, elsewhere:
+    python benchmarks/diffusers_conformance.py --tests-root DIR --backend auto        # e.g. on a GPU
 
 PATH: a git repository (a clone or mirror) of huggingface/diffusers; the tests are taken from the tag
 ``v<installed version>`` (or ``--ref``; without that tag, the newest release tag not above the installed
@@ -43,6 +45,8 @@ TEST_FILES = [
     "tests/pipelines/cogvideo/test_cogvideox_fun_control.py",
     "tests/lora/test_lora_layers_cogvideox.py",
 ]
+JSON_COLUMNS = ("file", "tests", "unpatched_passed", "unpatched_failed", "unpatched_skipped", "patched_passed",
+                "patched_failed", "patched_skipped", "patched_ran_our_ops")
 PATCH_ENV = "CVK_CONFORMANCE_PATCH"  # "off" or the transformer backend ("reference", "triton", "auto")
 COUNTS_ENV = "CVK_CONFORMANCE_COUNTS"  # folder for the per-test op-call counts
 TINY_T5 = "hf-internal-testing/tiny-random-t5"
@@ -240,7 +244,11 @@ def _in_file(test_id: str, path: str) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--diffusers-git", type=Path, required=True, help="a git clone/mirror of huggingface/diffusers")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--diffusers-git", type=Path, help="a git clone/mirror of huggingface/diffusers")
+    source.add_argument("--tests-root", type=Path, help="a folder holding diffusers' tests/ already extracted "
+                        "(see --extract-to), e.g. on a machine without the repository")
+    parser.add_argument("--extract-to", type=Path, help="with --diffusers-git: only extract tests/ there and exit")
     parser.add_argument("--ref", help="tag or commit to take tests/ from (default: v<installed version>)")
     parser.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"),
                         help="the transformer ops' backend in the patched run")
@@ -252,13 +260,24 @@ def main(argv=None):
 
     import diffusers
 
-    repo = _git_dir(args.diffusers_git.resolve())
-    ref, note = pick_ref(repo, diffusers.__version__, args.ref)
-    commit = _git(repo, "rev-parse", f"{ref}^{{commit}}")
+    if args.diffusers_git is not None:
+        repo = _git_dir(args.diffusers_git.resolve())
+        ref, note = pick_ref(repo, diffusers.__version__, args.ref)
+        commit = _git(repo, "rev-parse", f"{ref}^{{commit}}")
+        root = args.extract_to or Path(tempfile.mkdtemp(prefix="diffusers-tests-"))
+        root.mkdir(parents=True, exist_ok=True)
+        extract_tests(repo, ref, root)
+        (root / "TESTS_REF").write_text(f"{ref} {commit} {note}\n")
+        if args.extract_to:
+            print(f"tests/ of {ref} ({commit[:10]}) extracted to {root}")
+            return 0
+    else:
+        root = args.tests_root.resolve()
+        ref, commit, note = (root / "TESTS_REF").read_text().split(" ", 2) if (root / "TESTS_REF").exists() \
+            else ("unknown", "unknown", "")
+        note = note.strip()
     out = (args.out or Path(tempfile.mkdtemp(prefix="diffusers-conformance-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="diffusers-tests-"))
-    extract_tests(repo, ref, root)
     files = [f for f in args.files if (root / f).exists()]
     print(f"diffusers {diffusers.__version__}: tests from {ref} ({commit[:10]}); {len(files)} files; out {out}")
     if note:
@@ -293,7 +312,7 @@ def main(argv=None):
     print(f"passed unpatched, not patched ({len(regressions)}):" + "".join(f"\n  {i}" for i in regressions))
     print(f"passed patched only ({len(fixed)}):" + "".join(f"\n  {i}" for i in fixed))
     summary = {"diffusers": diffusers.__version__, "tests_ref": ref, "tests_commit": commit, "note": note,
-               "backend": args.backend, "rows": [dict(zip(("file",) + head[1:], r)) for r in rows],
+               "backend": args.backend, "rows": [dict(zip(JSON_COLUMNS, r)) for r in rows],
                "regressions": regressions, "passed_patched_only": fixed, "op_calls": dict(op_calls),
                "outcomes": {"unpatched": unpatched, "patched": patched}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
