@@ -298,12 +298,16 @@ def test_unknown_hook_on_a_skipped_module_takes_diffusers_path(monkeypatch):
     reference, model = make_transformer("5b"), make_transformer("5b")
     inputs = transformer_inputs(model)
     integration.apply(model, backend="reference")
-    for m in (reference, model):  # a user's hook that changes the FFN output
+    for m in (reference, model):  # a user's hooks that change the FFN output and block 0's normed keys
         m.transformer_blocks[1].ff.register_forward_hook(lambda mod, args, out: out * 0.5)
+        m.transformer_blocks[0].attn1.norm_k.register_forward_hook(lambda mod, args, out: out * 2.0)
     spy = OpSpy(monkeypatch)
     with torch.no_grad():
         ref, out = reference(**inputs)[0], model(**inputs)[0]
     assert len(spy.ffn_calls) == 1  # block 0 ours, block 1 diffusers'
+    # block 0's attention is still ours, with q/k normed by calling the norm modules (the hook runs)
+    assert len(spy.attention_calls) == 2 and spy.attention_calls[0][1]["k_norm"] is None
+    assert spy.attention_calls[1][1]["k_norm"] is not None
     assert rel_err(out, ref) <= BUDGET
 
 
@@ -386,6 +390,27 @@ def test_fuse_and_set_attn_processor_after_apply_keep_state_truthful(monkeypatch
     model.set_attn_processor(CogVideoXAttnProcessor2_0())
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], make_transformer("5b")(**inputs)[0])
+
+
+def test_user_processor_set_before_apply_is_left_alone(monkeypatch):
+    class Mine(CogVideoXAttnProcessor2_0):  # a user's own processor: not ours to replace
+        pass
+
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    mine = Mine()
+    model.transformer_blocks[1].attn1.set_processor(mine)
+    with pytest.warns(UserWarning, match=r"1.attn1: Mine"):
+        integration.apply(model, backend="reference")
+    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0}
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    assert len(spy.attention_calls) == 1 and rel_err(out, ref) <= BUDGET
+    integration.remove(model)
+    assert model.transformer_blocks[1].attn1.processor is mine
 
 
 def test_fused_before_apply_remove_restores_diffusers_fused_processor():

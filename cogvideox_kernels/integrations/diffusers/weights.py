@@ -142,10 +142,10 @@ def linear_ok(module) -> bool:
         return True
     if _lora_linear_type() is None or type(module) is not _lora_linear_type():
         return False
-    if module.fan_in_fan_out or (module.disable_adapters and module.merged):
+    if getattr(module, "fan_in_fan_out", False) or (module.disable_adapters and module.merged):
         return False  # (peft unmerges inside forward in the second case)
     for a in _lora_terms(module):
-        if (a in module.lora_variant or module.use_dora.get(a, False)
+        if (a in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(a, False)
                 or type(module.lora_A[a]) is not torch.nn.Linear or type(module.lora_B[a]) is not torch.nn.Linear
                 or not linear_ok(module.lora_A[a]) or not linear_ok(module.lora_B[a])):
             return False

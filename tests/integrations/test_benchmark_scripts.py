@@ -1,0 +1,52 @@
+"""The integration's benchmark scripts on the CPU: gpu_diffusers_features.py --tiny (the logic the H200 run
+uses: LoRA + model offload, patched vs unpatched, op counts, errors, JSON) and the conformance runner's
+choice of the tests' tag."""
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_features_script_tiny(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    script = load("gpu_diffusers_features")
+    assert script.main(["--tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_diffusers_features.json").read_text())
+    layers = script.TINY["num_layers"]
+    assert result["calls"]["patched, LoRA"] == {"rope3d_attention": layers, "expert_ffn": layers}
+    assert result["calls"]["unpatched, LoRA"] == {"rope3d_attention": 0, "expert_ffn": 0}
+    correctness = {k: v for k, v in result["checks"].items() if k != "patched_step_time_unchanged_by_lora"}
+    assert all(correctness.values()), result["checks"]
+    assert result["errors"]["patched_vs_fp32"] <= 2e-2 and result["errors"]["lora_effect"] > 1e-3
+    assert {r["variant"] for r in result["rows"] if "ms" in r} == {
+        "unpatched, LoRA", "patched, LoRA", "patched, LoRA disabled", "unpatched, LoRA disabled"}
+
+
+def test_conformance_picks_the_installed_tag_or_the_one_below(tmp_path):
+    conformance = load("diffusers_conformance")
+    repo = tmp_path / "repo"
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for tag in ("v0.39.0", "v0.40.0", "v0.43.0"):
+        subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", tag], check=True)
+        subprocess.run(git + ["tag", tag], check=True)
+    git_dir = conformance._git_dir(repo)
+    assert conformance.pick_ref(git_dir, "0.40.0", None) == ("v0.40.0", "")
+    ref, note = conformance.pick_ref(git_dir, "0.42.1", None)
+    assert ref == "v0.40.0" and "no tag v0.42.1" in note
+    assert conformance.pick_ref(git_dir, "0.42.1", "v0.39.0") == ("v0.39.0", "")
+    assert conformance._junit_id("tests/a/test_b.py::TestC::test_d[x]") == "tests.a.test_b.TestC::test_d[x]"
