@@ -173,6 +173,18 @@ def auto_choice(op: str, device) -> str:
     return "reference"
 
 
+def why_unsupported(op: str, kernel: str, **inputs) -> Reason:
+    """``kernel``'s own verdict on these inputs (shapes, dtypes, options; no data is read, so meta
+    tensors work): None when it takes them, else why not. Availability on a device is not asked."""
+    return _kernel(op, kernel).why_unsupported(inputs)
+
+
+def backend_for(op: str, backend: str) -> str:
+    """``backend`` where ``op`` has it, else ``"auto"``: one name chosen for several ops (say "hopper"
+    for a transformer) reaches each op as something it accepts."""
+    return backend if backend in backends(op) else "auto"
+
+
 def resolve(op: str, backend: str = "auto", **inputs) -> str:
     """The backend ``op(**inputs, backend=backend)`` would run ("reference" or a kernel name); raises
     the ValueError the call would raise."""

@@ -57,6 +57,7 @@ import torch
 
 # The ops, looked up here by the patched modules at each call (tests wrap them to count calls).
 from ...ops import causal_conv3d, expert_ffn, rope3d_attention  # noqa: F401
+from ...ops import registry
 from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
@@ -64,8 +65,9 @@ from .ffn import KernelBlockForward, check_block_ffn
 from .vae import (KernelConvForward, backend_can_run_here, conv_shape_supported, coverage_note,
                   kernel_shape_covered)
 
-BACKENDS = ("auto", "triton", "reference")
-CONV_BACKENDS = ("auto", "reference", "cuda", "cpp")
+# backend names come from the op registry: the transformer's ops, and the VAE's conv
+BACKENDS = registry.backends("rope3d_attention", "expert_ffn")
+CONV_BACKENDS = registry.backends("causal_conv3d")
 
 
 def _diffusers():

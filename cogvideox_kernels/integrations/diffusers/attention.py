@@ -7,6 +7,7 @@ import sys
 import torch
 
 from ...parallel import sequence_split_sizes
+from ...ops import registry
 from . import weights
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
@@ -30,7 +31,7 @@ class CogVideoXKernelAttnProcessor:
 
     def __init__(self, original, backend: str = "auto", sequence=None, fused: bool = False):
         self.original = original
-        self.backend = backend
+        self.backend = registry.backend_for("rope3d_attention", backend)  # e.g. 'hopper' reaches expert_ffn as 'auto'
         self.fused = fused  # original is diffusers' FusedCogVideoXAttnProcessor2_0: q, k, v from to_qkv
         # Global token counts {"text": L, "video": N} of the current forward, recorded before the
         # context-parallel split (SequenceRecorder on the first block).

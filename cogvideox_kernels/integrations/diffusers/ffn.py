@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ...ops import registry
 from . import weights
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
@@ -50,7 +51,7 @@ class KernelBlockForward:
 
     def __init__(self, block, backend: str = "auto"):
         self.block = block
-        self.backend = backend
+        self.backend = registry.backend_for("expert_ffn", backend)  # e.g. 'hopper' reaches expert_ffn as 'auto'
 
     def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         block = self.block

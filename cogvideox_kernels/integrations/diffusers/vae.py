@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ...ops import registry
 from . import weights
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
@@ -31,17 +32,14 @@ def conv_shape_supported(module) -> bool:
             and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-def _native_supports(shape, dtype, weight_shape, stride) -> bool:
-    """Our native kernel's coverage, asked with shape-only (meta) probes: no values are read, and the
-    weight may still be offloaded or in its storage dtype when this is asked."""
-    try:
-        from ...ops.causal_conv.native import native_supports
-    except ImportError:
-        return False
+def _native_supports(shape, dtype, weight_shape, stride, kernel="cuda") -> bool:
+    """Whether our conv ``kernel`` covers such a call, asked of the op registry with shape-only (meta)
+    probes: no values are read, and the weight may still be offloaded or in its storage dtype."""
     x = torch.empty(shape, dtype=dtype, device="meta")
     w = torch.empty(weight_shape, dtype=dtype, device="meta")
     try:
-        return bool(native_supports(x, w, stride))
+        return registry.why_unsupported("causal_conv3d", kernel, x=x, weight=w, bias=None, stride=stride,
+                                        pad_mode="replicate", cache=None) is None
     except (TypeError, ValueError):  # a shape the probe itself rejects: not covered
         return False
 
@@ -61,7 +59,7 @@ def kernel_shape_covered(module, backend) -> bool:
     """The conv's kernel shape and stride are ones our kernel for ``backend`` takes (checked at apply)."""
     weight = module.conv.weight
     return backend == "reference" or _native_supports((1, weight.shape[1], 2, 4, 4), torch.float32,
-                                                      weight.shape, module.conv.stride[0])
+                                                      weight.shape, module.conv.stride[0], _kernel(backend))
 
 
 def _takes(inputs, weight_shape, stride, backend) -> bool:
@@ -71,7 +69,11 @@ def _takes(inputs, weight_shape, stride, backend) -> bool:
         return True
     if backend == "auto" and inputs.device.type != "cuda":
         return False
-    return _native_supports(inputs.shape, inputs.dtype, weight_shape, stride)
+    return _native_supports(inputs.shape, inputs.dtype, weight_shape, stride, _kernel(backend))
+
+
+def _kernel(backend) -> str:
+    return "cuda" if backend == "auto" else backend
 
 
 class KernelConvForward:
