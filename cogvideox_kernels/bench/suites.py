@@ -118,6 +118,20 @@ def sdpa_backend(backend_name: str):
     return run
 
 
+def fa3_attention():
+    """FlashAttention-3's forward on [B, S, H, D] (the ``fa3-fwd`` wheel, sm_90), or None where it is not
+    importable: the strongest attention a user can assemble, a baseline beside cuDNN."""
+    try:
+        from fa3_fwd_interface import flash_attn_func
+    except Exception:
+        return None
+
+    def run(q, k, v):
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
 def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases = []
     for B, H, text_len, grid, D, rope in attention_shapes(preset):
@@ -156,6 +170,10 @@ def attention_cases(preset: str, device: torch.device, dtype: torch.dtype) -> li
                 variants.append(Variant(f"SDPA {bn}*", "baseline",
                                         lambda a=args, run=run: run(a["q"], a["k"], a["v"]), compare=False,
                                         note="no QK-norm/RoPE"))
+            fa3 = fa3_attention()
+            if fa3 is not None:
+                variants.append(Variant("FA3 alone*", "baseline", lambda a=args: fa3(a["q"], a["k"], a["v"]),
+                                        compare=False, note="FlashAttention-3 forward (fa3-fwd), no QK-norm/RoPE"))
         cases.append(Case("attention", name, reference, variants, flops=attention_flops(B, S, H, D),
                           torch_path="diffusers LN+RoPE+SDPA"))
     return cases
