@@ -1,0 +1,20 @@
+"""One profiled launch of the Hopper attention kernel at the 5B shape, for ncu (issue 13's next step:
+which unit or stall holds the 3-warpgroup loop at ~2400 cycles per round). The pre-pass runs first,
+then the kernel twice: ncu skips the first (JIT/warm-up) and profiles the second.
+
+    ncu --clock-control none -k regex:_hopper_attention_fwd_kernel --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section InstructionStats python3 benchmarks/experiments/hopper_ncu_case.py
+"""
+import torch
+
+from cogvideox_kernels.ops.attention.hopper_fwd import hopper_attention_core
+
+B, H, S, D = 2, 48, 17776, 64
+g = torch.Generator(device="cuda").manual_seed(0)
+qh, kh, vh = (torch.randn(B, H, S, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+out = torch.empty(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+for _ in range(2):
+    hopper_attention_core(qh, kh, vh, out, D ** -0.5, None)
+torch.cuda.synchronize()
+print("done", float(out.float().abs().mean()))
