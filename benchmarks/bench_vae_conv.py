@@ -5,9 +5,7 @@ Per shape ([1,128,6,480,720], [1,256,6,240,360], [1,512,6,60,90]; bf16; front fr
 or replicated) it first checks parity against the float32 reference (TF32 off) with every
 torch.empty NaN-poisoned, then times (triton do_bench median):
 
-* ``ours_fused``      vae_conv3d: GroupNorm(32) + SiLU + conv + bias + residual (default variant)
-* ``ours_fused_vN``   the same with conv variant N forced (1: 4 stages, 2: 3 stages, 3: single-buffered
-                      fragments, 4: 3 stages + residual loaded before the stores)
+* ``ours_fused``      vae_conv3d: GroupNorm(32) + SiLU + conv + bias + residual
 * ``ours_conv``       vae_conv3d with no norm/SiLU/residual (the conv alone, incl. its layout pass)
 * ``cudnn_conv``      torch.cat(front, x) + F.conv3d (cuDNN), the conv alone
 * ``diffusers_seq``   F.group_norm, F.silu, torch.cat, F.conv3d, + residual: diffusers' ResNet step
@@ -82,8 +80,6 @@ def make_inputs(shape, front, seed, dtype=torch.bfloat16):
 
 
 def variants(a, cache):
-    from cogvideox_kernels.ops.vae_conv.native import vae_conv3d_native
-
     norm = dict(num_groups=GROUPS, norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], silu=True,
                 residual=a["residual"], cache=cache)
     x, w, b = a["x"], a["weight"], a["bias"]
@@ -92,18 +88,12 @@ def variants(a, cache):
         front = [cache] if cache is not None else [x[:, :, :1]] * 2
         return torch.nn.functional.conv3d(torch.cat(front + [x], dim=2), w, b, padding=(0, 1, 1))
 
-    out = {
+    return {
         "ours_fused": (lambda: vae_conv3d(x, w, b, backend=BACKEND, **norm)[0], "fused"),
-        "ours_fused_v2": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=2, **norm)[0], "fused"),
-        "ours_fused_v3": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=3, **norm)[0], "fused"),
-        "ours_fused_v4": (lambda: vae_conv3d_native(x, w, b, backend="cuda", variant=4, **norm)[0], "fused"),
         "ours_conv": (lambda: vae_conv3d(x, w, b, cache=cache, backend=BACKEND)[0], "conv"),
         "cudnn_conv": (cudnn, "conv"),
         "diffusers_seq": (lambda: diffusers_sequence(x, w, b, **norm)[0], "fused"),
     }
-    if BACKEND != "cuda":
-        del out["ours_fused_v2"], out["ours_fused_v3"], out["ours_fused_v4"]
-    return out
 
 
 def references(a, cache):
@@ -163,10 +153,10 @@ def run_shape(shape, front, seed):
         print(json.dumps(rows[-1]), flush=True)
     by = {r["impl"]: r for r in rows}
     for r in rows:
-        base = by["diffusers_seq"] if r["impl"].startswith("ours_fused") or r["impl"] == "diffusers_seq" else by["cudnn_conv"]
+        base = by["diffusers_seq"] if r["impl"] in ("ours_fused", "diffusers_seq") else by["cudnn_conv"]
         r["speedup"] = round(base["ms"] / r["ms"], 3)
         r["err_vs_diffusers"] = (round(r["rel_err"] / by["diffusers_seq"]["rel_err"], 3)
-                                 if r["impl"].startswith("ours_fused") else None)
+                                 if r["impl"] == "ours_fused" else None)
     del a, cache, refs
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -194,7 +184,7 @@ def write_results(rows, env, out_dir):
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write("# Fused VAE conv (bf16, GroupNorm 32 + SiLU + (3,3,3) conv + bias + residual)\n\n")
         f.write(json.dumps(env) + "\n\n")
-        f.write("speedup: ours_fused* and diffusers_seq vs diffusers_seq; ours_conv and cudnn_conv vs cudnn_conv.\n"
+        f.write("speedup: ours_fused and diffusers_seq vs diffusers_seq; ours_conv and cudnn_conv vs cudnn_conv.\n"
                 "rel_err vs the float32 reference (TF32 off) of the same function; err_vs_diffusers = "
                 "our error / diffusers_seq's bf16 error.\n\n")
         f.write(format_table(rows) + "\n")
@@ -235,10 +225,8 @@ def ncu_case():
 
 
 def sanitize_case():
-    """Small shapes through every CUDA path: both variants, bf16/fp16, norm/modulation/cache/residual,
-    odd W (scalar stores), partial tiles, C_out not a multiple of 128, zero front frames."""
-    from cogvideox_kernels.ops.vae_conv.native import vae_conv3d_native
-
+    """Small shapes through every CUDA path: bf16/fp16, norm/modulation/cache/residual, odd W (scalar
+    stores and the scalar activation pass), partial tiles, C_out not a multiple of 128, zero front frames."""
     worst = 0.0
     cases = [(torch.bfloat16, 32, 40, 3, 20, 24, "replicate", True), (torch.float16, 16, 8, 2, 17, 19, "zeros", False),
              (torch.bfloat16, 48, 136, 1, 9, 33, "replicate", False)]
@@ -250,9 +238,8 @@ def sanitize_case():
                   silu=True, residual=rnd(1, Co, T, H, W), pad_mode=pad_mode,
                   cache=rnd(1, C, 2, H, W) if use_cache else None)
         ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
-        for v in (1, 2, 3, 4):
-            y, _ = vae_conv3d_native(x, w, b, backend="cuda", variant=v, **kw)
-            worst = max(worst, rel(y.double(), ref.double()))
+        y, _ = vae_conv3d(x, w, b, backend="cuda", **kw)
+        worst = max(worst, rel(y.double(), ref.double()))
     torch.cuda.synchronize()
     print(f"sanitize case done, worst rel err {worst:.2e}")
     return 0 if worst < 1e-2 else 1

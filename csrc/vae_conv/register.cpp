@@ -2,7 +2,6 @@
 // and the stream as integers; Python (ops/vae_conv/native.py) has checked them already, the
 // checks here only guard against misuse of the raw binding.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
@@ -68,10 +67,9 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
 }  // namespace
 
 #ifndef COGVIDEOX_WITH_CUDA
-void vae_conv3d_cuda(const VaeConvParams&, const VaeConvWorkspace&, int, int, std::uintptr_t, int) {
+void vae_conv3d_cuda(const VaeConvParams&, const VaeConvWorkspace&, int, int, std::uintptr_t) {
   throw std::runtime_error("vae_conv3d_cuda: the extension was built without CUDA (no nvcc)");
 }
-std::vector<std::string> vae_conv_cuda_variants() { return {}; }
 #endif
 
 void register_vae_conv(py::module_& m) {
@@ -89,8 +87,7 @@ void register_vae_conv(py::module_& m) {
       "replicate, 1 zeros), groups (0 = no GroupNorm), eps, silu");
   m.def(
       "vae_conv3d_cuda",
-      [](const py::dict& tensors, const py::dict& sizes, int dtype, int device, std::uintptr_t stream,
-         int variant) {
+      [](const py::dict& tensors, const py::dict& sizes, int dtype, int device, std::uintptr_t stream) {
         const VaeConvParams p = make_params(tensors, sizes);
         VaeConvWorkspace ws;
         auto addr = [&](const char* name) -> std::uintptr_t {
@@ -101,15 +98,12 @@ void register_vae_conv(py::module_& m) {
         ws.partial = reinterpret_cast<double*>(addr("partial"));
         ws.coef = reinterpret_cast<float*>(addr("coef"));
         ws.splits = sizes["splits"].cast<int>();
-        vae_conv3d_cuda(p, ws, dtype, device, stream, variant);
+        vae_conv3d_cuda(p, ws, dtype, device, stream);
       },
       py::arg("tensors"), py::arg("sizes"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      py::arg("variant") = 0,
       "Fused VAE conv on a CUDA device, launched on `stream` (cudaStream_t as an int). Like "
       "vae_conv3d_cpu, with weight packed [C_out, kt, C_in/16, 9, 16] and the workspaces act, "
       "cache_cl, partial, coef (addresses) and splits (size)");
-  m.def("vae_conv_cuda_variants", &vae_conv_cuda_variants,
-        "Names of the CUDA conv configurations; variant i+1 forces entry i (0 = default)");
 }
 
 }  // namespace vae

@@ -2,8 +2,6 @@
 // residual). See vae_conv_index.h for what it computes.
 #pragma once
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "vae_conv/vae_conv_index.h"
 
@@ -26,10 +24,9 @@ struct VaeConvWorkspace {
 // CUDA path (bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0, stride 1): statistics, the
 // activation pass (norm, modulation, SiLU; to channels-last; new cache), then the implicit-GEMM
 // conv on the tensor cores. p.weight is packed [C_out, kt, C_in/16, 9, 16]. Launches on `stream`
-// (a cudaStream_t as an integer) of device `device`; variant 0 = default, 1.. force one.
+// (a cudaStream_t as an integer) of device `device`.
 void vae_conv3d_cuda(const VaeConvParams& p, const VaeConvWorkspace& ws, int dtype, int device,
-                     std::uintptr_t stream, int variant);
-std::vector<std::string> vae_conv_cuda_variants();
+                     std::uintptr_t stream);
 
 }  // namespace vae
 }  // namespace cvk

@@ -48,8 +48,7 @@ def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
                    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                    cache: Optional[torch.Tensor], residual: Optional[torch.Tensor], num_groups: int,
-                   eps: float, silu: bool, pad_mode: str, backend: str,
-                   variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, silu: bool, pad_mode: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, T, H, W = x.shape
     C_out, _, kt, kh, kw = weight.shape
     y = torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device)
@@ -74,7 +73,7 @@ def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ext.vae_conv3d_cuda(addrs, sizes, _DTYPE_CODES[x.dtype], device, stream, variant)
+        ext.vae_conv3d_cuda(addrs, sizes, _DTYPE_CODES[x.dtype], device, stream)
     else:
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
         ext.vae_conv3d_cpu(addrs, sizes, _DTYPE_CODES[x.dtype])
@@ -83,7 +82,7 @@ def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @_vae_conv3d_op.register_fake
 def _vae_conv3d_fake(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
-                     eps, silu, pad_mode, backend, variant):
+                     eps, silu, pad_mode, backend):
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
     return x.new_empty((B, C_out, T, H, W)), x.new_empty((B, C, kt - 1, H, W))
@@ -95,11 +94,10 @@ def _contig(t):
 
 def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                       scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-                      backend="cpp", variant=0):
+                      backend="cpp"):
     """Native fused VAE conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
 
     Returns ``(y, new_cache)`` like ``vae_conv3d_reference``. Non-contiguous inputs are copied.
-    ``variant`` (CUDA only) forces a conv configuration for benchmarks (0 = default).
     """
     if backend not in ("cuda", "cpp"):
         raise ValueError(f"vae_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
@@ -114,13 +112,9 @@ def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, n
             f"vae_conv3d backend='cuda': x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} is "
             "not covered by the CUDA kernel (bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0); "
             "use backend='reference' or 'auto'")
-    if variant:
-        n = len(get_ext().vae_conv_cuda_variants())
-        if backend != "cuda" or not 0 <= variant <= n:
-            raise ValueError(f"vae_conv3d_native: variant={variant} needs backend='cuda' and 0 <= variant <= {n}")
     return _vae_conv3d_op(_contig(x), _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias),
                           _contig(scale), _contig(shift), _contig(cache), _contig(residual), num_groups,
-                          float(eps), silu, pad_mode, backend, variant)
+                          float(eps), silu, pad_mode, backend)
 
 
 # registry hooks (see ops/registry.py): the op's inputs as keywords
