@@ -1,4 +1,4 @@
-"""Lane-level NumPy emulation of csrc/vae_conv/vae_conv_cuda.cu, to check its index maths without a
+"""Lane-level NumPy emulation of csrc/vae_conv/cuda_conv.cuh and cuda_prep.cuh, to check its index maths without a
 GPU: the statistics split, the activation pass (channels-last + new cache), and the conv kernel's
 cp.async chunk addressing, the ldmatrix lane addresses and fragment layouts (PTX ISA: ldmatrix
 non-transposed, mma.m16n8k16 A/B/C fragments) and the epilogue mapping. Every formula below is

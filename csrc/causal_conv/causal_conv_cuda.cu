@@ -160,20 +160,7 @@ void launch_new_cache(const CausalConvParams& p, int elem_bytes, cudaStream_t st
   CVK_CUDA_CHECK(cudaGetLastError());
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    CVK_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) CVK_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0;
-};
+using cvk::DeviceGuard;
 
 // The 16-byte loads need every frame and weight row to start on a 16-byte boundary.
 bool bases_aligned(const CausalConvParams& p) {

@@ -8,18 +8,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_host.cuh"
 #include "common/mma_sm80.cuh"
 
 namespace cvk {
 namespace {
 
-#define CVK_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                         \
-    cudaError_t err_ = (expr);                                                                 \
-    if (err_ != cudaSuccess)                                                                   \
-      throw std::runtime_error(std::string("causal_conv3d_cuda: ") + #expr + " failed: " +     \
-                               cudaGetErrorString(err_));                                      \
-  } while (0)
+#define CVK_CUDA_CHECK(expr) CVK_CHECK_CUDA("causal_conv3d_cuda", expr)
 
 using sm80::cp_async_16;
 using sm80::cp_async_commit;

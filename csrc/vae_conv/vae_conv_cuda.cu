@@ -26,6 +26,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_host.cuh"
 #include "vae_conv/cuda_conv.cuh"
 #include "vae_conv/cuda_prep.cuh"
 #include "vae_conv/cuda_tiles.h"
@@ -35,13 +36,7 @@ namespace cvk {
 namespace vae {
 namespace {
 
-#define VAE_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                         \
-    cudaError_t err_ = (expr);                                                                 \
-    if (err_ != cudaSuccess)                                                                   \
-      throw std::runtime_error(std::string("vae_conv3d_cuda: ") + #expr + " failed: " +        \
-                               cudaGetErrorString(err_));                                      \
-  } while (0)
+#define VAE_CUDA_CHECK(expr) CVK_CHECK_CUDA("vae_conv3d_cuda", expr)
 
 int device_max_smem(int device) {
   int v = 0;
@@ -49,20 +44,7 @@ int device_max_smem(int device) {
   return v;
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    VAE_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) VAE_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0;
-};
+using cvk::DeviceGuard;
 
 void invalid(const std::string& what) { throw std::invalid_argument("vae_conv3d_cuda: " + what); }
 
