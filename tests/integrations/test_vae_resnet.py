@@ -293,7 +293,8 @@ def test_lora_on_a_conv_takes_diffusers_path_for_that_block(monkeypatch):
             vae = make_vae()
             integration.apply(vae, backend="reference")
             torch.manual_seed(7)
-            inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[target], init_lora_weights=False), vae)
+            inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[target],
+                                               init_lora_weights=False), vae)
         spy = OpSpy(monkeypatch)
         with torch.no_grad():
             out = vae.decode(latents).sample
