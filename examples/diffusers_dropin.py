@@ -39,8 +39,8 @@ def generate():  # two denoising steps with classifier-free guidance; the latent
 
 before = generate()
 # "auto" takes our kernels on a GPU and the references on CPU tensors; "triton" forces the Triton
-# kernels (here through the interpreter). vae=False: on CPU our conv kernel has nothing to take from
-# this VAE (on a GPU, apply routes the VAE's (1,1,1) causal convs to our CUDA conv).
+# kernels (here through the interpreter). vae=False: under "auto" our VAE kernels take CUDA tensors only
+# (on a GPU, apply runs the VAE's ResNet blocks on vae_conv3d and its (1,1,1) convs on our causal conv).
 backend = "triton" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "auto"
 cvk_diffusers.apply(pipe, backend=backend, vae=False)
 assert cvk_diffusers.is_patched(pipe)

@@ -2,7 +2,7 @@
 eager, torch.compile of the blocks, ours (cogvideox_kernels.integrations.diffusers.apply), ours +
 compile; each output against a float32 run of the same model. Then, while time is left, a
 torch.profiler split (attention / GEMM / norm / elementwise) of eager vs ours, the VAE decode and
-encode eager vs patched, and the 2B step.
+encode (diffusers un-tiled, tiled, patched; vs float32), and the 2B step.
 
     python benchmarks/bench_step.py --out DIR [--preset 5b|2b] [--deadline EPOCH_SECONDS]
 
@@ -12,6 +12,7 @@ cut short keeps what it had. ``run_step_bench(preset, out_dir) -> list[dict]`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -306,57 +307,151 @@ def profile_split(step) -> dict:
 # VAE
 
 
-def vae_section(rec: Recorder, frames: int = 49, height: int = 480, width: int = 720):
+VAE_SHAPES = {"5b": (49, 480, 720), "1.5-5b": (81, 768, 1360)}  # video frames x height x width
+VAE_VARIANTS = ("diffusers", "diffusers tiled", "patched")
+TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+
+
+class _OpCounter:
+    """Counts the integration's VAE op calls (vae_conv3d, causal_conv3d) while entered."""
+
+    NAMES = ("vae_conv3d", "causal_conv3d")
+
+    def __enter__(self):
+        from cogvideox_kernels.integrations import diffusers as integration
+
+        self.module, self.calls = integration, dict.fromkeys(self.NAMES, 0)
+        self.originals = {name: getattr(integration, name) for name in self.NAMES}
+        for name, fn in self.originals.items():
+            def spy(*args, _name=name, _fn=fn, **kwargs):
+                self.calls[_name] += 1
+                return _fn(*args, **kwargs)
+            setattr(integration, name, spy)
+        return self.calls
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(self.module, name, fn)
+
+
+def _vae_free(device):
+    if device.type == "cuda":
+        free_memory()
+    else:
+        gc.collect()
+
+
+def _vae_timed(fn, device, warmup_context=None):
+    """(warm-up s, timed ms, peak GiB above what was allocated before the timed call, its output)."""
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    with torch.no_grad(), warmup_context or contextlib.nullcontext():
+        out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    del out
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    return first_s, ms, peak, out
+
+
+def vae_section(rec: Recorder, frames: int = 49, height: int = 480, width: int = 720, *, config=None,
+                work=("decode", "encode"), variants=VAE_VARIANTS, fp32_reference: bool = True,
+                dtype=torch.bfloat16, backend: str = "auto", tile: tuple | None = None):
+    """Decode (and encode) of a ``frames x height x width`` clip with diffusers' ``AutoencoderKLCogVideoX``
+    (``config``: the CogVideoX-2B/5B/1.5 VAE config, diffusers' defaults; random weights) in ``dtype``:
+    diffusers un-tiled, diffusers ``enable_tiling()``, and ``apply(vae, backend=...)`` un-tiled. Each row:
+    the second call's wall time (after one warm-up call), its peak memory above what was allocated before
+    it (weights and inputs), and its error against a float32 run of the same weights (TF32 off) when
+    ``fp32_reference``. On a CPU (``DEVICE = "cpu"``, a tiny ``config``, backend "cpp") it checks the logic.
+    ``tile``: (sample height, width) of diffusers' tiles, default diffusers' own (half the config's size).
+    """
     from diffusers import AutoencoderKLCogVideoX
 
     from cogvideox_kernels.integrations import diffusers as integration
 
-    free_memory()
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        vae = AutoencoderKLCogVideoX(scaling_factor=0.7)  # the CogVideoX-5B VAE config (diffusers' defaults)
-    vae = vae.to(torch.bfloat16).eval().requires_grad_(False)
-    g = torch.Generator(device=DEVICE).manual_seed(2)
-    latent_frames = (frames - 1) // 4 + 1
-    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, generator=g, device=DEVICE,
-                          dtype=torch.bfloat16)
-    video = torch.rand(1, 3, frames, height, width, generator=g, device=DEVICE, dtype=torch.bfloat16) * 2 - 1
+    device = torch.device(DEVICE)
     shape = f"{frames}x{height}x{width}"
-    outputs = {}
-    for variant in ("eager", "patched"):
-        for what, fn in (("decode", lambda: vae.decode(latents).sample),
-                         ("encode", lambda: vae.encode(video).latent_dist.mode())):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _vae_free(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKLCogVideoX(**(config or {})).eval().requires_grad_(False)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    g = torch.Generator(device=device).manual_seed(2)
+    inputs = {"decode": torch.randn(1, vae.config.latent_channels, (frames - 1) // 4 + 1, height // scale,
+                                    width // scale, generator=g, device=device),
+              "encode": torch.rand(1, vae.config.in_channels, frames, height, width, generator=g,
+                                   device=device) * 2 - 1}
+    calls = {"decode": lambda x: vae.decode(x).sample, "encode": lambda x: vae.encode(x).latent_dist.mode()}
+    refs, errors = {}, {}
+    if fp32_reference:
+        for what in work:
+            if rec.left_s() < 40:
+                break
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                refs[what] = calls[what](inputs[what]).float()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rec.add(section="vae", preset=shape, variant="float32 reference", status="ok",
+                    first_call_s=round(time.perf_counter() - t0, 2),
+                    note=f"{what}: float32 weights and activations, TF32 off, un-tiled, one call")
+    vae.to(dtype)
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    for what in work:
+        for variant in variants:
+            label = f"{what} {variant}"
             if rec.left_s() < 25:
-                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", status="skipped", note="out of time")
+                rec.add(section="vae", preset=shape, variant=label, status="skipped", note="out of time")
                 continue
-            note = ""
+            note, counter = [], None
             try:
-                if variant == "patched" and not integration.is_patched(vae):
-                    import warnings
-
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        integration.apply(vae)
-                    routed = sum(type(m).__name__.startswith("Kernel") for m in vae.modules())
-                    note = f"CogVideoXCausalConv3d running our causal_conv3d: {routed}" + "".join(
-                        f"; warning: {w.message}" for w in caught)
-                free_memory()
-                with torch.no_grad():
-                    _, ms, out = time_calls(fn, warmup=1, reps=1)
-                err = "" if variant == "eager" else f"{rel_err(out.float(), outputs[what]):.3e}"
-                if variant == "eager":
-                    outputs[what] = out.float()
-                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", ms=round(ms, 1),
-                        rel_err_vs_fp32=err, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                        status="ok", note=(note + ("; rel_err here is vs eager bf16" if err else "")).strip("; "))
+                if variant == "diffusers tiled":
+                    tiles = {} if tile is None else dict(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+                    vae.enable_tiling(**tiles)
+                    note.append(f"tiles {vae.tile_sample_min_height}x{vae.tile_sample_min_width} (sample)")
+                if variant == "patched":
+                    integration.apply(vae, backend=backend)
+                    report = integration.patch_report(vae)
+                    note.append(f"patched: {report['vae_resnet']} ResNet blocks, {report['vae']} causal convs")
+                    counter = _OpCounter()
+                _vae_free(device)
+                first_s, ms, peak, out = _vae_timed(lambda: calls[what](inputs[what]), device, counter)
+                if counter:
+                    note.append(f"op calls per {what} {counter.calls}".replace("'", ""))
+                err = ""
+                if what in refs:
+                    errors[label] = rel_err(out.float(), refs[what])
+                    err = f"{errors[label]:.3e}"
+                    own = errors.get(f"{what} diffusers")
+                    if variant != "diffusers" and own:
+                        note.append(f"error {errors[label] / own:.2f}x diffusers' bf16")
+                rec.add(section="vae", preset=shape, variant=label, ms=round(ms, 1), rel_err_vs_fp32=err,
+                        peak_mem_gib=None if peak is None else round(peak, 2), first_call_s=round(first_s, 2),
+                        status="ok", note="; ".join(note))
                 del out
             except Exception as exc:
                 traceback.print_exc()
-                rec.add(section="vae", preset=shape, variant=f"{what} {variant}", status="error",
+                rec.add(section="vae", preset=shape, variant=label, status="error",
                         note=f"{type(exc).__name__}: {str(exc)[:300]}")
-    integration.remove(vae)
-    del vae, latents, video, outputs
-    free_memory()
+            finally:
+                vae.disable_tiling()
+                integration.remove(vae)
+    del vae, inputs, refs
+    _vae_free(device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,7 +482,8 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
 
     sections: "step" (``preset``: eager, compiled, ours, ours+compile, diffusers + FA3 + compile where
     the fa3-fwd wheel is importable, then a profile split), "vae"
-    (decode/encode 49x480x720 eager vs patched), "other" (the other preset: eager, ours, compiled).
+    (decode/encode 49x480x720: diffusers un-tiled, tiled, patched, each vs float32), "other" (the other
+    preset: eager, ours, compiled).
     Each later section runs only while ``deadline`` leaves it time.
     """
     if preset not in PRESETS:

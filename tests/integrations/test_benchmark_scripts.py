@@ -50,3 +50,24 @@ def test_conformance_picks_the_installed_tag_or_the_one_below(tmp_path):
     assert ref == "v0.40.0" and "no tag v0.42.1" in note
     assert conformance.pick_ref(git_dir, "0.42.1", "v0.39.0") == ("v0.39.0", "")
     assert conformance._junit_id("tests/a/test_b.py::TestC::test_d[x]") == "tests.a.test_b.TestC::test_d[x]"
+
+
+def test_vae_decode_bench_tiny(tmp_path):
+    """bench_vae_decode.py --tiny (what gpu_vae_decode.sh runs at full size): diffusers un-tiled, tiled and
+    patched decode/encode of a tiny VAE on the CPU, the patched rows through vae_conv3d (2 calls per ResNet
+    block per frame batch) and equal to float32 diffusers, the summary against issue 14's bars written."""
+    script = load("bench_vae_decode")
+    assert script.main(["--tiny", "--out", str(tmp_path)]) == 0
+    rows = {(r["variant"], r["note"].split(":")[0] if r["variant"] == "float32 reference" else ""): r
+            for r in json.loads((tmp_path / "step_rows.json").read_text())["rows"]}
+    assert {v for v, _ in rows} == {"float32 reference"} | {f"{w} {v}" for w in ("decode", "encode")
+                                                           for v in ("diffusers", "diffusers tiled", "patched")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    blocks = {"decode": 10, "encode": 6}  # TINY_VAE: 4 up x 2 + mid 2; 4 down x 1 + mid 2; one frame batch
+    for what, n in blocks.items():
+        patched = rows[(f"{what} patched", "")]
+        assert f"vae_conv3d: {2 * n}" in patched["note"], patched["note"]
+        assert float(patched["rel_err_vs_fp32"]) <= 1e-5
+        assert float(rows[(f"{what} diffusers tiled", "")]["rel_err_vs_fp32"]) > 1e-3  # tiling ran
+    summary = (tmp_path / "vae_decode_results.md").read_text()
+    assert "decode patched" in summary and "Issue 14 bars" in summary

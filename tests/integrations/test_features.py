@@ -256,7 +256,7 @@ def test_feature(name, order, backend, tmp_path, monkeypatch, request):
         integration.apply(model, backend=backend)
         feature(model, tmp_path / "model")
         if name == "fused_qkv":  # diffusers put its fused processor back: not ours until applied again
-            assert integration.patch_report(model) == {"attention": 0, "ffn": 2, "vae": 0}
+            assert integration.patch_report(model) == {"attention": 0, "ffn": 2, "vae": 0, "vae_resnet": 0}
             integration.apply(model, backend=backend)
     spy = OpSpy(monkeypatch)
     with torch.no_grad():
@@ -364,9 +364,9 @@ def test_fuse_and_set_attn_processor_after_apply_keep_state_truthful(monkeypatch
     with torch.no_grad():
         ref = model(**inputs)[0]
     integration.apply(model, backend="reference")
-    assert integration.patch_report(model) == {"attention": 2, "ffn": 2, "vae": 0}
+    assert integration.patch_report(model) == {"attention": 2, "ffn": 2, "vae": 0, "vae_resnet": 0}
     model.fuse_qkv_projections()  # diffusers puts its fused processor on every attention
-    assert integration.patch_report(model) == {"attention": 0, "ffn": 2, "vae": 0}
+    assert integration.patch_report(model) == {"attention": 0, "ffn": 2, "vae": 0, "vae_resnet": 0}
     integration.apply(model, backend="reference")  # ours again, now over to_qkv
     assert integration.patch_report(model)["attention"] == 2
     spy = OpSpy(monkeypatch)
@@ -381,7 +381,7 @@ def test_fuse_and_set_attn_processor_after_apply_keep_state_truthful(monkeypatch
 
     mine = CogVideoXAttnProcessor2_0()
     model.transformer_blocks[0].attn1.set_processor(mine)  # the user's own change
-    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0}
+    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0, "vae_resnet": 0}
     integration.remove(model)
     assert not integration.is_patched(model)
     assert model.transformer_blocks[0].attn1.processor is mine  # remove never undoes the user's change
@@ -404,7 +404,7 @@ def test_user_processor_set_before_apply_is_left_alone(monkeypatch):
     model.transformer_blocks[1].attn1.set_processor(mine)
     with pytest.warns(UserWarning, match=r"1.attn1: Mine"):
         integration.apply(model, backend="reference")
-    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0}
+    assert integration.patch_report(model) == {"attention": 1, "ffn": 2, "vae": 0, "vae_resnet": 0}
     spy = OpSpy(monkeypatch)
     with torch.no_grad():
         out = model(**inputs)[0]
@@ -444,7 +444,7 @@ def test_copies_are_patched_and_removable(how, monkeypatch):
         torch.save(model, buffer)
         buffer.seek(0)
         copied = torch.load(buffer, weights_only=False)
-    assert integration.patch_report(copied) == {"attention": 2, "ffn": 2, "vae": 0}
+    assert integration.patch_report(copied) == {"attention": 2, "ffn": 2, "vae": 0, "vae_resnet": 0}
     integration.apply(copied, backend="reference")  # no second wrap
     assert not any(isinstance(b.attn1.processor.original, integration.CogVideoXKernelAttnProcessor)
                    for b in copied.transformer_blocks)
@@ -483,13 +483,17 @@ def test_remove_after_hooks_puts_diffusers_forward_under_them(monkeypatch):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("feature", ["group_offload_leaf_disk", "layerwise_casting_fp8"])
+@pytest.mark.parametrize("feature", ["group_offload_leaf_disk", "group_offload_block", "layerwise_casting_fp8"])
 def test_vae_features(feature, order, tmp_path, monkeypatch):
+    # The ResNet blocks run vae_conv3d (2 calls per block per frame batch: 10 decoder blocks, latents of
+    # 3 frames = 1 batch) with the weights the feature's hooks give; the causal convs causal_conv3d.
     needs("accelerate")
 
     def enable(vae, where):
         if feature == "layerwise_casting_fp8":
             vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        elif feature == "group_offload_block":
+            vae.enable_group_offload(onload_device=CPU, offload_type="block_level", num_blocks_per_group=1)
         else:
             vae.enable_group_offload(onload_device=CPU, offload_type="leaf_level", offload_to_disk_path=str(where))
 
@@ -503,8 +507,16 @@ def test_vae_features(feature, order, tmp_path, monkeypatch):
     else:
         integration.apply(vae, backend="reference")
         enable(vae, tmp_path / "vae")
+    assert integration.patch_report(vae)["vae_resnet"] == 16
     spy = OpSpy(monkeypatch)
+    seen_dtypes, op = set(), integration.vae_conv3d
+    monkeypatch.setattr(integration, "vae_conv3d", lambda *a, **k: (seen_dtypes.add(k["weight"].dtype), op(*a, **k))[1])
     with torch.no_grad():
         ref, out = reference.decode(latents).sample, vae.decode(latents).sample
-    assert len(spy.conv_calls) > 0 and rel_err(out, ref) <= BUDGET
+    assert len(spy.conv_calls) > 0 and len(spy.vae_conv_calls) == 2 * 10 and rel_err(out, ref) <= BUDGET
     assert rel_err(ref, make_vae().decode(latents).sample) > 1e-4 or feature != "layerwise_casting_fp8"
+    assert seen_dtypes == {torch.float32}  # the compute dtype, never the fp8 storage
+    integration.remove(vae)
+    with torch.no_grad():
+        assert rel_err(vae.decode(latents).sample, ref) <= BUDGET
+    assert len(spy.vae_conv_calls) == 2 * 10

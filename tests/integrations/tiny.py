@@ -73,9 +73,9 @@ class OpSpy:
     """Counts the op calls the integration makes and records the weights they were handed."""
 
     def __init__(self, monkeypatch):
-        self.attention_calls, self.ffn_calls, self.conv_calls = [], [], []
+        self.attention_calls, self.ffn_calls, self.conv_calls, self.vae_conv_calls = [], [], [], []
         for name, log in (("rope3d_attention", self.attention_calls), ("expert_ffn", self.ffn_calls),
-                          ("causal_conv3d", self.conv_calls)):
+                          ("causal_conv3d", self.conv_calls), ("vae_conv3d", self.vae_conv_calls)):
             real = getattr(integration, name)
 
             def spy(*args, _real=real, _log=log, **kwargs):

@@ -10,12 +10,16 @@ What gets patched (nothing is copied; classes are not changed):
   RoPE3D + attention in one ``rope3d_attention`` call, then to_out.
 * ffn: each ``CogVideoXBlock`` gets an instance ``forward`` (:class:`~.ffn.KernelBlockForward`) that runs
   diffusers' attention half and then norm2 adaLN + ff + gates + residual as one ``expert_ffn`` call.
-* vae: each ``CogVideoXCausalConv3d`` whose kernel shape our causal conv covers gets an instance
-  ``forward`` that runs ``causal_conv3d`` (frame-0 replicate padding and the chunk cache without
-  torch.cat) where the kernel takes the tensors (``auto``: CUDA tensors), diffusers' conv elsewhere.
-  diffusers' CogVideoX VAE has 68 (3,3,3) causal convs and 74 (1,1,1) ones (the decoder's spatial norms);
-  our CUDA conv covers kh = kw = 1 today. Where it can take none (no CUDA GPU or build), ``vae=True``
-  leaves the VAE as it is and warns.
+* vae: each ``CogVideoXResnetBlock3D`` of encoder and decoder gets an instance ``forward``
+  (:class:`~.resnet.KernelResnetForward`) that runs the block as two ``vae_conv3d`` calls (GroupNorm or
+  spatial norm + SiLU + causal (3,3,3) conv with its cache, the second with the shortcut as fused
+  residual), per frame batch as diffusers runs it. Each ``CogVideoXCausalConv3d`` whose kernel shape our
+  causal conv covers gets an instance ``forward`` that runs ``causal_conv3d`` (frame-0 replicate padding
+  and the chunk cache without torch.cat). Both take the tensors where the kernel does (``auto``: CUDA
+  tensors it covers), diffusers' modules elsewhere. diffusers' CogVideoX VAE has 32 ResNet blocks (64 of
+  its 68 (3,3,3) causal convs) and 74 (1,1,1) convs (the decoder's spatial norms); our causal conv covers
+  kh = kw = 1. Where nothing can be taken (no CUDA GPU or build), ``vae=True`` leaves the VAE as it is
+  and warns.
 
 Composes with diffusers' features, in either order with ``apply`` (tests/integrations/test_features.py):
 peft LoRA (``add_adapter``/``load_lora_weights``, ``set_adapters`` with weights, disable, ``fuse_lora``),
@@ -56,12 +60,13 @@ import warnings
 import torch
 
 # The ops, looked up here by the patched modules at each call (tests wrap them to count calls).
-from ...ops import causal_conv3d, expert_ffn, rope3d_attention  # noqa: F401
+from ...ops import causal_conv3d, expert_ffn, rope3d_attention, vae_conv3d  # noqa: F401
 from ...ops import registry
 from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
+from .resnet import KernelResnetForward, why_not_covered
 from .vae import (KernelConvForward, backend_can_run_here, conv_shape_supported, coverage_note,
                   kernel_shape_covered)
 
@@ -76,7 +81,8 @@ def _diffusers():
         from diffusers.models.attention_processor import (CogVideoXAttnProcessor2_0,
                                                           FusedCogVideoXAttnProcessor2_0)
         from diffusers.models.autoencoders.autoencoder_kl_cogvideox import (AutoencoderKLCogVideoX,
-                                                                            CogVideoXCausalConv3d)
+                                                                            CogVideoXCausalConv3d,
+                                                                            CogVideoXResnetBlock3D)
         from diffusers.models.transformers.cogvideox_transformer_3d import (CogVideoXBlock,
                                                                             CogVideoXTransformer3DModel)
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -85,6 +91,7 @@ def _diffusers():
     return dict(GELU=GELU, CogVideoXAttnProcessor2_0=CogVideoXAttnProcessor2_0,
                 FusedCogVideoXAttnProcessor2_0=FusedCogVideoXAttnProcessor2_0,
                 AutoencoderKLCogVideoX=AutoencoderKLCogVideoX, CogVideoXCausalConv3d=CogVideoXCausalConv3d,
+                CogVideoXResnetBlock3D=CogVideoXResnetBlock3D,
                 CogVideoXBlock=CogVideoXBlock, CogVideoXTransformer3DModel=CogVideoXTransformer3DModel)
 
 
@@ -138,17 +145,23 @@ def _apply_transformer(model, attention, ffn, backend, classes):
 def _apply_vae(vae, backend, classes):
     options = {"vae": True, "backend": backend}
     patched = _check_options(vae, options)
+    here = backend_can_run_here(backend)
     convs = [m for m in vae.modules() if isinstance(m, classes["CogVideoXCausalConv3d"])]
-    covered = [m for m in convs if backend_can_run_here(backend) and conv_shape_supported(m)
-               and kernel_shape_covered(m, backend)]
-    if not covered:
-        warnings.warn("cogvideox_kernels: vae=True changes nothing here: our causal conv kernel covers none "
-                      f"of this VAE's {coverage_note(convs)} (backend={backend!r}; 'auto' needs a CUDA GPU and "
-                      "the CUDA build of the extension); the VAE keeps diffusers' convs", stacklevel=3)
+    covered = [m for m in convs if here and conv_shape_supported(m) and kernel_shape_covered(m, backend)]
+    blocks = [m for m in vae.modules() if isinstance(m, classes["CogVideoXResnetBlock3D"])]
+    covered_blocks = [b for b in blocks if here and why_not_covered(b, backend) is None]
+    if not covered and not covered_blocks:
+        warnings.warn("cogvideox_kernels: vae=True changes nothing here: our kernels cover none of this VAE's "
+                      f"{len(blocks)} ResNet blocks and {coverage_note(convs)} (backend={backend!r}; 'auto' "
+                      "needs a CUDA GPU and the CUDA build of the extension); the VAE keeps diffusers' modules",
+                      stacklevel=3)
         return vae
     for m in covered:
         if state.installed(m, KernelConvForward) is None:
             state.install(m, KernelConvForward(m, backend))
+    for b in covered_blocks:
+        if state.installed(b, KernelResnetForward) is None:
+            state.install(b, KernelResnetForward(b, backend))
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -168,7 +181,8 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     obj: a ``CogVideoXPipeline`` (anything with ``.transformer`` / ``.vae``), a
     ``CogVideoXTransformer3DModel`` or an ``AutoencoderKLCogVideoX``.
     attention / ffn: patch each block's attention processor / FFN half (transformer).
-    vae: route the VAE's causal convs that our conv kernel covers to it (see the module docstring).
+    vae: route the VAE's ResNet blocks to ``vae_conv3d`` and its causal convs to ``causal_conv3d``
+    where our kernels cover them (see the module docstring).
     backend: ``"auto"`` (kernels on a supported GPU, references elsewhere), ``"triton"`` or
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
@@ -213,13 +227,15 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
 
 def patch_report(obj) -> dict:
     """How many modules of ``obj`` (and its ``.transformer`` / ``.vae``) run our kernels now:
-    ``{"attention": processors, "ffn": blocks, "vae": convs}``, read off the modules themselves."""
-    report = {"attention": 0, "ffn": 0, "vae": 0}
+    ``{"attention": processors, "ffn": blocks, "vae": convs, "vae_resnet": ResNet blocks}``, read off
+    the modules themselves."""
+    report = {"attention": 0, "ffn": 0, "vae": 0, "vae_resnet": 0}
     for part in _parts(obj):
         for module in part.modules():
             report["attention"] += isinstance(getattr(module, "processor", None), CogVideoXKernelAttnProcessor)
             report["ffn"] += state.installed(module, KernelBlockForward) is not None
             report["vae"] += state.installed(module, KernelConvForward) is not None
+            report["vae_resnet"] += state.installed(module, KernelResnetForward) is not None
     return report
 
 
@@ -243,6 +259,7 @@ def remove(obj):
                 module.set_processor(processor.original)
             state.uninstall(module, KernelBlockForward)
             state.uninstall(module, KernelConvForward)
+            state.uninstall(module, KernelResnetForward)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, SequenceRecorder):
                     del module._forward_pre_hooks[key]

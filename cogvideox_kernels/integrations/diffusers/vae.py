@@ -89,15 +89,14 @@ class KernelConvForward:
     def __call__(self, inputs, conv_cache=None):
         module, backend = self.module, self.backend
         conv = module.conv
-        stride = conv.stride[0]
-        runs = (_plain_conv(conv) and weights.hooks_known(conv)
+        runs = (_plain_conv(conv) and weights.hooks_known(conv)  # (a peft LoRA Conv3d has no .stride)
                 and not weights.autograd_needed((inputs, conv_cache), (conv,))
-                and _takes(inputs, conv.weight.shape, stride, backend))
+                and _takes(inputs, conv.weight.shape, conv.stride[0], backend))
         if runs:
             with contextlib.ExitStack() as stack:
                 params = weights.leaf_params(conv, stack)
                 if params is not None:
-                    return self._ours(inputs, conv_cache, *params, stride)
+                    return self._ours(inputs, conv_cache, *params, conv.stride[0])
         return type(module).forward(module, inputs, conv_cache)
 
     def _ours(self, inputs, conv_cache, weight, bias, stride):

@@ -1,0 +1,352 @@
+"""``apply(vae)`` runs each diffusers ``CogVideoXResnetBlock3D`` as two ``vae_conv3d`` calls
+(integrations/diffusers/resnet.py): equal to diffusers' own block and whole VAE (encoder with GroupNorm,
+decoder with the spatial norm and zq) over diffusers' frame batches with the conv caches carried,
+2 op calls per block per frame batch, removable bit for bit, copyable; diffusers' forward wherever the
+fused op would not compute exactly what diffusers does (autograd, temb, dropout, other activations,
+LoRA'd convs, hooks or forwards we do not know)."""
+import copy
+import io
+
+import pytest
+import torch
+
+from cogvideox_kernels import _ext
+
+pytest.importorskip("diffusers")
+diffusers_vae = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_cogvideox")
+from tiny import OpSpy, make_vae, rel_err  # noqa: E402
+
+from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
+from cogvideox_kernels.integrations.diffusers.resnet import KernelResnetForward  # noqa: E402
+
+BACKENDS = ["reference"] + (["cpp"] if _ext.extension_available() else [])
+BUDGET = 1e-5
+ENCODER_BLOCKS, DECODER_BLOCKS = 6, 10  # tiny.make_vae: 4 down x 1 + mid 2; 4 up x 2 + mid 2
+
+
+def make_block(C_in, C_out, *, spatial_norm_dim=None, conv_shortcut=False, temb_channels=0, seed=0,
+               device="cpu", dtype=torch.float32):
+    torch.manual_seed(seed)
+    block = diffusers_vae.CogVideoXResnetBlock3D(C_in, C_out, temb_channels=temb_channels, groups=4, eps=1e-6,
+                                                 conv_shortcut=conv_shortcut, spatial_norm_dim=spatial_norm_dim,
+                                                 pad_mode="first")
+    with torch.no_grad():  # non-trivial norm affine parameters
+        for m in block.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    return block.eval().to(device=device, dtype=dtype)
+
+
+def compare_caches(ours, ref, budget):
+    assert list(ours) == list(ref)  # diffusers' keys, in diffusers' order
+    for key, value in ref.items():
+        if isinstance(value, dict):
+            compare_caches(ours[key], value, budget)
+        elif value is None:
+            assert ours[key] is None, key
+        else:
+            assert ours[key].shape == value.shape and rel_err(ours[key], value) <= budget, key
+
+
+def run_batches(forward, x, zq, lengths, cache=None):
+    """diffusers' frame-batch loop over one block: outputs and caches of each batch."""
+    results, t0 = [], 0
+    for n in lengths:
+        zs = None if zq is None else zq[:, :, t0:t0 + n]
+        with torch.no_grad():
+            out, cache = forward(x[:, :, t0:t0 + n], zq=zs, conv_cache=cache)
+        results.append((out, cache))
+        t0 += n
+    return results
+
+
+BLOCKS = {  # name: (C_in, C_out, options)
+    "groupnorm": (8, 8, {}),
+    "groupnorm 1x1 shortcut": (8, 12, {}),
+    "groupnorm causal conv shortcut": (8, 12, {"conv_shortcut": True}),
+    "spatial norm": (8, 8, {"spatial_norm_dim": 4}),
+    "spatial norm 1x1 shortcut": (8, 12, {"spatial_norm_dim": 4}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_matches_diffusers_over_frame_batches(backend, name, monkeypatch):
+    C_in, C_out, options = BLOCKS[name]
+    block = make_block(C_in, C_out, seed=1, **options)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, C_in, 5, 6, 7, generator=g) + 0.3
+    zq = torch.randn(2, 4, 5, 3, 4, generator=g) if "spatial_norm_dim" in options else None
+    ref = run_batches(block, x, zq, (3, 2))
+    spy = OpSpy(monkeypatch)
+    ours = run_batches(KernelResnetForward(block, backend), x, zq, (3, 2))
+    assert len(spy.vae_conv_calls) == 4  # 2 per frame batch
+    assert [kw.get("cache") is None for _, kw in spy.vae_conv_calls] == [True, True, False, False]
+    assert all((kw.get("scale") is not None) == (zq is not None) for _, kw in spy.vae_conv_calls)
+    for (out, cache), (ref_out, ref_cache) in zip(ours, ref):
+        assert rel_err(out, ref_out) <= BUDGET
+        compare_caches(cache, ref_cache, BUDGET)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["inputs", "zq", "cache"])
+def test_block_takes_non_contiguous_views(backend, which):
+    block = make_block(8, 12, spatial_norm_dim=4, conv_shortcut=True, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 3, 6, 7, generator=g)
+    zq = torch.randn(1, 4, 3, 3, 4, generator=g)
+    with torch.no_grad():
+        _, cache = block(torch.randn(1, 8, 2, 6, 7, generator=g), zq=zq[:, :, :2])
+    if which == "inputs":  # a stepped slice
+        x = torch.randn(1, 8, 3, 6, 14, generator=g)[..., ::2]
+    elif which == "zq":  # transposed storage
+        zq = torch.randn(1, 4, 3, 4, 3, generator=g).transpose(3, 4)
+    else:  # channels_last_3d caches
+        cache = {k: (v.to(memory_format=torch.channels_last_3d) if torch.is_tensor(v) else v)
+                 for k, v in cache.items()}
+    assert not {"inputs": x, "zq": zq, "cache": cache["conv1"]}[which].is_contiguous()
+    with torch.no_grad():
+        ref, ref_cache = block(x, zq=zq, conv_cache=cache)
+        out, new_cache = KernelResnetForward(block, backend)(x, zq=zq, conv_cache=cache)
+    assert rel_err(out, ref) <= BUDGET
+    compare_caches(new_cache, ref_cache, BUDGET)
+
+
+# ------------------------------------------------------------------------------------ whole VAE
+
+
+def vae_inputs(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(1, 3, 17, 16, 24, generator=g)  # encoded in 2 frame batches (9, 8)
+    latents = torch.randn(1, 4, 5, 2, 3, generator=g)  # decoded in 2 frame batches (3, 2)
+    return video, latents
+
+
+def encode_decode(vae, video, latents):
+    with torch.no_grad():
+        return vae.encode(video).latent_dist.mode(), vae.decode(latents).sample
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vae_encode_decode_match_diffusers(backend, monkeypatch):
+    vae = make_vae()
+    video, latents = vae_inputs()
+    ref_z, ref_x = encode_decode(vae, video, latents)
+    integration.apply(vae, backend=backend)
+    assert integration.patch_report(vae)["vae_resnet"] == ENCODER_BLOCKS + DECODER_BLOCKS
+    assert all(type(b) is diffusers_vae.CogVideoXResnetBlock3D for b in vae.modules()
+               if isinstance(b, diffusers_vae.CogVideoXResnetBlock3D))  # no class swap
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()
+        encode_calls = list(spy.vae_conv_calls)
+        x = vae.decode(latents).sample
+    decode_calls = spy.vae_conv_calls[len(encode_calls):]
+    assert len(encode_calls) == 2 * ENCODER_BLOCKS * 2 and len(decode_calls) == 2 * DECODER_BLOCKS * 2
+    assert not any(kw.get("scale") is not None for _, kw in encode_calls)  # GroupNorm
+    assert all(kw.get("scale") is not None for _, kw in decode_calls)  # spatial norm
+    assert sum(kw.get("cache") is not None for _, kw in decode_calls) == 2 * DECODER_BLOCKS  # 2nd batch
+    assert rel_err(z, ref_z) <= BUDGET and rel_err(x, ref_x) <= BUDGET
+    integration.remove(vae)
+    assert integration.patch_report(vae)["vae_resnet"] == 0
+    assert not any("forward" in m.__dict__ for m in vae.modules())
+    again_z, again_x = encode_decode(vae, video, latents)
+    assert torch.equal(again_z, ref_z) and torch.equal(again_x, ref_x)
+
+
+def test_uncovered_block_keeps_diffusers_forward(monkeypatch):
+    vae = make_vae()
+    vae.decoder.mid_block.resnets[0].nonlinearity = torch.nn.GELU()  # not what the op fuses
+    _, latents = vae_inputs()
+    _, ref = encode_decode(vae, *vae_inputs())
+    integration.apply(vae, backend="reference")
+    assert integration.patch_report(vae)["vae_resnet"] == ENCODER_BLOCKS + DECODER_BLOCKS - 1
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        out = vae.decode(latents).sample
+    assert len(spy.vae_conv_calls) == 2 * (DECODER_BLOCKS - 1) * 2 and rel_err(out, ref) <= BUDGET
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch_save"])
+def test_copies_are_patched_and_removable(how, monkeypatch):
+    vae = make_vae()
+    video, latents = vae_inputs()
+    ref_z, ref_x = encode_decode(vae, video, latents)
+    integration.apply(vae, backend="reference")
+    if how == "deepcopy":
+        copied = copy.deepcopy(vae)
+    else:
+        buffer = io.BytesIO()
+        torch.save(vae, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert integration.patch_report(copied)["vae_resnet"] == ENCODER_BLOCKS + DECODER_BLOCKS
+    blocks = [m for m in copied.modules() if isinstance(m, diffusers_vae.CogVideoXResnetBlock3D)]
+    assert all(b.forward.block is b for b in blocks)  # the copy's forward runs the copy
+    spy = OpSpy(monkeypatch)
+    z, x = encode_decode(copied, video, latents)
+    assert len(spy.vae_conv_calls) == 2 * (2 * ENCODER_BLOCKS + 2 * DECODER_BLOCKS)
+    assert rel_err(z, ref_z) <= BUDGET and rel_err(x, ref_x) <= BUDGET
+    integration.remove(copied)
+    assert integration.patch_report(copied)["vae_resnet"] == 0
+    assert integration.patch_report(vae)["vae_resnet"] == ENCODER_BLOCKS + DECODER_BLOCKS
+    assert torch.equal(encode_decode(copied, video, latents)[1], ref_x)
+
+
+# ------------------------------------------------------------------------------ diffusers' path
+
+
+def test_autograd_takes_diffusers_path(monkeypatch):
+    vae = make_vae().requires_grad_(True)
+    _, latents = vae_inputs()
+    ref = vae.decode(latents).sample
+    integration.apply(vae, backend="reference")
+    spy = OpSpy(monkeypatch)
+    out = vae.decode(latents).sample
+    assert not spy.vae_conv_calls and torch.equal(out, ref)
+    out.square().mean().backward()
+    assert vae.decoder.up_blocks[0].resnets[0].conv1.conv.weight.grad is not None
+    vae.requires_grad_(False)
+    latents.requires_grad_(True)  # gradient wrt the latents only (guidance-style)
+    out = vae.decode(latents).sample
+    assert not spy.vae_conv_calls and torch.equal(out.detach(), ref.detach())
+    with torch.no_grad():
+        vae.decode(latents)
+    assert len(spy.vae_conv_calls) == 2 * DECODER_BLOCKS * 2
+
+
+def _spatial_block(seed=5, **options):
+    block = make_block(8, 12, spatial_norm_dim=4, seed=seed, **options)
+    g = torch.Generator().manual_seed(seed)
+    return block, torch.randn(1, 8, 3, 6, 7, generator=g), torch.randn(1, 4, 3, 3, 4, generator=g)
+
+
+def _falls_back(block, monkeypatch, *args, **kwargs):
+    """The patched forward equals diffusers' and made no op call."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = type(block).forward(block, *args, **kwargs)[0]
+    spy = OpSpy(monkeypatch)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = KernelResnetForward(block, "reference")(*args, **kwargs)[0]
+    assert not spy.vae_conv_calls
+    assert torch.equal(out, ref)
+    return out
+
+
+def test_temb_takes_diffusers_path(monkeypatch):
+    block, x, zq = _spatial_block(temb_channels=6)
+    temb = torch.randn(1, 6)
+    out = _falls_back(block, monkeypatch, x, temb, zq)
+    with torch.no_grad():
+        assert rel_err(out, block(x, None, zq)[0]) > 1e-3  # temb mattered
+
+
+def test_active_dropout_takes_diffusers_path(monkeypatch):
+    block, x, zq = _spatial_block()
+    block.dropout.p = 0.5
+    block.train()
+    _falls_back(block, monkeypatch, x, None, zq)
+
+
+def test_activation_swapped_after_apply_takes_diffusers_path(monkeypatch):
+    block, x, zq = _spatial_block()
+    block.nonlinearity = torch.nn.GELU()
+    _falls_back(block, monkeypatch, x, None, zq)
+
+
+def test_unknown_hook_or_forward_takes_diffusers_path(monkeypatch):
+    block, x, zq = _spatial_block()
+    handle = block.norm2.norm_layer.register_forward_hook(lambda m, args, out: out * 1.5)
+    _falls_back(block, monkeypatch, x, None, zq)
+    handle.remove()
+    conv2_forward = block.conv2.forward
+    block.conv2.forward = lambda inputs, conv_cache=None: tuple(
+        o * 0.5 if torch.is_tensor(o) and o.shape[2] == inputs.shape[2] else o
+        for o in conv2_forward(inputs, conv_cache))
+    _falls_back(block, monkeypatch, x, None, zq)
+
+
+def test_lora_on_a_conv_takes_diffusers_path_for_that_block(monkeypatch):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    target = "decoder.mid_block.resnets.0.conv1.conv"
+
+    def lora_vae():
+        vae = make_vae()
+        torch.manual_seed(7)
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[target], init_lora_weights=False), vae)
+        return vae.eval()
+
+    _, latents = vae_inputs()
+    with torch.no_grad():
+        ref = lora_vae().decode(latents).sample
+        assert rel_err(ref, make_vae().decode(latents).sample) > 1e-4  # the LoRA matters
+    for order in ("lora_then_apply", "apply_then_lora"):
+        if order == "lora_then_apply":
+            vae = lora_vae()
+            integration.apply(vae, backend="reference")
+        else:
+            vae = make_vae()
+            integration.apply(vae, backend="reference")
+            torch.manual_seed(7)
+            inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=[target],
+                                               init_lora_weights=False), vae)
+        spy = OpSpy(monkeypatch)
+        with torch.no_grad():
+            out = vae.decode(latents).sample
+        assert len(spy.vae_conv_calls) == 2 * (DECODER_BLOCKS - 1) * 2, order
+        assert rel_err(out, ref) <= BUDGET, order
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
+def test_cuda_block_bf16_within_diffusers_own_error(spatial):
+    """bf16 through the CUDA kernel vs diffusers' own bf16 forward, both against diffusers in float32:
+    ours no worse than 1.25x diffusers' own bf16 error."""
+    block32 = make_block(128, 128, spatial_norm_dim=16 if spatial else None, seed=4, device="cuda")
+    block16 = make_block(128, 128, spatial_norm_dim=16 if spatial else None, seed=4, device="cuda",
+                         dtype=torch.bfloat16)
+    x = torch.randn(1, 128, 3, 40, 60, device="cuda")
+    zq = torch.randn(1, 16, 3, 10, 15, device="cuda") if spatial else None
+    with torch.no_grad():
+        ref, _ = block32(x, zq=zq)
+        own, _ = block16(x.bfloat16(), zq=None if zq is None else zq.bfloat16())
+        ours, _ = KernelResnetForward(block16, "cuda")(x.bfloat16(), zq=None if zq is None else zq.bfloat16())
+    assert rel_err(ours, ref) <= 1.25 * rel_err(own, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
+def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch):
+    """The CogVideoX-5B VAE config (diffusers' defaults) in bf16 on the GPU, apply(vae) with 'auto':
+    every ResNet block runs our CUDA kernel (2 calls per block), decode and encode within 2x diffusers'
+    own bf16 error against a float32 run of the same weights."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae32 = AutoencoderKLCogVideoX().eval().requires_grad_(False)
+    vae16 = copy.deepcopy(vae32).to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    latents = torch.randn(1, 16, 3, 8, 12, device="cuda", generator=g)  # one decoder frame batch
+    video = torch.rand(1, 3, 9, 64, 96, device="cuda", generator=g) * 2 - 1  # one encoder frame batch
+    with torch.no_grad():
+        ref_x, ref_z = vae32.decode(latents).sample, vae32.encode(video).latent_dist.mode()
+        own_x = vae16.decode(latents.bfloat16()).sample
+        own_z = vae16.encode(video.bfloat16()).latent_dist.mode()
+        integration.apply(vae16)
+        assert integration.patch_report(vae16)["vae_resnet"] == 32
+        spy = OpSpy(monkeypatch)
+        ours_x = vae16.decode(latents.bfloat16()).sample
+        assert len(spy.vae_conv_calls) == 2 * 18
+        ours_z = vae16.encode(video.bfloat16()).latent_dist.mode()
+        assert len(spy.vae_conv_calls) == 2 * 18 + 2 * 14
+    for ours, own, ref in ((ours_x, own_x, ref_x), (ours_z, own_z, ref_z)):
+        assert rel_err(ours, ref) <= 2 * rel_err(own, ref), (rel_err(ours, ref), rel_err(own, ref))
