@@ -60,3 +60,24 @@ def replaced(inputs: dict, name: str, index, t) -> dict:
     else:
         out[name] = tuple(t if i == index else v for i, v in enumerate(inputs[name]))
     return out
+
+
+def randomize(module, seed, scale=0.2):
+    """Fresh random values in every parameter (LayerNorm weights too), so no mapping hides behind 1/0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def copy_of(model, how: str):
+    """``model`` through ``copy.deepcopy`` (how="deepcopy") or a ``torch.save``/``torch.load`` round trip."""
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

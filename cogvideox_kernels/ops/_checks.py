@@ -31,3 +31,17 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
         bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name}={value} is out of range; it must be in {bound}")
     return value
+
+
+def check_conv_weight(weight, x) -> tuple[int, int, int, int]:
+    """A conv weight ``[C_out, C_in, kt, kh, kw]`` for ``x [B, C, T, H, W]``: same device and dtype,
+    C_in == C, kt >= 1, odd kh and kw. Returns ``(C_out, kt, kh, kw)``."""
+    check_tensor("weight", weight, ndim=5, device=x.device)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    C_out, C_in, kt, kh, kw = weight.shape
+    if C_in != x.shape[1]:
+        raise ValueError(f"weight is [C_out, C_in={C_in}, kt, kh, kw] but x has C={x.shape[1]} channels")
+    if min(C_out, kt) == 0 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"weight shape {tuple(weight.shape)}: kt >= 1 and odd kh, kw are supported")
+    return C_out, kt, kh, kw

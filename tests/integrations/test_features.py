@@ -6,8 +6,6 @@ model's SDPA / GELU calls), or the feature is refused / taken by diffusers' path
 CPU, tiny 5B-style transformer (RoPE, 2 blocks) and tiny VAE; the "GPU" of group offloading is the CPU.
 Features that change which weights the ops see (LoRA, disk offload, fp8 casting) also run the Triton
 kernels in the interpreter."""
-import copy
-import io
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
 from diffusers.hooks import LayerSkipConfig, apply_layer_skip  # noqa: E402
 from diffusers.models.attention_processor import (CogVideoXAttnProcessor2_0,  # noqa: E402
                                                   FusedCogVideoXAttnProcessor2_0)
+from helpers import copy_of  # noqa: E402
 from tiny import BACKENDS, OpSpy, make_transformer, make_vae, rel_err, transformer_inputs  # noqa: E402
 
 from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
@@ -437,13 +436,7 @@ def test_copies_are_patched_and_removable(how, monkeypatch):
     model = make_transformer("5b")
     inputs = transformer_inputs(model)
     integration.apply(model, backend="reference")
-    if how == "deepcopy":
-        copied = copy.deepcopy(model)
-    else:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        copied = torch.load(buffer, weights_only=False)
+    copied = copy_of(model, how)
     assert integration.patch_report(copied) == {"attention": 2, "ffn": 2, "vae": 0, "vae_resnet": 0}
     integration.apply(copied, backend="reference")  # no second wrap
     assert not any(isinstance(b.attn1.processor.original, integration.CogVideoXKernelAttnProcessor)

@@ -5,7 +5,6 @@ decoder with the spatial norm and zq) over diffusers' frame batches with the con
 fused op would not compute exactly what diffusers does (autograd, temb, dropout, other activations,
 LoRA'd convs, hooks or forwards we do not know)."""
 import copy
-import io
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from cogvideox_kernels import _ext
 
 pytest.importorskip("diffusers")
 diffusers_vae = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_cogvideox")
+from helpers import copy_of  # noqa: E402
 from tiny import OpSpy, make_vae, rel_err  # noqa: E402
 
 from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
@@ -174,13 +174,7 @@ def test_copies_are_patched_and_removable(how, monkeypatch):
     video, latents = vae_inputs()
     ref_z, ref_x = encode_decode(vae, video, latents)
     integration.apply(vae, backend="reference")
-    if how == "deepcopy":
-        copied = copy.deepcopy(vae)
-    else:
-        buffer = io.BytesIO()
-        torch.save(vae, buffer)
-        buffer.seek(0)
-        copied = torch.load(buffer, weights_only=False)
+    copied = copy_of(vae, how)
     assert integration.patch_report(copied)["vae_resnet"] == ENCODER_BLOCKS + DECODER_BLOCKS
     blocks = [m for m in copied.modules() if isinstance(m, diffusers_vae.CogVideoXResnetBlock3D)]
     assert all(b.forward.block is b for b in blocks)  # the copy's forward runs the copy

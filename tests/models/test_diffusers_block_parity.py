@@ -16,17 +16,9 @@ from diffusers.models.transformers.cogvideox_transformer_3d import (  # noqa: E4
 
 from cogvideox_kernels.models.transformer import CogVideoXBlock, build_transformer  # noqa: E402
 from cogvideox_kernels.ops.rope import rope3d_freqs  # noqa: E402
-from helpers import rel_err
+from helpers import randomize, rel_err
 
 TOL = 1e-5
-
-
-def randomize(module, seed):
-    """Fresh random values in every parameter (LayerNorm weights too), so no mapping hides behind 1/0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def load_block(ours: CogVideoXBlock, theirs: DiffusersBlock) -> None:

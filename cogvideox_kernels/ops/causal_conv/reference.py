@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_conv_weight, check_int, check_shape, check_tensor
 
 PAD_MODES = ("replicate", "zeros")
 
@@ -23,14 +23,7 @@ def check_causal_conv_inputs(x, weight, bias, stride, pad_mode, cache):
     B, C, T, H, W = x.shape
     if min(B, C, T, H, W) == 0:
         raise ValueError(f"x has an empty dimension: shape {tuple(x.shape)} [B, C, T, H, W]")
-    check_tensor("weight", weight, ndim=5, device=device)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    C_out, C_in, kt, kh, kw = weight.shape
-    if C_in != C:
-        raise ValueError(f"weight is [C_out, C_in={C_in}, kt, kh, kw] but x has C={C} channels")
-    if min(C_out, kt) == 0 or kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"weight shape {tuple(weight.shape)}: kt >= 1 and odd kh, kw are supported")
+    C_out, kt, kh, kw = check_conv_weight(weight, x)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=device)
         check_shape("bias", bias, (C_out,))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import FLOAT_DTYPES, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_conv_weight, check_shape, check_tensor
 
 PAD_MODES = ("replicate", "zeros")
 
@@ -45,14 +45,7 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
         if t.dtype != dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but x has {dtype}; they must match")
 
-    check_tensor("weight", weight, ndim=5, device=device)
-    if weight.dtype != dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but x has {dtype}; they must match")
-    C_out, C_in, kt, kh, kw = weight.shape
-    if C_in != C:
-        raise ValueError(f"weight is [C_out, C_in={C_in}, kt, kh, kw] but x has C={C} channels")
-    if min(C_out, kt) == 0 or kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"weight shape {tuple(weight.shape)}: kt >= 1 and odd kh, kw are supported")
+    C_out, kt, kh, kw = check_conv_weight(weight, x)
     if bias is not None:
         same("bias", bias, (C_out,))
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
