@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import Optional
 
 import torch
 import triton
@@ -178,9 +179,9 @@ def supports(x, w1, num_text_experts, **_) -> str | None:
 
 
 @torch.library.custom_op("cogvideox_kernels::expert_ffn_fp8", mutates_args=())
-def expert_ffn_fp8_op(x: torch.Tensor, modulation: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
-                      w2: torch.Tensor, b2: torch.Tensor | None, text_len: int, norm_weight: torch.Tensor | None,
-                      norm_bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def expert_ffn_fp8_op(x: torch.Tensor, modulation: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                      w2: torch.Tensor, b2: Optional[torch.Tensor], text_len: int, norm_weight: Optional[torch.Tensor],
+                      norm_bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     return expert_ffn_fp8_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps)
 
 
