@@ -242,9 +242,12 @@ def test_gpu_fp8_matches_emulation(S, hidden, inner, text_len):
     assert delta_err(out, ref, x) < 8e-2 and rel_err(out, ref) < 3e-2
 
 
-@pytest.mark.gpu
-def test_gpu_fp8_weight_update_and_compile():
-    args, kwargs = _gpu_case(300, 256, 512, 17, seed=12)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_weight_update_and_compile(device, request):
+    if device == "cpu":
+        request.getfixturevalue("interpret")
+    S, hidden, inner = (300, 256, 512) if device == "cuda" else (19, 64, 96)
+    args, kwargs = make_case(2, S, hidden, inner, 17, device=device, seed=12)
 
     def half_block(x, modulation):
         return expert_ffn(x, modulation, args["w1"], args["b1"], args["w2"], args["b2"], **kwargs,
