@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - older torch
 
 def _poisoned(t):
     if t.is_floating_point() and t.numel() and not t.is_meta:
-        t.fill_(float("nan"))
+        with torch.no_grad():  # also torch.empty(..., requires_grad=True) (inductor's pattern init makes some)
+            t.fill_(float("nan"))
     return t
 
 

@@ -104,8 +104,8 @@ def _check_options(model, options):
     return patched
 
 
-def _apply_transformer(model, attention, ffn, backend, classes):
-    options = {"attention": attention, "ffn": ffn, "backend": backend}
+def _apply_transformer(model, attention, ffn, backend, precision, classes):
+    options = {"attention": attention, "ffn": ffn, "backend": backend, "precision": precision}
     patched = _check_options(model, options)
     blocks = list(model.transformer_blocks)
     for i, block in enumerate(blocks):
@@ -133,7 +133,8 @@ def _apply_transformer(model, attention, ffn, backend, classes):
             else:
                 skipped.append(f"{i}.attn1: {type(processor).__name__}")
         if ffn and state.installed(block, KernelBlockForward) is None:
-            if not state.install(block, KernelBlockForward(block, backend)):
+            forward = KernelBlockForward(block, backend, state.op_precision(precision, "expert_ffn"))
+            if not state.install(block, forward):
                 skipped.append(f"{i}.forward: {type(block.forward).__name__}")
     if skipped:
         warnings.warn("cogvideox_kernels: left in place what it does not know (module: what is there) "
@@ -175,7 +176,8 @@ def _parts(obj):
     return [getattr(p, "_orig_mod", p) for p in parts if p is not None]
 
 
-def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, backend: str = "auto"):
+def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, backend: str = "auto",
+          precision: str = "bf16"):
     """Patch a diffusers CogVideoX pipeline, transformer or VAE in place with our kernels; returns ``obj``.
 
     obj: a ``CogVideoXPipeline`` (anything with ``.transformer`` / ``.vae``), a
@@ -186,13 +188,16 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     backend: ``"auto"`` (kernels on a supported GPU, references elsewhere), ``"triton"`` or
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
-    of a supported shape). A backend one part lacks means ``"auto"`` there. Applying again with the
+    of a supported shape). A backend one part lacks means ``"auto"`` there.
+    precision: ``"bf16"`` (default, exact) or ``"fp8"`` (the FFN GEMMs in FP8 e4m3; lossy, opt-in);
+    ``state.PRECISION_MODES`` says what each op runs in each mode. Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise
     until :func:`remove`.
     """
     classes = _diffusers()
     transformer_cls, vae_cls = classes["CogVideoXTransformer3DModel"], classes["AutoencoderKLCogVideoX"]
+    state.op_precision(precision, "expert_ffn")  # a ValueError for an unknown mode, before anything changes
     allowed = tuple(dict.fromkeys(BACKENDS + CONV_BACKENDS))
     if backend not in allowed:
         raise ValueError(f"backend={backend!r} is not supported; choose one of {allowed}")
@@ -219,7 +224,7 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
         # A backend an op family lacks ("triton" for the VAE conv, "cuda"/"cpp" for the
         # transformer ops) means "auto" for that family.
         if kind == "transformer" and (attention or ffn):
-            _apply_transformer(part, attention, ffn, backend if backend in BACKENDS else "auto", classes)
+            _apply_transformer(part, attention, ffn, backend if backend in BACKENDS else "auto", precision, classes)
         elif kind == "vae" and vae:
             _apply_vae(part, backend if backend in CONV_BACKENDS else "auto", classes)
     return obj

@@ -49,9 +49,13 @@ class KernelBlockForward:
     Takes diffusers' own forward whenever autograd is needed or a skipped module's weights cannot be
     had exactly (LoRA variants, unknown hooks, quantized weights; see weights.py)."""
 
-    def __init__(self, block, backend: str = "auto"):
+    def __init__(self, block, backend: str = "auto", precision: str = "bf16"):
         self.block = block
         self.backend = registry.backend_for("expert_ffn", backend)  # e.g. 'hopper' reaches expert_ffn as 'auto'
+        self.precision = precision  # expert_ffn's own value (state.op_precision)
+
+    def __setstate__(self, state):  # pickles made before precision existed
+        self.__dict__.update({"precision": "bf16", **state})
 
     def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         block = self.block
@@ -79,7 +83,7 @@ class KernelBlockForward:
                 out = _ops.expert_ffn(tokens, modulation.to(tokens.dtype), first[0].unsqueeze(0), _expert(first[1]),
                                       second[0].unsqueeze(0), _expert(second[1]), text_len=text_len,
                                       norm_weight=norm[0], norm_bias=norm[1], eps=norm2.norm.eps,
-                                      num_text_experts=0, backend=self.backend)
+                                      num_text_experts=0, precision=self.precision, backend=self.backend)
                 return out[:, text_len:], out[:, :text_len]
         # What the hooks left was not a plain float tensor after all: diffusers' second half.
         norm_hidden, norm_encoder, gate_ff, enc_gate_ff = norm2(hidden_states, encoder_hidden_states, temb)

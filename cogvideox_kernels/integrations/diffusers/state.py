@@ -19,6 +19,22 @@ import types
 
 STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..., "cp_plan": ...}
 
+# ``apply(..., precision=)``: what each patched op runs with, by mode. The one place that maps the
+# user's word to each op's own ``precision=`` argument (the attention column belongs to the 8-bit
+# attention work; until it lands the attention stays exact in every mode).
+PRECISION_MODES = {
+    "bf16": {"rope3d_attention": "bf16", "expert_ffn": "bf16"},  # exact, the default
+    "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8"},    # FP8 e4m3 FFN GEMMs (lossy, opt-in)
+}
+
+
+def op_precision(precision: str, op: str) -> str:
+    """The ``precision=`` that ``op`` gets under ``apply(..., precision=precision)``; a ValueError
+    names the modes when ``precision`` is not one."""
+    if precision not in PRECISION_MODES:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {tuple(PRECISION_MODES)}")
+    return PRECISION_MODES[precision][op]
+
 
 def _is_own_forward(fn, module) -> bool:
     """``fn`` is ``module``'s class forward bound to ``module`` (what hooks capture when registered)."""

@@ -18,13 +18,18 @@ import torch.nn.functional as F
 
 from .._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
+# precision=: "bf16" is the exact path in the input dtype (the default), "fp8" the e4m3 GEMMs of fp8.py
+PRECISIONS = ("bf16", "fp8")
+
 # The rows of the [B, 6, hidden] modulation: the one definition (nn.adaln and the Triton kernels read it).
 SHIFT_V, SCALE_V, GATE_V, SHIFT_T, SCALE_T, GATE_T = range(6)
 MODULATION_ROWS = 6
 
 
 def check_expert_ffn_inputs(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps,
-                            num_text_experts, text_router, video_router):
+                            num_text_experts, text_router, video_router, precision="bf16"):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     device = x.device
     B, S, Hd = x.shape
@@ -123,17 +128,22 @@ def expert_assignment(h, text_len, num_experts, num_text_experts, text_router, v
 
 def expert_ffn_reference(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None,
                          eps=1e-5, num_text_experts=0, text_router=None, video_router=None,
-                         compute_dtype=None):
-    """Reference in float32 (float64 stays float64, or ``compute_dtype``); returns x's dtype."""
+                         precision="bf16", compute_dtype=None):
+    """Reference in float32 (float64 stays float64, or ``compute_dtype``); returns x's dtype.
+
+    ``precision="fp8"`` emulates the FP8 path (fp8.py) in that working precision: h and the GELU
+    output quantized to e4m3 per token row, w1/w2 per output channel, each dequantized at once, so
+    only the e4m3 rounding differs from ``"bf16"``. Routers see the unquantized h."""
     work = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     up = lambda t: None if t is None else t.to(work)  # noqa: E731
     up_pair = lambda p: None if p is None else (up(p[0]), up(p[1]))  # noqa: E731
+    q = _fp8_round_trip if precision == "fp8" else (lambda t: t)
     xw = x.to(work)
     h, gate = modulated_norm_reference(xw, up(modulation), text_len, up(norm_weight), up(norm_bias), eps)
 
     def ffn(tokens, e):
-        inner = F.gelu(F.linear(tokens, up(w1[e]), None if b1 is None else up(b1[e])), approximate="tanh")
-        return F.linear(inner, up(w2[e]), None if b2 is None else up(b2[e]))
+        inner = F.gelu(F.linear(q(tokens), q(up(w1[e])), None if b1 is None else up(b1[e])), approximate="tanh")
+        return F.linear(q(inner), q(up(w2[e])), None if b2 is None else up(b2[e]))
 
     if num_text_experts == 0:  # one FFN for every token
         f = ffn(h, 0)
@@ -151,6 +161,12 @@ def expert_ffn_reference(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight
         f = f * token_scale[..., None]
     out = xw + gate * f
     return out.to(x.dtype)
+
+
+def _fp8_round_trip(t):
+    from .fp8 import fp8_round_trip  # fp8.py imports the Triton kernels: only when asked for
+
+    return fp8_round_trip(t)
 
 
 def expert_ffn_flops(tokens: int, hidden: int, inner: int) -> float:

@@ -56,10 +56,35 @@ SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
+E4M3_MAX = tl.constexpr(448.0)  # largest float8_e4m3fn value (fp8.py holds the scheme)
+
+
 @triton.jit
-def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, seq_len, text_len, hidden, eps,
-                               HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                               INTERPRET: tl.constexpr):
+def _row_scale(amax):
+    """Scale of a row for e4m3: amax / 448 (1 for an all-zero row, whose values are all 0 anyway)."""
+    return tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+
+
+@triton.jit
+def _to_e4m3(v, INTERPRET: tl.constexpr):
+    """float32 ``v`` (|v| <= 448) -> float8_e4m3fn, rounding to nearest even. The GPU's cvt rounds;
+    triton 3.6's interpreter does not (it truncates at a binade's top and in the subnormals), so
+    there the value is rounded by hand to 3 mantissa bits (subnormals: multiples of 2^-9) first."""
+    if INTERPRET:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+        normal = bits.to(tl.float32, bitcast=True)
+        sub = tl.floor(tl.abs(v) * 512.0 + 0.5) / 512.0
+        v = tl.where(tl.abs(v) < 0.015625, tl.where(v < 0, -sub, sub), normal)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, seq_len, text_len, hidden,
+                               eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANTIZE: tl.constexpr,
+                               BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    """h = LN(x) * (1 + scale_m) + shift_m for one token; with QUANTIZE, h goes out as e4m3 with its
+    row scale (amax / 448, see fp8.py) instead: the activation quantization of precision="fp8"."""
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
     is_text = (row - sample * seq_len) < text_len
@@ -80,7 +105,12 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, se
     shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
-    tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if QUANTIZE:
+        h_scale = _row_scale(tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0))
+        tl.store(h_scale_ptr + row, h_scale)
+        tl.store(h_ptr + row * hidden + cols, _to_e4m3(h / h_scale, INTERPRET), mask=mask)
+    else:
+        tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -325,17 +355,20 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
 
 
 def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, text_len, out_dtype):
-    """h = LN(x) * (1 + scale_m) + shift_m for x2d [B*S, hidden] (contiguous), in out_dtype."""
+    """h = LN(x) * (1 + scale_m) + shift_m for x2d [B*S, hidden] (contiguous), in out_dtype.
+    out_dtype ``torch.float8_e4m3fn``: returns (h in e4m3, its float32 row scales [B*S])."""
     rows, hidden = x2d.shape
+    quantize = out_dtype == torch.float8_e4m3fn
     h = torch.empty(rows, hidden, dtype=out_dtype, device=x2d.device)
+    h_scale = torch.empty(rows, dtype=torch.float32, device=x2d.device) if quantize else h
     block = triton.next_power_of_2(hidden)
     _modulated_norm_fwd_kernel[(rows,)](
         x2d, modulation, norm_weight if norm_weight is not None else x2d,
-        norm_bias if norm_bias is not None else x2d, h, seq_len, text_len, hidden, eps,
-        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, BLOCK_H=block,
+        norm_bias if norm_bias is not None else x2d, h, h_scale, seq_len, text_len, hidden, eps,
+        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANTIZE=quantize, BLOCK_H=block,
         INTERPRET=interpret_mode(),
         num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
-    return h
+    return (h, h_scale) if quantize else h
 
 
 def gate_residual_fwd(x2d, f, modulation, bias, seq_len, text_len):
@@ -462,16 +495,24 @@ def _expert_ffn_fake(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def supports(x, **_) -> str | None:
-    """Registry ``supports``: None for the dtypes this kernel takes, else why not."""
+def supports(x, precision="bf16", **inputs) -> str | None:
+    """Registry ``supports``: None for the inputs this kernel takes, else why not."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x has dtype {x.dtype}; the Triton kernels take float16, bfloat16 and float32"
+    if precision == "fp8":
+        from . import fp8
+
+        return fp8.supports(x, **inputs)
     return None
 
 
 def expert_ffn_triton(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
-                      num_text_experts=0, text_router=None, video_router=None):
+                      num_text_experts=0, text_router=None, video_router=None, precision="bf16"):
     """Triton backend of ``expert_ffn`` (inputs checked and ``supports``-ed by the registry)."""
+    if precision == "fp8":  # the shared FFN (``fp8.supports``)
+        from .fp8 import expert_ffn_fp8_op
+
+        return expert_ffn_fp8_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps))
     tw, tb = text_router if text_router is not None else (None, None)
     vw, vb = video_router if video_router is not None else (None, None)
     return expert_ffn_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps),

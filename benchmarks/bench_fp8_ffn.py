@@ -1,0 +1,372 @@
+"""FP8 expert FFN (``expert_ffn(..., precision="fp8")``) on a GPU: speed, error and hard inputs, one run.
+
+1. FFN half-block at the CogVideoX-5B shape (B 2, 226 + 17550 tokens, 3072 -> 12288, bf16), the inputs
+   of the bench CLI's ffn op: ours bf16 (the default path), ours fp8 (cuBLASLt/CUTLASS accumulation
+   as shipped, and with fast accumulation), the eager bf16 chain, bare bf16 and FP8 GEMMs, and the
+   pieces of the fp8 path. Parity first (outputs NaN-poisoned; errors vs a float32 reference with
+   TF32 off, and for fp8 vs its float32 emulation), then ``triton.testing.do_bench`` medians.
+2. Hard inputs (errors only, B 1, 226 + 4000 tokens, same widths): channel outliers in h through the
+   modulation, massive-activation channels in x, heavy-tailed x, outlier weight columns: rel err,
+   cosine similarity and max error of bf16, fp8 (ours), its emulation and a naive per-tensor FP8.
+3. The 5B transformer step through ``apply(model, precision=...)`` (random weights) vs float32, while
+   the deadline allows.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_fp8_ffn.py --out DIR --commit SHA [--budget-s 150]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from cogvideox_kernels import ops
+from cogvideox_kernels.bench.common import environment
+from cogvideox_kernels.bench.suites import eager_ffn_half
+from cogvideox_kernels.ops.expert_ffn import expert_ffn_flops, expert_ffn_reference, fp8
+from cogvideox_kernels.ops.expert_ffn import triton_fwd as tf
+
+RESULTS: dict = {"env": {}, "ffn_5b": [], "pieces": [], "hard": [], "step": [], "errors": []}
+OUT = Path(".")
+T0 = time.time()
+BUDGET_S = 150.0
+DEVICE = "cuda"  # --smoke: "cpu" with tiny shapes under TRITON_INTERPRET=1 (checks the script, times nothing)
+SHAPE_5B = (2, 226, 17550, 3072, 12288)  # B, text, video, hidden, inner
+SHAPE_HARD = (1, 226, 4000, 3072, 12288)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def left() -> float:
+    return BUDGET_S - (time.time() - T0)
+
+
+def save():
+    (OUT / "fp8_ffn_results.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / empty_like NaN-filled (floating dtypes), as the tests do: unwritten outputs show."""
+    real, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point() and t.numel():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = lambda *a, **k: fill(real(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real, real_like
+
+
+def metrics(out, ref, x=None) -> dict:
+    out, ref = out.double(), ref.double()
+    m = dict(finite=bool(torch.isfinite(out).all()), rel_err=((out - ref).norm() / ref.norm()).item(),
+             cos=F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item(), max_abs=(out - ref).abs().max().item())
+    if x is not None:  # the FFN term gate * f(h) alone (the residual x dominates the sum)
+        x = x.double()
+        m["delta_rel_err"] = ((out - ref).norm() / (ref - x).norm()).item()
+    return m
+
+
+def bench(fn) -> float:
+    fn()
+    sync()
+    if DEVICE != "cuda":
+        return float("nan")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@contextlib.contextmanager
+def fast_accum(on: bool):
+    old = os.environ.get(fp8.FAST_ACCUM_ENV)
+    os.environ[fp8.FAST_ACCUM_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(fp8.FAST_ACCUM_ENV, None)
+        else:
+            os.environ[fp8.FAST_ACCUM_ENV] = old
+
+
+def make_inputs(B, text_len, video, hidden, inner, seed=1, kind="gaussian"):
+    """The bench CLI's ffn inputs (suites.ffn_cases), optionally made hard."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s  # noqa: E731
+    S = text_len + video
+    x, mod = mk(B, S, hidden), mk(B, 6, hidden, s=0.3)
+    w1, b1 = mk(1, inner, hidden, s=hidden ** -0.5), mk(1, inner, s=0.1)
+    w2, b2 = mk(1, hidden, inner, s=inner ** -0.5), mk(1, hidden, s=0.1)
+    nw, nb = 1 + mk(hidden, s=0.1), mk(hidden, s=0.1)
+    if kind == "h_channel_outliers":  # (1 + scale) ~ 30 on 1% of the channels: h has outlier channels
+        mod[:, [1, 4], ::100] = 30.0
+    elif kind == "x_massive_channels":  # a few channels of x ~100x the rest (DiT "massive activations")
+        x[..., :4] *= 100.0
+    elif kind == "heavy_tailed_x":  # Student-t (3 dof) activations and 1% of tokens x50
+        x = torch.distributions.StudentT(3.0).sample((B, S, hidden))
+        x[:, ::100] *= 50.0
+    elif kind == "w_outlier_columns":  # a few input channels of w1 and w2 ~20x
+        w1[..., ::256] *= 20.0
+        w2[..., ::1024] *= 20.0
+    a = dict(x=x, modulation=mod, w1=w1, b1=b1, w2=w2, b2=b2, norm_weight=nw, norm_bias=nb)
+    a = {k: v.to(DEVICE, torch.bfloat16) for k, v in a.items()}
+    a["text_len"] = text_len
+    return a
+
+
+def reference(a, precision="bf16"):
+    up = {k: v.float() if torch.is_tensor(v) else v for k, v in a.items()}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return expert_ffn_reference(**up, precision=precision)
+
+
+def naive_tensorwise_fp8(a):
+    """Per-tensor FP8 (one scale per tensor, as plain FP8 recipes do), emulated in float32."""
+    def q(t):
+        s = t.abs().max().clamp_min(1e-30) / 448.0
+        return (t / s).to(torch.float8_e4m3fn).float() * s
+
+    up = {k: v.float() if torch.is_tensor(v) else v for k, v in a.items()}
+    x = up["x"]
+    B, S, Hd = x.shape
+    from cogvideox_kernels.ops.expert_ffn.reference import modulated_norm_reference
+    h, gate = modulated_norm_reference(x, up["modulation"], a["text_len"], up["norm_weight"], up["norm_bias"], 1e-5)
+    inner = F.gelu(F.linear(q(h), q(up["w1"][0]), up["b1"][0]), approximate="tanh")
+    f = F.linear(q(inner), q(up["w2"][0]), up["b2"][0])
+    return x + gate * f
+
+
+def run(name, a, precision, backend="triton"):
+    return ops.expert_ffn(a["x"], a["modulation"], a["w1"], a["b1"], a["w2"], a["b2"], text_len=a["text_len"],
+                          norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], precision=precision, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+def section_ffn():
+    B, text_len, video, Hd, Fi = SHAPE_5B
+    a = make_inputs(B, text_len, video, Hd, Fi)
+    T = B * (text_len + video)
+    flops = expert_ffn_flops(T, Hd, Fi)
+    ref = reference(a)
+    ref8 = reference(a, "fp8")
+    RESULTS["ffn_5b"].append(dict(variant="fp8 emulation (float32)", **metrics(ref8, ref, a["x"])))
+    x = a["x"]
+    variants = [
+        ("ours bf16 (default path)", lambda: run("", a, "bf16"), True),
+        ("ours fp8", lambda: run("", a, "fp8"), True),
+        ("ours fp8, fast accumulation", lambda: run("", a, "fp8"), True),
+        ("eager bf16 chain", lambda: eager_ffn_half(x, a["modulation"], (a["norm_weight"], a["norm_bias"]), a["w1"][0],
+                                                    a["b1"][0], a["w2"][0], a["b2"][0], text_len), True),
+    ]
+    w1q, w1s = fp8.quantize_weight(a["w1"][0])
+    w2q, w2s = fp8.quantize_weight(a["w2"][0])
+    hq, hs = fp8.quantize_rows(torch.randn(T, Hd, device=DEVICE))
+    iq, is_ = fp8.quantize_rows(torch.randn(T, Fi, device=DEVICE))
+    variants += [
+        ("bf16 GEMMs only* (2x F.linear + GELU)", lambda: F.linear(F.gelu(F.linear(x, a["w1"][0], a["b1"][0]),
+                                                                        approximate="tanh"), a["w2"][0], a["b2"][0]), False),
+        ("fp8 GEMMs only* (2x _scaled_mm)", lambda: (fp8.fp8_linear(hq, hs, w1q, w1s), fp8.fp8_linear(iq, is_, w2q, w2s))[1],
+         False),
+    ]
+    rows = {}
+    for name, fn, compare in variants:
+        row = dict(variant=name)
+        try:
+            with fast_accum("fast" in name):
+                if compare:
+                    with poisoned_empty():
+                        out = fn()
+                    sync()
+                    row.update(metrics(out, ref, x))
+                    if "fp8" in name:
+                        row["vs_emulation"] = metrics(out, ref8, x)
+                    del out
+                row["ms"] = bench(fn)
+                row["gemm_tflops"] = flops / row["ms"] / 1e9
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows[name] = row
+        RESULTS["ffn_5b"].append(row)
+        print("ROW", json.dumps(row), flush=True)
+        save()
+    # pieces of the fp8 path
+    x2d = x.view(T, Hd)
+    h = tf.modulated_norm_fwd(x2d, a["modulation"], a["norm_weight"], a["norm_bias"], 1e-5, text_len + video,
+                              text_len, torch.float8_e4m3fn)
+    y = fp8.fp8_linear(h[0], h[1], w1q, w1s)
+    aq = fp8.bias_gelu_quant_fwd(y, a["b1"][0])
+    f = fp8.fp8_linear(aq[0], aq[1], w2q, w2s)
+    pieces = [
+        ("pre-pass LN+modulate+quantize (fp8 out)", lambda: tf.modulated_norm_fwd(
+            x2d, a["modulation"], a["norm_weight"], a["norm_bias"], 1e-5, text_len + video, text_len, torch.float8_e4m3fn)),
+        ("pre-pass LN+modulate (bf16 out)", lambda: tf.modulated_norm_fwd(
+            x2d, a["modulation"], a["norm_weight"], a["norm_bias"], 1e-5, text_len + video, text_len, torch.bfloat16)),
+        ("GEMM1 fp8 _scaled_mm", lambda: fp8.fp8_linear(h[0], h[1], w1q, w1s)),
+        ("b1 + GELU + quantize (row-wise)", lambda: fp8.bias_gelu_quant_fwd(y, a["b1"][0])),
+        ("GEMM2 fp8 _scaled_mm", lambda: fp8.fp8_linear(aq[0], aq[1], w2q, w2s)),
+        ("b2 + gate + residual", lambda: tf.gate_residual_fwd(x2d, f, a["modulation"], a["b2"][0], text_len + video,
+                                                              text_len)),
+        ("weight quantization (w1 + w2, per cache miss)", lambda: (fp8.quantize_weight(a["w1"][0]),
+                                                                  fp8.quantize_weight(a["w2"][0]))),
+    ]
+    for name, fn in pieces:
+        try:
+            ms = bench(fn)
+            row = dict(piece=name, ms=ms)
+            if "GEMM" in name:
+                row["tflops"] = 2.0 * T * Hd * Fi / ms / 1e9
+        except Exception as exc:
+            traceback.print_exc()
+            row = dict(piece=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        RESULTS["pieces"].append(row)
+        print("PIECE", json.dumps(row), flush=True)
+    save()
+    del a, ref, ref8, h, y, aq, f, hq, iq, w1q, w2q
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def section_hard():
+    for kind in ("gaussian", "h_channel_outliers", "x_massive_channels", "heavy_tailed_x", "w_outlier_columns"):
+        try:
+            a = make_inputs(*SHAPE_HARD, seed=5, kind=kind)
+            ref = reference(a)
+            row = dict(inputs=kind)
+            with poisoned_empty():
+                row["bf16 ours"] = metrics(run("", a, "bf16"), ref, a["x"])
+                row["fp8 ours"] = metrics(run("", a, "fp8"), ref, a["x"])
+            row["fp8 emulation"] = metrics(reference(a, "fp8"), ref, a["x"])
+            row["fp8 per-tensor (naive, emulated)"] = metrics(naive_tensorwise_fp8(a), ref, a["x"])
+            row["fp8/bf16 error ratio"] = row["fp8 ours"]["rel_err"] / row["bf16 ours"]["rel_err"]
+        except Exception as exc:
+            traceback.print_exc()
+            row = dict(inputs=kind, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        RESULTS["hard"].append(row)
+        print("HARD", json.dumps(row), flush=True)
+        save()
+
+
+def section_step():
+    from cogvideox_kernels.bench import step as st
+    from cogvideox_kernels.integrations import diffusers as integration
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    t0 = time.time()
+    model = st.build_transformer("5b", torch.float32)
+    inputs32 = st.step_inputs(model, torch.float32)
+    with torch.no_grad():
+        ref = model(**inputs32)[0].float()
+    torch.cuda.synchronize()
+    RESULTS["step"].append(dict(variant="float32 reference", s=time.time() - t0))
+    model = model.to(torch.bfloat16)
+    inputs = st.cast_inputs(inputs32, torch.bfloat16)
+    del inputs32
+    st.free_memory()
+    outs = {}
+    for variant, kwargs in (("ours bf16", dict(precision="bf16")), ("ours fp8 FFN", dict(precision="fp8")),
+                            ("diffusers eager bf16", None)):
+        if left() < 25:
+            RESULTS["step"].append(dict(variant=variant, status="skipped: out of time"))
+            continue
+        try:
+            if kwargs is not None:
+                integration.apply(model, vae=False, **kwargs)
+
+            def step():
+                with torch.no_grad():
+                    return model(**inputs)[0]
+
+            first_s, ms, out = st.time_calls(step, warmup=1, reps=2)
+            outs[variant] = out.float()
+            row = dict(variant=variant, ms=ms, first_call_s=first_s, **metrics(out.float(), ref))
+            if "ours bf16" in outs and variant != "ours bf16":
+                row["rel_diff_vs_ours_bf16"] = metrics(out.float(), outs["ours bf16"])["rel_err"]
+        except Exception as exc:
+            traceback.print_exc()
+            row = dict(variant=variant, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            integration.remove(model)
+        RESULTS["step"].append(row)
+        print("STEP", json.dumps(row), flush=True)
+        save()
+
+
+def table():
+    lines = ["", f"GPU {RESULTS['env'].get('gpu')} | torch {RESULTS['env'].get('torch')} | triton "
+             f"{RESULTS['env'].get('triton')} | commit {RESULTS['env'].get('commit')}", "FFN half-block 5B:"]
+    for r in RESULTS["ffn_5b"]:
+        lines.append(f"  {r['variant']:<42} ms {r.get('ms', float('nan')):7.3f}  rel {r.get('rel_err', float('nan')):.2e}"
+                     f"  delta {r.get('delta_rel_err', float('nan')):.2e}  cos {r.get('cos', float('nan')):.6f}"
+                     + (f"  vs emul {r['vs_emulation']['delta_rel_err']:.2e}" if "vs_emulation" in r else "")
+                     + (f"  ERROR {r['error'][:80]}" if "error" in r else ""))
+    for r in RESULTS["pieces"]:
+        lines.append(f"  piece {r['piece']:<46} ms {r.get('ms', float('nan')):7.3f}" + (
+            f"  {r['tflops']:.0f} TF/s" if "tflops" in r else "") + (f"  ERROR {r['error'][:80]}" if "error" in r else ""))
+    lines.append("hard inputs (rel err vs float32: bf16 / fp8 ours / fp8 emul / fp8 per-tensor; ratio; cos fp8):")
+    for r in RESULTS["hard"]:
+        if "error" in r:
+            lines.append(f"  {r['inputs']:<20} ERROR {r['error'][:100]}")
+            continue
+        lines.append(f"  {r['inputs']:<20} {r['bf16 ours']['rel_err']:.2e} / {r['fp8 ours']['rel_err']:.2e} / "
+                     f"{r['fp8 emulation']['rel_err']:.2e} / {r['fp8 per-tensor (naive, emulated)']['rel_err']:.2e};"
+                     f" {r['fp8/bf16 error ratio']:.1f}x; cos {r['fp8 ours']['cos']:.6f}")
+    for r in RESULTS["step"]:
+        lines.append("  step " + json.dumps(r))
+    return "\n".join(lines)
+
+
+def main():
+    global OUT, BUDGET_S, DEVICE, SHAPE_5B, SHAPE_HARD
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--budget-s", type=float, default=150.0)
+    p.add_argument("--no-step", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter: the script's logic only")
+    args = p.parse_args()
+    if args.smoke:
+        DEVICE, SHAPE_5B, SHAPE_HARD, args.no_step = "cpu", (2, 3, 29, 64, 256), (1, 3, 29, 64, 256), True
+    OUT, BUDGET_S = Path(args.out), args.budget_s
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS["env"] = environment(DEVICE)
+    if args.commit:
+        RESULTS["env"]["commit"] = args.commit
+    save()
+    sections = [section_ffn, section_hard] + ([] if args.no_step else [section_step])
+    for section in sections:
+        if section is section_step and left() < 70:
+            RESULTS["step"].append(dict(status=f"skipped: {left():.0f} s left"))
+            continue
+        try:
+            section()
+        except Exception as exc:
+            traceback.print_exc()
+            RESULTS["errors"].append(f"{section.__name__}: {type(exc).__name__}: {str(exc)[:300]}")
+        save()
+        print(f"[{time.time() - T0:.0f} s] {section.__name__} done", flush=True)
+    text = table()
+    (OUT / "fp8_ffn_table.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""``precision="fp8"`` of ``expert_ffn``: both FFN GEMMs in float8 e4m3 with float32 accumulation.
+
+Scheme (one definition; the reference emulates it, the kernels compute it):
+
+* activations, per row (token): ``scale = amax(|row|) / 448`` (1 for an all-zero row),
+  ``q = e4m3(row / scale)`` rounded to nearest even; ``row ~= q * scale``. h is quantized by the
+  LN-modulate pre-pass itself (``triton_fwd._modulated_norm_fwd_kernel`` with QUANTIZE), the GELU
+  output by the row-wise bias + GELU + quantize kernel below.
+* weights, per output channel (a row of ``w1[e]`` / ``w2[e]``): the same formula, done once per
+  weight version and cached (:class:`WeightCache`).
+* GEMMs: ``torch._scaled_mm`` with row-wise scales (cuBLASLt / CUTLASS FP8 on sm_90) giving bf16;
+  b1 + tanh-GELU + re-quantization run row-wise after GEMM1, b2 + gate + residual after GEMM2
+  (the bf16 path's fused kernel). Off the GPU (CI, under TRITON_INTERPRET=1) the two GEMMs are
+  emulated in float32 on the dequantized operands, so the Triton pieces are tested there too.
+
+Supported by the kernel path: the shared FFN of the real checkpoints (``num_text_experts=0``),
+bf16 inputs. Everything else in fp8 takes the reference's emulation (``backend="auto"``).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import interpret_mode
+from .triton_fwd import _gelu_tanh, _row_scale, _to_e4m3, gate_residual_fwd, modulated_norm_fwd
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# cuBLASLt's "fast accumulation" keeps the FP8 tensor-core sums in their reduced-precision
+# accumulator; off (the default here) promotes them to float32 periodically. Env override for measurements.
+FAST_ACCUM_ENV = "COGVIDEOX_KERNELS_FP8_FAST_ACCUM"
+
+
+# --------------------------------------------------------------------------------------------
+# reference quantization (plain PyTorch; tests and the reference path use it)
+# --------------------------------------------------------------------------------------------
+def quantize_rows(t: torch.Tensor):
+    """(e4m3 values, float32 scales ``t.shape[:-1]``) of ``t``, one scale per row (last dim)."""
+    amax = t.abs().amax(dim=-1).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (t.float() / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scale[..., None]).to(dtype)
+
+
+def fp8_round_trip(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the FP8 path sees it: quantized per row and dequantized, in ``t``'s dtype."""
+    return dequantize_rows(*quantize_rows(t), dtype=t.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# weights: quantized once per weight version
+# --------------------------------------------------------------------------------------------
+class WeightCache:
+    """FP8 copies of weights, one per storage, reused while the weight is unchanged.
+
+    An entry is found through the weight's storage (its Python object, held weakly: a new tensor
+    that the allocator places at a freed weight's address is a different storage and misses) and
+    must match the view (offset, shape, strides, dtype) and the version counter (bumped by every
+    in-place write, e.g. ``fuse_lora``'s ``weight += delta``, ``copy_``, ``load_state_dict``).
+    A weight replaced through ``param.data = ...`` (offloading, LoRA fuse) is a new storage. An entry
+    dies with its storage, so offloaded or per-call weights (unfused LoRA) leave nothing behind.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+        self.quantizations = 0  # how many times a weight was quantized (tests read it)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, w: torch.Tensor):
+        """(e4m3 ``w``, float32 scales ``w.shape[:-1]``) for ``w`` [..., out, in], per output channel."""
+        storage = w.untyped_storage()
+        key = id(storage)
+        view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w.device, w._version)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is storage and entry[1] == view:
+            return entry[2]
+        value = quantize_weight(w)
+        self.quantizations += 1
+        entries = self._entries
+        ref = weakref.ref(storage, lambda _, key=key: entries.pop(key, None))
+        entries[key] = (ref, view, value)
+        return value
+
+
+def quantize_weight(w: torch.Tensor):
+    """Per-output-channel e4m3 quantization of ``w`` [..., out, in] (contiguous outputs)."""
+    with torch.no_grad():
+        q, scale = quantize_rows(w)
+    return q.contiguous(), scale.contiguous()
+
+
+WEIGHTS = WeightCache()
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: tl.constexpr,
+                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """One row of GEMM1's output: gelu_tanh(y + b1) -> e4m3 with the row's scale (GEMM2's A operand)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    v = tl.load(y_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.where(mask, _gelu_tanh(v), 0.0)
+    scale = _row_scale(tl.max(tl.abs(v), axis=0))
+    tl.store(scale_ptr + row, scale)
+    tl.store(q_ptr + row * N + cols, _to_e4m3(v / scale, INTERPRET), mask=mask)
+
+
+def bias_gelu_quant_fwd(y: torch.Tensor, bias):
+    """(e4m3 gelu_tanh(y + bias), float32 row scales) for y [rows, N] contiguous."""
+    rows, N = y.shape
+    q = torch.empty(rows, N, dtype=E4M3, device=y.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=y.device)
+    block = triton.next_power_of_2(N)
+    _bias_gelu_quant_fwd_kernel[(rows,)](y, bias if bias is not None else y, q, scale, N, HAS_BIAS=bias is not None,
+                                         BLOCK_N=block, INTERPRET=interpret_mode(),
+                                         num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
+    return q, scale
+
+
+def fp8_linear(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16):
+    """(a_q * a_scale[:, None]) @ (w_q * w_scale[:, None])^T with float32 accumulation, in out_dtype.
+    a_q [M, K], w_q [N, K] e4m3; scales float32 [M], [N]. CUDA: ``torch._scaled_mm`` row-wise; elsewhere
+    the same sum in float32 on the dequantized operands (what CI can run)."""
+    if a_q.is_cuda:
+        fast = os.environ.get(FAST_ACCUM_ENV, "0") not in ("", "0")
+        return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale[:, None], scale_b=w_scale[None, :],
+                                out_dtype=out_dtype, use_fast_accum=fast)
+    return (dequantize_rows(a_q, a_scale) @ dequantize_rows(w_q, w_scale).t()).to(out_dtype)
+
+
+def expert_ffn_fp8_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps, cache=WEIGHTS):
+    """The shared FFN (one expert) in FP8; inputs checked and contiguous. Returns a new tensor like x."""
+    B, S, Hd = x.shape
+    x2d = x.view(B * S, Hd)
+    h_q, h_scale = modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, S, text_len, E4M3)
+    w1_q, w1_scale = cache.get(w1[0])
+    w2_q, w2_scale = cache.get(w2[0])
+    y = fp8_linear(h_q, h_scale, w1_q, w1_scale)  # [T, inner] bf16, before b1
+    a_q, a_scale = bias_gelu_quant_fwd(y, None if b1 is None else b1[0])
+    del y
+    f = fp8_linear(a_q, a_scale, w2_q, w2_scale)  # [T, hidden] bf16, before b2
+    return gate_residual_fwd(x2d, f, modulation, None if b2 is None else b2[0], S, text_len).view(B, S, Hd)
+
+
+def supports(x, w1, num_text_experts, **_) -> str | None:
+    """Why the FP8 kernel path cannot take these inputs (None: it can)."""
+    if num_text_experts != 0:
+        return ("precision='fp8' runs the shared FFN (num_text_experts=0) in the kernels; separate "
+                "experts take the reference")
+    if x.dtype != torch.bfloat16:
+        return f"precision='fp8' kernels take bfloat16 x, not {x.dtype}"
+    inner, hidden = w1.shape[1:]
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device) < (9, 0):
+            return "precision='fp8' needs row-wise FP8 GEMMs: a GPU of sm_90 or newer"
+        if hidden % 16 or inner % 16:
+            return f"FP8 GEMMs need hidden ({hidden}) and inner ({inner}) sizes divisible by 16"
+    return None
+
+
+@torch.library.custom_op("cogvideox_kernels::expert_ffn_fp8", mutates_args=())
+def expert_ffn_fp8_op(x: torch.Tensor, modulation: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                      w2: torch.Tensor, b2: Optional[torch.Tensor], text_len: int, norm_weight: Optional[torch.Tensor],
+                      norm_bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return expert_ffn_fp8_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps)
+
+
+@expert_ffn_fp8_op.register_fake
+def _expert_ffn_fp8_fake(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

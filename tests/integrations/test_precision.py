@@ -1,0 +1,60 @@
+"""``apply(..., precision=)``: the FFN half of each block runs ``expert_ffn(precision="fp8")``; the mode
+is validated before anything changes and travels with copies of the patched model."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from tiny import OpSpy, make_transformer, rel_err, transformer_inputs  # noqa: E402
+
+from cogvideox_kernels.integrations import diffusers as integration  # noqa: E402
+from cogvideox_kernels.integrations.diffusers import state  # noqa: E402
+from helpers import copy_of  # noqa: E402
+
+
+def test_fp8_mode_reaches_expert_ffn(monkeypatch):
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        spy = OpSpy(monkeypatch)
+        integration.apply(model, backend="reference", precision="fp8")
+        out = model(**inputs)[0]
+        assert len(spy.ffn_calls) == 2 and all(kw["precision"] == "fp8" for _, kw in spy.ffn_calls)
+        assert 1e-4 < rel_err(out, ref) < 5e-2  # lossy, but the same function
+        with pytest.raises(ValueError, match="already patched"):  # another mode needs remove() first
+            integration.apply(model, backend="reference")
+        copied = copy_of(model, "deepcopy")
+        assert torch.equal(copied(**inputs)[0], out)
+        integration.remove(model)
+        integration.apply(model, backend="reference")
+        assert rel_err(model(**inputs)[0], ref) <= 1e-5
+        assert spy.ffn_calls[-1][1]["precision"] == "bf16"
+
+
+def test_unknown_precision_refused_before_patching():
+    model = make_transformer("2b")
+    for bad in ("int3", "FP8", None):
+        with pytest.raises(ValueError, match="precision"):
+            integration.apply(model, precision=bad)
+    assert not integration.is_patched(model)
+    assert state.op_precision("fp8", "expert_ffn") == "fp8"
+    assert all(set(ops) == {"rope3d_attention", "expert_ffn"} for ops in state.PRECISION_MODES.values())
+
+
+def test_fp8_kernels_in_a_bf16_model(interpret, monkeypatch):
+    """bf16 model, backend='triton': the FFN halves run the FP8 Triton path (interpreter, emulated GEMMs)."""
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        model = model.to(torch.bfloat16)
+        bf16_inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in inputs.items()}
+        integration.apply(model, backend="triton")
+        bf16 = model(**bf16_inputs)[0]
+        integration.remove(model)
+        spy = OpSpy(monkeypatch)
+        integration.apply(model, backend="triton", precision="fp8")
+        out = model(**bf16_inputs)[0]
+    assert len(spy.ffn_calls) == 2 and all(kw["precision"] == "fp8" for _, kw in spy.ffn_calls)
+    assert rel_err(bf16, ref) < rel_err(out, ref) < 1e-1
