@@ -68,11 +68,10 @@ class _Shared:
     NUM_WG: gl.constexpr
     BLOCK_N: gl.constexpr
     STAGES: gl.constexpr
-    POLY: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG,
-                 BLOCK_N, STAGES, POLY):
+                 BLOCK_N, STAGES):
         self.q_bufs = q_bufs
         self.k_bufs = k_bufs
         self.v_bufs = v_bufs
@@ -83,7 +82,6 @@ class _Shared:
         self.NUM_WG = gl.constexpr(NUM_WG)
         self.BLOCK_N = gl.constexpr(BLOCK_N)
         self.STAGES = gl.constexpr(STAGES)
-        self.POLY = gl.constexpr(POLY)
 
 
 @gluon.jit
@@ -111,50 +109,7 @@ def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
 
 
 @gluon.jit
-def _exp2_fma(x):
-    """2^x on the FMA pipe for -125 <= x <= 127 (the fixed-max path guarantees it): 2^round(x)
-    into the exponent bits, 2^f (|f| <= 1/2) by a degree-3 minimax polynomial (relative error
-    7.5e-5, far below the bf16 rounding of P)."""
-    shifted = x + 12582912.0  # 1.5 * 2^23: round(x) lands in the low mantissa bits
-    f = x - (shifted - 12582912.0)
-    p = f * 0.05517167 + 0.24261115
-    p = p * f + 0.69326099
-    p = p * f + 0.99992807
-    bits = p.to(gl.int32, bitcast=True) + (shifted.to(gl.int32, bitcast=True) << 23)
-    return bits.to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _exp2_split(x, POLY: gl.constexpr):
-    """2^x of a [64, N] wgmma-accumulator tile with a share of the elements on the FMA pipe instead
-    of MUFU: POLY 0 none, 1 a quarter (odd columns of each thread's second row), 2 an eighth.
-    The splits only relabel registers of one thread (no data moves)."""
-    if POLY == 0:
-        return gl.exp2(x)
-    R: gl.constexpr = x.shape[0]
-    C: gl.constexpr = x.shape[1]
-    even, odd = gl.split(x.reshape([R, C // 2, 2]))
-    # a thread holds rows r and r + 8 of its warp's 16: split odd columns by that row bit
-    o4 = odd.reshape([R // 16, 2, 8, C // 2]).permute((0, 2, 3, 1))
-    top, bottom = gl.split(o4)
-    if POLY == 1:
-        bottom = _exp2_fma(bottom)
-    else:
-        # odd-column index 4a + t (t: lane in the quad): split bottom by the low bit of a
-        b5 = bottom.reshape([R // 16, 8, C // 16, 2, 4]).permute((0, 1, 2, 4, 3))
-        b_lo, b_hi = gl.split(b5)
-        b_hi = gl.convert_layout(_exp2_fma(b_hi), b_lo.type.layout)
-        bottom = gl.join(gl.exp2(b_lo), b_hi).permute((0, 1, 2, 4, 3)).reshape(
-            [R // 16, 8, C // 2])
-        bottom = gl.convert_layout(bottom, top.type.layout)
-    odd = gl.join(gl.exp2(top), bottom).permute((0, 3, 1, 2)).reshape([R, C // 2])
-    p = gl.join(gl.exp2(even), gl.convert_layout(odd, even.type.layout)).reshape([R, C])
-    return gl.convert_layout(p, x.type.layout)
-
-
-@gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.constexpr,
-                  POLY: gl.constexpr = 0):
+def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.constexpr):
     """Softmax numerators of one key block: P (fp32), the row max and row sum after it, and
     alpha = 2^(m_old - m_new) for the accumulator. MASK: the last block (keys past S -> -inf).
     FIXED: m_i is a fixed scalar that bounds every score of the head (``_score_bound``), so there
@@ -162,10 +117,7 @@ def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.co
     if MASK:
         s = _mask_tail(s, n0, S)
     if FIXED:
-        if MASK:
-            p = gl.exp2(s * qk_scale - m_i)  # -inf columns: MUFU only
-        else:
-            p = _exp2_split(s * qk_scale - m_i, POLY)
+        p = gl.exp2(s * qk_scale - m_i)
         l_i = l_i + gl.sum(p, axis=1)
         alpha = m_i
     else:
@@ -191,8 +143,7 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK:
                       is_async=True)
     acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)  # V_{j-1}: waited for
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK, FIXED,
-                                       sm.POLY)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK, FIXED)
     # Wait for V_j (the next step's P V operand) here, between the softmax and the P V wait: the
     # mbarrier poll loop ends a basic block. Within one block ptxas (12.8 and 13.0) hoists the
     # wgmma wait above the softmax, which then runs after P V instead of under it.
@@ -302,7 +253,7 @@ def _score_bound(norm_ptr, pid_bh, BH, qk_scale):
 @gluon.jit
 def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob,
                                  stride_os, stride_oh, qk_scale, NUM_WG: gl.constexpr,
-                                 STAGES: gl.constexpr, BOUNDED: gl.constexpr, POLY: gl.constexpr,
+                                 STAGES: gl.constexpr, BOUNDED: gl.constexpr,
                                  V_TOKEN_MAJOR: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * BLOCK_M query rows of one (b, h).
@@ -353,7 +304,7 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
         mbarrier.init(kv_empty.index(i), count=NUM_WG)
 
     sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
-                 STAGES, POLY)
+                 STAGES)
     # worker arguments are spelled out per call (tuple arithmetic would drop their constexpr-ness)
     if NUM_WG == 2:
         gl.warp_specialize([
@@ -378,8 +329,8 @@ def default_config(head_dim: int) -> dict:
     """Measured defaults (H200, ``benchmarks/results/hopper_attention_notes.md``): NUM_WG consumer
     warpgroups of BLOCK_M query rows, BLOCK_N keys per block, STAGES of the K/V ring."""
     if head_dim <= 64:
-        return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=128, STAGES=4, POLY=0)
-    return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=64, STAGES=4, POLY=0)
+        return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=128, STAGES=4)
+    return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=64, STAGES=4)
 
 
 def _registers(num_wg: int) -> tuple[int, int]:
@@ -395,11 +346,8 @@ def _launch_args(cfg: dict):
     if cfg["NUM_WG"] not in (2, 3):
         raise ValueError(f"NUM_WG={cfg['NUM_WG']}: the kernel takes 2 or 3 consumer warpgroups")
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
-    if cfg["POLY"] not in (0, 1, 2):
-        raise ValueError(f"POLY={cfg['POLY']}: 0 (all exponentials on MUFU), 1 (a quarter on the "
-                         f"FMA pipe) or 2 (an eighth)")
-    return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], POLY=cfg["POLY"],
-                CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+    return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], CONSUMER_REGS=consumer_regs,
+                LOADER_REGS=loader_regs)
 
 
 def v_token_major_ok(v: torch.Tensor) -> bool:
