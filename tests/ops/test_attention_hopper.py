@@ -126,6 +126,40 @@ def test_kernel_compiles_for_sm90a_offline(config, D, dtype, tmp_path):
     assert found == dict(wgmma=True, tma=True, setmaxnreg=True, local=False), found
 
 
+def test_v_token_major_ok():
+    from cogvideox_kernels.ops.attention.hopper_fwd import v_token_major_ok
+
+    qkv = torch.randn(2, 10, 3, 4, 64).to(torch.bfloat16)
+    assert v_token_major_ok(qkv[:, :, 2])                         # the model's QKV slice
+    assert v_token_major_ok(torch.randn(2, 10, 4, 64))            # contiguous
+    assert v_token_major_ok(qkv[:, ::2, 2])                       # token step: still one 2D view
+    assert v_token_major_ok(qkv[:1, :5, 2])                       # B = 1: any batch stride
+    assert not v_token_major_ok(qkv[:, :5, 2])                    # batches not adjacent
+    assert not v_token_major_ok(torch.randn(2, 4, 10, 64).transpose(1, 2))  # head-major storage
+    assert not v_token_major_ok(torch.randn(2, 10, 4, 128)[..., :64])       # D not unit-merged
+    assert not v_token_major_ok(torch.randn(2, 10, 4, 65)[..., :64])        # 16-byte rows
+
+
+def test_core_rejects_bad_v_and_fp16_bound():
+    """The launcher's own checks (before any launch, so they run on CPU tensors)."""
+    from cogvideox_kernels.ops.attention.hopper_fwd import hopper_attention_core
+
+    qh = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
+    out = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="token-major V"):
+        hopper_attention_core(qh, qh, torch.randn(1, 8, 2, 128).bfloat16()[..., :64], out, 0.1,
+                              v_token_major=True)
+    with pytest.raises(ValueError, match="vh must be contiguous"):
+        hopper_attention_core(qh, qh, qh.transpose(1, 2), out, 0.1)
+    with pytest.raises(ValueError, match="norm_max must be"):
+        hopper_attention_core(qh, qh, qh, out, 0.1, norm_max=torch.zeros(3))
+    q16 = qh.half()
+    with pytest.raises(ValueError, match="bf16"):
+        hopper_attention_core(q16, q16, q16, out.half(), 0.1, norm_max=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="config keys"):
+        hopper_attention_core(qh, qh, qh, out, 0.1, dict(POLY=1))
+
+
 # ---------------------------------------------------------------------------------------- GPU
 def _on_hopper():
     return torch.cuda.is_available() and hopper_available("cuda")[0]
@@ -237,6 +271,7 @@ def test_gpu_cogvideox_5b_shape_sampled_rows():
     (64, dict(NUM_WG=2)), (64, dict(STAGES=2)), (64, dict(STAGES=4)),
     (64, dict(BLOCK_M=128, BLOCK_N=64, STAGES=4)), (64, dict(NUM_WG=2, BLOCK_M=128, BLOCK_N=64)),
     (64, dict(BLOCK_N=64)), (128, dict(NUM_WG=2)), (128, dict(BLOCK_N=128, STAGES=2)),
+    (64, dict(STAGES=3)), (64, dict(BLOCK_N=64, STAGES=8)),
 ])
 def test_gpu_kernel_configs(D, config):
     """Every config the benchmark measures computes the same function (S not a multiple of any
@@ -250,6 +285,93 @@ def test_gpu_kernel_configs(D, config):
     ref = rope3d_attention_reference(case["q"], case["k"], case["v"], compute_dtype=torch.float64,
                                      scale=0.125, **case_args(case))
     assert rel_err(out, ref) <= 1e-2
+
+
+def _rounded_input_reference(q, k, v, case, dtype, scale):
+    """float64 attention of the pre-pass's values rounded to the input dtype (LN + RoPE in
+    float64 first): the kernel's own error only. With peaky scores (large norm weights) the bf16
+    rounding of q/k alone moves the logits by more than the 1e-2 budget, in any bf16 kernel."""
+    args = (case["text_len"], case["cos"], case["sin"])
+    qr = qk_norm_rope_reference(q, *args, case["q_norm"], 1e-6, torch.float64).to(dtype).double()
+    kr = qk_norm_rope_reference(k, *args, case["k_norm"], 1e-6, torch.float64).to(dtype).double()
+    p = torch.softmax(torch.einsum("bshd,bthd->bhst", qr, kr) * scale, dim=-1)
+    return torch.einsum("bhst,bthd->bshd", p, v.double())
+
+
+def _score_bound_t(q, k, case):
+    """The kernel's bound T (log2 units) per (b, h), from the pre-pass's row norms."""
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    B, S, H, _ = q.shape
+    sq = torch.empty(2, B, S, H, device=q.device)
+    for i, (x, norm) in enumerate(((q, case["q_norm"]), (k, case["k_norm"]))):
+        w, b = norm if norm is not None else (None, None)
+        qk_norm_rope_fwd(x, case["text_len"], case["cos"], case["sin"], w, b, norm is not None,
+                         1e-6, norm_sq=sq[i])
+    m = sq.amax(dim=2)
+    return (m[0] * m[1]).sqrt() * case["scale"] * 1.4426950408889634 * 1.01
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("norm_gain", [1.0, 2.4, 2.6, 6.0])
+def test_gpu_score_bound_paths(norm_gain):
+    """The fixed-max softmax (heads whose Cauchy-Schwarz score bound T is <= 80) and the
+    running-max softmax (SCORE_BOUND off, or T > 80) give the same result, within the kernel's own
+    error of a float64 attention on the rounded pre-pass values. The norm weights are scaled by
+    norm_gain: gain 1 gives T ~ 13 (numerators <= 1), ~2.4 T in (48, 80] (numerators up to 2^e,
+    e > 0), large gains T > 80 (peaky scores; the fixed max would underflow, so the running max)."""
+    from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd
+
+    case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=12, device="cuda")
+    (qw, qb), (kw, kb) = case["q_norm"], case["k_norm"]
+    qw, kw = (qw.float() * norm_gain).to(qw.dtype), (kw.float() * norm_gain).to(kw.dtype)
+    case = dict(case, q_norm=(qw, qb), k_norm=(kw, kb), scale=0.125)
+    t = _score_bound_t(case["q"], case["k"], case)
+    if norm_gain == 1.0:
+        assert t.max() <= 48
+    if norm_gain == 6.0:
+        assert t.min() > 80
+    outs = {}
+    for bound_on in (True, False):
+        outs[bound_on] = hopper_attention_fwd(
+            case["q"], case["k"], case["v"], 11, case["cos"], case["sin"], qw, qb, kw, kb, True,
+            True, 1e-6, 0.125, config=None if bound_on else dict(SCORE_BOUND=False))
+    ref = _rounded_input_reference(case["q"], case["k"], case["v"], case, torch.bfloat16, 0.125)
+    assert rel_err(outs[True], ref) <= 1e-2
+    assert rel_err(outs[False], ref) <= 1e-2
+    assert rel_err(outs[True], outs[False].double()) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_score_bound_mixed_heads():
+    """One launch where some heads take the fixed-max path and others the running max (their q
+    scaled up without a norm, so the bound passes the limit), all equal to the reference."""
+    case = make_case(2, 700, 4, 64, 30, torch.bfloat16, seed=13, device="cuda", q_norm=False)
+    q = case["q"].clone()
+    q[:, :, 1] *= 40.0   # head 1: bound >> 80 -> running max
+    q[1, :, 3] *= 12.0   # batch 1, head 3: bound ~ 100 -> running max
+    case = dict(case, scale=0.125)
+    t = _score_bound_t(q, case["k"], case)
+    assert (t <= 80).any() and (t > 80).any(), t
+    out = rope3d_attention_hopper(q, case["k"], case["v"], scale=0.125, **case_args(case))
+    ref = _rounded_input_reference(q, case["k"], case["v"], case, torch.bfloat16, 0.125)
+    assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_v_in_place_equals_copied(dtype):
+    """V read in place through the token-major TMA view (the QKV slice) gives bit-identical
+    results to V copied head-major first (a token-strided V forces the copy)."""
+    case = make_case(2, 1000, 5, 64, 40, dtype, seed=14, device="cuda")
+    v_strided = torch.empty(2, 2000, 5, 64, dtype=dtype, device="cuda")[:, ::2]
+    v_strided.copy_(case["v"])
+    a = rope3d_attention_hopper(case["q"], case["k"], case["v"], **case_args(case))
+    b = rope3d_attention_hopper(case["q"], case["k"], v_strided, **case_args(case))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

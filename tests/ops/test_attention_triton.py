@@ -111,6 +111,20 @@ def test_pre_pass_interpreter(interpret):
     assert torch.equal(copy, c["v"])
 
 
+def test_pre_pass_norm_sq_interpreter(interpret):
+    """norm_sq[b, s, h] = ||y[b, s, h]||^2 (the Hopper kernel's score bound takes its max per
+    head), on a non-contiguous input with heads of very different scales, with and without norm."""
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    c = make_case(2, 45, 3, 64, 5, torch.float32, seed=23)
+    k = c["k"] * torch.tensor([1.0, 30.0, 0.01])[None, None, :, None]  # no norm: scale survives
+    for norm in (True, False):
+        norm_sq = torch.full((2, 45, 3), float("nan"))
+        w, b = c["k_norm"]
+        y = qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, norm, 1e-6, norm_sq=norm_sq)
+        torch.testing.assert_close(norm_sq.double(), y.double().pow(2).sum(-1), rtol=1e-5, atol=0)
+
+
 def test_compile_fullgraph_interpreter(interpret):
     """The custom op and the dispatcher trace into one graph (CPU tensors, interpreter)."""
     c = make_case(1, 20, 2, 64, 3, torch.float32, seed=19)

@@ -15,8 +15,15 @@ Work split (measurements in ``benchmarks/results/hopper_attention_notes.md``):
   of S_j while P V is on the tensor cores (see ``_attend_block`` for the ptxas detail this needs).
 
 The measured defaults (H200): 3 consumer warpgroups x 64 rows (192 query rows per CTA, so each
-K/V block read from L2 serves more queries), 128-key blocks, a 3-deep ring at head_dim 64; 64-key
-blocks and 4 stages at head_dim 128 (shared memory). Other schedules that were measured (ping-pong,
+K/V block read from L2 serves more queries), 128-key blocks, a 4-deep ring at head_dim 64; 64-key
+blocks and 4 stages at head_dim 128 (shared memory).
+
+Softmax without a running max (bf16): the pre-pass also gives each head's largest squared row
+norms of q and k, which bound every score (Cauchy-Schwarz). Where that bound is small enough
+(``_score_bound``: always for LayerNorm'd q/k with weights near 1) the consumers subtract a fixed
+per-head constant instead of the running row max: no row max, no alpha, no rescale of O, 299
+instead of 411 instructions per key block, and the same result (every numerator stays a normal
+bf16/fp32 number). Other heads keep the running max in the same launch. Other schedules that were measured (ping-pong,
 polynomial exp2, 192-key blocks, 128 rows per warpgroup, tensor-core row sums) live in
 ``benchmarks/experiments/hopper_attention_variants.py``.
 
@@ -78,9 +85,10 @@ class _Shared:
 
 
 @gluon.jit
-def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, S):
+def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
     """One warp: the Q tiles once, then K and V blocks into the ring (K and V on separate
-    barriers, so Q K^T can start before V has landed)."""
+    barriers, so Q K^T can start before V has landed). V block j is the box at
+    (v_row + j * BLOCK_N, v_col) of V's 2D view (head-major or token-major)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
     for i in gl.static_range(sm.NUM_WG):
@@ -96,27 +104,38 @@ def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, S):
         tma.async_copy_global_to_shared(k_desc, [row, 0], k_bar, sm.k_bufs.index(stage))
         v_bar = sm.v_ready.index(stage)
         mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_bar, sm.v_bufs.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
+                                        sm.v_bufs.index(stage))
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr):
-    """Online softmax on one key block: P (fp32), the new row max and row sum, and
-    alpha = 2^(m_old - m_new) for the accumulator. MASK: the last block (keys past S -> -inf)."""
+def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.constexpr):
+    """Softmax numerators of one key block: P (fp32), the row max and row sum after it, and
+    alpha = 2^(m_old - m_new) for the accumulator. MASK: the last block (keys past S -> -inf).
+    FIXED: m_i is a fixed scalar that bounds every score of the head (``_score_bound``), so there
+    is no running max, alpha is 1 and the accumulator is never rescaled."""
     if MASK:
         s = _mask_tail(s, n0, S)
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    row_sum = gl.sum(p, axis=1)
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + row_sum
-    return p, m_new, l_i, alpha
+    if FIXED:
+        p = gl.exp2(s * qk_scale - m_i)
+        l_i = l_i + gl.sum(p, axis=1)
+        alpha = m_i
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        row_sum = gl.sum(p, axis=1)
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + row_sum
+        m_i = m_new
+    return p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK: gl.constexpr):
+def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK: gl.constexpr,
+                  FIXED: gl.constexpr):
     """Key block j >= 1: issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1}, wait for S_j only,
-    softmax of S_j while P V runs on the tensor cores, wait for P V, rescale O by alpha_j."""
+    softmax of S_j while P V runs on the tensor cores, wait for P V, rescale O by alpha_j (not
+    with FIXED)."""
     stage = j % sm.STAGES
     prev = (j - 1) % sm.STAGES
     mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
@@ -124,22 +143,22 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK:
                       is_async=True)
     acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)  # V_{j-1}: waited for
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK, FIXED)
     # Wait for V_j (the next step's P V operand) here, between the softmax and the P V wait: the
     # mbarrier poll loop ends a basic block. Within one block ptxas (12.8 and 13.0) hoists the
     # wgmma wait above the softmax, which then runs after P V instead of under it.
     mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(prev))
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    if not FIXED:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
     return acc, m_i, l_i, p_op
 
 
 @gluon.jit
-def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.constexpr):
-    """One warpgroup: BLOCK_M query rows (64 or 128) against all keys; stores its rows of the
-    output."""
+def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
+    """All key blocks for one warpgroup's rows: returns the unnormalised O and the row sums."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
@@ -149,15 +168,10 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-    q_smem = sm.q_bufs.index(WG)
-    mbarrier.wait(sm.q_bar, 0)
     n_blocks = gl.cdiv(S, BLOCK_N)
 
     # ---- block 0: S_0 and its softmax (masked: it may also be the last block)
@@ -165,23 +179,49 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
     s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, 0, S, True)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, 0, S, True, FIXED)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     # ---- full blocks 1 .. n-2 (no branch inside the loop), then the last block (masked)
     for j in range(1, n_blocks - 1):
         acc, m_i, l_i, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale,
-                                            S, False)
+                                            S, False, FIXED)
     if n_blocks > 1:
         acc, m_i, l_i, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, p_op, s_zero,
-                                            qk_scale, S, True)
+                                            qk_scale, S, True, FIXED)
 
     # ---- the last block's P V
     last = (n_blocks - 1) % sm.STAGES
     acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
+    return acc, l_i
+
+
+@gluon.jit
+def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, fixed, m_fixed,
+                        WG: gl.constexpr):
+    """One warpgroup: BLOCK_M query rows (64 or 128) against all keys; stores its rows of the
+    output. ``fixed``: run the softmax against the fixed bound ``m_fixed`` (see
+    ``_score_bound``), else with a running row max."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    dtype: gl.constexpr = sm.q_bufs.dtype
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = sm.q_bufs.index(WG)
+    mbarrier.wait(sm.q_bar, 0)
+    if fixed:
+        acc, l_i = _consumer_loop(sm, q_smem, m_fixed, qk_scale, S, True)
+    else:
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False)
 
     # ---- epilogue: O / l; rows past S are not stored
     out = acc / gl.convert_layout(l_i, orow_layout)[:, None]
@@ -195,14 +235,35 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, WG: gl.const
 
 
 @gluon.jit
-def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, S, H, stride_ob, stride_os,
-                                 stride_oh, qk_scale, NUM_WG: gl.constexpr, STAGES: gl.constexpr,
+def _score_bound(norm_ptr, pid_bh, BH, qk_scale):
+    """(fixed, m) for one (b, h) from the pre-pass's max squared row norms of q and k.
+
+    Every score t = (q . k) * qk_scale (log2 units) lies in [-T, T] with T = |qk_scale| *
+    max||q|| * max||k|| (Cauchy-Schwarz; 1% margin for the bf16 rounding and fp32 sums). With
+    m = T - e, e = max(0, 2T - 96), every numerator 2^(t - m) lies in [2^-96, 2^e]: no overflow and
+    no underflow, so a fixed m gives the same softmax as a running max. Taken when T <= 80
+    (e <= 64); otherwise (or for inf/nan norms) the kernel runs the running-max softmax."""
+    qn = gl.load(norm_ptr + pid_bh)
+    kn = gl.load(norm_ptr + BH + pid_bh)
+    t = gl.sqrt(qn * kn) * gl.abs(qk_scale) * 1.01
+    e = gl.maximum(2.0 * t - 96.0, 0.0)
+    return t <= 80.0, t - e
+
+
+@gluon.jit
+def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob,
+                                 stride_os, stride_oh, qk_scale, NUM_WG: gl.constexpr,
+                                 STAGES: gl.constexpr, BOUNDED: gl.constexpr,
+                                 V_TOKEN_MAJOR: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * BLOCK_M query rows of one (b, h).
 
     Descriptors are over the head-major [B*H*S, D] storage (boxes: BLOCK_M query rows, BLOCK_N
     keys); qk_scale = scale * log2(e). Rows of a box past its head read the next head (or zeros
-    past the end): their scores are masked, their outputs not stored.
+    past the end): their scores are masked, their outputs not stored. BOUNDED: norm_ptr holds the
+    pre-pass's max squared row norms ([2, BH]: q then k), see ``_score_bound``. V_TOKEN_MAJOR:
+    v_desc is over V's token-major [B*S, H*D] view (a strided input read in place) instead of the
+    head-major [B*H*S, D] storage.
     """
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
@@ -215,7 +276,18 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, S, H, stride_ob,
     q_start = pid_m * (BLOCK_M * NUM_WG)
     row_kv = pid_bh * S
     row_q = row_kv + q_start
+    if V_TOKEN_MAJOR:
+        v_row = b * S
+        v_col = h * HEAD_D
+    else:
+        v_row = row_kv
+        v_col = 0
     o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    if BOUNDED:
+        fixed, m_fixed = _score_bound(norm_ptr, pid_bh, BH, qk_scale)
+    else:
+        fixed = pid_bh < 0  # False, as a runtime value like the bounded case's
+        m_fixed = qk_scale * 0.0
 
     q_bufs = gl.allocate_shared_memory(dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
@@ -236,17 +308,17 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, S, H, stride_ob,
     # worker arguments are spelled out per call (tuple arithmetic would drop their constexpr-ness)
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 0)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 1)),
-            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, S)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 0)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 1)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, 2)),
-            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, S)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 2)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
@@ -257,7 +329,7 @@ def default_config(head_dim: int) -> dict:
     """Measured defaults (H200, ``benchmarks/results/hopper_attention_notes.md``): NUM_WG consumer
     warpgroups of BLOCK_M query rows, BLOCK_N keys per block, STAGES of the K/V ring."""
     if head_dim <= 64:
-        return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=128, STAGES=3)
+        return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=128, STAGES=4)
     return dict(NUM_WG=3, BLOCK_M=64, BLOCK_N=64, STAGES=4)
 
 
@@ -278,12 +350,29 @@ def _launch_args(cfg: dict):
                 LOADER_REGS=loader_regs)
 
 
+def v_token_major_ok(v: torch.Tensor) -> bool:
+    """Whether the kernel can read a [B, S, H, D] V in place through a [B*S, H*D] TMA view: unit
+    stride in D, heads adjacent (stride D), batches adjacent (stride S * token stride), token rows
+    and the base 16-byte aligned."""
+    B, S, H, D = v.shape
+    st = v.stride()
+    return (st[3] == 1 and st[2] == D and (B == 1 or st[0] == S * st[1])
+            and (st[1] * v.element_size()) % 16 == 0 and v.data_ptr() % 16 == 0 and st[1] >= H * D)
+
+
 def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, out: torch.Tensor,
-                          scale: float, config: dict | None = None) -> torch.Tensor:
+                          scale: float, config: dict | None = None,
+                          norm_max: torch.Tensor | None = None, *,
+                          v_token_major: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v on head-major inputs.
 
-    qh, kh, vh: [B, H, S, D] contiguous (bf16/fp16, D 64 or 128); out: [B, S, H, D] with stride 1
-    in D (written and returned). ``config`` overrides keys of ``default_config``.
+    qh, kh: [B, H, S, D] contiguous (bf16/fp16, D 64 or 128); vh: the same, or with
+    ``v_token_major`` a [B, S, H, D] tensor whose (B, S) and (H, D) dims merge
+    (``v_token_major_ok``: e.g. the V slice of a QKV projection, read in place); out: [B, S, H, D] with stride 1 in D (written and
+    returned). ``config`` overrides keys of ``default_config``. ``norm_max``:
+    float32 [2, B * H], the max over s of ||qh[b, h, s]||^2 and of ||kh[b, h, s]||^2 (the
+    pre-pass writes them); with it, heads whose scores are bounded closely enough run the softmax
+    without a running max (``_score_bound``); without it every head keeps the running max.
     """
     B, H, S, D = qh.shape
     cfg = {**default_config(D), **(config or {})}
@@ -297,15 +386,37 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
         layout = gl.NVMMASharedLayout.get_default_for([box, D], gdt)
         return TensorDescriptor(t, [rows, D], [D, 1], [box, D], layout)
 
+    if v_token_major:
+        if vh.shape != (B, S, H, D) or not v_token_major_ok(vh):
+            raise ValueError(f"vh: a token-major V must be [B, S, H, D]={[B, S, H, D]} with merged "
+                             f"(B, S) and (H, D) dims and 16-byte aligned rows; got shape "
+                             f"{tuple(vh.shape)}, strides {vh.stride()}")
+        v_desc = TensorDescriptor(vh, [B * S, H * D], [vh.stride(1), 1], [cfg["BLOCK_N"], D],
+                                  gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_N"], D], gdt))
+    else:
+        if vh.shape != qh.shape or not vh.is_contiguous():
+            raise ValueError(f"vh must be contiguous [B, H, S, D]={[B, H, S, D]} (or pass "
+                             f"v_token_major=True); got {tuple(vh.shape)}, strides {vh.stride()}")
+        v_desc = desc(vh, cfg["BLOCK_N"])
+
+    if norm_max is not None and (norm_max.dtype != torch.float32 or norm_max.numel() != 2 * B * H
+                                 or not norm_max.is_contiguous()):
+        raise ValueError(f"norm_max must be a contiguous float32 tensor of 2*B*H={2 * B * H} "
+                         f"elements, got {norm_max.dtype} {tuple(norm_max.shape)}")
+    if norm_max is not None and qh.dtype != torch.bfloat16:
+        raise ValueError("norm_max (the fixed-max softmax) is for bf16 inputs: fp16 P has too "
+                         "little exponent range for numerators down to 2^-96")
     grid = (triton.cdiv(S, cfg["BLOCK_M"] * cfg["NUM_WG"]), B * H)
     _hopper_attention_fwd_kernel[grid](
-        desc(qh, cfg["BLOCK_M"]), desc(kh, cfg["BLOCK_N"]), desc(vh, cfg["BLOCK_N"]), out, S, H,
-        out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E, **_launch_args(cfg),
+        desc(qh, cfg["BLOCK_M"]), desc(kh, cfg["BLOCK_N"]), v_desc, out,
+        norm_max, S, H, B * H, out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E,
+        BOUNDED=norm_max is not None, V_TOKEN_MAJOR=v_token_major, **_launch_args(cfg),
         num_warps=4)
     return out
 
 
-def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str = "bf16"):
+def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str = "bf16",
+                    bounded: bool = True):
     """Compile the kernel for sm_90a without a GPU (to read its PTX/SASS, registers, spills).
     Needs ``TRITON_INTERPRET`` unset: Gluon does not build under the interpreter."""
     from triton.backends.compiler import GPUTarget
@@ -319,10 +430,10 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str =
         return f"tensordesc<{dtype}[{box}, {head_dim}],{layout!r}>"
 
     signature = {"q_desc": desc_type(cfg["BLOCK_M"]), "k_desc": desc_type(cfg["BLOCK_N"]),
-                 "v_desc": desc_type(cfg["BLOCK_N"]), "o_ptr": f"*{dtype}", "S": "i32",
-                 "H": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
-                 "qk_scale": "fp32"}
-    constexprs = _launch_args(cfg)
+                 "v_desc": desc_type(cfg["BLOCK_N"]), "o_ptr": f"*{dtype}", "norm_ptr": "*fp32",
+                 "S": "i32", "H": "i32", "BH": "i32", "stride_ob": "i32", "stride_os": "i32",
+                 "stride_oh": "i32", "qk_scale": "fp32"}
+    constexprs = {**_launch_args(cfg), "BOUNDED": bounded, "V_TOKEN_MAJOR": False}
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(_hopper_attention_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

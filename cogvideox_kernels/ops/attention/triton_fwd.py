@@ -75,13 +75,14 @@ def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
 @triton.jit
 def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
                              stride_xb, stride_xs, stride_xh, stride_yb, stride_ys, stride_yh,
-                             cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+                             cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps, norm_sq_ptr,
                              HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, D: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                             INTERPRET: tl.constexpr):
+                             NORM_SQ: tl.constexpr, INTERPRET: tl.constexpr):
     """Pre-pass: y[b, s, h] = rope(layernorm(x[b, s, h])). Rows run over (s, h) of one sample,
-    so neighbouring rows are neighbouring heads in memory."""
+    so neighbouring rows are neighbouring heads in memory. NORM_SQ: also
+    norm_sq[b, s, h] = ||y[b, s, h]||^2 (float32, contiguous [B, S, H])."""
     pid_r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,6 +98,9 @@ def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
     mask = row_mask[:, None] & (offs_d < D)[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_d[None, :],
              store_cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if NORM_SQ:
+        tl.store(norm_sq_ptr + b * S * H + rows, tl.sum(tl.where(mask, y * y, 0.0), axis=1),
+                 mask=row_mask)
 
 
 @triton.jit
@@ -248,10 +252,12 @@ def _s_bucket(S: int) -> int:
 # launchers
 # ----------------------------------------------------------------------------------------------
 def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, head_major=True,
-                     block_r=None):
+                     block_r=None, norm_sq=None):
     """Pre-pass: rope(layernorm(x)) (either part optional; neither = a copy) of a strided
     [B, S, H, D] x. Returns a [B, S, H, D] view of x's dtype whose storage is [B, H, S, D]
-    (``head_major``, what the attention kernel reads fastest) or [B, S, H, D]."""
+    (``head_major``, what the attention kernel reads fastest) or [B, S, H, D].
+    ``norm_sq``: a float32 [B, S, H] contiguous tensor that receives ||y[b, s, h]||^2 (of the
+    float32 values before the cast; the Hopper kernel bounds its scores with their max)."""
     B, S, H, D = x.shape
     if head_major:
         y = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device).transpose(1, 2)
@@ -264,8 +270,8 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
     grid = (triton.cdiv(S * H, block_r), B)
     _qk_norm_rope_fwd_kernel[grid](
         x, y, S, H, text_len, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-        y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps,
-        HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
+        y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps, norm_sq,
+        NORM_SQ=norm_sq is not None, HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
         HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
         BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=4)
     return y
