@@ -62,6 +62,7 @@ import torch
 # The ops, looked up here by the patched modules at each call (tests wrap them to count calls).
 from ...ops import causal_conv3d, expert_ffn, rope3d_attention, vae_conv3d  # noqa: F401
 from ...ops import registry
+from ...ops.attention.reference import PRECISIONS
 from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
@@ -104,8 +105,10 @@ def _check_options(model, options):
     return patched
 
 
-def _apply_transformer(model, attention, ffn, backend, classes):
+def _apply_transformer(model, attention, ffn, backend, classes, precision="bf16"):
     options = {"attention": attention, "ffn": ffn, "backend": backend}
+    if precision != "bf16":  # (recorded only when set: earlier patches compare equal)
+        options["precision"] = precision
     patched = _check_options(model, options)
     blocks = list(model.transformer_blocks)
     for i, block in enumerate(blocks):
@@ -127,7 +130,8 @@ def _apply_transformer(model, attention, ffn, backend, classes):
         if attention and not isinstance(processor, CogVideoXKernelAttnProcessor):
             if type(processor) in known:
                 ours = CogVideoXKernelAttnProcessor(
-                    processor, backend, sequence, fused=type(processor) is classes["FusedCogVideoXAttnProcessor2_0"])
+                    processor, backend, sequence, fused=type(processor) is classes["FusedCogVideoXAttnProcessor2_0"],
+                    precision=precision)
                 ours._parallel_config = getattr(model, "_parallel_config", None)
                 block.attn1.set_processor(ours)
             else:
@@ -175,7 +179,8 @@ def _parts(obj):
     return [getattr(p, "_orig_mod", p) for p in parts if p is not None]
 
 
-def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, backend: str = "auto"):
+def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, backend: str = "auto",
+          precision: str = "bf16"):
     """Patch a diffusers CogVideoX pipeline, transformer or VAE in place with our kernels; returns ``obj``.
 
     obj: a ``CogVideoXPipeline`` (anything with ``.transformer`` / ``.vae``), a
@@ -186,11 +191,16 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     backend: ``"auto"`` (kernels on a supported GPU, references elsewhere), ``"triton"`` or
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
-    of a supported shape). A backend one part lacks means ``"auto"`` there. Applying again with the
+    of a supported shape). A backend one part lacks means ``"auto"`` there.
+    precision: ``"bf16"`` (exact, default) or ``"int8"``: the attention runs
+    ``rope3d_attention(..., precision="int8")`` (smoothed INT8 Q K^T, 8-bit P V; opt-in, see
+    benchmarks/results/int8_attention_notes.md). Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise
     until :func:`remove`.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
     classes = _diffusers()
     transformer_cls, vae_cls = classes["CogVideoXTransformer3DModel"], classes["AutoencoderKLCogVideoX"]
     allowed = tuple(dict.fromkeys(BACKENDS + CONV_BACKENDS))
@@ -219,7 +229,8 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
         # A backend an op family lacks ("triton" for the VAE conv, "cuda"/"cpp" for the
         # transformer ops) means "auto" for that family.
         if kind == "transformer" and (attention or ffn):
-            _apply_transformer(part, attention, ffn, backend if backend in BACKENDS else "auto", classes)
+            _apply_transformer(part, attention, ffn, backend if backend in BACKENDS else "auto", classes,
+                               precision)
         elif kind == "vae" and vae:
             _apply_vae(part, backend if backend in CONV_BACKENDS else "auto", classes)
     return obj
