@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 echo "commit ${COMMIT:-unknown}" >> "$OUT/gpu.txt"
-timeout ${TEST_S:-150} python3 -m pytest -q -m gpu tests/ops/test_attention_int8.py -p no:cacheprovider \
+timeout ${TEST_S:-150} python3 -m pytest -q -m gpu tests/ops/test_attention_int8.py ${EXTRA_TESTS:-} -p no:cacheprovider \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 timeout ${BENCH_S:-240} python3 benchmarks/attention_quality.py --out "$OUT" --commit "${COMMIT:-unknown}" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30

@@ -1,6 +1,7 @@
 """8-bit attention (``precision="int8"``): the quantizing pre-pass and its float32 emulation.
 
-SageAttention2's recipe, fused with our QK LayerNorm + RoPE3D pre-pass (``_norm_rope_tile``):
+SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
+(``_norm_rope_tile``):
 
 * **K smoothing**: k' = k - mean_s(k) per (b, h, channel), over all tokens after norm + RoPE.
   q k'^T differs from q k^T by a per-query-row constant, which softmax ignores; the mean takes out
@@ -8,14 +9,16 @@ SageAttention2's recipe, fused with our QK LayerNorm + RoPE3D pre-pass (``_norm_
 * **q -> INT8** with one scale per token (a row of the score matrix: the kernel folds it into the
   softmax's per-row FFMA for free); **k' -> INT8** with one scale per block of ``block_n`` keys
   (the kernel's key block, so one scalar per Q K^T block). Scales are amax / 127, round to nearest.
-* **v -> FP8 e4m3** with one scale per (b, h, channel) (amax / 448), stored transposed
-  ``[B, H, D, S_pad]`` (S padded to 16 with zeros): FP8 wgmma needs both operands K-major, and for
-  P V the reduction runs over keys.
+* **v -> FP8 e4m3** (``fp8_v``, for the kernel's PV_FP8 config) with one scale per (b, h, channel)
+  (amax / 448), stored transposed ``[B, H, D, S_pad]`` (S padded to 16 with zeros): FP8 wgmma
+  needs both operands K-major, and for P V the reduction runs over keys. The shipped kernel keeps
+  P V in 16 bits (V as the bf16 pre-pass writes it): FP8 P V was slower and 3.4x less accurate
+  on the H200 (``benchmarks/results/int8_attention_notes.md``).
 
 Two launches per tensor: a column-statistics pass (partial sums of normed, rotated k; partial
 absolute maxima of v, per chunk of tokens, reduced in torch) and the quantizing pass. ``q`` needs
 only the second. ``int8_attention_reference`` computes the same quantization in torch and the
-attention in float32 from the dequantized values, with P rounded to e4m3 as the kernel does, so CPU
+attention in float32 from the dequantized values, with P rounded as the kernel rounds it, so CPU
 tests check the maths without the Gluon kernel.
 """
 from __future__ import annotations
@@ -278,33 +281,47 @@ def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
                       v8t.contiguous(), v_scale, block_n)
 
 
-def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype) -> torch.Tensor:
-    """float32 attention over the dequantized 8-bit inputs, with P rounded to e4m3 as the kernel
-    stores it (p * 448 relative to the row max). Query rows go in chunks of at most ~64M scores.
-    Returns [B, S, H, D] in ``out_dtype``."""
+def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None) -> torch.Tensor:
+    """float32 attention over the dequantized 8-bit q, k, as the kernel computes it: P rounded to
+    e4m3 (as p * 448 relative to the row max) against the FP8 V^T of ``t``, or, given ``v``
+    (the 16-bit V, [B, H, S, D]), P rounded to v's dtype against v. Query rows go in chunks of at
+    most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
     B, H, S, D = t.q8.shape
     k = t.k8.float() * t.k_scale.repeat_interleave(t.block_n, dim=-1)[..., :S, None]
-    v = t.v8t[..., :S].float().transpose(-1, -2) * t.v_scale[:, :, None, :]
+    if v is None:
+        vf = t.v8t[..., :S].float().transpose(-1, -2) * t.v_scale[:, :, None, :]
+    else:
+        vf = v.float()
     out = torch.empty((B, H, S, D), dtype=torch.float32, device=t.q8.device)
     rows = max(1, 2 ** 26 // (B * H * S))
     for r0 in range(0, S, rows):
         q = t.q8[:, :, r0:r0 + rows].float() * (t.q_scale[:, :, r0:r0 + rows, None] * scale)
         s = q @ k.transpose(-1, -2)
-        p = torch.exp(s - s.amax(-1, keepdim=True)) * P_SCALE
-        p8 = p.to(torch.float8_e4m3fn).float()
-        out[:, :, r0:r0 + rows] = (p8 @ v) / p.sum(-1, keepdim=True)
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        if v is None:
+            p = p * P_SCALE
+            pq = p.to(torch.float8_e4m3fn).float()
+        else:
+            pq = p.to(v.dtype).float()
+        out[:, :, r0:r0 + rows] = (pq @ vf) / p.sum(-1, keepdim=True)
     return out.transpose(1, 2).to(out_dtype)
 
 
 def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                             eps=1e-6, scale=None, block_n=128):
+                             eps=1e-6, scale=None, block_n=128, pv_fp8=False):
     """``rope3d_attention(..., precision="int8")`` emulated in float32: the pre-pass's
-    quantization, then attention over the dequantized values. Returns [B, S, H, D] in q's dtype."""
+    quantization, then attention over the dequantized values, with P V in v's dtype (the shipped
+    kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
+    config). Returns [B, S, H, D] in q's dtype."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
                                 k_norm=k_norm, eps=eps, block_n=block_n)
-    return int8_attention_from_quantized(t, scale, q.dtype)
+    v16 = None
+    if not pv_fp8:
+        v16 = v.transpose(1, 2)
+        v16 = v16 if v16.dtype in (torch.bfloat16, torch.float16) else v16.to(torch.bfloat16)
+    return int8_attention_from_quantized(t, scale, q.dtype, v16)
 
 
 LOG2_P_SCALE = math.log2(P_SCALE)
