@@ -241,3 +241,16 @@ def test_gpu_int8_non_contiguous_inputs():
         other = dict(case, **{name: wide[:, ::2]})
         out = ops.rope3d_attention(**other, precision="int8", backend="hopper")
         torch.testing.assert_close(out, base, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_compile_fullgraph():
+    case = make_case(1, 300, 2, 64, 20, torch.bfloat16, seed=7, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():  # as the bf16 test: inductor's init makes tensors the conftest poisons
+        fn = torch.compile(lambda q, k, v: ops.rope3d_attention(
+            q, k, v, **case_args(case), precision="int8", backend="hopper") * 2, fullgraph=True)
+        out = fn(case["q"], case["k"], case["v"])
+        eager = ops.rope3d_attention(**case, precision="int8", backend="hopper") * 2
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
