@@ -44,15 +44,15 @@ SHAPES = dict(SHAPES)
 SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 
 # name -> hopper_int8_fwd config overrides (kernel variants measured; the first is the default)
-# Run 1 (e004bfb) measured FP8 P V (SageAttention2) 19.3-23.8 ms and INT8 Q K^T + bf16 P V
-# 14.2 ms (kernel): the shipped default is the latter; ROWSUM_MMA (risky: run last) is new.
+# Runs on the H200 (results/int8_attention_notes.md): e004bfb measured FP8 P V (SageAttention2)
+# 19.3-23.8 ms vs INT8 Q K^T + bf16 P V 14.2 ms (kernel), so the latter is the default; c7fe970
+# measured row sums on the tensor cores (ROWSUM_MMA, since removed) no faster.
 INT8_VARIANTS = {
     "int8": dict(),
     "int8_i2f": dict(MAGIC_CVT=False),
     "int8_s4": dict(STAGES=4),
     "int8_fp8pv_i2f": dict(PV_FP8=True, MAGIC_CVT=False),
-    "int8_rowsum": dict(ROWSUM_MMA=True),
-    "int8_rowsum_i2f": dict(ROWSUM_MMA=True, MAGIC_CVT=False),
+    "int8_fp8pv_2level": dict(PV_FP8=True, TWO_LEVEL=True),
 }
 
 

@@ -182,8 +182,7 @@ def _on_hopper():
 
 gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
 GPU_CONFIGS = [dict(), dict(MAGIC_CVT=False), dict(STAGES=4), dict(NUM_WG=2),
-               dict(PV_FP8=True), dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False),
-               dict(ROWSUM_MMA=True), dict(ROWSUM_MMA=True, MAGIC_CVT=False)]
+               dict(PV_FP8=True), dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
 
 
 def _kernel(case, config=None):

@@ -10,8 +10,6 @@ block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs
   conversion as one integer add (for |s| < 2^22, bits(s + 0x4B400000) as float32 is 12582912 + s;
   the constant folds into the FFMA) instead of I2F.
 * ``O += P V`` in 16 bits (P in V's dtype, V the pre-pass's head-major copy), as the bf16 kernel.
-  ``ROWSUM_MMA``: the softmax row sums as P x ones on the tensor cores (an [64, 8] accumulator
-  rescaled with O) instead of one FADD per score.
 * ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
   exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
   (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
@@ -27,8 +25,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .hopper_fwd import LOG2E, _mask_tail, _registers, _Shared
@@ -76,12 +74,12 @@ def _v_operand(sm, stage, PV_FP8: gl.constexpr):
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                  P_DTYPE: gl.constexpr, ROWSUM_MMA: gl.constexpr):
+                  P_DTYPE: gl.constexpr):
     """Online softmax on one block of s32 scores: P (float32; times 448 when P_DTYPE is e4m3),
     new row max (log2 units), row sum, alpha = 2^(m_old - m_new). row_scale: q_scale *
     k_scale_j * sm_scale * log2(e). P is cast by the caller after the P V wait: a cast here
     writes registers while the previous P V (register A operand) is in flight, and the compiler
-    then waits for it (no overlap). ROWSUM_MMA: l is summed on the tensor cores (left alone)."""
+    then waits for it (no overlap)."""
     if MAGIC_CVT:
         # exact for |s| < 2^22 (D * 127^2 = 1.03e6 at D 64): float(s) = bits(s + MAGIC) - MAGIC_F
         sf = (s + MAGIC).to(gl.float32, bitcast=True)
@@ -100,20 +98,18 @@ def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: 
     bias = offset * row_scale + m_new - p_log2
     p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
     alpha = gl.exp2(m_i - m_new)
-    if not ROWSUM_MMA:
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
-def _attend_block(j, sm, q_smem, ones_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_scale,
-                  ks_ptr, S, MASK: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                  TWO_LEVEL: gl.constexpr, ROWSUM_MMA: gl.constexpr):
+def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_scale, ks_ptr, S,
+                  MASK: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                  TWO_LEVEL: gl.constexpr):
     """Key block j >= 1: issue S_j = Q K_j^T, issue O_{j-1} = P_{j-1} V_{j-1}, softmax of S_j
     while P V runs. TWO_LEVEL: P V into a fresh accumulator, then O = O * alpha_{j-1} + O_{j-1}
     (one FFMA per element, as the bf16 kernel's rescale); else P V accumulates into O (rescaled
-    by alpha_j afterwards), as in the bf16 kernel. ROWSUM_MMA (one level only): l is a
-    [BLOCK_M, 8] accumulator of P x ones, issued with P V and rescaled with O."""
+    by alpha_j afterwards), as in the bf16 kernel."""
     stage = j % sm.STAGES
     prev = (j - 1) % sm.STAGES
     mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
@@ -125,14 +121,10 @@ def _attend_block(j, sm, q_smem, ones_smem, acc, m_i, l_i, alpha, p_op, s_zero, 
     else:
         acc = warpgroup_mma(p_op, _v_operand(sm, prev, PV_FP8), acc, is_async=True)
     k_scale = gl.load(ks_ptr + j)
-    if ROWSUM_MMA:
-        l_i = warpgroup_mma(p_op, ones_smem.permute((1, 0)), l_i, is_async=True)
-        s = warpgroup_mma_wait(2, deps=(s,))  # groups retire in order: S_j only
-    else:
-        s = warpgroup_mma_wait(1, deps=(s,))
+    s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
     alpha_prev = alpha
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, j * sm.BLOCK_N, S, MASK,
-                                       MAGIC_CVT, p_op.dtype, ROWSUM_MMA)
+                                       MAGIC_CVT, p_op.dtype)
     # the V_j wait ends the basic block here, so ptxas keeps the P V wait below the softmax
     # (see hopper_fwd._attend_block)
     mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
@@ -141,11 +133,6 @@ def _attend_block(j, sm, q_smem, ones_smem, acc, m_i, l_i, alpha, p_op, s_zero, 
         pv = warpgroup_mma_wait(0, deps=(pv,))
         mbarrier.arrive(sm.kv_empty.index(prev))
         acc = acc * gl.convert_layout(alpha_prev, row)[:, None] + pv
-    elif ROWSUM_MMA:
-        acc, l_i = warpgroup_mma_wait(0, deps=(acc, l_i))
-        mbarrier.arrive(sm.kv_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, row)[:, None]
-        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     else:
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(sm.kv_empty.index(prev))
@@ -155,9 +142,9 @@ def _attend_block(j, sm, q_smem, ones_smem, acc, m_i, l_i, alpha, p_op, s_zero, 
 
 
 @gluon.jit
-def _consumer_partition(sm, ones_smem, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os,
-                        qk_scale, WG: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                        TWO_LEVEL: gl.constexpr, ROWSUM_MMA: gl.constexpr):
+def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
+                        WG: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                        TWO_LEVEL: gl.constexpr):
     """One warpgroup: 64 query rows against all keys; stores its rows of the output."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
@@ -180,12 +167,7 @@ def _consumer_partition(sm, ones_smem, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S
     rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
     q_scale = gl.load(qs_ptr + rows, mask=rows < S, other=1.0) * qk_scale
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    if ROWSUM_MMA:
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 8, 16])
-        l_i = gl.zeros([BLOCK_M, 8], gl.float32, layout=l_layout)
-    else:
-        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
@@ -201,20 +183,19 @@ def _consumer_partition(sm, ones_smem, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S
     k_scale = gl.load(ks_ptr)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, 0, S, True, MAGIC_CVT,
-                                       p_dtype, ROWSUM_MMA)
+                                       p_dtype)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(p_dtype), p_layout)
 
     # ---- full blocks 1 .. n-2 (no branch inside the loop), then the last block (masked)
     for j in range(1, n_blocks - 1):
-        acc, m_i, l_i, alpha, p_op = _attend_block(j, sm, q_smem, ones_smem, acc, m_i, l_i, alpha,
-                                                   p_op, s_zero, o_zero, q_scale, ks_ptr, S, False,
-                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)
+        acc, m_i, l_i, alpha, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op,
+                                                   s_zero, o_zero, q_scale, ks_ptr, S, False,
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
     if n_blocks > 1:
-        acc, m_i, l_i, alpha, p_op = _attend_block(n_blocks - 1, sm, q_smem, ones_smem, acc, m_i,
-                                                   l_i, alpha, p_op, s_zero, o_zero, q_scale,
-                                                   ks_ptr, S, True, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                                   ROWSUM_MMA)
+        acc, m_i, l_i, alpha, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, alpha,
+                                                   p_op, s_zero, o_zero, q_scale, ks_ptr, S, True,
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
 
     # ---- the last block's P V
     last = (n_blocks - 1) % sm.STAGES
@@ -223,16 +204,10 @@ def _consumer_partition(sm, ones_smem, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S
                            is_async=True)
         pv = warpgroup_mma_wait(0, deps=(pv,))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
-    elif ROWSUM_MMA:
-        acc = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), acc, is_async=True)
-        l_i = warpgroup_mma(p_op, ones_smem.permute((1, 0)), l_i, is_async=True)
-        acc, l_i = warpgroup_mma_wait(0, deps=(acc, l_i))
     else:
         acc = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
-    if ROWSUM_MMA:
-        l_i = gl.max(l_i, axis=1)  # its 8 columns are equal
 
     # ---- epilogue: O / l (times V's per-channel scale); rows past S are not stored
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -253,7 +228,7 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
                                       stride_ob, stride_os, stride_oh, qk_scale,
                                       NUM_WG: gl.constexpr, STAGES: gl.constexpr,
                                       PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                                      TWO_LEVEL: gl.constexpr, ROWSUM_MMA: gl.constexpr,
+                                      TWO_LEVEL: gl.constexpr,
                                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v from 8-bit q, k (and v) for NUM_WG * 64 query
     rows of one (b, h). Descriptors: q, k over int8 [B*H*S, D]; v over float8 [B*H*D, S_pad]
@@ -294,32 +269,23 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
     sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
                  STAGES)
     row_vt = pid_bh * HEAD_D
-    if ROWSUM_MMA:  # a [8, BLOCK_N] tile of ones: B operand of the row sums (K-major, as K's)
-        ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                         element_bitwidth=16, rank=2)
-        ones = gl.full([8, BLOCK_N], 1.0, v_desc.dtype,
-                       layout=gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0]))
-        ones_smem = gl.allocate_shared_memory(v_desc.dtype, [8, BLOCK_N], ones_layout, ones)
-        fence_async_shared()
-    else:
-        ones_smem = q_bufs  # not read
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer_partition, (sm, ones_smem, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)),
-            (_consumer_partition, (sm, ones_smem, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
-            (_consumer_partition, (sm, ones_smem, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)),
-            (_consumer_partition, (sm, ones_smem, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)),
-            (_consumer_partition, (sm, ones_smem, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL, ROWSUM_MMA)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
@@ -331,7 +297,7 @@ def default_config(head_dim: int) -> dict:
     """NUM_WG consumer warpgroups of 64 rows, BLOCK_N keys per block (= the pre-pass's k-scale
     block), STAGES of the ring, P V in FP8 (PV_FP8) and the integer-trick conversion (MAGIC_CVT)."""
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=3 if head_dim <= 64 else 2, PV_FP8=False,
-                MAGIC_CVT=True, TWO_LEVEL=False, ROWSUM_MMA=False)
+                MAGIC_CVT=True, TWO_LEVEL=False)
 
 
 def resolve_config(head_dim: int, config: dict | None) -> dict:
@@ -342,8 +308,6 @@ def resolve_config(head_dim: int, config: dict | None) -> dict:
                          f"{sorted(default_config(head_dim))}")
     if cfg["NUM_WG"] not in (2, 3):
         raise ValueError(f"NUM_WG={cfg['NUM_WG']}: the kernel takes 2 or 3 consumer warpgroups")
-    if cfg["ROWSUM_MMA"] and (cfg["PV_FP8"] or cfg["TWO_LEVEL"]):
-        raise ValueError("ROWSUM_MMA needs PV_FP8=False and TWO_LEVEL=False")
     return cfg
 
 
@@ -351,7 +315,6 @@ def _constexprs(cfg: dict) -> dict:
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
     return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
                 MAGIC_CVT=bool(cfg["MAGIC_CVT"]), TWO_LEVEL=bool(cfg["TWO_LEVEL"]),
-                ROWSUM_MMA=bool(cfg["ROWSUM_MMA"]),
                 CONSUMER_REGS=consumer_regs,
                 LOADER_REGS=loader_regs)
 
