@@ -2,7 +2,9 @@
 # One H200 call for precision="int8" attention (issue 15): GPU tests of the 8-bit path, then the
 # quality + speed harness at the 5B shape (ours bf16, ours int8 variants, FA3 bf16 / FP8).
 # Run from the repository root (or a staged copy) with the wheels in ../../.whl; results in $OUT.
-#   COMMIT=<sha> bash benchmarks/gpu_int8_attention.sh
+#   COMMIT=<sha> [EXTRA_TESTS="tests/ops/test_attention_hopper.py"] bash benchmarks/gpu_int8_attention.sh
+# (EXTRA_TESTS: more test files/options for the same pytest call; a -k expression needs quoting
+# inside it, e.g. EXTRA_TESTS="-k \"not kernel_configs\"" does not survive word splitting: list files)
 set -u
 OUT=${OUT:-/tmp/int8_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ../../.whl/*.whl 2>&1 | tail -2

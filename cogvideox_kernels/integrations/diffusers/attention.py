@@ -131,7 +131,8 @@ class CogVideoXKernelAttnProcessor:
                              "context parallelism with cogvideox_cp_plan (apply() sets it as the model's _cp_plan)")
         return _ops.ulysses_rope3d_attention(q, k, v, text_len=text, cos=cos, sin=sin, group=group,
                                              seq_lens=[t + n for t, n in zip(text_lens, video_lens)],
-                                             text_lens=text_lens, backend=self.backend, **norms)
+                                             text_lens=text_lens, backend=self.backend,
+                                             precision=self.precision, **norms)
 
 
 def cogvideox_cp_plan(model) -> dict:
