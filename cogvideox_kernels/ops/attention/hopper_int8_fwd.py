@@ -295,7 +295,8 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
 # ----------------------------------------------------------------------------------------------
 def default_config(head_dim: int) -> dict:
     """NUM_WG consumer warpgroups of 64 rows, BLOCK_N keys per block (= the pre-pass's k-scale
-    block), STAGES of the ring, P V in FP8 (PV_FP8) and the integer-trick conversion (MAGIC_CVT)."""
+    block), STAGES of the ring, the integer-trick s32 -> f32 conversion (MAGIC_CVT), P V in FP8
+    (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL)."""
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=3 if head_dim <= 64 else 2, PV_FP8=False,
                 MAGIC_CVT=True, TWO_LEVEL=False)
 
@@ -315,8 +316,7 @@ def _constexprs(cfg: dict) -> dict:
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
     return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
                 MAGIC_CVT=bool(cfg["MAGIC_CVT"]), TWO_LEVEL=bool(cfg["TWO_LEVEL"]),
-                CONSUMER_REGS=consumer_regs,
-                LOADER_REGS=loader_regs)
+                CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
 
 
 def _nvmma(block, dtype):
