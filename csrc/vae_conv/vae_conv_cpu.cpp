@@ -102,7 +102,12 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
 
   // 1. GroupNorm coefficients per (b, c): norm(v) = v * a + d.
   std::vector<double> coef_a(size_t(B * C), 1.0), coef_d(size_t(B * C), 0.0);
-  if (p.groups > 0) {
+  if (p.norm_coef) {
+    for (int64_t i = 0; i < B * C; ++i) {
+      coef_a[size_t(i)] = p.norm_coef[2 * i];
+      coef_d[size_t(i)] = p.norm_coef[2 * i + 1];
+    }
+  } else if (p.groups > 0) {
     const int64_t span = group_span(C, p.groups, T, HW);
     const int64_t cpg = C / p.groups;
     for (int64_t bg = 0; bg < B * p.groups; ++bg) {
@@ -134,7 +139,7 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
         for (int64_t i = 0; i < HW; ++i) {
           const int64_t off = ((b * C + c) * T + f) * HW + i;
           double v = io.load(p.x, off);
-          if (p.groups > 0) v = v * coef_a[size_t(b * C + c)] + coef_d[size_t(b * C + c)];
+          if (p.groups > 0 || p.norm_coef) v = v * coef_a[size_t(b * C + c)] + coef_d[size_t(b * C + c)];
           if (p.scale) v = v * io.load(p.scale, off) + io.load(p.shift, off);
           if (p.silu) v = silu(v);
           act[size_t(off)] = io.round(v);

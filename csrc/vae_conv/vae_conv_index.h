@@ -7,7 +7,9 @@
 //          y = conv(xpad) + bias [+ residual]   (kt, kh, kw), stride 1, spatial zero padding
 //          new_cache = last kt-1 frames of xpad
 // GroupNorm statistics: per batch element and group, over the group's channels and every frame,
-// row and column of x as given (what nn.GroupNorm computes on a [B, C, T, H, W] tensor).
+// row and column of x as given (what nn.GroupNorm computes on a [B, C, T, H, W] tensor); or,
+// with norm_coef, coefficients computed elsewhere (over a longer clip than x: frame chunks of one
+// frame batch share their batch's statistics).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -38,6 +40,7 @@ struct VaeConvParams {
   const void* shift = nullptr;
   const void* cache = nullptr;
   const void* residual = nullptr;
+  const float* norm_coef = nullptr;  // [B, C_in, 2] (a, d): GroupNorm-apply v * a + d given, groups == 0
   void* y = nullptr;
   void* new_cache = nullptr;
   int64_t batch = 0, c_in = 0, c_out = 0, frames = 0, height = 0, width = 0;

@@ -56,9 +56,15 @@ def run_batches(forward, x, zq, lengths, cache=None):
         zs = None if zq is None else zq[:, :, t0:t0 + n]
         with torch.no_grad():
             out, cache = forward(x[:, :, t0:t0 + n], zq=zs, conv_cache=cache)
-        results.append((out, cache))
+        results.append((out, _snapshot(cache)))  # (a patched block consumes the caches it is handed)
         t0 += n
     return results
+
+
+def _snapshot(cache):
+    if isinstance(cache, dict):
+        return {k: _snapshot(v) for k, v in cache.items()}
+    return cache.clone() if torch.is_tensor(cache) else cache
 
 
 BLOCKS = {  # name: (C_in, C_out, options)
@@ -111,6 +117,53 @@ def test_block_takes_non_contiguous_views(backend, which):
         out, new_cache = KernelResnetForward(block, backend)(x, zq=zq, conv_cache=cache)
     assert rel_err(out, ref) <= BUDGET
     compare_caches(new_cache, ref_cache, BUDGET)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_in_frame_chunks_matches_diffusers(backend, name, monkeypatch):
+    """Frames above CHUNK_BYTES: each fused line runs in frame chunks with the batch's GroupNorm
+    statistics (norm_coef), the spatial norm's convs and the shortcut per chunk, caches chained: still
+    diffusers' block over its frame batches, outputs and every cache entry."""
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    C_in, C_out, options = BLOCKS[name]
+    block = make_block(C_in, C_out, seed=11, **options)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, C_in, 5, 6, 7, generator=g) + 0.3
+    zq = torch.randn(2, 4, 5, 3, 4, generator=g) if "spatial_norm_dim" in options else None
+    ref = run_batches(block, x, zq, (3, 2))
+    frame = 2 * max(C_in, C_out) * 6 * 7 * 4  # bytes of one frame of the wider tensor (B 2, float32)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", frame * 2 // max(C_in, C_out) * C_in - 1)  # 1 frame of x
+    spy = OpSpy(monkeypatch)
+    ours = run_batches(KernelResnetForward(block, backend), x, zq, (3, 2))
+    assert len(spy.vae_conv_calls) == 2 * (3 + 2)  # one call per frame and line
+    assert all(kw.get("norm_coef") is not None and kw.get("num_groups", 0) == 0 for _, kw in spy.vae_conv_calls)
+    for (out, cache), (ref_out, ref_cache) in zip(ours, ref):
+        assert rel_err(out, ref_out) <= BUDGET
+        for key in ("norm1", "norm2"):  # the (1,1,1) convs' "cache" (their whole input, never read): None
+            if key in ref_cache:
+                assert cache[key] == {"conv_y": None, "conv_b": None}
+                ref_cache[key] = cache[key]
+        compare_caches(cache, ref_cache, BUDGET)
+
+
+def test_consumed_cache_fails_loudly():
+    """A patched block frees the caches it was handed (replaced by CONSUMED): handing them in again
+    raises, in our forward and in diffusers' own, never a silent replicate padding."""
+    from cogvideox_kernels.integrations.diffusers.resnet import CONSUMED
+
+    block, x, zq = _spatial_block(seed=13)
+    with torch.no_grad():
+        _, cache = block(x, zq=zq)
+        ref, _ = block(x, zq=zq, conv_cache=cache)  # diffusers reads and keeps the cache
+        out, _ = KernelResnetForward(block, "reference")(x, zq=zq, conv_cache=cache)
+    assert rel_err(out, ref) <= BUDGET
+    assert cache["conv1"] is CONSUMED and cache["norm1"]["conv_y"] is CONSUMED
+    with pytest.raises(ValueError, match="already used"), torch.no_grad():
+        KernelResnetForward(block, "reference")(x, zq=zq, conv_cache=cache)
+    with pytest.raises(TypeError), torch.no_grad():
+        block(x, zq=zq, conv_cache=cache)
 
 
 # ------------------------------------------------------------------------------------ whole VAE
@@ -318,11 +371,18 @@ def test_cuda_block_bf16_within_diffusers_own_error(spatial):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
-def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch, chunked):
     """The CogVideoX-5B VAE config (diffusers' defaults) in bf16 on the GPU, apply(vae) with 'auto':
-    every ResNet block runs our CUDA kernel (2 calls per block), decode and encode within 2x diffusers'
-    own bf16 error against a float32 run of the same weights."""
+    every ResNet block runs our CUDA kernel (2 calls per block; ``chunked``: frame chunks of one frame
+    wherever a frame is above 256 KiB, the CUDA statistics pass first), decode and encode within 2x
+    diffusers' own bf16 error against a float32 run of the same weights."""
     from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    if chunked:
+        monkeypatch.setattr(resnet, "CHUNK_BYTES", 256 << 10)
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -339,8 +399,9 @@ def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch):
         assert integration.patch_report(vae16)["vae_resnet"] == 32
         spy = OpSpy(monkeypatch)
         ours_x = vae16.decode(latents.bfloat16()).sample
-        assert len(spy.vae_conv_calls) == 2 * 18
+        assert len(spy.vae_conv_calls) == 2 * 18 or chunked and len(spy.vae_conv_calls) > 2 * 18
+        n = len(spy.vae_conv_calls)
         ours_z = vae16.encode(video.bfloat16()).latent_dist.mode()
-        assert len(spy.vae_conv_calls) == 2 * 18 + 2 * 14
+        assert len(spy.vae_conv_calls) - n == 2 * 14 or chunked and len(spy.vae_conv_calls) - n > 2 * 14
     for ours, own, ref in ((ours_x, own_x, ref_x), (ours_z, own_z, ref_z)):
         assert rel_err(ours, ref) <= 2 * rel_err(own, ref), (rel_err(ours, ref), rel_err(own, ref))

@@ -10,7 +10,15 @@ Patched, each line without temb is one fused op: GroupNorm-apply (statistics ove
 is given, as ``nn.GroupNorm`` takes them), the spatial norm's ``* conv_y(zq') + conv_b(zq')``, SiLU,
 the causal (3,3,3) conv with its cache or replicated first frame, bias, and the shortcut as the fused
 residual. What stays diffusers' own module calls: the spatial norm's ``conv_y`` / ``conv_b`` (on zq
-interpolated as diffusers does it) and ``conv_shortcut``. The skipped modules' weights come from
+interpolated as diffusers does it) and ``conv_shortcut``.
+
+Memory: a frame batch whose frames are larger than ``CHUNK_BYTES`` (the full-resolution blocks of the
+decoder: 8-9 frames of 128-256 channels at 480x720 and above) runs each line in frame chunks: the
+GroupNorm statistics of the whole batch first (``vae_group_norm_coef``), then one fused call per chunk
+chained by the conv cache, with that chunk's ``conv_y`` / ``conv_b`` / ``conv_shortcut`` outputs only.
+So the spatial norm's scale and shift, the kernel's channels-last activation and the shortcut exist
+for one chunk at a time, not for the batch; the result is the same function (same statistics, same
+cache chain; only the kernel's rounding points are shared with the unchunked call). The skipped modules' weights come from
 ``weights.py`` (their hooks run; a LoRA'd or quantized conv is not read). The new conv caches come
 back in diffusers' dict format, so diffusers' frame-batch loop carries them either way.
 
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import registry
+from ...ops.vae_conv import vae_group_norm_coef
 from . import state, weights
 from .vae import KernelConvForward, conv_shape_supported
 
@@ -158,6 +167,16 @@ def _call_ok(block, inputs, temb, zq, conv_cache) -> bool:
 # --------------------------------------------------------------------------------- forward
 
 
+CHUNK_BYTES = 128 << 20  # a frame batch whose input is larger runs in frame chunks of about this size
+
+
+def _chunks(x):
+    """Frame ranges the fused op runs ``x`` in: one, or chunks of about CHUNK_BYTES."""
+    T = x.shape[2]
+    step = max(1, CHUNK_BYTES // max(1, x[:, :, :1].numel() * x.element_size()))
+    return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+
+
 def _interpolate_zq(zq, f):
     """diffusers' CogVideoXSpatialNorm3D resizing of zq to f (the first frame apart for odd T > 1)."""
     if f.shape[2] > 1 and f.shape[2] % 2 == 1:
@@ -165,6 +184,36 @@ def _interpolate_zq(zq, f):
         z_rest = F.interpolate(zq[:, :, 1:], size=f[:, :, 1:].shape[-3:])
         return torch.cat([z_first, z_rest], dim=2)
     return F.interpolate(zq, size=f.shape[-3:])
+
+
+class _Consumed:
+    def __repr__(self):
+        return "<conv cache consumed by a patched CogVideoXResnetBlock3D>"
+
+    def __reduce__(self):
+        return (_consumed, ())
+
+
+def _consumed():
+    return CONSUMED
+
+
+CONSUMED = _Consumed()
+
+
+def _consume(cache):
+    """Replace every tensor of a used cache dict by CONSUMED (frees it unless held elsewhere)."""
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            _consume(value)
+        elif isinstance(value, torch.Tensor):
+            cache[key] = CONSUMED
+
+
+def _has_consumed(cache) -> bool:
+    if isinstance(cache, dict):
+        return any(_has_consumed(v) for v in cache.values())
+    return cache is CONSUMED
 
 
 class KernelResnetForward:
@@ -177,68 +226,116 @@ class KernelResnetForward:
 
     def __call__(self, inputs, temb=None, zq=None, conv_cache=None):
         block = self.block
+        if _has_consumed(conv_cache):
+            raise ValueError("this conv_cache was already used by a patched CogVideoXResnetBlock3D (its tensors "
+                             "are freed once read): pass the cache the previous call returned")
         if _call_ok(block, inputs, temb, zq, conv_cache) and _takes(inputs, block, self.backend):
             out = self._ours(inputs, zq, conv_cache or {})
             if out is not None:
+                if conv_cache:
+                    _consume(conv_cache)
                 return out
         return type(block).forward(block, inputs, temb, zq, conv_cache)
 
-    def _step(self, stack, x, norm, conv, zq, cache, new_cache, key, skipped=()):
-        """The arguments of one fused call (norm + modulation + SiLU + conv), or None: with the hooks of
-        the modules it skips run onto ``stack``, the spatial norm's convs called, ``new_cache`` filled."""
+    def _conv(self, x, norm, conv, zq, cache, new_cache, key, skipped=(), residual=None):
+        """One fused line (norm + modulation + SiLU + conv [+ residual]) with the hooks of the modules it
+        skips run around it and the spatial norm's convs called (``new_cache`` filled); or None when a
+        weight is not one the op can take (then no op was called).
+        ``residual``: None or a function of a frame range (t0, t1) giving that range of the residual (the
+        shortcut, computed chunk by chunk), or None to add none."""
         spatial = zq is not None
         group_norm = norm.norm_layer if spatial else norm
-        mods = [norm, group_norm] if spatial else [norm]
-        for m in mods + [self.block.nonlinearity, *skipped, conv, conv.conv]:  # as their calls would
-            weights.enter_hooks(m, stack)
-        args = {}
-        if spatial:
-            zq = _interpolate_zq(zq, x)
-            norm_cache = cache.get(key) or {}
-            new = new_cache[key] = {}
-            scale, new["conv_y"] = norm.conv_y(zq, conv_cache=norm_cache.get("conv_y"))
-            shift, new["conv_b"] = norm.conv_b(zq, conv_cache=norm_cache.get("conv_b"))
-            args.update(scale=scale, shift=shift)
-        gn = (group_norm.weight, group_norm.bias) if group_norm.affine else (None, None)
-        w, b = conv.conv.weight, conv.conv.bias
-        tensors = [*gn, w, b] + ([args["scale"], args["shift"]] if spatial else [])
-        if not all(t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
-                   for t in tensors):
-            return None
-        args.update(weight=w, bias=b, num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
-                    eps=float(group_norm.eps))
-        return args
+        with contextlib.ExitStack() as stack:
+            for m in ([norm, group_norm] if spatial else [norm]) + [self.block.nonlinearity, *skipped, conv,
+                                                                    conv.conv]:
+                weights.enter_hooks(m, stack)  # as their calls would
+            gn = (group_norm.weight, group_norm.bias) if group_norm.affine else (None, None)
+            w, b = conv.conv.weight, conv.conv.bias
+            if not all(self._takes_tensor(t, x) for t in (*gn, w, b)):
+                return None
+            ranges = _chunks(x)
+            chunked = len(ranges) > 1
+            if spatial:
+                zq = _interpolate_zq(zq, x)
+                norm_cache = cache.get(key) or {}
+                cy, cb = norm_cache.get("conv_y"), norm_cache.get("conv_b")
+            if chunked:
+                coef_backend = "reference" if self.backend in ("reference", "cpp") else "auto"
+                coef = vae_group_norm_coef(x, group_norm.num_groups, *gn, eps=float(group_norm.eps),
+                                           backend=coef_backend)
+                norm_args = dict(norm_coef=coef)
+                y = torch.empty((x.shape[0], w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+            else:
+                norm_args = dict(num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
+                                 eps=float(group_norm.eps))
+            conv_cache = cache.get(key.replace("norm", "conv"))
+            for t0, t1 in ranges:
+                part = (lambda t: t[:, :, t0:t1]) if chunked else (lambda t: t)
+                mod = {}
+                if spatial:
+                    zs = part(zq)
+                    scale, cy = norm.conv_y(zs, conv_cache=cy)
+                    shift, cb = norm.conv_b(zs, conv_cache=cb)
+                    del zs
+                    if not (self._takes_tensor(scale, x) and self._takes_tensor(shift, x)):
+                        if t0 == 0:
+                            return None
+                        raise RuntimeError("the spatial norm's conv_y / conv_b changed dtype between frame chunks")
+                    mod = dict(scale=scale, shift=shift)
+                res = None if residual is None else residual(t0, t1)
+                out, conv_cache = _ops.vae_conv3d(part(x), weight=w, bias=b, silu=True, cache=conv_cache, residual=res,
+                                                  backend=self.backend, **norm_args, **mod)
+                del mod, res
+                if not chunked:
+                    y = out
+                else:
+                    y[:, :, t0:t1] = out
+                del out
+            if spatial:
+                if chunked:  # a (1,1,1) conv's "cache" is its whole input, never read: not the last chunk's
+                    cy = None if norm.conv_y.time_kernel_size == 1 else cy
+                    cb = None if norm.conv_b.time_kernel_size == 1 else cb
+                new_cache[key] = {"conv_y": cy, "conv_b": cb}
+            new_cache[key.replace("norm", "conv")] = conv_cache
+        return y
+
+    @staticmethod
+    def _takes_tensor(t, x):
+        return t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
 
     def _ours(self, inputs, zq, cache):
-        block, backend = self.block, self.backend
+        block = self.block
         new_cache = {}
-        with contextlib.ExitStack() as stack:
-            first = self._step(stack, inputs, block.norm1, block.conv1, zq, cache, new_cache, "norm1")
-            if first is None:
-                return None
-            h, new_cache["conv1"] = _ops.vae_conv3d(inputs, silu=True, cache=cache.get("conv1"), backend=backend,
-                                                    **first)
-            del first  # the spatial norm's scale and shift
-        shortcut = inputs
-        if block.in_channels != block.out_channels:  # diffusers' own module call (hooks, LoRA, ...)
-            if block.use_conv_shortcut:
-                shortcut, shortcut_cache = block.conv_shortcut(inputs, conv_cache=cache.get("conv_shortcut"))
+        h = self._conv(inputs, block.norm1, block.conv1, zq, cache, new_cache, "norm1")
+        if h is None:
+            return None
+        projected = block.in_channels != block.out_channels
+        shortcut_cache = [cache.get("conv_shortcut")]
+        late = []  # shortcut parts in another dtype than h: added after the op, as diffusers' add promotes
+
+        def residual(t0, t1):
+            """Frames t0..t1 of the shortcut: diffusers' own conv_shortcut module call (hooks, LoRA, ...),
+            chunk by chunk with its cache chained, or the block's input."""
+            if not projected:
+                part = inputs[:, :, t0:t1]
+            elif block.use_conv_shortcut:
+                part, shortcut_cache[0] = block.conv_shortcut(inputs[:, :, t0:t1], conv_cache=shortcut_cache[0])
             else:
-                shortcut, shortcut_cache = block.conv_shortcut(inputs), None
-        with contextlib.ExitStack() as stack:
-            second = self._step(stack, h, block.norm2, block.conv2, zq, cache, new_cache, "norm2",
-                                skipped=(block.dropout,))
-            if second is None:  # (rare: a hook left the second conv's weights in another dtype)
-                return None
-            fused = shortcut.dtype == h.dtype
-            out, new_cache["conv2"] = _ops.vae_conv3d(h, silu=True, cache=cache.get("conv2"),
-                                                      residual=shortcut if fused else None, backend=backend,
-                                                      **second)
-            del second, h
-        if not fused:
-            out = out + shortcut
-        if block.in_channels != block.out_channels and block.use_conv_shortcut:
-            new_cache["conv_shortcut"] = shortcut_cache
+                part = block.conv_shortcut(inputs[:, :, t0:t1])
+            if part.dtype == h.dtype:
+                return part
+            late.append(part)
+            return None
+
+        out = self._conv(h, block.norm2, block.conv2, zq, cache, new_cache, "norm2", skipped=(block.dropout,),
+                         residual=residual)
+        if out is None:  # (rare: a hook left the second conv's weights in another dtype)
+            return None
+        del h
+        if late:
+            out = out + torch.cat(late, dim=2)
+        if projected and block.use_conv_shortcut:
+            new_cache["conv_shortcut"] = shortcut_cache[0]
         return out, new_cache
 
 
