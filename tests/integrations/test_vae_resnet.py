@@ -182,6 +182,50 @@ def encode_decode(vae, video, latents):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_vae_decode_in_frame_chunks_matches_diffusers(backend, monkeypatch):
+    """The whole tiny VAE with every frame batch above CHUNK_BYTES: ResNet lines and the decoder's
+    norm_out in frame chunks (one per frame), caches consumed batch to batch, still diffusers' decode
+    and encode."""
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    video, latents = vae_inputs()
+    ref_z, ref_x = encode_decode(vae, video, latents)
+    integration.apply(vae, backend=backend)
+    norm_out = vae.decoder.norm_out.forward
+    assert isinstance(norm_out, resnet.KernelSpatialNormForward)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    spy = OpSpy(monkeypatch)
+    chunks = []
+    real = norm_out._ours
+    monkeypatch.setattr(norm_out, "_ours", lambda f, *a: chunks.append(f.shape[2]) or real(f, *a))
+    z, x = encode_decode(vae, video, latents)
+    assert chunks == [9, 8]  # norm_out ran ours on both frame batches (9 and 8 frames)
+    assert len(spy.vae_conv_calls) > 2 * (2 * ENCODER_BLOCKS + 2 * DECODER_BLOCKS)
+    assert rel_err(z, ref_z) <= BUDGET and rel_err(x, ref_x) <= BUDGET
+    integration.remove(vae)
+    assert "forward" not in vae.decoder.norm_out.__dict__
+
+
+def test_norm_out_takes_diffusers_path_when_not_plain(monkeypatch):
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    _, latents = vae_inputs()
+    with torch.no_grad():
+        ref = vae.decode(latents).sample
+    integration.apply(vae, backend="reference")
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    handle = vae.decoder.norm_out.norm_layer.register_forward_hook(lambda m, args, out: out * 1.5)
+    calls = []
+    monkeypatch.setattr(vae.decoder.norm_out.forward, "_ours", lambda *a: calls.append(1))
+    with torch.no_grad():
+        hooked = vae.decode(latents).sample
+    assert not calls and rel_err(hooked, ref) > 1e-3  # diffusers' forward ran the hook
+    handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vae_encode_decode_match_diffusers(backend, monkeypatch):
     vae = make_vae()
     video, latents = vae_inputs()

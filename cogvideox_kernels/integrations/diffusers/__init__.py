@@ -66,7 +66,7 @@ from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
-from .resnet import KernelResnetForward, why_not_covered
+from .resnet import KernelResnetForward, KernelSpatialNormForward, why_not_covered
 from .vae import (KernelConvForward, backend_can_run_here, conv_shape_supported, coverage_note,
                   kernel_shape_covered)
 
@@ -162,6 +162,12 @@ def _apply_vae(vae, backend, classes):
     for b in covered_blocks:
         if state.installed(b, KernelResnetForward) is None:
             state.install(b, KernelResnetForward(b, backend))
+    if covered_blocks:  # spatial norms outside the ResNet blocks (the decoder's norm_out): frame chunks
+        inner = {id(m) for b in blocks for m in b.modules()}
+        for m in vae.modules():
+            if type(m).__name__ == "CogVideoXSpatialNorm3D" and id(m) not in inner \
+                    and state.installed(m, KernelSpatialNormForward) is None:
+                state.install(m, KernelSpatialNormForward(m, backend))
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -260,6 +266,7 @@ def remove(obj):
             state.uninstall(module, KernelBlockForward)
             state.uninstall(module, KernelConvForward)
             state.uninstall(module, KernelResnetForward)
+            state.uninstall(module, KernelSpatialNormForward)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, SequenceRecorder):
                     del module._forward_pre_hooks[key]

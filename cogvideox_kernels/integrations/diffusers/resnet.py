@@ -339,4 +339,62 @@ class KernelResnetForward:
         return out, new_cache
 
 
-__all__ = ["KernelResnetForward", "why_not_covered"]
+class KernelSpatialNormForward:
+    """``CogVideoXSpatialNorm3D.forward`` of a spatial norm outside the ResNet blocks (the decoder's
+    ``norm_out``) while patched: for frame batches above CHUNK_BYTES, ``GroupNorm(f) * conv_y(zq') +
+    conv_b(zq')`` frame chunk by frame chunk with the batch's statistics (``vae_group_norm_coef``), so
+    that only the output is full-size (diffusers holds conv_y, conv_b, the normalised f and the product
+    at once). The same roundings as diffusers (the normalised f, the product, the sum, each in f's dtype).
+    diffusers' forward runs for smaller batches and whatever is not plain (autograd, unknown hooks or a
+    replaced norm layer, weights in another dtype)."""
+
+    def __init__(self, norm, backend: str = "auto"):
+        self.norm = norm
+        self.backend = registry.backend_for("vae_conv3d", backend)
+
+    def _runs(self, f, zq):
+        norm = self.norm
+        gn = getattr(norm, "norm_layer", None)
+        return (type(gn) is torch.nn.GroupNorm and zq is not None and zq.dtype == f.dtype and len(_chunks(f)) > 1
+                and not weights.autograd_needed((f, zq), (norm,)) and _skippable(gn)
+                and not weights.function_mode_active()
+                and (self.backend != "auto" or f.device.type == "cuda"))
+
+    def __call__(self, f, zq, conv_cache=None):
+        norm = self.norm
+        if _has_consumed(conv_cache):
+            raise ValueError("this conv_cache was already used by a patched CogVideoXSpatialNorm3D")
+        if self._runs(f, zq):
+            out = self._ours(f, zq, conv_cache or {})
+            if out is not None:
+                return out
+        return type(norm).forward(norm, f, zq, conv_cache)
+
+    def _ours(self, f, zq, cache):
+        norm, gn = self.norm, self.norm.norm_layer
+        with contextlib.ExitStack() as stack:  # (norm's own hooks ran: this is its forward)
+            weights.enter_hooks(gn, stack)
+            w, b = (gn.weight, gn.bias) if gn.affine else (None, None)
+            if not all(KernelResnetForward._takes_tensor(t, f) for t in (w, b)):
+                return None
+            zq = _interpolate_zq(zq, f)
+            coef = vae_group_norm_coef(f, gn.num_groups, w, b, eps=float(gn.eps),
+                                       backend="reference" if self.backend in ("reference", "cpp") else "auto")
+            a, d = (coef[..., i].to(f.device)[:, :, None, None, None] for i in (0, 1))
+            out = torch.empty_like(f)
+            cy, cb = cache.get("conv_y"), cache.get("conv_b")
+            for t0, t1 in _chunks(f):
+                zs = zq[:, :, t0:t1]
+                scale, cy = norm.conv_y(zs, conv_cache=cy)
+                shift, cb = norm.conv_b(zs, conv_cache=cb)
+                normed = (f[:, :, t0:t1].float() * a + d).to(f.dtype)
+                out[:, :, t0:t1] = normed * scale + shift
+                del zs, scale, shift, normed
+        cy = None if norm.conv_y.time_kernel_size == 1 else cy  # (the kt = 1 "cache" is never read)
+        cb = None if norm.conv_b.time_kernel_size == 1 else cb
+        if cache:
+            _consume(cache)
+        return out, {"conv_y": cy, "conv_b": cb}
+
+
+__all__ = ["KernelResnetForward", "KernelSpatialNormForward", "why_not_covered"]
