@@ -28,6 +28,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.stack, self.live, self.now, self.peak, self.at_peak = stack, {}, 0, 0, None
         self.per_module = collections.defaultdict(int)  # module -> highest total while it ran
+        self.watch, self.at_watch = None, None  # a module whose own peak is reported too
 
     def _free(self, key):
         self.now -= self.live.pop(key)[0]
@@ -48,7 +49,10 @@ class LiveBytes(TorchDispatchMode):
             weakref.finalize(st, self._free, key)
             self.now += st.nbytes()
         for m in self.stack:
-            self.per_module[m] = max(self.per_module[m], self.now)
+            if self.now > self.per_module[m]:
+                self.per_module[m] = self.now
+                if m == self.watch:
+                    self.at_watch = (where, func.__name__, sorted(self.live.values(), key=lambda v: -v[0]))
         if self.now > self.peak:
             self.peak = self.now
             self.at_peak = (where, func.__name__, sorted(self.live.values(), key=lambda v: -v[0]))
@@ -104,6 +108,7 @@ def main(argv=None):
     p.add_argument("--diffusers", action="store_true", help="diffusers' own decode (not patched)")
     p.add_argument("--encode", action="store_true")
     p.add_argument("--top", type=int, default=14)
+    p.add_argument("--stage", default=None, help="also list what is live at this module's own peak")
     p.add_argument("--chunk-mib", type=int, default=None, help="resnet.CHUNK_BYTES for this run")
     a = p.parse_args(argv)
     from diffusers import AutoencoderKLCogVideoX
@@ -134,9 +139,10 @@ def main(argv=None):
                         device="meta")
         run = lambda: vae.decode(x).sample  # noqa: E731
     mode = LiveBytes(stack)
+    mode.watch = a.stage
     with torch.no_grad(), mode:
         out = run()
-    where, op, live = mode.at_peak
+    where, op, live = mode.at_watch if a.stage else mode.at_peak
     what = "encode" if a.encode else "decode"
     print(f"{'diffusers' if a.diffusers else 'apply(vae)'} {what} {a.frames}x{a.height}x{a.width}: "
           f"peak {mode.peak / GiB:.2f} GiB above weights and inputs (output {out.untyped_storage().nbytes() / GiB:.2f})")

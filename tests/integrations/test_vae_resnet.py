@@ -201,10 +201,38 @@ def test_vae_decode_in_frame_chunks_matches_diffusers(backend, monkeypatch):
     monkeypatch.setattr(norm_out, "_ours", lambda f, *a: chunks.append(f.shape[2]) or real(f, *a))
     z, x = encode_decode(vae, video, latents)
     assert chunks == [9, 8]  # norm_out ran ours on both frame batches (9 and 8 frames)
+    from cogvideox_kernels.integrations.diffusers.vae import KernelUpsampleForward
+
+    ups = [b.upsamplers[0] for b in vae.decoder.up_blocks if b.upsamplers is not None]
+    assert ups and all(isinstance(u.forward, KernelUpsampleForward) for u in ups)
     assert len(spy.vae_conv_calls) > 2 * (2 * ENCODER_BLOCKS + 2 * DECODER_BLOCKS)
     assert rel_err(z, ref_z) <= BUDGET and rel_err(x, ref_x) <= BUDGET
     integration.remove(vae)
-    assert "forward" not in vae.decoder.norm_out.__dict__
+    assert "forward" not in vae.decoder.norm_out.__dict__ and not any("forward" in u.__dict__ for u in ups)
+
+
+@pytest.mark.parametrize("compress_time", [False, True])
+@pytest.mark.parametrize("frames", [1, 2, 3, 4])
+def test_upsampler_in_frame_chunks_equals_diffusers(compress_time, frames, monkeypatch):
+    """diffusers' CogVideoXUpsample3D, patched: frame by frame into a contiguous output, each repeated
+    frame through the conv once; the same values as diffusers' (permuted, whole-batch) output."""
+    from diffusers.models.upsampling import CogVideoXUpsample3D
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+    from cogvideox_kernels.integrations.diffusers.vae import KernelUpsampleForward
+
+    torch.manual_seed(14)
+    up = CogVideoXUpsample3D(6, 5, compress_time=compress_time).eval()
+    x = torch.randn(2, 6, frames, 3, 4)
+    with torch.no_grad():
+        ref = up(x)
+        monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+        convs = []
+        up.conv.register_forward_hook(lambda m, args, out: convs.append(args[0].shape[0]))
+        out = KernelUpsampleForward(up)(x)
+    assert out.is_contiguous() and out.shape == ref.shape
+    assert rel_err(out, ref) <= 1e-6
+    assert sum(convs) == 2 * frames  # each input frame once (B = 2), repeated output frames copied
 
 
 def test_norm_out_takes_diffusers_path_when_not_plain(monkeypatch):

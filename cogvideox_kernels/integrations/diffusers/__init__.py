@@ -67,8 +67,8 @@ from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
 from .resnet import KernelResnetForward, KernelSpatialNormForward, why_not_covered
-from .vae import (KernelConvForward, backend_can_run_here, conv_shape_supported, coverage_note,
-                  kernel_shape_covered)
+from .vae import (KernelConvForward, KernelUpsampleForward, backend_can_run_here, conv_shape_supported,
+                  coverage_note, kernel_shape_covered)
 
 # backend names come from the op registry: the transformer's ops, and the VAE's conv
 BACKENDS = registry.backends("rope3d_attention", "expert_ffn")
@@ -168,6 +168,8 @@ def _apply_vae(vae, backend, classes):
             if type(m).__name__ == "CogVideoXSpatialNorm3D" and id(m) not in inner \
                     and state.installed(m, KernelSpatialNormForward) is None:
                 state.install(m, KernelSpatialNormForward(m, backend))
+            if type(m).__name__ == "CogVideoXUpsample3D" and state.installed(m, KernelUpsampleForward) is None:
+                state.install(m, KernelUpsampleForward(m))  # frame chunks, contiguous output
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -267,6 +269,7 @@ def remove(obj):
             state.uninstall(module, KernelConvForward)
             state.uninstall(module, KernelResnetForward)
             state.uninstall(module, KernelSpatialNormForward)
+            state.uninstall(module, KernelUpsampleForward)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, SequenceRecorder):
                     del module._forward_pre_hooks[key]
