@@ -126,11 +126,18 @@ def main(argv=None):
         integration.apply(vae, backend="reference")
     stack = []
     names = {m: n or "vae" for n, m in vae.named_modules()}
-    # global hooks: per-module hooks would count as unknown hooks and send every block to diffusers' forward
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    # the module stack through Module.__call__ itself: hooks (per module or global) would count as
+    # unknown hooks and send blocks to diffusers' forward
+    call = torch.nn.Module.__call__
 
-    register_module_forward_pre_hook(lambda mod, args: stack.append(names.get(mod, "?")) and None)
-    register_module_forward_hook(lambda mod, args, out: stack.pop() and None)
+    def traced_call(mod, *args, **kwargs):
+        stack.append(names.get(mod, "?"))
+        try:
+            return call(mod, *args, **kwargs)
+        finally:
+            stack.pop()
+
+    torch.nn.Module.__call__ = traced_call
     if a.encode:
         x = torch.empty(1, 3, a.frames, a.height, a.width, dtype=torch.bfloat16, device="meta")
         run = lambda: vae.encode(x).latent_dist.mode()  # noqa: E731

@@ -235,6 +235,44 @@ def test_upsampler_in_frame_chunks_equals_diffusers(compress_time, frames, monke
     assert sum(convs) == 2 * frames  # each input frame once (B = 2), repeated output frames copied
 
 
+def test_decoder_frees_the_up_block_input_after_the_shortcut(monkeypatch):
+    """KernelDecoderForward hands each up block's input to its first ResNet block by ownership: a block
+    that changes the channel count (tiny VAE: 32 -> 16 in up_blocks[2]) frees it once its shortcut is
+    computed, before its second conv; the decode still equals diffusers'."""
+    import weakref
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    _, latents = vae_inputs()
+    with torch.no_grad():
+        ref = vae.decode(latents).sample
+    integration.apply(vae, backend="reference")
+    assert isinstance(vae.decoder.forward, resnet.KernelDecoderForward)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    inputs, alive = [], []
+    real_up, real_conv = resnet.KernelDecoderForward._up_block, resnet.KernelResnetForward._conv
+
+    def up_block(up, box, *args):
+        inputs.append(weakref.ref(box[0]))
+        return real_up(up, box, *args)
+
+    def conv(self, x, norm, *args, **kwargs):
+        block = self.block
+        if norm is block.norm2 and block.in_channels != block.out_channels:
+            alive.append(inputs[-1]() is not None)
+        return real_conv(self, x, norm, *args, **kwargs)
+
+    monkeypatch.setattr(resnet.KernelDecoderForward, "_up_block", staticmethod(up_block))
+    monkeypatch.setattr(resnet.KernelResnetForward, "_conv", conv)
+    with torch.no_grad():
+        out = vae.decode(latents).sample
+    assert alive and not any(alive)  # 2 frame batches x the projecting first blocks
+    assert rel_err(out, ref) <= BUDGET
+    integration.remove(vae)
+    assert "forward" not in vae.decoder.__dict__
+
+
 def test_norm_out_takes_diffusers_path_when_not_plain(monkeypatch):
     from cogvideox_kernels.integrations.diffusers import resnet
 

@@ -66,7 +66,7 @@ from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
-from .resnet import KernelResnetForward, KernelSpatialNormForward, why_not_covered
+from .resnet import KernelDecoderForward, KernelResnetForward, KernelSpatialNormForward, why_not_covered
 from .vae import (KernelConvForward, KernelUpsampleForward, backend_can_run_here, conv_shape_supported,
                   coverage_note, kernel_shape_covered)
 
@@ -170,6 +170,8 @@ def _apply_vae(vae, backend, classes):
                 state.install(m, KernelSpatialNormForward(m, backend))
             if type(m).__name__ == "CogVideoXUpsample3D" and state.installed(m, KernelUpsampleForward) is None:
                 state.install(m, KernelUpsampleForward(m))  # frame chunks, contiguous output
+            if type(m).__name__ == "CogVideoXDecoder3D" and state.installed(m, KernelDecoderForward) is None:
+                state.install(m, KernelDecoderForward(m))  # activations handed on by ownership
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -270,6 +272,7 @@ def remove(obj):
             state.uninstall(module, KernelResnetForward)
             state.uninstall(module, KernelSpatialNormForward)
             state.uninstall(module, KernelUpsampleForward)
+            state.uninstall(module, KernelDecoderForward)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, SequenceRecorder):
                     del module._forward_pre_hooks[key]

@@ -225,17 +225,23 @@ class KernelResnetForward:
         self.backend = registry.backend_for("vae_conv3d", backend)
 
     def __call__(self, inputs, temb=None, zq=None, conv_cache=None):
+        return self.owned([inputs], temb, zq, conv_cache)
+
+    def owned(self, box, temb=None, zq=None, conv_cache=None):
+        """The block's forward on ``box[0]``, taking it out of ``box``: when the caller keeps no other
+        reference (KernelDecoderForward), the input is freed as soon as the block no longer needs it
+        (after the shortcut, for a block that changes the channel count)."""
         block = self.block
         if _has_consumed(conv_cache):
             raise ValueError("this conv_cache was already used by a patched CogVideoXResnetBlock3D (its tensors "
                              "are freed once read): pass the cache the previous call returned")
-        if _call_ok(block, inputs, temb, zq, conv_cache) and _takes(inputs, block, self.backend):
-            out = self._ours(inputs, zq, conv_cache or {})
+        if _call_ok(block, box[0], temb, zq, conv_cache) and _takes(box[0], block, self.backend):
+            out = self._ours(box, zq, conv_cache or {})
             if out is not None:
                 if conv_cache:
                     _consume(conv_cache)
                 return out
-        return type(block).forward(block, inputs, temb, zq, conv_cache)
+        return type(block).forward(block, box.pop(), temb, zq, conv_cache)
 
     def _conv(self, x, norm, conv, zq, cache, new_cache, key, skipped=(), residual=None):
         """One fused line (norm + modulation + SiLU + conv [+ residual]) with the hooks of the modules it
@@ -303,25 +309,36 @@ class KernelResnetForward:
     def _takes_tensor(t, x):
         return t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
 
-    def _ours(self, inputs, zq, cache):
+    def _ours(self, box, zq, cache):
         block = self.block
         new_cache = {}
-        h = self._conv(inputs, block.norm1, block.conv1, zq, cache, new_cache, "norm1")
+        h = self._conv(box[0], block.norm1, block.conv1, zq, cache, new_cache, "norm1")
         if h is None:
             return None
+        src = {"x": box.pop()}  # the block's input: the only reference this frame keeps (released below)
         projected = block.in_channels != block.out_channels
         shortcut_cache = [cache.get("conv_shortcut")]
         late = []  # shortcut parts in another dtype than h: added after the op, as diffusers' add promotes
 
-        def residual(t0, t1):
+        def shortcut(t0, t1):
             """Frames t0..t1 of the shortcut: diffusers' own conv_shortcut module call (hooks, LoRA, ...),
             chunk by chunk with its cache chained, or the block's input."""
+            x = src["x"][:, :, t0:t1]
             if not projected:
-                part = inputs[:, :, t0:t1]
-            elif block.use_conv_shortcut:
-                part, shortcut_cache[0] = block.conv_shortcut(inputs[:, :, t0:t1], conv_cache=shortcut_cache[0])
-            else:
-                part = block.conv_shortcut(inputs[:, :, t0:t1])
+                return x
+            if block.use_conv_shortcut:
+                part, shortcut_cache[0] = block.conv_shortcut(x, conv_cache=shortcut_cache[0])
+                return part
+            return block.conv_shortcut(x)
+
+        ranges = _chunks(h)
+        if projected and len(ranges) > 1:  # the whole (narrower) shortcut now: the wider input can go
+            parts = {t0: shortcut(t0, t1) for t0, t1 in ranges}
+            src.clear()
+            shortcut = lambda t0, t1: parts.pop(t0)  # noqa: E731
+
+        def residual(t0, t1):
+            part = shortcut(t0, t1)
             if part.dtype == h.dtype:
                 return part
             late.append(part)
@@ -330,7 +347,10 @@ class KernelResnetForward:
         out = self._conv(h, block.norm2, block.conv2, zq, cache, new_cache, "norm2", skipped=(block.dropout,),
                          residual=residual)
         if out is None:  # (rare: a hook left the second conv's weights in another dtype)
-            return None
+            if "x" in src:
+                box.append(src["x"])
+                return None
+            raise RuntimeError("the second conv of a CogVideoXResnetBlock3D changed its weights' dtype mid-call")
         del h
         if late:
             out = out + torch.cat(late, dim=2)
@@ -397,4 +417,68 @@ class KernelSpatialNormForward:
         return out, {"conv_y": cy, "conv_b": cb}
 
 
-__all__ = ["KernelResnetForward", "KernelSpatialNormForward", "why_not_covered"]
+def _no_hooks(module) -> bool:
+    """Nothing would run around ``module``'s forward if it were called (no torch, diffusers or accelerate
+    hook on it, no global module hook) and its forward is its class's or ours."""
+    from torch.nn.modules import module as torch_module
+
+    registry = module.__dict__.get("_diffusers_hook")
+    return (not module._forward_hooks and not module._forward_pre_hooks and "_hf_hook" not in module.__dict__
+            and (registry is None or not registry.hooks) and not torch_module._global_forward_hooks
+            and not torch_module._global_forward_pre_hooks)
+
+
+class KernelDecoderForward:
+    """``CogVideoXDecoder3D.forward`` while patched: diffusers' sequence (conv_in, mid block, up blocks,
+    norm_out, SiLU, conv_out; the same module calls and caches), except that an up block without hooks
+    is run here and hands its input to its first ResNet block by ownership (``KernelResnetForward.owned``)
+    instead of as an argument. In diffusers the decoder's and the up block's frames hold each up block's
+    input until the block returns: the last up block's input (256 channels at full resolution, the
+    largest tensor of the decode) lived through all of that block. Owned, it is freed once the first
+    ResNet block has its shortcut. diffusers' forward runs under autograd or gradient checkpointing."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def __call__(self, sample, temb=None, conv_cache=None):
+        d = self.decoder
+        if (weights.autograd_needed((sample, temb), (d,)) or weights.function_mode_active()
+                or (torch.is_grad_enabled() and d.gradient_checkpointing)):
+            return type(d).forward(d, sample, temb, conv_cache)
+        cache, new = conv_cache or {}, {}
+        h, new["conv_in"] = d.conv_in(sample, conv_cache=cache.get("conv_in"))
+        h, new["mid_block"] = d.mid_block(h, temb, sample, conv_cache=cache.get("mid_block"))
+        for i, up in enumerate(d.up_blocks):
+            key = f"up_block_{i}"
+            if type(up).__name__ == "CogVideoXUpBlock3D" and "forward" not in up.__dict__ and _no_hooks(up):
+                box = [h]
+                del h
+                h, new[key] = self._up_block(up, box, temb, sample, cache.get(key))
+            else:
+                h, new[key] = up(h, temb, sample, conv_cache=cache.get(key))
+        h, new["norm_out"] = d.norm_out(h, sample, conv_cache=cache.get("norm_out"))
+        h = d.conv_act(h)
+        h, new["conv_out"] = d.conv_out(h, conv_cache=cache.get("conv_out"))
+        return h, new
+
+    @staticmethod
+    def _up_block(up, box, temb, zq, cache):
+        """diffusers' CogVideoXUpBlock3D.forward (no gradient checkpointing) on ``box[0]``, owned."""
+        cache, new = cache or {}, {}
+        for j, resnet in enumerate(up.resnets):
+            key = f"resnet_{j}"
+            ours = resnet.__dict__.get("forward")
+            if isinstance(ours, KernelResnetForward) and _no_hooks(resnet):
+                h, new[key] = ours.owned(box, temb, zq, cache.get(key))
+            else:
+                h, new[key] = resnet(box.pop(), temb, zq, conv_cache=cache.get(key))
+            box.append(h)
+            del h
+        h = box.pop()
+        if up.upsamplers is not None:
+            for upsampler in up.upsamplers:
+                h = upsampler(h)
+        return h, new
+
+
+__all__ = ["KernelDecoderForward", "KernelResnetForward", "KernelSpatialNormForward", "why_not_covered"]
