@@ -17,7 +17,7 @@ import torch
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--chunks-mib", default="128,512,0", help="0 = no chunking")
+    p.add_argument("--chunks-mib", default="128,0", help="0 = no chunking")
     a = p.parse_args()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +50,7 @@ def main():
         ref = x.float() if ref is None else ref
         rows.append({"chunk_mib": mib or None, "s": round(s, 3), "peak_gib": round(peak, 2), "rel_diff_vs_first": diff})
         print(rows[-1], flush=True)
+        (out_dir / "vae_decode_chunks.json").write_text(json.dumps({"env": environment("cuda"), "rows": rows}, indent=1))
         del x
     resnet.CHUNK_BYTES = 128 << 20
     from torch.profiler import ProfilerActivity, profile
