@@ -12,8 +12,8 @@ the causal (3,3,3) conv with its cache or replicated first frame, bias, and the 
 residual. What stays diffusers' own module calls: the spatial norm's ``conv_y`` / ``conv_b`` (on zq
 interpolated as diffusers does it) and ``conv_shortcut``.
 
-Memory: a frame batch whose frames are larger than ``CHUNK_BYTES`` (the full-resolution blocks of the
-decoder: 8-9 frames of 128-256 channels at 480x720 and above) runs each line in frame chunks: the
+Memory: a decoder frame batch larger than ``CHUNK_ABOVE`` (the full-resolution blocks: 8-9 frames of
+128-256 channels at 480x720 and above) runs each line in frame chunks of about ``CHUNK_BYTES``: the
 GroupNorm statistics of the whole batch first (``vae_group_norm_coef``), then one fused call per chunk
 chained by the conv cache, with that chunk's ``conv_y`` / ``conv_b`` / ``conv_shortcut`` outputs only.
 So the spatial norm's scale and shift, the kernel's channels-last activation and the shortcut exist
@@ -167,12 +167,17 @@ def _call_ok(block, inputs, temb, zq, conv_cache) -> bool:
 # --------------------------------------------------------------------------------- forward
 
 
-CHUNK_BYTES = 128 << 20  # a frame batch whose input is larger runs in frame chunks of about this size
+CHUNK_ABOVE = 512 << 20  # a decoder frame batch larger than this runs in frame chunks ...
+CHUNK_BYTES = 128 << 20  # ... of about this size (at least one frame)
 
 
-def _chunks(x):
-    """Frame ranges the fused op runs ``x`` in: one, or chunks of about CHUNK_BYTES."""
+def _chunks(x, chunked=True):
+    """Frame ranges the fused op runs ``x`` in: one, or (``chunked`` and x above CHUNK_ABOVE) chunks of
+    about CHUNK_BYTES. Only the decoder chunks (its full-resolution up blocks hold the peak); the encoder's
+    batches run whole: chunking costs time (more, smaller launches) and encode memory is not its peak."""
     T = x.shape[2]
+    if not chunked or x.numel() * x.element_size() <= CHUNK_ABOVE:
+        return [(0, T)]
     step = max(1, CHUNK_BYTES // max(1, x[:, :, :1].numel() * x.element_size()))
     return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
 
@@ -259,7 +264,7 @@ class KernelResnetForward:
             w, b = conv.conv.weight, conv.conv.bias
             if not all(self._takes_tensor(t, x) for t in (*gn, w, b)):
                 return None
-            ranges = _chunks(x)
+            ranges = _chunks(x, spatial)
             chunked = len(ranges) > 1
             if spatial:
                 zq = _interpolate_zq(zq, x)
@@ -331,7 +336,7 @@ class KernelResnetForward:
                 return part
             return block.conv_shortcut(x)
 
-        ranges = _chunks(h)
+        ranges = _chunks(h, zq is not None)
         if projected and len(ranges) > 1:  # the whole (narrower) shortcut now: the wider input can go
             parts = {t0: shortcut(t0, t1) for t0, t1 in ranges}
             src.clear()
