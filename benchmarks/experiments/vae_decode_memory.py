@@ -65,11 +65,15 @@ def install_fakes(integration):
 
     def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                    scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-                   backend="auto", **extra):
+                   backend="auto", norm_coef=None, out=None):
+        x = x if num_groups else native.frame_slice(x)  # what the launcher copies (see native.vae_conv3d_native)
+        x = x.contiguous() if num_groups else x
+        scale, shift, residual = native.frame_slice(scale), native.frame_slice(shift), native.frame_slice(residual)
+        y = None if out is None or native.frames_of(out) < 0 else out
         tensors = native.cuda_tensors(x, weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
                                       scale=scale, shift=shift, cache=cache, residual=residual,
-                                      num_groups=num_groups, **extra)
-        return tensors["y"], tensors["new_cache"]
+                                      num_groups=num_groups, norm_coef=norm_coef, y=y)
+        return (out if out is not None else tensors["y"]), tensors["new_cache"]
 
     def causal_conv3d(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None, backend="auto"):
         if weight.shape[3:] != (1, 1):  # not covered by the CUDA kernel: diffusers' cat + cuDNN conv on a GPU

@@ -49,6 +49,13 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   p.groups = s["groups"].cast<int>();
   p.eps = s["eps"].cast<float>();
   p.silu = s["silu"].cast<bool>();
+  auto frames_size = [&](const char* name) -> int64_t { return s.contains(name) ? s[name].cast<int64_t>() : 0; };
+  p.x_tc = frames_size("x_tc");
+  p.scale_tc = frames_size("scale_tc");
+  p.res_tc = frames_size("res_tc");
+  p.y_tc = frames_size("y_tc");
+  for (int64_t tc : {p.x_tc, p.scale_tc, p.res_tc, p.y_tc})
+    if (tc != 0 && tc < p.frames) throw std::invalid_argument("vae_conv3d: *_tc must be 0 or >= frames");
   if (p.batch < 1 || p.c_in < 1 || p.c_out < 1 || p.frames < 1 || p.height < 1 || p.width < 1)
     throw std::invalid_argument("vae_conv3d: every size must be >= 1");
   if (p.kt < 1 || p.kh < 1 || p.kw < 1 || p.kh % 2 == 0 || p.kw % 2 == 0)

@@ -99,6 +99,7 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || ws.splits < 1)
     invalid("missing workspace");
   if (p.norm_coef && p.groups > 0) invalid("norm_coef replaces the statistics: groups must be 0");
+  if (p.groups > 0 && frames_of(p.x_tc, p.frames) != p.frames) invalid("GroupNorm statistics need x whole (x_tc == T)");
   const int64_t HW = p.height * p.width;
   const int nc = p.kt - 1;
   const uintptr_t x_addr = reinterpret_cast<uintptr_t>(p.x);
@@ -110,6 +111,8 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   pa.act = ws.act;
   pa.cache_cl = ws.cache_cl;
   pa.frames_total = int(p.frames + (p.cache ? nc : 0));
+  pa.x_tc = frames_of(p.x_tc, p.frames);
+  pa.scale_tc = frames_of(p.scale_tc, p.frames);
   const int64_t prep_z = p.batch * pa.frames_total;
   const int64_t prep_y = (p.c_in + kPrepCh - 1) / kPrepCh;
   const int64_t prep_x = (HW + kPrepPx - 1) / kPrepPx;
@@ -134,6 +137,8 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   c.c_in = p.c_in;
   c.c_out = p.c_out;
   c.frames = p.frames;
+  c.y_tc = frames_of(p.y_tc, p.frames);
+  c.res_tc = frames_of(p.res_tc, p.frames);
   c.height = p.height;
   c.width = p.width;
   c.kt = p.kt;

@@ -28,7 +28,10 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Every tensor is contiguous: x, scale, shift [B, C_in, T, H, W]; weight [C_out, C_in, kt, kh, kw]
 // (CPU) or packed [C_out, kt, C_in/16, kh*kw, 16] (CUDA); bias [C_out]; norm_weight, norm_bias
-// [C_in]; cache and new_cache [B, C_in, kt-1, H, W]; residual and y [B, C_out, T, H, W].
+// [C_in]; cache and new_cache [B, C_in, kt-1, H, W]; residual and y [B, C_out, T, H, W]. Except
+// that x, scale / shift, residual and y may each be T consecutive frames of a contiguous tensor of
+// more frames (a frame chunk of a frame batch, read and written in place): *_tc is that tensor's
+// frame count (element (b, c, t, i) at ((b * C + c) * tc + t) * H * W + i), 0 meaning T.
 // Optional tensors are null.
 struct VaeConvParams {
   const void* x = nullptr;
@@ -49,7 +52,11 @@ struct VaeConvParams {
   int groups = 0;  // 0: no GroupNorm
   float eps = 1e-6f;
   bool silu = false;
+  int64_t x_tc = 0, scale_tc = 0, res_tc = 0, y_tc = 0;  // frames of the containing tensors (0: T)
 };
+
+// The frame count a tensor's channel stride is made of (see VaeConvParams).
+VAE_HD int64_t frames_of(int64_t tc, int64_t frames) { return tc > 0 ? tc : frames; }
 
 enum SourceKind : int { kFromInput = 0, kFromCache = 1, kFromZero = 2 };
 struct FrameSource {

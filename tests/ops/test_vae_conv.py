@@ -449,3 +449,63 @@ def test_cuda_norm_coef_chunks_equal_whole_batch(lengths):
     assert rel_err(chunked, whole) < 2e-3 and rel_err(chunk_cache, whole_cache) < 2e-3
     ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
     assert rel_err(chunked, ref) <= 1.1 * rel_err(whole, ref) + 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Frame slices read and written in place, ``out``
+# ------------------------------------------------------------------------------------------------
+def test_frames_of_tells_frame_slices():
+    from cogvideox_kernels.ops.vae_conv.native import frames_of
+
+    t = torch.randn(2, 4, 7, 3, 5)
+    assert frames_of(t) == 0 and frames_of(t[:, :, 2:5]) == 7
+    assert frames_of(t[..., ::2]) == -1 and frames_of(t.transpose(1, 2)) == -1
+    assert frames_of(t[:, :2, 2:5]) == -1  # a channel range too: not one frame range of [B, C, tc, H, W]
+
+
+def _frame_slice_case(device="cpu", dtype=torch.float32, seed=47):
+    """Inputs of one call as frames 2..4 of 7-frame tensors (x, scale, shift, residual), out likewise."""
+    x, w, b, kw = make_case(2, 16, 16, 7, 6, 8, device=device, dtype=dtype, modulation=True, cache=True,
+                            residual=True, seed=seed)
+    coef = vae_group_norm_coef(x, 4, backend="reference").to(device)
+    kw = dict(kw, norm_coef=coef, num_groups=0)
+    part = {k: kw[k][:, :, 2:5] for k in ("scale", "shift", "residual")}
+    return x, w, b, dict(kw, **part), x[:, :, 2:5]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if _ext.extension_available() else []))
+def test_frame_slices_in_place_equal_contiguous(backend):
+    x, w, b, kw, xs = _frame_slice_case()
+    ref, ref_cache = vae_conv3d(xs.contiguous(), w, b, backend=backend,
+                                **{k: (v.contiguous() if torch.is_tensor(v) and v.dim() == 5 else v)
+                                   for k, v in kw.items()})
+    container = torch.full((2, 16, 7, 6, 8), float("nan"))
+    y, cache = vae_conv3d(xs, w, b, backend=backend, out=container[:, :, 2:5], **kw)
+    assert y.data_ptr() == container[:, :, 2:5].data_ptr()
+    assert torch.equal(container[:, :, 2:5], ref) and torch.equal(cache, ref_cache)
+    assert container[:, :, :2].isnan().all() and container[:, :, 5:].isnan().all()  # nothing else written
+    stepped = torch.full((2, 16, 3, 6, 16), float("nan"))[..., ::2]  # not a frame range: written through a copy
+    y2, _ = vae_conv3d(xs, w, b, backend=backend, out=stepped, **kw)
+    assert y2 is stepped and torch.equal(stepped, ref)
+
+
+def test_out_bad_shape_raises():
+    x, w, b, kw, xs = _frame_slice_case()
+    with pytest.raises(ValueError, match="out"):
+        vae_conv3d(xs, w, b, backend="reference", out=torch.empty(2, 16, 2, 6, 8), **kw)
+    with pytest.raises(ValueError, match="out"):
+        vae_conv3d(xs, w, b, backend="reference", out=torch.empty(2, 16, 3, 6, 8, dtype=torch.float64), **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_frame_slices_in_place_equal_contiguous():
+    x, w, b, kw, xs = _frame_slice_case("cuda", torch.bfloat16)
+    contiguous = {k: (v.contiguous() if torch.is_tensor(v) and v.dim() == 5 else v) for k, v in kw.items()}
+    ref, ref_cache = vae_conv3d(xs.contiguous(), w, b, backend="cuda", **contiguous)
+    container = torch.full((2, 16, 7, 6, 8), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y, cache = vae_conv3d(xs, w, b, backend="cuda", out=container[:, :, 2:5], **kw)
+    assert torch.equal(container[:, :, 2:5], ref) and torch.equal(cache, ref_cache)
+    assert container[:, :, :2].isnan().all() and container[:, :, 5:].isnan().all()
+    exact, _ = vae_conv3d_reference(xs, w, b, compute_dtype=torch.float64, **kw)
+    assert rel_err(y, exact) < 1e-2

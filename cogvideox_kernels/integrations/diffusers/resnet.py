@@ -295,12 +295,11 @@ class KernelResnetForward:
                     mod = dict(scale=scale, shift=shift)
                 res = None if residual is None else residual(t0, t1)
                 out, conv_cache = _ops.vae_conv3d(part(x), weight=w, bias=b, silu=True, cache=conv_cache, residual=res,
-                                                  backend=self.backend, **norm_args, **mod)
+                                                  out=part(y) if chunked else None, backend=self.backend,
+                                                  **norm_args, **mod)  # (frame slices: read / written in place)
                 del mod, res
                 if not chunked:
                     y = out
-                else:
-                    y[:, :, t0:t1] = out
                 del out
             if spatial:
                 if chunked:  # a (1,1,1) conv's "cache" is its whole input, never read: not the last chunk's

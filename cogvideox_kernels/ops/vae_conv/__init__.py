@@ -19,7 +19,7 @@ registry.register_backend("vae_conv3d", "cpp", run="cogvideox_kernels.ops.vae_co
 
 def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-               norm_coef=None, backend="auto"):
+               norm_coef=None, out=None, backend="auto"):
     """``y, new_cache = conv(act(x)) + bias (+ residual)`` with causal temporal padding.
 
     x [B, C, T, H, W]; weight [C_out, C, kt, kh, kw] (stride 1, spatial zero padding kh//2, kw//2);
@@ -30,14 +30,18 @@ def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bia
     (``pad_mode="replicate"``, diffusers' ``"first"``) or zeros. ``residual`` [B, C_out, T, H, W]
     is added before the output's single rounding. ``norm_coef`` (float32 [B, C, 2], from
     ``vae_group_norm_coef``; ``num_groups`` 0) gives the GroupNorm-apply ``v * a + d`` instead of
-    statistics over x, so a frame batch can run in frame chunks chained by the cache.
+    statistics over x, so a frame batch can run in frame chunks chained by the cache. ``out``
+    [B, C_out, T, H, W] receives y (returned as the first output); the native backends read x,
+    scale/shift and residual and write ``out`` in place when each is T consecutive frames of a
+    contiguous tensor (a frame chunk of a batch), so chunks cost no copies.
 
     backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
     reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
     """
     return registry.dispatch("vae_conv3d", backend, x=x, weight=weight, bias=bias, num_groups=num_groups,
                              norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale, shift=shift,
-                             silu=silu, cache=cache, pad_mode=pad_mode, residual=residual, norm_coef=norm_coef)
+                             silu=silu, cache=cache, pad_mode=pad_mode, residual=residual, norm_coef=norm_coef,
+                             out=out)
 
 
 def vae_group_norm_coef(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-6, backend="auto"):

@@ -24,6 +24,7 @@ statistics: chunked == whole holds only without GroupNorm.)
 ``v * a + d`` instead of statistics over x (``num_groups`` 0, affine folded in): a frame batch can
 then run as several calls over frame chunks, each chained to the last by its cache, with the
 statistics of the whole batch, so that only a chunk's activation, scale and shift exist at a time.
+``out`` (a [B, C_out, T, H, W] tensor, e.g. that chunk's frames of the batch's output) receives y.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ PAD_MODES = ("replicate", "zeros")
 
 def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                           eps=1e-6, scale=None, shift=None, silu=False, cache=None,
-                          pad_mode="replicate", residual=None, norm_coef=None):
+                          pad_mode="replicate", residual=None, norm_coef=None, out=None):
     check_tensor("x", x, ndim=5, dtypes=FLOAT_DTYPES + (torch.float64,))
     device, dtype = x.device, x.dtype
     B, C, T, H, W = x.shape
@@ -83,6 +84,8 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
         same("cache", cache, (B, C, kt - 1, H, W))
     if residual is not None:
         same("residual", residual, (B, C_out, T, H, W))
+    if out is not None:
+        same("out", out, (B, C_out, T, H, W))
 
 
 def group_norm_coef_reference(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-6):
@@ -126,14 +129,14 @@ def activate(x, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6, sca
 
 def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                          eps=1e-6, scale=None, shift=None, silu=False, cache=None, pad_mode="replicate",
-                         residual=None, norm_coef=None, compute_dtype=None):
+                         residual=None, norm_coef=None, out=None, compute_dtype=None):
     """The fused op in plain PyTorch (float32 maths for half inputs; ``compute_dtype`` overrides).
 
     Returns ``(y [B, C_out, T, H, W], new_cache [B, C, kt-1, H, W])`` in x's dtype.
     """
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
                           norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
-                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef)
+                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out)
     work = compute_dtype or (x.dtype if x.dtype == torch.float64 else torch.float32)
     kt, kh, kw = weight.shape[2:]
     a = activate(x, num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
@@ -150,6 +153,8 @@ def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None
     if residual is not None:
         y = y + residual.to(work)
     new_cache = padded[:, :, padded.shape[2] - (kt - 1):].contiguous()
+    if out is not None:
+        return out.copy_(y), new_cache
     return y.to(x.dtype), new_cache
 
 
