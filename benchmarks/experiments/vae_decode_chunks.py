@@ -17,7 +17,7 @@ import torch
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--chunks-mib", default="128,0", help="0 = no chunking")
+    p.add_argument("--chunks-mib", default="256,128,0", help="0 = no chunking; the first is profiled")
     a = p.parse_args()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -32,9 +32,11 @@ def main():
         vae = AutoencoderKLCogVideoX().eval().requires_grad_(False).to(torch.bfloat16)
     z = torch.randn(1, 16, 13, 60, 90, device="cuda", generator=torch.Generator("cuda").manual_seed(2)).bfloat16()
     integration.apply(vae)
-    rows, ref = [], None
+    rows, ref, first = [], None, None
     for mib in [int(v) for v in a.chunks_mib.split(",")]:
         resnet.CHUNK_BYTES = (mib << 20) if mib else 1 << 62
+        resnet.CHUNK_ABOVE = resnet.CHUNK_ABOVE if mib else 1 << 62
+        first = first if first is not None else (resnet.CHUNK_BYTES, resnet.CHUNK_ABOVE)
         with torch.no_grad():
             vae.decode(z)
             torch.cuda.synchronize()
@@ -52,7 +54,7 @@ def main():
         print(rows[-1], flush=True)
         (out_dir / "vae_decode_chunks.json").write_text(json.dumps({"env": environment("cuda"), "rows": rows}, indent=1))
         del x
-    resnet.CHUNK_BYTES = 128 << 20
+    resnet.CHUNK_BYTES, resnet.CHUNK_ABOVE = first
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:

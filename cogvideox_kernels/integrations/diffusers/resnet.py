@@ -168,7 +168,7 @@ def _call_ok(block, inputs, temb, zq, conv_cache) -> bool:
 
 
 CHUNK_ABOVE = 512 << 20  # a decoder frame batch larger than this runs in frame chunks ...
-CHUNK_BYTES = 128 << 20  # ... of about this size (at least one frame)
+CHUNK_BYTES = 256 << 20  # ... of about this size (at least one frame)
 
 
 def _chunks(x, chunked=True):
