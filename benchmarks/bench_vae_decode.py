@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny VAE on the CPU (C++ path): checks the script")
     p.add_argument("--large", action="store_true", help="also decode 1.5-5B's 81x768x1360 (latents 21x96x170)")
     p.add_argument("--large-fp32", action="store_true", help="with --large: a float32 reference there too")
+    p.add_argument("--variants", default=",".join(step.VAE_VARIANTS),
+                   help="the variants at 49x480x720 (comma-separated), e.g. 'patched'")
     p.add_argument("--large-variants", default=",".join(step.VAE_VARIANTS),
                    help="with --large: the decode variants there (comma-separated), e.g. 'patched'")
     p.add_argument("--large-encode", default="",
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         step.vae_section(rec, *TINY_SHAPE, config=step.TINY_VAE, work=work, dtype=torch.float32,
                          backend="cpp" if extension_available() else "reference", tile=TINY_TILE)
     else:
-        step.vae_section(rec, *step.VAE_SHAPES["5b"], work=work)
+        step.vae_section(rec, *step.VAE_SHAPES["5b"], work=work, variants=tuple(a.variants.split(",")))
         if a.large:
             step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("decode",), fp32_reference=a.large_fp32,
                              variants=tuple(a.large_variants.split(",")))

@@ -8,6 +8,7 @@
 #
 #   COGVIDEOX_KERNELS_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_vae_decode.sh
 #   VAE_LARGE=1 LARGE_VARIANTS=patched LARGE_ENCODE=diffusers,patched ...   # + 81x768x1360 rows
+#   VARIANTS=patched ...                                                      # 49x480x720: ours only
 #
 # $OUT gets vae_decode_{build,pytest_gpu,bench}.log, vae_decode_results.md, vae_decode_rows.{json,csv} and,
 # with VAE_CHUNKS=1, vae_decode_chunks.{json,log} and vae_decode_profile.txt.
@@ -41,6 +42,7 @@ large=(); [ -n "${VAE_LARGE:-}" ] && large=(--large --large-variants "${LARGE_VA
 chunk_s=0; [ -n "${VAE_CHUNKS:-}" ] && chunk_s=${CHUNK_S:-45}
 bench_s=$(( $(left) - 5 - chunk_s ))
 timeout "$bench_s" python3 benchmarks/bench_vae_decode.py --out "$RES" --deadline-s $(( bench_s - 5 )) "${large[@]}" \
+  --variants "${VARIANTS:-diffusers,diffusers tiled,patched}" \
   >"$OUT/vae_decode_bench.log" 2>&1
 echo "bench rc=$?" >>"$OUT/vae_decode_bench.log"
 cp "$RES/vae_decode_results.md" "$OUT/" 2>/dev/null
