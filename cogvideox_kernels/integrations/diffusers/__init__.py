@@ -19,7 +19,9 @@ What gets patched (nothing is copied; classes are not changed):
   tensors it covers), diffusers' modules elsewhere. diffusers' CogVideoX VAE has 32 ResNet blocks (64 of
   its 68 (3,3,3) causal convs) and 74 (1,1,1) convs (the decoder's spatial norms); our causal conv covers
   kh = kw = 1. Where nothing can be taken (no CUDA GPU or build), ``vae=True`` leaves the VAE as it is
-  and warns.
+  and warns. For decode memory (resnet.py, vae.py): the decoder's large frame batches run in frame
+  chunks (ResNet blocks, ``norm_out``, the upsamplers), patched blocks free the conv caches they were
+  handed, and the decoder hands each up block's input on by ownership (``KernelDecoderForward``).
 
 Composes with diffusers' features, in either order with ``apply`` (tests/integrations/test_features.py):
 peft LoRA (``add_adapter``/``load_lora_weights``, ``set_adapters`` with weights, disable, ``fuse_lora``),
