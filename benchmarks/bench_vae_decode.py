@@ -5,6 +5,7 @@ work is ``cogvideox_kernels.bench.step.vae_section``; this script adds the summa
 
     python3 benchmarks/bench_vae_decode.py --out DIR                # H200: 49x480x720, about 1 minute
     python3 benchmarks/bench_vae_decode.py --out DIR --large        # + 1.5-5B's 81x768x1360 decode
+    ... --large --large-variants patched --large-encode diffusers,patched    # fewer rows there, + encode
     python3 benchmarks/bench_vae_decode.py --out DIR --tiny         # CPU smoke run (tiny VAE, C++ path)
 
 Writes DIR/step_rows.csv/json (every row as measured), DIR/step_env.json and DIR/vae_decode_results.md.
@@ -76,6 +77,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny VAE on the CPU (C++ path): checks the script")
     p.add_argument("--large", action="store_true", help="also decode 1.5-5B's 81x768x1360 (latents 21x96x170)")
     p.add_argument("--large-fp32", action="store_true", help="with --large: a float32 reference there too")
+    p.add_argument("--variants", default=",".join(step.VAE_VARIANTS),
+                   help="the variants at 49x480x720 (comma-separated), e.g. 'patched'")
+    p.add_argument("--large-variants", default=",".join(step.VAE_VARIANTS),
+                   help="with --large: the decode variants there (comma-separated), e.g. 'patched'")
+    p.add_argument("--large-encode", default="",
+                   help="with --large: also encode 81x768x1360 with these variants (comma-separated)")
     p.add_argument("--no-encode", action="store_true")
     p.add_argument("--deadline-s", type=float, default=None, help="stop starting measurements after this long")
     a = p.parse_args(argv)
@@ -91,9 +98,13 @@ def main(argv=None) -> int:
         step.vae_section(rec, *TINY_SHAPE, config=step.TINY_VAE, work=work, dtype=torch.float32,
                          backend="cpp" if extension_available() else "reference", tile=TINY_TILE)
     else:
-        step.vae_section(rec, *step.VAE_SHAPES["5b"], work=work)
+        step.vae_section(rec, *step.VAE_SHAPES["5b"], work=work, variants=tuple(a.variants.split(",")))
         if a.large:
-            step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("decode",), fp32_reference=a.large_fp32)
+            step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("decode",), fp32_reference=a.large_fp32,
+                             variants=tuple(a.large_variants.split(",")))
+            if a.large_encode:
+                step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("encode",), fp32_reference=False,
+                                 variants=tuple(a.large_encode.split(",")))
     text = summary(rec.rows, rec.meta)
     (Path(a.out) / "vae_decode_results.md").write_text(text)
     print(text)

@@ -27,6 +27,7 @@ struct ConvArgs {
   const void* residual;
   void* y;
   int64_t c_in, c_out, frames, height, width;
+  int64_t y_tc, res_tc;  // frames of y's and residual's containing tensors (see VaeConvParams)
   int kt, pad_mode, tiles_w;
   int pair_store;  // W even and y / residual 4-byte aligned: store output pairs
 };
@@ -157,15 +158,18 @@ __global__ void __launch_bounds__(kConvThreads, 1) _vae_conv3x3_fwd_kernel(ConvA
   // wm*64 + i*16 + lane/4 (+8 for r >= 2), pixel row wn*4 + j/2, column (j%2)*8 + (lane%4)*2 (+1).
   const T* bias = static_cast<const T*>(a.bias);
   const T* residual = static_cast<const T*>(a.residual);
-  T* y = static_cast<T*>(a.y);
+  // y and residual of frame t of batch element b; channel strides tc * H * W (see VaeConvParams)
+  const int64_t y_cs = a.y_tc * HW, r_cs = a.res_tc * HW;
+  T* y = static_cast<T*>(a.y) + b * a.c_out * y_cs + t * HW;
+  residual += residual ? b * a.c_out * r_cs + t * HW : 0;
   const int g8 = lane >> 2, q4 = lane & 3;
-  // Output offset of accumulator pair (i, hr, j), or -1 outside the tensor.
+  // Pixel offset of accumulator pair (i, hr, j) inside its channel's frame, or -1 outside the tensor.
   auto out_offset = [&](int i, int hr, int j) -> int64_t {
     const int co = co0 + wm * 64 + i * 16 + g8 + hr * 8;
     const int h = h0 + wn * 4 + j / 2;
     const int w = w0 + (j % 2) * 8 + q4 * 2;
     if (co >= a.c_out || h >= H || w >= W) return -1;
-    return ((b * a.c_out + co) * Tn + t) * HW + int64_t(h) * W + w;
+    return int64_t(h) * W + w;
   };
   const bool w_tail = !a.pair_store;  // odd W (or unaligned): the second element may be past W
   auto second_ok = [&](int j) { return !w_tail || w0 + (j % 2) * 8 + q4 * 2 + 1 < W; };
@@ -177,21 +181,22 @@ __global__ void __launch_bounds__(kConvThreads, 1) _vae_conv3x3_fwd_kernel(ConvA
       const float bv = (bias && co < a.c_out) ? to_float(bias[co]) : 0.0f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int64_t o = out_offset(i, hr, j);
-        if (o < 0) continue;
+        const int64_t px = out_offset(i, hr, j);
+        if (px < 0) continue;
+        const int64_t o = co * y_cs + px, ro = co * r_cs + px;
         float v0 = acc[i][j][hr * 2] + bv, v1 = acc[i][j][hr * 2 + 1] + bv;
         if (a.pair_store) {  // w even, W even: w + 1 < W and the pair is 4-byte aligned
           if (residual) {
-            const float2 r = unpack2(*reinterpret_cast<const uint32_t*>(residual + o), T{});
+            const float2 r = unpack2(*reinterpret_cast<const uint32_t*>(residual + ro), T{});
             v0 += r.x;
             v1 += r.y;
           }
           *reinterpret_cast<uint32_t*>(y + o) = pack2(from_float<T>(v0), from_float<T>(v1));
         } else {
-          if (residual) v0 += to_float(residual[o]);
+          if (residual) v0 += to_float(residual[ro]);
           y[o] = from_float<T>(v0);
           if (second_ok(j)) {
-            if (residual) v1 += to_float(residual[o + 1]);
+            if (residual) v1 += to_float(residual[ro + 1]);
             y[o + 1] = from_float<T>(v1);
           }
         }

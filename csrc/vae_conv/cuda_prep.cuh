@@ -107,6 +107,7 @@ struct PrepArgs {
   void* act;
   void* cache_cl;
   int frames_total;  // T (+ kt-1 cache frames)
+  int64_t x_tc, scale_tc;  // frames of x's and scale's containing tensors (see VaeConvParams)
 };
 
 // Block: 64 pixels x 32 channels of one frame (blockIdx.z = b * frames_total + f; f >= T are the
@@ -136,11 +137,12 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
     const int ch = e / kPrepPx, px = e % kPrepPx;
     const int64_t c = c0 + ch, pix = p0 + px;
     if (c >= C || pix >= HW) continue;
-    const int64_t off = ((b * C + c) * nf + fs) * HW + pix;
+    const int64_t off = ((b * C + c) * (is_cache ? nf : a.x_tc) + fs) * HW + pix;
     float v = to_float(src[off]);
     if (!is_cache) {
       if (a.coef) v = fmaf(v, a.coef[(b * C + c) * 2], a.coef[(b * C + c) * 2 + 1]);
-      if (scale) v = fmaf(v, to_float(scale[off]), to_float(shift[off]));
+      const int64_t soff = ((b * C + c) * a.scale_tc + fs) * HW + pix;
+      if (scale) v = fmaf(v, to_float(scale[soff]), to_float(shift[soff]));
       if (p.silu) v = v * __frcp_rn(1.0f + __expf(-v));
     }
     const T out = from_float<T>(v);
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
     const int ch = threadIdx.x >> 3, px0 = (threadIdx.x & 7) * 8;
     const int64_t c = c0 + ch, pix = p0 + px0;
     if (c < C && pix < HW) {  // H*W % 8 == 0: the 8 pixels are all in or all out
-      const int64_t off = ((b * C + c) * nf + fs) * HW + pix;
+      const int64_t off = ((b * C + c) * (is_cache ? nf : a.x_tc) + fs) * HW + pix;
       float v[8];
       load8(static_cast<const T*>(is_cache ? p.cache : p.x) + off, v);
       if (!is_cache) {
@@ -210,9 +212,10 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
           for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], ca, cd);
         }
         if (p.scale) {
+          const int64_t soff = ((b * C + c) * a.scale_tc + fs) * HW + pix;
           float sc[8], sh[8];
-          load8(static_cast<const T*>(p.scale) + off, sc);
-          load8(static_cast<const T*>(p.shift) + off, sh);
+          load8(static_cast<const T*>(p.scale) + soff, sc);
+          load8(static_cast<const T*>(p.shift) + soff, sh);
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], sc[i], sh[i]);
         }

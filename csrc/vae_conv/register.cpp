@@ -33,6 +33,7 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   p.shift = ptr(addr("shift"));
   p.cache = ptr(addr("cache"));
   p.residual = ptr(addr("residual"));
+  p.norm_coef = ptr<const float*>(addr("norm_coef"));
   p.y = ptr<void*>(addr("y"));
   p.new_cache = ptr<void*>(addr("new_cache"));
   p.batch = s["batch"].cast<int64_t>();
@@ -48,6 +49,13 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   p.groups = s["groups"].cast<int>();
   p.eps = s["eps"].cast<float>();
   p.silu = s["silu"].cast<bool>();
+  auto frames_size = [&](const char* name) -> int64_t { return s.contains(name) ? s[name].cast<int64_t>() : 0; };
+  p.x_tc = frames_size("x_tc");
+  p.scale_tc = frames_size("scale_tc");
+  p.res_tc = frames_size("res_tc");
+  p.y_tc = frames_size("y_tc");
+  for (int64_t tc : {p.x_tc, p.scale_tc, p.res_tc, p.y_tc})
+    if (tc != 0 && tc < p.frames) throw std::invalid_argument("vae_conv3d: *_tc must be 0 or >= frames");
   if (p.batch < 1 || p.c_in < 1 || p.c_out < 1 || p.frames < 1 || p.height < 1 || p.width < 1)
     throw std::invalid_argument("vae_conv3d: every size must be >= 1");
   if (p.kt < 1 || p.kh < 1 || p.kw < 1 || p.kh % 2 == 0 || p.kw % 2 == 0)
@@ -57,6 +65,8 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   if (p.groups < 0 || (p.groups > 0 && p.c_in % p.groups != 0))
     throw std::invalid_argument("vae_conv3d: groups=" + std::to_string(p.groups) +
                                 " must divide c_in=" + std::to_string(p.c_in));
+  if (p.norm_coef && p.groups != 0)
+    throw std::invalid_argument("vae_conv3d: norm_coef replaces the statistics: groups must be 0");
   if ((p.scale == nullptr) != (p.shift == nullptr))
     throw std::invalid_argument("vae_conv3d: scale and shift come together");
   if (!p.x || !p.weight || !p.y || (p.kt > 1 && !p.new_cache))
@@ -69,6 +79,9 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
 #ifndef COGVIDEOX_WITH_CUDA
 void vae_conv3d_cuda(const VaeConvParams&, const VaeConvWorkspace&, int, int, std::uintptr_t) {
   throw std::runtime_error("vae_conv3d_cuda: the extension was built without CUDA (no nvcc)");
+}
+void vae_gn_coef_cuda(const VaeConvParams&, const VaeConvWorkspace&, int, int, std::uintptr_t) {
+  throw std::runtime_error("vae_gn_coef_cuda: the extension was built without CUDA (no nvcc)");
 }
 #endif
 
@@ -104,6 +117,36 @@ void register_vae_conv(py::module_& m) {
       "Fused VAE conv on a CUDA device, launched on `stream` (cudaStream_t as an int). Like "
       "vae_conv3d_cpu, with weight packed [C_out, kt, C_in/16, 9, 16] and the workspaces act, "
       "cache_cl, partial, coef (addresses) and splits (size)");
+  m.def(
+      "vae_gn_coef_cuda",
+      [](const py::dict& tensors, const py::dict& sizes, int dtype, int device, std::uintptr_t stream) {
+        auto addr = [&](const char* name) -> std::uintptr_t {
+          return tensors.contains(name) ? tensors[name].cast<std::uintptr_t>() : 0;
+        };
+        VaeConvParams p;
+        p.x = ptr(addr("x"));
+        p.norm_weight = ptr(addr("norm_weight"));
+        p.norm_bias = ptr(addr("norm_bias"));
+        p.batch = sizes["batch"].cast<int64_t>();
+        p.c_in = sizes["c_in"].cast<int64_t>();
+        p.frames = sizes["frames"].cast<int64_t>();
+        p.height = sizes["height"].cast<int64_t>();
+        p.width = sizes["width"].cast<int64_t>();
+        p.groups = sizes["groups"].cast<int>();
+        p.eps = sizes["eps"].cast<float>();
+        VaeConvWorkspace ws;
+        ws.partial = reinterpret_cast<double*>(addr("partial"));
+        ws.coef = reinterpret_cast<float*>(addr("coef"));
+        ws.splits = sizes["splits"].cast<int>();
+        if (!p.x || !ws.partial || !ws.coef || p.groups < 1 || p.c_in % p.groups != 0 || p.batch < 1 ||
+            p.frames < 1 || p.height < 1 || p.width < 1 || ws.splits < 1)
+          throw std::invalid_argument("vae_gn_coef_cuda: x, partial, coef, sizes >= 1 and groups dividing c_in");
+        vae_gn_coef_cuda(p, ws, dtype, device, stream);
+      },
+      py::arg("tensors"), py::arg("sizes"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      "GroupNorm coefficients only (the statistics pass of vae_conv3d_cuda): tensors x, norm_weight, "
+      "norm_bias, partial, coef (float32 [B, C, 2] out: norm(v) = v * a + d); sizes batch, c_in, frames, "
+      "height, width, groups, eps, splits");
 }
 
 }  // namespace vae

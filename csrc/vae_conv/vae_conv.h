@@ -28,5 +28,10 @@ struct VaeConvWorkspace {
 void vae_conv3d_cuda(const VaeConvParams& p, const VaeConvWorkspace& ws, int dtype, int device,
                      std::uintptr_t stream);
 
+// The statistics pass alone: GroupNorm coefficients of x (p.x, sizes, groups, eps, norm_weight,
+// norm_bias) into ws.coef [B, C_in, 2], through ws.partial; the input of p.norm_coef.
+void vae_gn_coef_cuda(const VaeConvParams& p, const VaeConvWorkspace& ws, int dtype, int device,
+                      std::uintptr_t stream);
+
 }  // namespace vae
 }  // namespace cvk

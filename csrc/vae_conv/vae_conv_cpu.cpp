@@ -99,10 +99,19 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
   const int64_t HW = H * W;
   const int nc = p.kt - 1;
   const bool has_cache = p.cache != nullptr;
+  const int64_t x_tc = frames_of(p.x_tc, T), s_tc = frames_of(p.scale_tc, T);
+  const int64_t r_tc = frames_of(p.res_tc, T), y_tc = frames_of(p.y_tc, T);
+  if (p.groups > 0 && x_tc != T)
+    throw std::invalid_argument("vae_conv3d_cpu: GroupNorm statistics need x whole (x_tc == T)");
 
   // 1. GroupNorm coefficients per (b, c): norm(v) = v * a + d.
   std::vector<double> coef_a(size_t(B * C), 1.0), coef_d(size_t(B * C), 0.0);
-  if (p.groups > 0) {
+  if (p.norm_coef) {
+    for (int64_t i = 0; i < B * C; ++i) {
+      coef_a[size_t(i)] = p.norm_coef[2 * i];
+      coef_d[size_t(i)] = p.norm_coef[2 * i + 1];
+    }
+  } else if (p.groups > 0) {
     const int64_t span = group_span(C, p.groups, T, HW);
     const int64_t cpg = C / p.groups;
     for (int64_t bg = 0; bg < B * p.groups; ++bg) {
@@ -133,9 +142,10 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
       for (int64_t f = 0; f < T; ++f)
         for (int64_t i = 0; i < HW; ++i) {
           const int64_t off = ((b * C + c) * T + f) * HW + i;
-          double v = io.load(p.x, off);
-          if (p.groups > 0) v = v * coef_a[size_t(b * C + c)] + coef_d[size_t(b * C + c)];
-          if (p.scale) v = v * io.load(p.scale, off) + io.load(p.shift, off);
+          double v = io.load(p.x, ((b * C + c) * x_tc + f) * HW + i);
+          if (p.groups > 0 || p.norm_coef) v = v * coef_a[size_t(b * C + c)] + coef_d[size_t(b * C + c)];
+          const int64_t soff = ((b * C + c) * s_tc + f) * HW + i;
+          if (p.scale) v = v * io.load(p.scale, soff) + io.load(p.shift, soff);
           if (p.silu) v = silu(v);
           act[size_t(off)] = io.round(v);
         }
@@ -177,9 +187,9 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
                 }
               }
           }
-        const int64_t out = ((b * Co + co) * T + t) * HW;
+        const int64_t out = ((b * Co + co) * y_tc + t) * HW, res = ((b * Co + co) * r_tc + t) * HW;
         for (int64_t i = 0; i < HW; ++i) {
-          const double r = p.residual ? io.load(p.residual, out + i) : 0.0;
+          const double r = p.residual ? io.load(p.residual, res + i) : 0.0;
           io.store(p.y, out + i, acc[size_t(i)] + r);
         }
       }

@@ -65,18 +65,12 @@ void launch_conv(const ConvArgs& c, int64_t batch, int device, cudaStream_t stre
   VAE_CUDA_CHECK(cudaGetLastError());
 }
 
+// Step 1: GroupNorm statistics of x into ws.coef (p.groups > 0).
 template <typename T>
-void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStream_t stream) {
-  if (p.kh != 3 || p.kw != 3) invalid("only kh = kw = 3 is supported (got " + std::to_string(p.kh) + "x" + std::to_string(p.kw) + ")");
-  if (p.kt < 1 || p.kt > 5) invalid("kt must be in [1, 5], got " + std::to_string(p.kt));
-  if (p.c_in % kCK != 0) invalid("C_in must be a multiple of 16, got " + std::to_string(p.c_in));
-  if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || ws.splits < 1)
-    invalid("missing workspace");
+void launch_stats(const VaeConvParams& p, const VaeConvWorkspace& ws, cudaStream_t stream) {
   const int64_t HW = p.height * p.width;
-  const int nc = p.kt - 1;
   const uintptr_t x_addr = reinterpret_cast<uintptr_t>(p.x);
-
-  if (p.groups > 0) {
+  {
     const int64_t span = group_span(p.c_in, p.groups, p.frames, HW);
     int64_t chunk = (span + ws.splits - 1) / ws.splits;
     chunk = (chunk + 7) / 8 * 8;
@@ -95,13 +89,30 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
         static_cast<const T*>(p.norm_bias), p.eps, ws.coef);
     VAE_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+template <typename T>
+void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStream_t stream) {
+  if (p.kh != 3 || p.kw != 3) invalid("only kh = kw = 3 is supported (got " + std::to_string(p.kh) + "x" + std::to_string(p.kw) + ")");
+  if (p.kt < 1 || p.kt > 5) invalid("kt must be in [1, 5], got " + std::to_string(p.kt));
+  if (p.c_in % kCK != 0) invalid("C_in must be a multiple of 16, got " + std::to_string(p.c_in));
+  if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || ws.splits < 1)
+    invalid("missing workspace");
+  if (p.norm_coef && p.groups > 0) invalid("norm_coef replaces the statistics: groups must be 0");
+  if (p.groups > 0 && frames_of(p.x_tc, p.frames) != p.frames) invalid("GroupNorm statistics need x whole (x_tc == T)");
+  const int64_t HW = p.height * p.width;
+  const int nc = p.kt - 1;
+  const uintptr_t x_addr = reinterpret_cast<uintptr_t>(p.x);
+  if (p.groups > 0) launch_stats<T>(p, ws, stream);
 
   PrepArgs pa;
   pa.p = p;
-  pa.coef = p.groups > 0 ? ws.coef : nullptr;
+  pa.coef = p.groups > 0 ? ws.coef : p.norm_coef;
   pa.act = ws.act;
   pa.cache_cl = ws.cache_cl;
   pa.frames_total = int(p.frames + (p.cache ? nc : 0));
+  pa.x_tc = frames_of(p.x_tc, p.frames);
+  pa.scale_tc = frames_of(p.scale_tc, p.frames);
   const int64_t prep_z = p.batch * pa.frames_total;
   const int64_t prep_y = (p.c_in + kPrepCh - 1) / kPrepCh;
   const int64_t prep_x = (HW + kPrepPx - 1) / kPrepPx;
@@ -126,6 +137,8 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   c.c_in = p.c_in;
   c.c_out = p.c_out;
   c.frames = p.frames;
+  c.y_tc = frames_of(p.y_tc, p.frames);
+  c.res_tc = frames_of(p.res_tc, p.frames);
   c.height = p.height;
   c.width = p.width;
   c.kt = p.kt;
@@ -138,6 +151,18 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
 }
 
 }  // namespace
+
+void vae_gn_coef_cuda(const VaeConvParams& p, const VaeConvWorkspace& ws, int dtype, int device,
+                      std::uintptr_t stream_int) {
+  DeviceGuard guard(device);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_int);
+  switch (dtype) {
+    case kBFloat16: launch_stats<__nv_bfloat16>(p, ws, stream); break;
+    case kFloat16: launch_stats<__half>(p, ws, stream); break;
+    default:
+      invalid("dtype code " + std::to_string(dtype) + " is not supported (2 fp16, 3 bf16)");
+  }
+}
 
 void vae_conv3d_cuda(const VaeConvParams& p, const VaeConvWorkspace& ws, int dtype, int device,
                      std::uintptr_t stream_int) {

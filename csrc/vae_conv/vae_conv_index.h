@@ -7,7 +7,9 @@
 //          y = conv(xpad) + bias [+ residual]   (kt, kh, kw), stride 1, spatial zero padding
 //          new_cache = last kt-1 frames of xpad
 // GroupNorm statistics: per batch element and group, over the group's channels and every frame,
-// row and column of x as given (what nn.GroupNorm computes on a [B, C, T, H, W] tensor).
+// row and column of x as given (what nn.GroupNorm computes on a [B, C, T, H, W] tensor); or,
+// with norm_coef, coefficients computed elsewhere (over a longer clip than x: frame chunks of one
+// frame batch share their batch's statistics).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -26,7 +28,10 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Every tensor is contiguous: x, scale, shift [B, C_in, T, H, W]; weight [C_out, C_in, kt, kh, kw]
 // (CPU) or packed [C_out, kt, C_in/16, kh*kw, 16] (CUDA); bias [C_out]; norm_weight, norm_bias
-// [C_in]; cache and new_cache [B, C_in, kt-1, H, W]; residual and y [B, C_out, T, H, W].
+// [C_in]; cache and new_cache [B, C_in, kt-1, H, W]; residual and y [B, C_out, T, H, W]. Except
+// that x, scale / shift, residual and y may each be T consecutive frames of a contiguous tensor of
+// more frames (a frame chunk of a frame batch, read and written in place): *_tc is that tensor's
+// frame count (element (b, c, t, i) at ((b * C + c) * tc + t) * H * W + i), 0 meaning T.
 // Optional tensors are null.
 struct VaeConvParams {
   const void* x = nullptr;
@@ -38,6 +43,7 @@ struct VaeConvParams {
   const void* shift = nullptr;
   const void* cache = nullptr;
   const void* residual = nullptr;
+  const float* norm_coef = nullptr;  // [B, C_in, 2] (a, d): GroupNorm-apply v * a + d given, groups == 0
   void* y = nullptr;
   void* new_cache = nullptr;
   int64_t batch = 0, c_in = 0, c_out = 0, frames = 0, height = 0, width = 0;
@@ -46,7 +52,11 @@ struct VaeConvParams {
   int groups = 0;  // 0: no GroupNorm
   float eps = 1e-6f;
   bool silu = false;
+  int64_t x_tc = 0, scale_tc = 0, res_tc = 0, y_tc = 0;  // frames of the containing tensors (0: T)
 };
+
+// The frame count a tensor's channel stride is made of (see VaeConvParams).
+VAE_HD int64_t frames_of(int64_t tc, int64_t frames) { return tc > 0 ? tc : frames; }
 
 enum SourceKind : int { kFromInput = 0, kFromCache = 1, kFromZero = 2 };
 struct FrameSource {

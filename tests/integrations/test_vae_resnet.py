@@ -56,9 +56,15 @@ def run_batches(forward, x, zq, lengths, cache=None):
         zs = None if zq is None else zq[:, :, t0:t0 + n]
         with torch.no_grad():
             out, cache = forward(x[:, :, t0:t0 + n], zq=zs, conv_cache=cache)
-        results.append((out, cache))
+        results.append((out, _snapshot(cache)))  # (a patched block consumes the caches it is handed)
         t0 += n
     return results
+
+
+def _snapshot(cache):
+    if isinstance(cache, dict):
+        return {k: _snapshot(v) for k, v in cache.items()}
+    return cache.clone() if torch.is_tensor(cache) else cache
 
 
 BLOCKS = {  # name: (C_in, C_out, options)
@@ -113,6 +119,56 @@ def test_block_takes_non_contiguous_views(backend, which):
     compare_caches(new_cache, ref_cache, BUDGET)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_in_frame_chunks_matches_diffusers(backend, name, monkeypatch):
+    """Decoder batches above CHUNK_ABOVE: each fused line runs in frame chunks with the batch's GroupNorm
+    statistics (norm_coef), the spatial norm's convs and the shortcut per chunk, caches chained: still
+    diffusers' block over its frame batches, outputs and every cache entry (GroupNorm blocks: whole)."""
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    C_in, C_out, options = BLOCKS[name]
+    block = make_block(C_in, C_out, seed=11, **options)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, C_in, 5, 6, 7, generator=g) + 0.3
+    zq = torch.randn(2, 4, 5, 3, 4, generator=g) if "spatial_norm_dim" in options else None
+    ref = run_batches(block, x, zq, (3, 2))
+    monkeypatch.setattr(resnet, "CHUNK_ABOVE", 0)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)  # one frame per chunk
+    spy = OpSpy(monkeypatch)
+    ours = run_batches(KernelResnetForward(block, backend), x, zq, (3, 2))
+    if zq is None:  # GroupNorm blocks (the encoder's) run their batches whole
+        assert len(spy.vae_conv_calls) == 2 * 2
+    else:
+        assert len(spy.vae_conv_calls) == 2 * (3 + 2)  # one call per frame and line
+        assert all(kw.get("norm_coef") is not None and kw.get("num_groups", 0) == 0 for _, kw in spy.vae_conv_calls)
+    for (out, cache), (ref_out, ref_cache) in zip(ours, ref):
+        assert rel_err(out, ref_out) <= BUDGET
+        for key in ("norm1", "norm2"):  # the (1,1,1) convs' "cache" (their whole input, never read): None
+            if key in ref_cache:
+                assert cache[key] == {"conv_y": None, "conv_b": None}
+                ref_cache[key] = cache[key]
+        compare_caches(cache, ref_cache, BUDGET)
+
+
+def test_consumed_cache_fails_loudly():
+    """A patched block frees the caches it was handed (replaced by CONSUMED): handing them in again
+    raises, in our forward and in diffusers' own, never a silent replicate padding."""
+    from cogvideox_kernels.integrations.diffusers.resnet import CONSUMED
+
+    block, x, zq = _spatial_block(seed=13)
+    with torch.no_grad():
+        _, cache = block(x, zq=zq)
+        ref, _ = block(x, zq=zq, conv_cache=cache)  # diffusers reads and keeps the cache
+        out, _ = KernelResnetForward(block, "reference")(x, zq=zq, conv_cache=cache)
+    assert rel_err(out, ref) <= BUDGET
+    assert cache["conv1"] is CONSUMED and cache["norm1"]["conv_y"] is CONSUMED
+    with pytest.raises(ValueError, match="already used"), torch.no_grad():
+        KernelResnetForward(block, "reference")(x, zq=zq, conv_cache=cache)
+    with pytest.raises(TypeError), torch.no_grad():
+        block(x, zq=zq, conv_cache=cache)
+
+
 # ------------------------------------------------------------------------------------ whole VAE
 
 
@@ -126,6 +182,119 @@ def vae_inputs(seed=3):
 def encode_decode(vae, video, latents):
     with torch.no_grad():
         return vae.encode(video).latent_dist.mode(), vae.decode(latents).sample
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vae_decode_in_frame_chunks_matches_diffusers(backend, monkeypatch):
+    """The whole tiny VAE with every frame batch above CHUNK_BYTES: ResNet lines and the decoder's
+    norm_out in frame chunks (one per frame), caches consumed batch to batch, still diffusers' decode
+    and encode."""
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    video, latents = vae_inputs()
+    ref_z, ref_x = encode_decode(vae, video, latents)
+    integration.apply(vae, backend=backend)
+    norm_out = vae.decoder.norm_out.forward
+    assert isinstance(norm_out, resnet.KernelSpatialNormForward)
+    monkeypatch.setattr(resnet, "CHUNK_ABOVE", 0)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    spy = OpSpy(monkeypatch)
+    chunks = []
+    real = norm_out._ours
+    monkeypatch.setattr(norm_out, "_ours", lambda f, *a: chunks.append(f.shape[2]) or real(f, *a))
+    z, x = encode_decode(vae, video, latents)
+    assert chunks == [9, 8]  # norm_out ran ours on both frame batches (9 and 8 frames)
+    from cogvideox_kernels.integrations.diffusers.vae import KernelUpsampleForward
+
+    ups = [b.upsamplers[0] for b in vae.decoder.up_blocks if b.upsamplers is not None]
+    assert ups and all(isinstance(u.forward, KernelUpsampleForward) for u in ups)
+    assert len(spy.vae_conv_calls) > 2 * (2 * ENCODER_BLOCKS + 2 * DECODER_BLOCKS)
+    assert rel_err(z, ref_z) <= BUDGET and rel_err(x, ref_x) <= BUDGET
+    integration.remove(vae)
+    assert "forward" not in vae.decoder.norm_out.__dict__ and not any("forward" in u.__dict__ for u in ups)
+
+
+@pytest.mark.parametrize("compress_time", [False, True])
+@pytest.mark.parametrize("frames", [1, 2, 3, 4])
+def test_upsampler_in_frame_chunks_equals_diffusers(compress_time, frames, monkeypatch):
+    """diffusers' CogVideoXUpsample3D, patched: frame by frame into a contiguous output, each repeated
+    frame through the conv once; the same values as diffusers' (permuted, whole-batch) output."""
+    from diffusers.models.upsampling import CogVideoXUpsample3D
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+    from cogvideox_kernels.integrations.diffusers.vae import KernelUpsampleForward
+
+    torch.manual_seed(14)
+    up = CogVideoXUpsample3D(6, 5, compress_time=compress_time).eval()
+    x = torch.randn(2, 6, frames, 3, 4)
+    with torch.no_grad():
+        ref = up(x)
+        monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+        convs = []
+        up.conv.register_forward_hook(lambda m, args, out: convs.append(args[0].shape[0]))
+        out = KernelUpsampleForward(up)(x)
+    assert out.is_contiguous() and out.shape == ref.shape
+    assert rel_err(out, ref) <= 1e-6
+    assert sum(convs) == 2 * frames  # each input frame once (B = 2), repeated output frames copied
+
+
+def test_decoder_frees_the_up_block_input_after_the_shortcut(monkeypatch):
+    """KernelDecoderForward hands each up block's input to its first ResNet block by ownership: a block
+    that changes the channel count (tiny VAE: 32 -> 16 in up_blocks[2]) frees it once its shortcut is
+    computed, before its second conv; the decode still equals diffusers'."""
+    import weakref
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    _, latents = vae_inputs()
+    with torch.no_grad():
+        ref = vae.decode(latents).sample
+    integration.apply(vae, backend="reference")
+    assert isinstance(vae.decoder.forward, resnet.KernelDecoderForward)
+    monkeypatch.setattr(resnet, "CHUNK_ABOVE", 0)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    inputs, alive = [], []
+    real_up, real_conv = resnet.KernelDecoderForward._up_block, resnet.KernelResnetForward._conv
+
+    def up_block(up, box, *args):
+        inputs.append(weakref.ref(box[0]))
+        return real_up(up, box, *args)
+
+    def conv(self, x, norm, *args, **kwargs):
+        block = self.block
+        if norm is block.norm2 and block.in_channels != block.out_channels:
+            alive.append(inputs[-1]() is not None)
+        return real_conv(self, x, norm, *args, **kwargs)
+
+    monkeypatch.setattr(resnet.KernelDecoderForward, "_up_block", staticmethod(up_block))
+    monkeypatch.setattr(resnet.KernelResnetForward, "_conv", conv)
+    with torch.no_grad():
+        out = vae.decode(latents).sample
+    assert alive and not any(alive)  # 2 frame batches x the projecting first blocks
+    assert rel_err(out, ref) <= BUDGET
+    integration.remove(vae)
+    assert "forward" not in vae.decoder.__dict__
+
+
+def test_norm_out_takes_diffusers_path_when_not_plain(monkeypatch):
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    vae = make_vae()
+    _, latents = vae_inputs()
+    with torch.no_grad():
+        ref = vae.decode(latents).sample
+    integration.apply(vae, backend="reference")
+    monkeypatch.setattr(resnet, "CHUNK_ABOVE", 0)
+    monkeypatch.setattr(resnet, "CHUNK_BYTES", 1)
+    handle = vae.decoder.norm_out.norm_layer.register_forward_hook(lambda m, args, out: out * 1.5)
+    calls = []
+    monkeypatch.setattr(vae.decoder.norm_out.forward, "_ours", lambda *a: calls.append(1))
+    with torch.no_grad():
+        hooked = vae.decode(latents).sample
+    assert not calls and rel_err(hooked, ref) > 1e-3  # diffusers' forward ran the hook
+    handle.remove()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,11 +487,19 @@ def test_cuda_block_bf16_within_diffusers_own_error(spatial):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
-def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch, chunked):
     """The CogVideoX-5B VAE config (diffusers' defaults) in bf16 on the GPU, apply(vae) with 'auto':
-    every ResNet block runs our CUDA kernel (2 calls per block), decode and encode within 2x diffusers'
-    own bf16 error against a float32 run of the same weights."""
+    every ResNet block runs our CUDA kernel (2 calls per block; ``chunked``: frame chunks of one frame
+    wherever a frame is above 256 KiB, the CUDA statistics pass first), decode and encode within 2x
+    diffusers' own bf16 error against a float32 run of the same weights."""
     from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_kernels.integrations.diffusers import resnet
+
+    if chunked:
+        monkeypatch.setattr(resnet, "CHUNK_ABOVE", 0)
+        monkeypatch.setattr(resnet, "CHUNK_BYTES", 256 << 10)
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -339,8 +516,9 @@ def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch):
         assert integration.patch_report(vae16)["vae_resnet"] == 32
         spy = OpSpy(monkeypatch)
         ours_x = vae16.decode(latents.bfloat16()).sample
-        assert len(spy.vae_conv_calls) == 2 * 18
+        assert len(spy.vae_conv_calls) == 2 * 18 or chunked and len(spy.vae_conv_calls) > 2 * 18
+        n = len(spy.vae_conv_calls)
         ours_z = vae16.encode(video.bfloat16()).latent_dist.mode()
-        assert len(spy.vae_conv_calls) == 2 * 18 + 2 * 14
+        assert len(spy.vae_conv_calls) - n == 2 * 14  # (the encoder never chunks)
     for ours, own, ref in ((ours_x, own_x, ref_x), (ours_z, own_z, ref_z)):
         assert rel_err(ours, ref) <= 2 * rel_err(own, ref), (rel_err(ours, ref), rel_err(own, ref))

@@ -171,7 +171,7 @@ def test_cpp_is_what_auto_picks_on_cpu(monkeypatch):
     monkeypatch.setattr(native, "_vae_conv3d_op", lambda *a: calls.append(a) or real(*a))
     x, w, b, kw = make_case(1, 4, 4, 2, 3, 3, groups=2, seed=6)
     check(x, w, b, kw, "auto")
-    assert len(calls) == 1 and calls[0][13] == "cpp"
+    assert len(calls) == 1 and calls[0][-1] == "cpp"
 
 
 def test_bad_inputs_raise():
@@ -345,3 +345,167 @@ def test_cuda_uses_current_stream():
         y, _ = vae_conv3d(x, w, b, backend="cuda", **kw)
     torch.cuda.current_stream().wait_stream(s)
     assert torch.equal(y, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# norm_coef: GroupNorm statistics of a whole frame batch, the batch run in frame chunks
+# ------------------------------------------------------------------------------------------------
+from cogvideox_kernels.ops.vae_conv import group_norm_coef_reference, vae_group_norm_coef  # noqa: E402
+
+
+def run_coef_chunked(x, w, b, kw, lengths, backend):
+    """The batch in frame chunks chained by the cache, with the statistics of the whole batch."""
+    groups, nw, nb = kw["num_groups"], kw.get("norm_weight"), kw.get("norm_bias")
+    coef = vae_group_norm_coef(x, groups, nw, nb, backend="auto" if backend == "cuda" else "reference")
+    per_frame = {k: kw[k] for k in ("scale", "shift", "residual") if k in kw}
+    outs, cache, t0 = [], kw.get("cache"), 0
+    for n in lengths:
+        part = {k: v[:, :, t0:t0 + n] for k, v in per_frame.items()}
+        y, cache = vae_conv3d(x[:, :, t0:t0 + n], w, b, norm_coef=coef, silu=kw["silu"], cache=cache,
+                              backend=backend, **part)
+        outs.append(y)
+        t0 += n
+    return torch.cat(outs, dim=2), cache
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "stepped"])
+def test_group_norm_coef_is_group_norm(layout):
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(2, 12, 3, 5, 14, generator=g) * 3 + 7  # |mean| >> std: the statistics must hold
+    x = x if layout == "contiguous" else x[..., ::2]
+    nw, nb = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    coef = vae_group_norm_coef(x, 4, nw, nb, eps=1e-6)
+    assert coef.shape == (2, 12, 2) and coef.dtype == torch.float32
+    ours = x.double() * coef[..., 0, None, None, None].double() + coef[..., 1, None, None, None].double()
+    ref = torch.nn.functional.group_norm(x.double(), 4, nw.double(), nb.double(), 1e-6)
+    assert rel_err(ours, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if _ext.extension_available() else []))
+@pytest.mark.parametrize("lengths", [(1, 1, 1, 1, 1), (3, 2), (2, 1, 2)])
+def test_norm_coef_chunks_equal_whole_batch(backend, lengths):
+    """A frame batch run in chunks with the whole batch's coefficients equals the batch in one call
+    (GroupNorm over the batch), with modulation, cache and residual chunked alike."""
+    for dtype, budget in ((torch.float64, 1e-7), (torch.float32, 2e-6)):  # (coefficients are float32)
+        x, w, b, kw = make_case(2, 8, 6, 5, 4, 7, dtype=dtype, groups=4, modulation=True, cache=True,
+                                residual=True, seed=41)
+        whole, whole_cache = vae_conv3d(x, w, b, backend=backend, **kw)
+        chunked, chunk_cache = run_coef_chunked(x, w, b, kw, lengths, backend)
+        assert rel_err(chunked, whole) <= budget and rel_err(chunk_cache, whole_cache) <= budget
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if _ext.extension_available() else []))
+def test_norm_coef_non_contiguous(backend):
+    x, w, b, kw = make_case(1, 8, 4, 3, 5, 6, groups=2, modulation=True, seed=42)
+    coef = vae_group_norm_coef(x, 2, kw["norm_weight"], kw["norm_bias"])
+    args = dict(silu=True, scale=kw["scale"], shift=kw["shift"])
+    ref = vae_conv3d(x, w, b, norm_coef=coef, backend=backend, **args)
+    stepped = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(43))[..., ::2].copy_(coef)
+    assert not stepped.is_contiguous()
+    out = vae_conv3d(x, w, b, norm_coef=stepped, backend=backend, **args)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_norm_coef_bad_inputs_raise():
+    x, w, b, kw = make_case(1, 8, 4, 3, 4, 5, groups=2, seed=44)
+    coef = vae_group_norm_coef(x, 2)
+    for change, match in [(dict(norm_coef=coef.double()), "norm_coef"), (dict(norm_coef=coef[:, :4]), "norm_coef"),
+                          (dict(norm_coef=coef, num_groups=2), "num_groups=0"),
+                          (dict(norm_coef=coef, norm_weight=kw["norm_weight"]), "norm_weight")]:
+        with pytest.raises(ValueError, match=match):
+            vae_conv3d(x, w, b, backend="reference", **change)
+    with pytest.raises(ValueError, match="num_groups"):
+        vae_group_norm_coef(x, 3)
+    with pytest.raises(ValueError, match="norm_weight"):
+        vae_group_norm_coef(x, 2, kw["norm_weight"][:3])
+    if not _ext.cuda_available():
+        with pytest.raises(ValueError, match="backend='cuda'"):
+            vae_group_norm_coef(x, 2, backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("offset", [0.5, 20.0])
+def test_cuda_group_norm_coef_matches_reference(offset):
+    x, _, _, kw = make_case(2, 64, 8, 5, 30, 46, dtype=torch.bfloat16, device="cuda", groups=32, offset=offset,
+                            seed=45)
+    ours = vae_group_norm_coef(x, 32, kw["norm_weight"], kw["norm_bias"], backend="cuda")
+    ref = group_norm_coef_reference(x, 32, kw["norm_weight"], kw["norm_bias"])
+    assert rel_err(ours, ref) < 1e-5
+    view = x[..., ::2]  # a stepped view: the statistics of what it shows
+    ours = vae_group_norm_coef(view, 32, kw["norm_weight"], kw["norm_bias"], backend="cuda")
+    assert rel_err(ours, group_norm_coef_reference(view, 32, kw["norm_weight"], kw["norm_bias"])) < 1e-5
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("lengths", [(1, 1, 1, 1, 1), (3, 2)])
+def test_cuda_norm_coef_chunks_equal_whole_batch(lengths):
+    x, w, b, kw = make_case(1, 128, 128, 5, 24, 40, dtype=torch.bfloat16, device="cuda", groups=32,
+                            modulation=True, cache=True, residual=True, seed=46)
+    whole, whole_cache = vae_conv3d(x, w, b, backend="cuda", **kw)
+    chunked, chunk_cache = run_coef_chunked(x, w, b, kw, lengths, "cuda")
+    # same coefficients up to float32 rounding (two reductions), the rest identical
+    assert rel_err(chunked, whole) < 2e-3 and rel_err(chunk_cache, whole_cache) < 2e-3
+    ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
+    assert rel_err(chunked, ref) <= 1.1 * rel_err(whole, ref) + 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Frame slices read and written in place, ``out``
+# ------------------------------------------------------------------------------------------------
+def test_frames_of_tells_frame_slices():
+    from cogvideox_kernels.ops.vae_conv.native import frames_of
+
+    t = torch.randn(2, 4, 7, 3, 5)
+    assert frames_of(t) == 0 and frames_of(t[:, :, 2:5]) == 7
+    assert frames_of(t[..., ::2]) == -1 and frames_of(t.transpose(1, 2)) == -1
+    assert frames_of(t[:, :2, 2:5]) == -1  # a channel range too: not one frame range of [B, C, tc, H, W]
+
+
+def _frame_slice_case(device="cpu", dtype=torch.float32, seed=47):
+    """Inputs of one call as frames 2..4 of 7-frame tensors (x, scale, shift, residual), out likewise."""
+    x, w, b, kw = make_case(2, 16, 16, 7, 6, 8, device=device, dtype=dtype, modulation=True, cache=True,
+                            residual=True, seed=seed)
+    coef = vae_group_norm_coef(x, 4, backend="reference").to(device)
+    kw = dict(kw, norm_coef=coef, num_groups=0)
+    part = {k: kw[k][:, :, 2:5] for k in ("scale", "shift", "residual")}
+    return x, w, b, dict(kw, **part), x[:, :, 2:5]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if _ext.extension_available() else []))
+def test_frame_slices_in_place_equal_contiguous(backend):
+    x, w, b, kw, xs = _frame_slice_case()
+    ref, ref_cache = vae_conv3d(xs.contiguous(), w, b, backend=backend,
+                                **{k: (v.contiguous() if torch.is_tensor(v) and v.dim() == 5 else v)
+                                   for k, v in kw.items()})
+    container = torch.full((2, 16, 7, 6, 8), float("nan"))
+    y, cache = vae_conv3d(xs, w, b, backend=backend, out=container[:, :, 2:5], **kw)
+    assert y.data_ptr() == container[:, :, 2:5].data_ptr()
+    assert torch.equal(container[:, :, 2:5], ref) and torch.equal(cache, ref_cache)
+    assert container[:, :, :2].isnan().all() and container[:, :, 5:].isnan().all()  # nothing else written
+    stepped = torch.full((2, 16, 3, 6, 16), float("nan"))[..., ::2]  # not a frame range: written through a copy
+    y2, _ = vae_conv3d(xs, w, b, backend=backend, out=stepped, **kw)
+    assert y2 is stepped and torch.equal(stepped, ref)
+
+
+def test_out_bad_shape_raises():
+    x, w, b, kw, xs = _frame_slice_case()
+    with pytest.raises(ValueError, match="out"):
+        vae_conv3d(xs, w, b, backend="reference", out=torch.empty(2, 16, 2, 6, 8), **kw)
+    with pytest.raises(ValueError, match="out"):
+        vae_conv3d(xs, w, b, backend="reference", out=torch.empty(2, 16, 3, 6, 8, dtype=torch.float64), **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_frame_slices_in_place_equal_contiguous():
+    x, w, b, kw, xs = _frame_slice_case("cuda", torch.bfloat16)
+    contiguous = {k: (v.contiguous() if torch.is_tensor(v) and v.dim() == 5 else v) for k, v in kw.items()}
+    ref, ref_cache = vae_conv3d(xs.contiguous(), w, b, backend="cuda", **contiguous)
+    container = torch.full((2, 16, 7, 6, 8), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y, cache = vae_conv3d(xs, w, b, backend="cuda", out=container[:, :, 2:5], **kw)
+    assert torch.equal(container[:, :, 2:5], ref) and torch.equal(cache, ref_cache)
+    assert container[:, :, :2].isnan().all() and container[:, :, 5:].isnan().all()
+    exact, _ = vae_conv3d_reference(xs, w, b, compute_dtype=torch.float64, **kw)
+    assert rel_err(y, exact) < 1e-2

@@ -19,7 +19,9 @@ What gets patched (nothing is copied; classes are not changed):
   tensors it covers), diffusers' modules elsewhere. diffusers' CogVideoX VAE has 32 ResNet blocks (64 of
   its 68 (3,3,3) causal convs) and 74 (1,1,1) convs (the decoder's spatial norms); our causal conv covers
   kh = kw = 1. Where nothing can be taken (no CUDA GPU or build), ``vae=True`` leaves the VAE as it is
-  and warns.
+  and warns. For decode memory (resnet.py, vae.py): the decoder's large frame batches run in frame
+  chunks (ResNet blocks, ``norm_out``, the upsamplers), patched blocks free the conv caches they were
+  handed, and the decoder hands each up block's input on by ownership (``KernelDecoderForward``).
 
 Composes with diffusers' features, in either order with ``apply`` (tests/integrations/test_features.py):
 peft LoRA (``add_adapter``/``load_lora_weights``, ``set_adapters`` with weights, disable, ``fuse_lora``),
@@ -66,9 +68,9 @@ from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
-from .resnet import KernelResnetForward, why_not_covered
-from .vae import (KernelConvForward, backend_can_run_here, conv_shape_supported, coverage_note,
-                  kernel_shape_covered)
+from .resnet import KernelDecoderForward, KernelResnetForward, KernelSpatialNormForward, why_not_covered
+from .vae import (KernelConvForward, KernelUpsampleForward, backend_can_run_here, conv_shape_supported,
+                  coverage_note, kernel_shape_covered)
 
 # backend names come from the op registry: the transformer's ops, and the VAE's conv
 BACKENDS = registry.backends("rope3d_attention", "expert_ffn")
@@ -164,6 +166,16 @@ def _apply_vae(vae, backend, classes):
     for b in covered_blocks:
         if state.installed(b, KernelResnetForward) is None:
             state.install(b, KernelResnetForward(b, backend))
+    if covered_blocks:  # spatial norms outside the ResNet blocks (the decoder's norm_out): frame chunks
+        inner = {id(m) for b in blocks for m in b.modules()}
+        for m in vae.modules():
+            if type(m).__name__ == "CogVideoXSpatialNorm3D" and id(m) not in inner \
+                    and state.installed(m, KernelSpatialNormForward) is None:
+                state.install(m, KernelSpatialNormForward(m, backend))
+            if type(m).__name__ == "CogVideoXUpsample3D" and state.installed(m, KernelUpsampleForward) is None:
+                state.install(m, KernelUpsampleForward(m))  # frame chunks, contiguous output
+            if type(m).__name__ == "CogVideoXDecoder3D" and state.installed(m, KernelDecoderForward) is None:
+                state.install(m, KernelDecoderForward(m))  # activations handed on by ownership
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -269,6 +281,9 @@ def remove(obj):
             state.uninstall(module, KernelBlockForward)
             state.uninstall(module, KernelConvForward)
             state.uninstall(module, KernelResnetForward)
+            state.uninstall(module, KernelSpatialNormForward)
+            state.uninstall(module, KernelUpsampleForward)
+            state.uninstall(module, KernelDecoderForward)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, SequenceRecorder):
                     del module._forward_pre_hooks[key]

@@ -10,7 +10,15 @@ Patched, each line without temb is one fused op: GroupNorm-apply (statistics ove
 is given, as ``nn.GroupNorm`` takes them), the spatial norm's ``* conv_y(zq') + conv_b(zq')``, SiLU,
 the causal (3,3,3) conv with its cache or replicated first frame, bias, and the shortcut as the fused
 residual. What stays diffusers' own module calls: the spatial norm's ``conv_y`` / ``conv_b`` (on zq
-interpolated as diffusers does it) and ``conv_shortcut``. The skipped modules' weights come from
+interpolated as diffusers does it) and ``conv_shortcut``.
+
+Memory: a decoder frame batch larger than ``CHUNK_ABOVE`` (the full-resolution blocks: 8-9 frames of
+128-256 channels at 480x720 and above) runs each line in frame chunks of about ``CHUNK_BYTES``: the
+GroupNorm statistics of the whole batch first (``vae_group_norm_coef``), then one fused call per chunk
+chained by the conv cache, with that chunk's ``conv_y`` / ``conv_b`` / ``conv_shortcut`` outputs only.
+So the spatial norm's scale and shift, the kernel's channels-last activation and the shortcut exist
+for one chunk at a time, not for the batch; the result is the same function (same statistics, same
+cache chain; only the kernel's rounding points are shared with the unchunked call). The skipped modules' weights come from
 ``weights.py`` (their hooks run; a LoRA'd or quantized conv is not read). The new conv caches come
 back in diffusers' dict format, so diffusers' frame-batch loop carries them either way.
 
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import registry
+from ...ops.vae_conv import vae_group_norm_coef
 from . import state, weights
 from .vae import KernelConvForward, conv_shape_supported
 
@@ -158,6 +167,21 @@ def _call_ok(block, inputs, temb, zq, conv_cache) -> bool:
 # --------------------------------------------------------------------------------- forward
 
 
+CHUNK_ABOVE = 512 << 20  # a decoder frame batch larger than this runs in frame chunks ...
+CHUNK_BYTES = 256 << 20  # ... of about this size (at least one frame)
+
+
+def _chunks(x, chunked=True):
+    """Frame ranges the fused op runs ``x`` in: one, or (``chunked`` and x above CHUNK_ABOVE) chunks of
+    about CHUNK_BYTES. Only the decoder chunks (its full-resolution up blocks hold the peak); the encoder's
+    batches run whole: chunking costs time (more, smaller launches) and encode memory is not its peak."""
+    T = x.shape[2]
+    if not chunked or x.numel() * x.element_size() <= CHUNK_ABOVE:
+        return [(0, T)]
+    step = max(1, CHUNK_BYTES // max(1, x[:, :, :1].numel() * x.element_size()))
+    return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+
+
 def _interpolate_zq(zq, f):
     """diffusers' CogVideoXSpatialNorm3D resizing of zq to f (the first frame apart for odd T > 1)."""
     if f.shape[2] > 1 and f.shape[2] % 2 == 1:
@@ -165,6 +189,36 @@ def _interpolate_zq(zq, f):
         z_rest = F.interpolate(zq[:, :, 1:], size=f[:, :, 1:].shape[-3:])
         return torch.cat([z_first, z_rest], dim=2)
     return F.interpolate(zq, size=f.shape[-3:])
+
+
+class _Consumed:
+    def __repr__(self):
+        return "<conv cache consumed by a patched CogVideoXResnetBlock3D>"
+
+    def __reduce__(self):
+        return (_consumed, ())
+
+
+def _consumed():
+    return CONSUMED
+
+
+CONSUMED = _Consumed()
+
+
+def _consume(cache):
+    """Replace every tensor of a used cache dict by CONSUMED (frees it unless held elsewhere)."""
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            _consume(value)
+        elif isinstance(value, torch.Tensor):
+            cache[key] = CONSUMED
+
+
+def _has_consumed(cache) -> bool:
+    if isinstance(cache, dict):
+        return any(_has_consumed(v) for v in cache.values())
+    return cache is CONSUMED
 
 
 class KernelResnetForward:
@@ -176,70 +230,259 @@ class KernelResnetForward:
         self.backend = registry.backend_for("vae_conv3d", backend)
 
     def __call__(self, inputs, temb=None, zq=None, conv_cache=None):
-        block = self.block
-        if _call_ok(block, inputs, temb, zq, conv_cache) and _takes(inputs, block, self.backend):
-            out = self._ours(inputs, zq, conv_cache or {})
-            if out is not None:
-                return out
-        return type(block).forward(block, inputs, temb, zq, conv_cache)
+        return self.owned([inputs], temb, zq, conv_cache)
 
-    def _step(self, stack, x, norm, conv, zq, cache, new_cache, key, skipped=()):
-        """The arguments of one fused call (norm + modulation + SiLU + conv), or None: with the hooks of
-        the modules it skips run onto ``stack``, the spatial norm's convs called, ``new_cache`` filled."""
+    def owned(self, box, temb=None, zq=None, conv_cache=None):
+        """The block's forward on ``box[0]``, taking it out of ``box``: when the caller keeps no other
+        reference (KernelDecoderForward), the input is freed as soon as the block no longer needs it
+        (after the shortcut, for a block that changes the channel count)."""
+        block = self.block
+        if _has_consumed(conv_cache):
+            raise ValueError("this conv_cache was already used by a patched CogVideoXResnetBlock3D (its tensors "
+                             "are freed once read): pass the cache the previous call returned")
+        if _call_ok(block, box[0], temb, zq, conv_cache) and _takes(box[0], block, self.backend):
+            out = self._ours(box, zq, conv_cache or {})
+            if out is not None:
+                if conv_cache:
+                    _consume(conv_cache)
+                return out
+        return type(block).forward(block, box.pop(), temb, zq, conv_cache)
+
+    def _conv(self, x, norm, conv, zq, cache, new_cache, key, skipped=(), residual=None):
+        """One fused line (norm + modulation + SiLU + conv [+ residual]) with the hooks of the modules it
+        skips run around it and the spatial norm's convs called (``new_cache`` filled); or None when a
+        weight is not one the op can take (then no op was called).
+        ``residual``: None or a function of a frame range (t0, t1) giving that range of the residual (the
+        shortcut, computed chunk by chunk), or None to add none."""
         spatial = zq is not None
         group_norm = norm.norm_layer if spatial else norm
-        mods = [norm, group_norm] if spatial else [norm]
-        for m in mods + [self.block.nonlinearity, *skipped, conv, conv.conv]:  # as their calls would
-            weights.enter_hooks(m, stack)
-        args = {}
-        if spatial:
-            zq = _interpolate_zq(zq, x)
-            norm_cache = cache.get(key) or {}
-            new = new_cache[key] = {}
-            scale, new["conv_y"] = norm.conv_y(zq, conv_cache=norm_cache.get("conv_y"))
-            shift, new["conv_b"] = norm.conv_b(zq, conv_cache=norm_cache.get("conv_b"))
-            args.update(scale=scale, shift=shift)
-        gn = (group_norm.weight, group_norm.bias) if group_norm.affine else (None, None)
-        w, b = conv.conv.weight, conv.conv.bias
-        tensors = [*gn, w, b] + ([args["scale"], args["shift"]] if spatial else [])
-        if not all(t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
-                   for t in tensors):
-            return None
-        args.update(weight=w, bias=b, num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
-                    eps=float(group_norm.eps))
-        return args
-
-    def _ours(self, inputs, zq, cache):
-        block, backend = self.block, self.backend
-        new_cache = {}
         with contextlib.ExitStack() as stack:
-            first = self._step(stack, inputs, block.norm1, block.conv1, zq, cache, new_cache, "norm1")
-            if first is None:
+            for m in ([norm, group_norm] if spatial else [norm]) + [self.block.nonlinearity, *skipped, conv,
+                                                                    conv.conv]:
+                weights.enter_hooks(m, stack)  # as their calls would
+            gn = (group_norm.weight, group_norm.bias) if group_norm.affine else (None, None)
+            w, b = conv.conv.weight, conv.conv.bias
+            if not all(self._takes_tensor(t, x) for t in (*gn, w, b)):
                 return None
-            h, new_cache["conv1"] = _ops.vae_conv3d(inputs, silu=True, cache=cache.get("conv1"), backend=backend,
-                                                    **first)
-            del first  # the spatial norm's scale and shift
-        shortcut = inputs
-        if block.in_channels != block.out_channels:  # diffusers' own module call (hooks, LoRA, ...)
-            if block.use_conv_shortcut:
-                shortcut, shortcut_cache = block.conv_shortcut(inputs, conv_cache=cache.get("conv_shortcut"))
+            ranges = _chunks(x, spatial)
+            chunked = len(ranges) > 1
+            if spatial:
+                zq = _interpolate_zq(zq, x)
+                norm_cache = cache.get(key) or {}
+                cy, cb = norm_cache.get("conv_y"), norm_cache.get("conv_b")
+            if chunked:
+                coef_backend = "reference" if self.backend in ("reference", "cpp") else "auto"
+                coef = vae_group_norm_coef(x, group_norm.num_groups, *gn, eps=float(group_norm.eps),
+                                           backend=coef_backend)
+                norm_args = dict(norm_coef=coef)
+                y = torch.empty((x.shape[0], w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
             else:
-                shortcut, shortcut_cache = block.conv_shortcut(inputs), None
-        with contextlib.ExitStack() as stack:
-            second = self._step(stack, h, block.norm2, block.conv2, zq, cache, new_cache, "norm2",
-                                skipped=(block.dropout,))
-            if second is None:  # (rare: a hook left the second conv's weights in another dtype)
+                norm_args = dict(num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
+                                 eps=float(group_norm.eps))
+            conv_cache = cache.get(key.replace("norm", "conv"))
+            for t0, t1 in ranges:
+                part = (lambda t: t[:, :, t0:t1]) if chunked else (lambda t: t)
+                mod = {}
+                if spatial:
+                    zs = part(zq)
+                    scale, cy = norm.conv_y(zs, conv_cache=cy)
+                    shift, cb = norm.conv_b(zs, conv_cache=cb)
+                    del zs
+                    if not (self._takes_tensor(scale, x) and self._takes_tensor(shift, x)):
+                        if t0 == 0:
+                            return None
+                        raise RuntimeError("the spatial norm's conv_y / conv_b changed dtype between frame chunks")
+                    mod = dict(scale=scale, shift=shift)
+                res = None if residual is None else residual(t0, t1)
+                out, conv_cache = _ops.vae_conv3d(part(x), weight=w, bias=b, silu=True, cache=conv_cache, residual=res,
+                                                  out=part(y) if chunked else None, backend=self.backend,
+                                                  **norm_args, **mod)  # (frame slices: read / written in place)
+                del mod, res
+                if not chunked:
+                    y = out
+                del out
+            if spatial:
+                if chunked:  # a (1,1,1) conv's "cache" is its whole input, never read: not the last chunk's
+                    cy = None if norm.conv_y.time_kernel_size == 1 else cy
+                    cb = None if norm.conv_b.time_kernel_size == 1 else cb
+                new_cache[key] = {"conv_y": cy, "conv_b": cb}
+            new_cache[key.replace("norm", "conv")] = conv_cache
+        return y
+
+    @staticmethod
+    def _takes_tensor(t, x):
+        return t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
+
+    def _ours(self, box, zq, cache):
+        block = self.block
+        new_cache = {}
+        h = self._conv(box[0], block.norm1, block.conv1, zq, cache, new_cache, "norm1")
+        if h is None:
+            return None
+        src = {"x": box.pop()}  # the block's input: the only reference this frame keeps (released below)
+        projected = block.in_channels != block.out_channels
+        shortcut_cache = [cache.get("conv_shortcut")]
+        late = []  # shortcut parts in another dtype than h: added after the op, as diffusers' add promotes
+
+        def shortcut(t0, t1):
+            """Frames t0..t1 of the shortcut: diffusers' own conv_shortcut module call (hooks, LoRA, ...),
+            chunk by chunk with its cache chained, or the block's input."""
+            x = src["x"][:, :, t0:t1]
+            if not projected:
+                return x
+            if block.use_conv_shortcut:
+                part, shortcut_cache[0] = block.conv_shortcut(x, conv_cache=shortcut_cache[0])
+                return part
+            return block.conv_shortcut(x)
+
+        ranges = _chunks(h, zq is not None)
+        if projected and len(ranges) > 1:  # the whole (narrower) shortcut now: the wider input can go
+            parts = {t0: shortcut(t0, t1) for t0, t1 in ranges}
+            src.clear()
+            shortcut = lambda t0, t1: parts.pop(t0)  # noqa: E731
+
+        def residual(t0, t1):
+            part = shortcut(t0, t1)
+            if part.dtype == h.dtype:
+                return part
+            late.append(part)
+            return None
+
+        out = self._conv(h, block.norm2, block.conv2, zq, cache, new_cache, "norm2", skipped=(block.dropout,),
+                         residual=residual)
+        if out is None:  # (rare: a hook left the second conv's weights in another dtype)
+            if "x" in src:
+                box.append(src["x"])
                 return None
-            fused = shortcut.dtype == h.dtype
-            out, new_cache["conv2"] = _ops.vae_conv3d(h, silu=True, cache=cache.get("conv2"),
-                                                      residual=shortcut if fused else None, backend=backend,
-                                                      **second)
-            del second, h
-        if not fused:
-            out = out + shortcut
-        if block.in_channels != block.out_channels and block.use_conv_shortcut:
-            new_cache["conv_shortcut"] = shortcut_cache
+            raise RuntimeError("the second conv of a CogVideoXResnetBlock3D changed its weights' dtype mid-call")
+        del h
+        if late:
+            out = out + torch.cat(late, dim=2)
+        if projected and block.use_conv_shortcut:
+            new_cache["conv_shortcut"] = shortcut_cache[0]
         return out, new_cache
 
 
-__all__ = ["KernelResnetForward", "why_not_covered"]
+class KernelSpatialNormForward:
+    """``CogVideoXSpatialNorm3D.forward`` of a spatial norm outside the ResNet blocks (the decoder's
+    ``norm_out``) while patched: for frame batches above CHUNK_BYTES, ``GroupNorm(f) * conv_y(zq') +
+    conv_b(zq')`` frame chunk by frame chunk with the batch's statistics (``vae_group_norm_coef``), so
+    that only the output is full-size (diffusers holds conv_y, conv_b, the normalised f and the product
+    at once). The same roundings as diffusers (the normalised f, the product, the sum, each in f's dtype).
+    diffusers' forward runs for smaller batches and whatever is not plain (autograd, unknown hooks or a
+    replaced norm layer, weights in another dtype)."""
+
+    def __init__(self, norm, backend: str = "auto"):
+        self.norm = norm
+        self.backend = registry.backend_for("vae_conv3d", backend)
+
+    def _runs(self, f, zq):
+        norm = self.norm
+        gn = getattr(norm, "norm_layer", None)
+        return (type(gn) is torch.nn.GroupNorm and zq is not None and zq.dtype == f.dtype and len(_chunks(f)) > 1
+                and not weights.autograd_needed((f, zq), (norm,)) and _skippable(gn)
+                and not weights.function_mode_active()
+                and (self.backend != "auto" or f.device.type == "cuda"))
+
+    def __call__(self, f, zq, conv_cache=None):
+        norm = self.norm
+        if _has_consumed(conv_cache):
+            raise ValueError("this conv_cache was already used by a patched CogVideoXSpatialNorm3D")
+        if self._runs(f, zq):
+            out = self._ours(f, zq, conv_cache or {})
+            if out is not None:
+                return out
+        return type(norm).forward(norm, f, zq, conv_cache)
+
+    def _ours(self, f, zq, cache):
+        norm, gn = self.norm, self.norm.norm_layer
+        with contextlib.ExitStack() as stack:  # (norm's own hooks ran: this is its forward)
+            weights.enter_hooks(gn, stack)
+            w, b = (gn.weight, gn.bias) if gn.affine else (None, None)
+            if not all(KernelResnetForward._takes_tensor(t, f) for t in (w, b)):
+                return None
+            zq = _interpolate_zq(zq, f)
+            coef = vae_group_norm_coef(f, gn.num_groups, w, b, eps=float(gn.eps),
+                                       backend="reference" if self.backend in ("reference", "cpp") else "auto")
+            a, d = (coef[..., i].to(f.device)[:, :, None, None, None] for i in (0, 1))
+            out = torch.empty_like(f)
+            cy, cb = cache.get("conv_y"), cache.get("conv_b")
+            for t0, t1 in _chunks(f):
+                zs = zq[:, :, t0:t1]
+                scale, cy = norm.conv_y(zs, conv_cache=cy)
+                shift, cb = norm.conv_b(zs, conv_cache=cb)
+                normed = (f[:, :, t0:t1].float() * a + d).to(f.dtype)
+                out[:, :, t0:t1] = normed * scale + shift
+                del zs, scale, shift, normed
+        cy = None if norm.conv_y.time_kernel_size == 1 else cy  # (the kt = 1 "cache" is never read)
+        cb = None if norm.conv_b.time_kernel_size == 1 else cb
+        if cache:
+            _consume(cache)
+        return out, {"conv_y": cy, "conv_b": cb}
+
+
+def _no_hooks(module) -> bool:
+    """Nothing would run around ``module``'s forward if it were called (no torch, diffusers or accelerate
+    hook on it, no global module hook) and its forward is its class's or ours."""
+    from torch.nn.modules import module as torch_module
+
+    registry = module.__dict__.get("_diffusers_hook")
+    return (not module._forward_hooks and not module._forward_pre_hooks and "_hf_hook" not in module.__dict__
+            and (registry is None or not registry.hooks) and not torch_module._global_forward_hooks
+            and not torch_module._global_forward_pre_hooks)
+
+
+class KernelDecoderForward:
+    """``CogVideoXDecoder3D.forward`` while patched: diffusers' sequence (conv_in, mid block, up blocks,
+    norm_out, SiLU, conv_out; the same module calls and caches), except that an up block without hooks
+    is run here and hands its input to its first ResNet block by ownership (``KernelResnetForward.owned``)
+    instead of as an argument. In diffusers the decoder's and the up block's frames hold each up block's
+    input until the block returns: the last up block's input (256 channels at full resolution, the
+    largest tensor of the decode) lived through all of that block. Owned, it is freed once the first
+    ResNet block has its shortcut. diffusers' forward runs under autograd or gradient checkpointing."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def __call__(self, sample, temb=None, conv_cache=None):
+        d = self.decoder
+        if (weights.autograd_needed((sample, temb), (d,)) or weights.function_mode_active()
+                or (torch.is_grad_enabled() and d.gradient_checkpointing)):
+            return type(d).forward(d, sample, temb, conv_cache)
+        cache, new = conv_cache or {}, {}
+        h, new["conv_in"] = d.conv_in(sample, conv_cache=cache.get("conv_in"))
+        h, new["mid_block"] = d.mid_block(h, temb, sample, conv_cache=cache.get("mid_block"))
+        for i, up in enumerate(d.up_blocks):
+            key = f"up_block_{i}"
+            if type(up).__name__ == "CogVideoXUpBlock3D" and "forward" not in up.__dict__ and _no_hooks(up):
+                box = [h]
+                del h
+                h, new[key] = self._up_block(up, box, temb, sample, cache.get(key))
+            else:
+                h, new[key] = up(h, temb, sample, conv_cache=cache.get(key))
+        h, new["norm_out"] = d.norm_out(h, sample, conv_cache=cache.get("norm_out"))
+        h = d.conv_act(h)
+        h, new["conv_out"] = d.conv_out(h, conv_cache=cache.get("conv_out"))
+        return h, new
+
+    @staticmethod
+    def _up_block(up, box, temb, zq, cache):
+        """diffusers' CogVideoXUpBlock3D.forward (no gradient checkpointing) on ``box[0]``, owned."""
+        cache, new = cache or {}, {}
+        for j, resnet in enumerate(up.resnets):
+            key = f"resnet_{j}"
+            ours = resnet.__dict__.get("forward")
+            if isinstance(ours, KernelResnetForward) and _no_hooks(resnet):
+                h, new[key] = ours.owned(box, temb, zq, cache.get(key))
+            else:
+                h, new[key] = resnet(box.pop(), temb, zq, conv_cache=cache.get(key))
+            box.append(h)
+            del h
+        h = box.pop()
+        if up.upsamplers is not None:
+            for upsampler in up.upsamplers:
+                h = upsampler(h)
+        return h, new
+
+
+__all__ = ["KernelDecoderForward", "KernelResnetForward", "KernelSpatialNormForward", "why_not_covered"]

@@ -114,3 +114,55 @@ class KernelConvForward:
 def coverage_note(convs) -> str:
     shapes = sorted({tuple(m.conv.kernel_size) for m in convs})
     return f"{len(convs)} CogVideoXCausalConv3d with kernel shapes {shapes}"
+
+
+def upsample_sources(frames: int, compress_time: bool) -> list:
+    """Input frame of each output frame of diffusers' CogVideoXUpsample3D (nearest 2x; with
+    ``compress_time`` also 2x in time, the first frame of an odd clip once)."""
+    if not compress_time:
+        return list(range(frames))
+    if frames > 1 and frames % 2 == 1:
+        return [0] + [1 + j // 2 for j in range(2 * (frames - 1))]
+    if frames > 1:
+        return [j // 2 for j in range(2 * frames)]
+    return [0]
+
+
+class KernelUpsampleForward:
+    """``CogVideoXUpsample3D.forward`` while patched, for outputs above ``resnet.CHUNK_BYTES``: nearest 2x
+    and the 3x3 conv (diffusers' own ``conv`` module call, hooks included) over a few source frames at a
+    time, written into one contiguous [B, C, T, H, W] output. diffusers interpolates the whole frame batch
+    first (a second output-sized tensor) and returns a permuted view (which the next fused conv copies);
+    a frame repeated in time (``compress_time``) goes through the conv once and is copied. The same
+    values: nearest interpolation copies, and the conv sees the same images. diffusers' forward runs
+    under autograd and for small outputs."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, inputs):
+        from .resnet import CHUNK_BYTES
+
+        up = self.module
+        b, c, t, h, w = inputs.shape
+        conv = up.conv
+        frame_bytes = b * conv.out_channels * 4 * h * w * inputs.element_size()
+        if (weights.autograd_needed((inputs,), (up,)) or type(conv) is not torch.nn.Conv2d
+                or len(upsample_sources(t, up.compress_time)) * frame_bytes <= CHUNK_BYTES):
+            return type(up).forward(up, inputs)
+        sources = upsample_sources(t, up.compress_time)
+        out = None
+        step = max(1, CHUNK_BYTES // frame_bytes)
+        for s0 in range(0, t, step):
+            s1 = min(t, s0 + step)
+            x = inputs[:, :, s0:s1].transpose(1, 2).reshape(b * (s1 - s0), c, h, w)
+            y = conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
+            del x
+            y = y.view(b, s1 - s0, *y.shape[1:])
+            if out is None:
+                out = torch.empty((b, y.shape[2], len(sources), *y.shape[3:]), dtype=y.dtype, device=y.device)
+            for i, s in enumerate(sources):
+                if s0 <= s < s1:
+                    out[:, :, i] = y[:, s - s0]
+            del y
+        return out

@@ -43,49 +43,113 @@ def _stat_splits(x, num_groups) -> int:
     return max(1, min(_MAX_SPLITS, -(-span // _STAT_CHUNK)))
 
 
-@torch.library.custom_op("cogvideox_kernels::vae_conv3d", mutates_args=())
-def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                   cache: Optional[torch.Tensor], residual: Optional[torch.Tensor], num_groups: int,
-                   eps: float, silu: bool, pad_mode: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def cuda_tensors(x, weight, bias=None, norm_weight=None, norm_bias=None, scale=None, shift=None, cache=None,
+                 residual=None, num_groups=0, norm_coef=None, y=None):
+    """Every tensor one CUDA launch touches, by the binding's names: the inputs, the outputs ``y`` (made
+    unless given) and ``new_cache``, the packed weight and the workspaces (also used by the memory model of
+    the decode, benchmarks/experiments/vae_decode_memory.py, so it allocates what a launch allocates)."""
+    B, C, T, H, W = x.shape
+    C_out, _, kt = weight.shape[:3]
+    t = {"x": x, "weight": pack_weight(weight), "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
+         "scale": scale, "shift": shift, "cache": cache, "residual": residual, "norm_coef": norm_coef,
+         "y": torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device) if y is None else y,
+         "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device),
+         "act": torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)}
+    if cache is not None:
+        t["cache_cl"] = torch.empty((B, kt - 1, H, W, C), dtype=x.dtype, device=x.device)
+    if num_groups:
+        splits = _stat_splits(x, num_groups)
+        t["partial"] = torch.empty(B * num_groups * splits * 2, dtype=torch.float64, device=x.device)
+        t["coef"] = torch.empty(B * C * 2, dtype=torch.float32, device=x.device)
+    return t
+
+
+def frames_of(t) -> int:
+    """The frame count of the contiguous tensor ``t`` is a frame range of (0: ``t`` is contiguous itself),
+    or -1 when ``t`` is laid out otherwise (see frame_slice)."""
+    if t.is_contiguous():
+        return 0
+    B, C, T, H, W = t.shape
+    s, HW = t.stride(), H * W
+    if (H > 1 and W > 1 and C > 1 and s[4] == 1 and s[3] == W and s[2] == HW and s[1] % HW == 0
+            and s[1] // HW >= T and (B == 1 or s[0] == C * s[1])):
+        return s[1] // HW
+    return -1
+
+
+def frame_slice(t):
+    """``t`` itself when the kernels can read / write it in place (contiguous, or T consecutive frames of a
+    contiguous [B, C, tc, H, W] tensor), else a contiguous copy."""
+    return t if t is None or frames_of(t) >= 0 else t.contiguous()
+
+
+def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef, num_groups, eps,
+            silu, pad_mode, backend):
+    """Run the native op into ``y``; returns the new cache."""
     B, C, T, H, W = x.shape
     C_out, _, kt, kh, kw = weight.shape
-    y = torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device)
-    new_cache = torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device)
-    tensors = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
-               "scale": scale, "shift": shift, "cache": cache, "residual": residual, "y": y,
-               "new_cache": new_cache}
     sizes = {"batch": B, "c_in": C, "c_out": C_out, "frames": T, "height": H, "width": W, "kt": kt,
              "kh": kh, "kw": kw, "pad_mode": _PAD_CODES[pad_mode], "groups": num_groups, "eps": float(eps),
-             "silu": bool(silu), "splits": 1}
+             "silu": bool(silu), "splits": 1, "x_tc": frames_of(x), "y_tc": frames_of(y),
+             "scale_tc": 0 if scale is None else frames_of(scale),
+             "res_tc": 0 if residual is None else frames_of(residual)}
     ext = get_ext()
     if backend == "cuda":
-        tensors["weight"] = pack_weight(weight)
-        tensors["act"] = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
-        if cache is not None:
-            tensors["cache_cl"] = torch.empty((B, kt - 1, H, W, C), dtype=x.dtype, device=x.device)
+        tensors = cuda_tensors(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
+                               norm_coef, y)
         if num_groups:
             sizes["splits"] = _stat_splits(x, num_groups)
-            tensors["partial"] = torch.empty(B * num_groups * sizes["splits"] * 2, dtype=torch.float64,
-                                             device=x.device)
-            tensors["coef"] = torch.empty(B * C * 2, dtype=torch.float32, device=x.device)
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
         ext.vae_conv3d_cuda(addrs, sizes, _DTYPE_CODES[x.dtype], device, stream)
     else:
+        tensors = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
+                   "scale": scale, "shift": shift, "cache": cache, "residual": residual, "norm_coef": norm_coef,
+                   "y": y, "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device)}
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
         ext.vae_conv3d_cpu(addrs, sizes, _DTYPE_CODES[x.dtype])
-    return y, new_cache
+    return tensors["new_cache"]
+
+
+@torch.library.custom_op("cogvideox_kernels::vae_conv3d", mutates_args=())
+def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                   cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                   norm_coef: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool, pad_mode: str,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, T, H, W = x.shape
+    y = torch.empty((B, weight.shape[0], T, H, W), dtype=x.dtype, device=x.device)
+    return y, _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
+                      num_groups, eps, silu, pad_mode, backend)
 
 
 @_vae_conv3d_op.register_fake
-def _vae_conv3d_fake(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
-                     eps, silu, pad_mode, backend):
+def _vae_conv3d_fake(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
+                     num_groups, eps, silu, pad_mode, backend):
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
     return x.new_empty((B, C_out, T, H, W)), x.new_empty((B, C, kt - 1, H, W))
+
+
+@torch.library.custom_op("cogvideox_kernels::vae_conv3d_out", mutates_args=("out",))
+def _vae_conv3d_out_op(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                       scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                       cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                       norm_coef: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool, pad_mode: str,
+                       backend: str) -> torch.Tensor:
+    """The op writing y into ``out`` (in place when out is a frame range of a contiguous tensor)."""
+    return _launch(out, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
+                   num_groups, eps, silu, pad_mode, backend)
+
+
+@_vae_conv3d_out_op.register_fake
+def _vae_conv3d_out_fake(out, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
+                         num_groups, eps, silu, pad_mode, backend):
+    B, C, T, H, W = x.shape
+    return x.new_empty((B, C, weight.shape[2] - 1, H, W))
 
 
 def _contig(t):
@@ -94,16 +158,18 @@ def _contig(t):
 
 def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                       scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-                      backend="cpp"):
+                      norm_coef=None, out=None, backend="cpp"):
     """Native fused VAE conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
 
-    Returns ``(y, new_cache)`` like ``vae_conv3d_reference``. Non-contiguous inputs are copied.
+    Returns ``(y, new_cache)`` like ``vae_conv3d_reference`` (y is ``out`` when given). x (without
+    GroupNorm statistics to take), scale / shift, residual and out are used in place when contiguous or
+    a frame range of a contiguous tensor; other layouts are copied.
     """
     if backend not in ("cuda", "cpp"):
         raise ValueError(f"vae_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
                           norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
-                          pad_mode=pad_mode, residual=residual)
+                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out)
     want = "cuda" if backend == "cuda" else "cpu"
     if x.device.type != want:
         raise ValueError(f"vae_conv3d backend={backend!r}: x is on {x.device}; this backend needs {want} tensors")
@@ -112,9 +178,44 @@ def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, n
             f"vae_conv3d backend='cuda': x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} is "
             "not covered by the CUDA kernel (bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0); "
             "use backend='reference' or 'auto'")
-    return _vae_conv3d_op(_contig(x), _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias),
-                          _contig(scale), _contig(shift), _contig(cache), _contig(residual), num_groups,
-                          float(eps), silu, pad_mode, backend)
+    x = _contig(x) if num_groups else frame_slice(x)  # (the statistics pass reads each group as one span)
+    scale, shift = frame_slice(scale), frame_slice(shift)
+    if scale is not None and frames_of(scale) != frames_of(shift):
+        scale, shift = scale.contiguous(), shift.contiguous()
+    args = (x, _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias), scale, shift,
+            _contig(cache), frame_slice(residual), _contig(norm_coef), num_groups, float(eps), silu, pad_mode, backend)
+    if out is None:
+        return _vae_conv3d_op(*args)
+    if frames_of(out) >= 0:
+        return out, _vae_conv3d_out_op(out, *args)
+    y, new_cache = _vae_conv3d_op(*args)
+    return out.copy_(y), new_cache
+
+
+@torch.library.custom_op("cogvideox_kernels::vae_group_norm_coef", mutates_args=())
+def _group_norm_coef_op(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                        num_groups: int, eps: float) -> torch.Tensor:
+    B, C, T, H, W = x.shape
+    splits = _stat_splits(x, num_groups)
+    t = {"x": x, "norm_weight": norm_weight, "norm_bias": norm_bias,
+         "partial": torch.empty(B * num_groups * splits * 2, dtype=torch.float64, device=x.device),
+         "coef": torch.empty((B, C, 2), dtype=torch.float32, device=x.device)}
+    sizes = {"batch": B, "c_in": C, "frames": T, "height": H, "width": W, "groups": num_groups, "eps": float(eps),
+             "splits": splits}
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    get_ext().vae_gn_coef_cuda({k: v.data_ptr() for k, v in t.items() if v is not None}, sizes,
+                               _DTYPE_CODES[x.dtype], device, torch.cuda.current_stream(x.device).cuda_stream)
+    return t["coef"]
+
+
+@_group_norm_coef_op.register_fake
+def _group_norm_coef_fake(x, norm_weight, norm_bias, num_groups, eps):
+    return x.new_empty((x.shape[0], x.shape[1], 2), dtype=torch.float32)
+
+
+def group_norm_coef_cuda(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-6):
+    """``group_norm_coef`` by the statistics pass of the CUDA kernel (bf16/fp16 CUDA tensors)."""
+    return _group_norm_coef_op(_contig(x), _contig(norm_weight), _contig(norm_bias), num_groups, float(eps))
 
 
 # registry hooks (see ops/registry.py): the op's inputs as keywords

@@ -19,6 +19,12 @@ statistics: chunked == whole holds only without GroupNorm.)
 
 ``scale``/``shift`` are the spatial norm's modulation (diffusers' CogVideoXSpatialNorm3D:
 ``GroupNorm(f) * conv_y(zq) + conv_b(zq)``), given as full [B, C, T, H, W] tensors.
+
+``norm_coef`` (float32 [B, C, 2], from ``group_norm_coef``) gives the GroupNorm-apply as
+``v * a + d`` instead of statistics over x (``num_groups`` 0, affine folded in): a frame batch can
+then run as several calls over frame chunks, each chained to the last by its cache, with the
+statistics of the whole batch, so that only a chunk's activation, scale and shift exist at a time.
+``out`` (a [B, C_out, T, H, W] tensor, e.g. that chunk's frames of the batch's output) receives y.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ PAD_MODES = ("replicate", "zeros")
 
 def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                           eps=1e-6, scale=None, shift=None, silu=False, cache=None,
-                          pad_mode="replicate", residual=None):
+                          pad_mode="replicate", residual=None, norm_coef=None, out=None):
     check_tensor("x", x, ndim=5, dtypes=FLOAT_DTYPES + (torch.float64,))
     device, dtype = x.device, x.dtype
     B, C, T, H, W = x.shape
@@ -52,8 +58,14 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
         raise ValueError(f"num_groups must be an int >= 0 (0 = no GroupNorm), got {num_groups!r}")
     if num_groups and C % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the {C} channels of x")
-    if not num_groups and any(t is not None for t in (norm_weight, norm_bias, scale, shift)):
-        raise ValueError("norm_weight, norm_bias, scale and shift need num_groups > 0 (GroupNorm on)")
+    if norm_coef is not None:
+        check_tensor("norm_coef", norm_coef, ndim=3, device=device, dtypes=(torch.float32,))
+        check_shape("norm_coef", norm_coef, (B, C, 2))
+        if num_groups or norm_weight is not None or norm_bias is not None:
+            raise ValueError("norm_coef replaces the GroupNorm statistics and affine: give num_groups=0 and no "
+                             "norm_weight / norm_bias with it")
+    elif not num_groups and any(t is not None for t in (norm_weight, norm_bias, scale, shift)):
+        raise ValueError("norm_weight, norm_bias, scale and shift need num_groups > 0 or norm_coef (GroupNorm on)")
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is not None:
             same(name, t, (C,))
@@ -72,15 +84,42 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
         same("cache", cache, (B, C, kt - 1, H, W))
     if residual is not None:
         same("residual", residual, (B, C_out, T, H, W))
+    if out is not None:
+        same("out", out, (B, C_out, T, H, W))
+
+
+def group_norm_coef_reference(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-6):
+    """GroupNorm-apply of x as coefficients, float32 [B, C, 2]: ``norm(v) = v * a + d`` with
+    a = rstd * weight, d = bias - mean * a (nn.GroupNorm's statistics over each group's channels and
+    all frames, rows and columns of x; biased variance), computed in float64."""
+    check_tensor("x", x, ndim=5, dtypes=FLOAT_DTYPES + (torch.float64,))
+    B, C = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be an int >= 1 dividing the {C} channels of x, got {num_groups!r}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, device=x.device)
+            check_shape(name, t, (C,))
+    g = x.reshape(B, num_groups, -1).double()
+    var, mean = torch.var_mean(g, dim=-1, correction=0)
+    rstd = (var + eps).rsqrt()
+    per_c = lambda v: v.repeat_interleave(C // num_groups, dim=1)  # noqa: E731  [B, C]
+    a = per_c(rstd) * (1.0 if norm_weight is None else norm_weight.double())
+    d = (0.0 if norm_bias is None else norm_bias.double()) - per_c(mean) * a
+    return torch.stack((a, d), dim=-1).float().contiguous()
 
 
 def activate(x, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6, scale=None, shift=None,
-             silu=False, compute_dtype=torch.float32):
+             silu=False, compute_dtype=torch.float32, norm_coef=None):
     """act(x) in ``compute_dtype`` (not rounded)."""
     h = x.to(compute_dtype)
-    if num_groups:
-        cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
-        h = F.group_norm(h, num_groups, cast(norm_weight), cast(norm_bias), eps)
+    if norm_coef is not None:
+        coef = norm_coef.to(compute_dtype)[:, :, None, None, None]
+        h = h * coef[..., 0] + coef[..., 1]
+    if num_groups or norm_coef is not None:
+        if num_groups:
+            cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
+            h = F.group_norm(h, num_groups, cast(norm_weight), cast(norm_bias), eps)
         if scale is not None:
             h = h * scale.to(compute_dtype) + shift.to(compute_dtype)
     if silu:
@@ -90,18 +129,18 @@ def activate(x, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6, sca
 
 def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                          eps=1e-6, scale=None, shift=None, silu=False, cache=None, pad_mode="replicate",
-                         residual=None, compute_dtype=None):
+                         residual=None, norm_coef=None, out=None, compute_dtype=None):
     """The fused op in plain PyTorch (float32 maths for half inputs; ``compute_dtype`` overrides).
 
     Returns ``(y [B, C_out, T, H, W], new_cache [B, C, kt-1, H, W])`` in x's dtype.
     """
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
                           norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
-                          pad_mode=pad_mode, residual=residual)
+                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out)
     work = compute_dtype or (x.dtype if x.dtype == torch.float64 else torch.float32)
     kt, kh, kw = weight.shape[2:]
     a = activate(x, num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                 scale=scale, shift=shift, silu=silu, compute_dtype=work).to(x.dtype)
+                 scale=scale, shift=shift, silu=silu, compute_dtype=work, norm_coef=norm_coef).to(x.dtype)
     if cache is not None:
         front = cache
     elif pad_mode == "replicate":
@@ -114,6 +153,8 @@ def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None
     if residual is not None:
         y = y + residual.to(work)
     new_cache = padded[:, :, padded.shape[2] - (kt - 1):].contiguous()
+    if out is not None:
+        return out.copy_(y), new_cache
     return y.to(x.dtype), new_cache
 
 
