@@ -189,7 +189,7 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
     of a supported shape). A backend one part lacks means ``"auto"`` there.
-    precision: ``"bf16"`` (default, exact) or ``"fp8"`` (the FFN GEMMs in FP8 e4m3; lossy, opt-in);
+    precision: ``"bf16"`` (default, exact), ``"fp8"`` or ``"int8"`` (the FFN GEMMs in FP8 e4m3 / int8; lossy, opt-in);
     ``state.PRECISION_MODES`` says what each op runs in each mode. Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise

@@ -25,6 +25,7 @@ STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..
 PRECISION_MODES = {
     "bf16": {"rope3d_attention": "bf16", "expert_ffn": "bf16"},  # exact, the default
     "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8"},    # FP8 e4m3 FFN GEMMs (lossy, opt-in)
+    "int8": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
 }
 
 
