@@ -33,6 +33,13 @@ bf = lambda t: t.bfloat16().float()  # noqa: E731
 KINDS = ("gaussian", "h_channel_outliers", "x_massive_channels", "heavy_tailed_x", "w_outlier_columns")
 
 
+def asym_round_trip(t):
+    """int8 rows with a zero point: [min, max] of the row mapped onto [-127, 127] (a lead, not shipped)."""
+    lo, hi = t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True)
+    mid, scale = (hi + lo) / 2, ((hi - lo) / 254).clamp_min(1e-30)
+    return torch.round((t - mid) / scale).clamp(-127, 127) * scale + mid
+
+
 def path(a, kind):
     """The output of one path (float32), emulating its roundings."""
     up = {k: v.float() if torch.is_tensor(v) else v for k, v in a.items()}
@@ -41,6 +48,10 @@ def path(a, kind):
     if kind == "bf16":
         inter = bf(F.gelu(F.linear(bf(h), w1, b1), approximate="tanh"))
         f = bf(F.linear(inter, w2)) + b2
+    elif kind == "int8-asym":  # GELU output with a zero point (mid-range per row): GEMM2 adds zp * sum_k w2
+        q = int8.int8_round_trip
+        inter = asym_round_trip(F.gelu(bf(F.linear(q(h), q(w1))) + b1, approximate="tanh"))
+        f = F.linear(inter, q(w2)) + b2
     else:
         q = fp8.fp8_round_trip if kind == "fp8" else int8.int8_round_trip
         inter = q(F.gelu(bf(F.linear(q(h), q(w1))) + b1, approximate="tanh"))
@@ -53,8 +64,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--video", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[5])
+    p.add_argument("--asym", action="store_true", help="only bf16 / int8 / int8 with a zero point on the GELU output")
     args = p.parse_args()
     bench.DEVICE = "cpu"
+    if args.asym:
+        return asym(args)
     torch.manual_seed(0)
     print("| inputs | seed | bf16 | fp8 | int8 | fp8-emul | int8-emul | fp8 / bf16 | **int8 / bf16** | "
           "int8-emul / bf16 | FFN-term err bf16 / fp8 / int8 | cos int8 |")
@@ -77,6 +91,17 @@ def main():
                   f"{m['fp8']['delta_rel_err']:.1e} / {m['int8']['delta_rel_err']:.1e} | {m['int8']['cos']:.6f} |",
                   flush=True)
             print(f"  ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
+def asym(args):
+    print("| inputs | seed | int8 / bf16 | int8, GELU output with zero point / bf16 |")
+    print("| --- " * 4 + "|")
+    for seed in args.seeds:
+        for kind in KINDS:
+            a = bench.make_inputs(1, 226, args.video, 3072, 12288, seed=seed, kind=kind)
+            ref = bench.reference(a)
+            e = {k: bench.metrics(path(a, k), ref)["rel_err"] for k in ("bf16", "int8", "int8-asym")}
+            print(f"| {kind} | {seed} | {e['int8'] / e['bf16']:.2f}x | {e['int8-asym'] / e['bf16']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
