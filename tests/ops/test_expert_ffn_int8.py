@@ -242,3 +242,64 @@ def test_int8_weight_update_and_compile(device, request):
     flipped = half_block(args["x"], args["modulation"])
     torch.testing.assert_close(flipped - args["x"], -(eager - args["x"]), rtol=0.05, atol=0.05)
     torch.testing.assert_close(compiled(args["x"], args["modulation"]), flipped, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ sm_90a, ahead of time
+def _compile_sm90(fn, signature: dict, constexprs: dict, **options) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = signature | {name: "constexpr" for name in constexprs}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def sm90_ptx_checks():
+    """Compile the 8-bit kernels for sm_90a (needs no GPU; the interpreter never compiles them, and some
+    errors, e.g. returns of different types, only show here) and check the PTX."""
+    from cogvideox_kernels.ops.expert_ffn import fp8
+
+    cfg = dict(int8.GPU_CONFIG)
+    for epilogue in (int8.EPILOGUE_STORE, int8.EPILOGUE_GATE_RESIDUAL):
+        ptx = _compile_sm90(int8._int8_gemm_fwd_kernel, {
+            "a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "c_ptr": "*bf16",
+            "bias_ptr": "*bf16", "x_ptr": "*bf16", "mod_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+            "seq_len": "i32", "text_len": "i32"}, dict(
+            EPILOGUE=epilogue, HAS_BIAS=True, TMA=cfg["tma"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], EPILOGUE_SUBTILE=cfg["epilogue_subtile"],
+            INTERPRET=False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        # s8 wgmma into s32 from TMA-loaded tiles
+        assert "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx and "cp.async.bulk.tensor" in ptx, epilogue
+    for quant, qtype in ((triton_fwd.QUANT_E4M3, "*fp8e4nv"), (triton_fwd.QUANT_INT8, "*i8")):
+        ptx = _compile_sm90(triton_fwd._modulated_norm_fwd_kernel, {
+            "x_ptr": "*bf16", "mod_ptr": "*bf16", "norm_w_ptr": "*bf16", "norm_b_ptr": "*bf16", "h_ptr": qtype,
+            "h_scale_ptr": "*fp32", "seq_len": "i32", "text_len": "i32", "hidden": "i32", "eps": "fp32"},
+            dict(HAS_NORM_W=True, HAS_NORM_B=True, QUANT=quant, BLOCK_H=4096, INTERPRET=False), num_warps=16)
+        ptx += _compile_sm90(fp8._bias_gelu_quant_fwd_kernel, {
+            "y_ptr": "*bf16", "bias_ptr": "*bf16", "q_ptr": qtype, "scale_ptr": "*fp32", "N": "i32"},
+            dict(HAS_BIAS=True, QUANT=quant, BLOCK_N=16384, INTERPRET=False), num_warps=32)
+        if quant == triton_fwd.QUANT_INT8:  # libdevice rint in both: round to nearest even, as torch.round
+            assert ptx.count("cvt.rni") >= 2
+        else:
+            assert "cvt.rn.satfinite.e4m3x2" in ptx
+
+
+def test_8bit_kernels_compile_for_sm90a():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cogvideox_kernels.ops._triton_utils import interpret_mode
+
+    if not interpret_mode():
+        sm90_ptx_checks()
+        return
+    # the interpreter's jit functions cannot be compiled: a fresh process without it
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", "import test_expert_ffn_int8 as t; t.sm90_ptx_checks()"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]

@@ -66,9 +66,8 @@ QUANT_OF = {torch.float8_e4m3fn: QUANT_E4M3, torch.int8: QUANT_INT8}
 @triton.jit
 def _row_scale(amax, QUANT: tl.constexpr):
     """Scale of a row: amax / 448 (e4m3) or amax / 127 (int8); 1 for an all-zero row (all 0 anyway)."""
-    if QUANT == 2:
-        return tl.where(amax > 0, amax / INT8_MAX, 1.0)
-    return tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    qmax = INT8_MAX if QUANT == 2 else E4M3_MAX
+    return tl.where(amax > 0, amax / qmax, 1.0)
 
 
 @triton.jit
@@ -98,11 +97,14 @@ def _to_int8(v, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _quantize_row(v, mask, QUANT: tl.constexpr, INTERPRET: tl.constexpr):
-    """(quantized float32 row ``v``, its scale): e4m3 or int8 per ``QUANT``; masked-off lanes ignored."""
+    """(quantized float32 row ``v``, its scale): e4m3 or int8 per ``QUANT``; masked-off lanes ignored.
+    (One return: the compiler, unlike the interpreter, refuses returns of different types.)"""
     scale = _row_scale(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), QUANT)
     if QUANT == 2:
-        return _to_int8(v / scale, INTERPRET), scale
-    return _to_e4m3(v / scale, INTERPRET), scale
+        q = _to_int8(v / scale, INTERPRET)
+    else:
+        q = _to_e4m3(v / scale, INTERPRET)
+    return q, scale
 
 
 @triton.jit
