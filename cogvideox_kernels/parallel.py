@@ -179,7 +179,8 @@ def _heads_to_tokens(out, seq_lens, rank, world, group, order=None):
 
 
 def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None, eps=1e-6,
-                             scale=None, group=None, seq_lens=None, text_lens=None, backend="auto"):
+                             scale=None, group=None, seq_lens=None, text_lens=None, backend="auto",
+                             precision="bf16"):
     """``rope3d_attention`` over a sequence split across the ranks of ``group`` (Ulysses).
 
     q, k, v: this rank's tokens ``[B, S_r, H, D]``, a contiguous slice of the global ``[text ; video]``
@@ -192,8 +193,9 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     video, ``[text_r ; video_r]`` (how diffusers' CogVideoX blocks see their tokens under a context-
     parallel plan that splits text and video separately): the per-rank text counts (sum = text_len);
     ``seq_lens`` is then required. The output keeps the rank's layout.
-    H must divide by the world size. Returns this rank's ``[B, S_r, H, D]`` output. Every rank calls it
-    with the same B, H, D, text_len, tables and norm weights.
+    H must divide by the world size. ``precision`` as in ``rope3d_attention`` (each rank runs it on
+    all tokens of its heads, so "int8" quantizes as on one GPU). Returns this rank's ``[B, S_r, H, D]``
+    output. Every rank calls it with the same B, H, D, text_len, tables and norm weights.
     """
     rank, world = _group_rank_world(group)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -205,7 +207,7 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     B, S_r, H, D = q.shape
     if world == 1:
         return rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm,
-                                eps=eps, scale=scale, backend=backend)
+                                eps=eps, scale=scale, backend=backend, precision=precision)
     if H % world:
         raise ValueError(f"heads={H} (dim 2 of q) is not divisible by the context-parallel world size "
                          f"{world}; Ulysses gives each rank heads / world_size heads, so use a world size "
@@ -238,7 +240,7 @@ def ulysses_rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     # The gathered sequence is the global one, so text_len and the tables apply unchanged; the op
     # checks them against the global length.
     out = rope3d_attention(qh, kh, vh, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm,
-                           eps=eps, scale=scale, backend=backend)
+                           eps=eps, scale=scale, backend=backend, precision=precision)
     return _heads_to_tokens(out, seq_lens, rank, world, group, order)
 
 

@@ -141,6 +141,11 @@ def case_attention(rank, world):
     local = shard_sequence(qkv, None).unbind(2)
     out = ulysses_rope3d_attention(*local, text_len=3, cos=cos, sin=sin, backend="reference")
     assert rel_err(gather_sequence(out, None), ref) <= 1e-5
+    # precision="int8": each rank quantizes all tokens of its heads, as one process does
+    ref8 = rope3d_attention(q, k, v, text_len=3, cos=cos, sin=sin, backend="reference", precision="int8")
+    out8 = ulysses_rope3d_attention(*local, text_len=3, cos=cos, sin=sin, backend="reference",
+                                    precision="int8")
+    assert rel_err(gather_sequence(out8, None), ref8) <= 1e-5 and rel_err(ref8, ref) > 1e-4
 
 
 def case_errors(rank, world):

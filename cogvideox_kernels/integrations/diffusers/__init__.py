@@ -127,7 +127,8 @@ def _apply_transformer(model, attention, ffn, backend, precision, classes):
         if attention and not isinstance(processor, CogVideoXKernelAttnProcessor):
             if type(processor) in known:
                 ours = CogVideoXKernelAttnProcessor(
-                    processor, backend, sequence, fused=type(processor) is classes["FusedCogVideoXAttnProcessor2_0"])
+                    processor, backend, sequence, fused=type(processor) is classes["FusedCogVideoXAttnProcessor2_0"],
+                    precision=state.op_precision(precision, "rope3d_attention"))
                 ours._parallel_config = getattr(model, "_parallel_config", None)
                 block.attn1.set_processor(ours)
             else:
@@ -189,8 +190,12 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
     of a supported shape). A backend one part lacks means ``"auto"`` there.
-    precision: ``"bf16"`` (default, exact), ``"fp8"`` or ``"int8"`` (the FFN GEMMs in FP8 e4m3 / int8; lossy, opt-in);
-    ``state.PRECISION_MODES`` says what each op runs in each mode. Applying again with the
+    precision: an entry of ``state.PRECISION_MODES`` (what each op runs in it): ``"bf16"``
+    (default, exact); ``"fp8"``: the FFN GEMMs in FP8 e4m3 (lossy, opt-in,
+    benchmarks/results/fp8_ffn_notes.md); ``"int8"``: the attention with smoothed INT8 Q K^T
+    (``rope3d_attention(..., precision="int8")``, lossy, opt-in,
+    benchmarks/results/int8_attention_notes.md); ``"int8+fp8"``: both; ``"int8-ffn"``: the FFN GEMMs
+    in int8 (``expert_ffn(..., precision="int8")``, lossy, opt-in). Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise
     until :func:`remove`.

@@ -29,8 +29,10 @@ class CogVideoXKernelAttnProcessor:
     # diffusers' enable_parallelism hands its ParallelConfig to processors that have this attribute.
     _parallel_config = None
 
-    def __init__(self, original, backend: str = "auto", sequence=None, fused: bool = False):
+    def __init__(self, original, backend: str = "auto", sequence=None, fused: bool = False,
+                 precision: str = "bf16"):
         self.original = original
+        self.precision = precision  # rope3d_attention's: "bf16" (exact) or "int8" (opt-in 8-bit)
         self.backend = registry.backend_for("rope3d_attention", backend)  # e.g. 'hopper' reaches expert_ffn as 'auto'
         self.fused = fused  # original is diffusers' FusedCogVideoXAttnProcessor2_0: q, k, v from to_qkv
         # Global token counts {"text": L, "video": N} of the current forward, recorded before the
@@ -107,7 +109,7 @@ class CogVideoXKernelAttnProcessor:
                     norms = dict(q_norm=q_norm, k_norm=k_norm, eps=attn.norm_q.eps)
             if group is None:
                 out = _ops.rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, backend=self.backend,
-                                            **norms)
+                                            precision=self.precision, **norms)
             else:
                 out = self._ulysses(q, k, v, text_len, hidden_states.size(1), cos, sin, norms, group)
         out = attn.to_out[0](out.reshape(batch, seq, attn.heads * head_dim))
@@ -129,7 +131,8 @@ class CogVideoXKernelAttnProcessor:
                              "context parallelism with cogvideox_cp_plan (apply() sets it as the model's _cp_plan)")
         return _ops.ulysses_rope3d_attention(q, k, v, text_len=text, cos=cos, sin=sin, group=group,
                                              seq_lens=[t + n for t, n in zip(text_lens, video_lens)],
-                                             text_lens=text_lens, backend=self.backend, **norms)
+                                             text_lens=text_lens, backend=self.backend,
+                                             precision=self.precision, **norms)
 
 
 def cogvideox_cp_plan(model) -> dict:

@@ -25,7 +25,9 @@ STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..
 PRECISION_MODES = {
     "bf16": {"rope3d_attention": "bf16", "expert_ffn": "bf16"},  # exact, the default
     "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8"},    # FP8 e4m3 FFN GEMMs (lossy, opt-in)
-    "int8": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
+    "int8": {"rope3d_attention": "int8", "expert_ffn": "bf16"},  # smoothed INT8 Q K^T (lossy, opt-in)
+    "int8+fp8": {"rope3d_attention": "int8", "expert_ffn": "fp8"},  # both 8-bit paths
+    "int8-ffn": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
 }
 
 

@@ -30,7 +30,7 @@ registry.register_backend(
 
 
 def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                     eps=1e-6, scale=None, backend="auto"):
+                     eps=1e-6, scale=None, precision="bf16", backend="auto"):
     """Attention over ``[text ; video]`` tokens with optional per-head LayerNorm on q and k and
     interleaved 3D RoPE on the video tokens (index >= ``text_len``).
 
@@ -40,9 +40,12 @@ def rope3d_attention(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_no
     q_norm, k_norm: ``(weight, bias)`` of shape ``[D]`` or None. Returns ``[B, S, H, D]``.
     backend: ``"auto"`` (a kernel where one runs and supports the inputs, else the reference),
     ``"reference"`` or a kernel (``registry.kernels("rope3d_attention")``: ``"hopper"`` on sm_90, ``"triton"``).
+    precision: ``"bf16"`` (default: exact attention in the inputs' dtype) or ``"int8"`` (opt-in:
+    smoothed INT8 Q K^T and FP8 P V, SageAttention2-style; the ``hopper`` kernel runs it, the
+    reference emulates it in float32; error figures in benchmarks/results/int8_attention_notes.md).
     """
     return registry.dispatch("rope3d_attention", backend, q=q, k=k, v=v, text_len=text_len, cos=cos, sin=sin,
-                             q_norm=q_norm, k_norm=k_norm, eps=eps, scale=scale)
+                             q_norm=q_norm, k_norm=k_norm, eps=eps, scale=scale, precision=precision)
 
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "apply_rope_interleaved",

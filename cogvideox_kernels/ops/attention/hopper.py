@@ -77,8 +77,9 @@ def available(device) -> Optional[str]:
     return _call_reason(torch.bfloat16, 64, torch.device(device), 0) or None
 
 
-def supports(q, k, v, **_) -> Optional[str]:
-    """Registry hook: None when the kernel takes these inputs, else why not."""
+def supports(q, k, v, precision="bf16", **_) -> Optional[str]:
+    """Registry hook: None when the kernel takes these inputs, else why not (both precisions
+    take the same inputs)."""
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the kernel needs one dtype"
     B, S, H, D = q.shape
@@ -156,12 +157,14 @@ def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_
 
 
 def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                            eps=1e-6, scale=None):
+                            eps=1e-6, scale=None, precision="bf16"):
     """``rope3d_attention`` on the Hopper kernel; same arguments and result as
     ``rope3d_attention_reference`` (q, k, v ``[B, S, H, D]`` strided views with unit last stride,
     q_norm/k_norm ``(weight, bias)`` pairs or None, cos/sin ``[S - text_len, D]`` float32).
+    ``precision="int8"`` runs the 8-bit kernel (``hopper_int8_fwd.py``), whose reference is the
+    float32 emulation ``int8_prepass.int8_attention_reference``.
     Raises ValueError when the kernel cannot take the call (see ``hopper_supports``)."""
-    check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale)
+    check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, precision)
     B, S, H, D = q.shape
     reason = _call_reason(q.dtype, D, q.device, B * H * S)
     if reason:
@@ -169,9 +172,60 @@ def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
     scale = D ** -0.5 if scale is None else float(scale)
     q_w, q_b = q_norm if q_norm is not None else (None, None)
     k_w, k_b = k_norm if k_norm is not None else (None, None)
+    if precision == "int8":
+        return rope3d_attention_hopper_int8_op(q, k, v, int(text_len), cos, sin, q_w, q_b, k_w,
+                                               k_b, q_norm is not None, k_norm is not None,
+                                               float(eps), scale)
     return rope3d_attention_hopper_op(q, k, v, int(text_len), cos, sin, q_w, q_b, k_w, k_b,
                                       q_norm is not None, k_norm is not None, float(eps), scale)
 
 
-__all__ = ["rope3d_attention_hopper", "rope3d_attention_hopper_op", "hopper_available",
+# ----------------------------------------------------------------------------------------------
+# precision="int8": quantizing pre-pass (int8_prepass.py) + 8-bit Gluon kernel (hopper_int8_fwd.py)
+# ----------------------------------------------------------------------------------------------
+def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
+                              k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale,
+                              *, config=None):
+    """Pre-pass (LayerNorm + RoPE, K smoothing, INT8 q/k, FP8 V^T) then the 8-bit kernel."""
+    from .hopper_int8_fwd import hopper_int8_attention_core, resolve_config
+    from .int8_prepass import quantize_int8_inputs
+    from .triton_fwd import qk_norm_rope_fwd
+
+    B, S, H, D = q.shape
+    cfg = resolve_config(D, config)
+    if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    t = quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
+                             k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
+                             block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"])
+    v_in = t.v8t
+    if not cfg["PV_FP8"]:  # P V in 16 bits: V head-major in its own dtype
+        v_in = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps).transpose(1, 2)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    return hopper_int8_attention_core(t.q8, t.q_scale, t.k8, t.k_scale, v_in, t.v_scale, out,
+                                      scale, cfg)
+
+
+@torch.library.custom_op("cogvideox_kernels::rope3d_attention_hopper_int8", mutates_args=())
+def rope3d_attention_hopper_int8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    text_len: int, cos: Optional[torch.Tensor],
+                                    sin: Optional[torch.Tensor],
+                                    q_norm_weight: Optional[torch.Tensor],
+                                    q_norm_bias: Optional[torch.Tensor],
+                                    k_norm_weight: Optional[torch.Tensor],
+                                    k_norm_bias: Optional[torch.Tensor], apply_q_norm: bool,
+                                    apply_k_norm: bool, eps: float, scale: float) -> torch.Tensor:
+    return hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
+                                     k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
+                                     scale)
+
+
+@rope3d_attention_hopper_int8_op.register_fake
+def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+      apply_q_norm, apply_k_norm, eps, scale):
+    return q.new_empty(q.shape)
+
+
+__all__ = ["rope3d_attention_hopper", "rope3d_attention_hopper_op",
+           "rope3d_attention_hopper_int8_op", "hopper_int8_attention_fwd", "hopper_available",
            "hopper_supports", "unsupported_reason", "hopper_attention_fwd"]

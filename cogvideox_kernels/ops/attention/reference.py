@@ -23,7 +23,15 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return xw * c + rotated * s
 
 
-def check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale):
+PRECISIONS = ("bf16", "int8")
+
+
+def check_attention_inputs(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale,
+                           precision="bf16"):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS} "
+                         "('bf16': exact attention in the inputs' dtype; 'int8': 8-bit Q K^T and "
+                         "P V with smoothed K)")
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
     device = q.device
     for name, t in (("k", k), ("v", v)):
@@ -74,12 +82,18 @@ def qk_norm_rope_reference(x, text_len, cos, sin, norm, eps, work_dtype):
 
 
 def rope3d_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                               eps=1e-6, scale=None, compute_dtype=None):
+                               eps=1e-6, scale=None, compute_dtype=None, precision="bf16"):
     """Reference: upcast to float32 (float64 stays float64), norm, rotate, softmax(q k^T s) v.
 
     ``compute_dtype`` overrides the working precision (e.g. torch.float64 for tests).
-    Returns ``[B, S, H, D]`` in q's dtype.
+    ``precision="int8"``: the 8-bit path's quantization emulated in float32
+    (``int8_prepass.int8_attention_reference``). Returns ``[B, S, H, D]`` in q's dtype.
     """
+    if precision == "int8":
+        from .int8_prepass import int8_attention_reference
+
+        return int8_attention_reference(q, k, v, text_len=text_len, cos=cos, sin=sin,
+                                        q_norm=q_norm, k_norm=k_norm, eps=eps, scale=scale)
     work = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)

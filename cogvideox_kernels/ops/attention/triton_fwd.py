@@ -337,8 +337,10 @@ def _(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_
     return q.new_empty(q.shape)
 
 
-def supports(q, **_) -> str | None:
+def supports(q, precision="bf16", **_) -> str | None:
     """Registry ``supports``: the dtypes and head dims this kernel takes (None), or why not."""
+    if precision != "bf16":
+        return f"precision={precision!r}: the Triton kernel runs 'bf16' only (int8: 'hopper' backend)"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"q has dtype {q.dtype}; the Triton kernel takes float16, bfloat16 and float32"
     D = q.shape[-1]
@@ -348,7 +350,7 @@ def supports(q, **_) -> str | None:
 
 
 def rope3d_attention_triton(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                            eps=1e-6, scale=None):
+                            eps=1e-6, scale=None, precision="bf16"):
     """Triton path of ``rope3d_attention`` (inputs checked and ``supports``-ed by the registry)."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,389 @@
+"""8-bit Hopper (sm_90a) attention forward in Gluon (``precision="int8"``), and its launcher.
+
+The bf16 kernel's structure (``hopper_fwd.py``: one loader warp streaming K/V blocks by TMA into a
+ring, ``NUM_WG`` consumer warpgroups of 64 query rows, S_{j+1} = Q K^T issued before the softmax of
+block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs``:
+
+* ``S = Q K^T`` on ``warpgroup_mma`` with INT8 operands (s32 accumulator). The dequantisation is the
+  softmax scale: row r of block j has ``q_scale[r] * k_scale[j] * sm_scale * log2(e)``, one FFMA per
+  score as in the bf16 kernel (the scale is per row there too). ``MAGIC_CVT``: the s32 -> f32
+  conversion as one integer add (for |s| < 2^22, bits(s + 0x4B400000) as float32 is 12582912 + s;
+  the constant folds into the FFMA) instead of I2F.
+* ``O += P V`` in 16 bits (P in V's dtype, V the pre-pass's head-major copy), as the bf16 kernel.
+* ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
+  exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
+  (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
+  FFMA). Measured slower (the accumulator -> e4m3 operand layout change costs ~230 instructions
+  per block) and 3.4x less accurate; kept as a config to measure.
+
+Gluon kernels do not run under ``TRITON_INTERPRET``; ``compile_offline`` builds this one for sm_90a
+anywhere. ``hopper.py`` routes ``precision="int8"`` here.
+"""
+import math
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .hopper_fwd import LOG2E, _mask_tail, _registers, _Shared
+
+LOG2_P_SCALE = gl.constexpr(math.log2(448.0))  # P is stored as p * 448 in e4m3 (its max)
+MAGIC = gl.constexpr(0x4B400000)  # float32 bits of 12582912 = 1.5 * 2^23
+MAGIC_F = gl.constexpr(12582912.0)
+
+
+@gluon.jit
+def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8: gl.constexpr):
+    """One warp: the Q tiles once, then K and V blocks into the ring. V^T (PV_FP8) is read as
+    [D, BLOCK_N] boxes of the [B*H*D, S_pad] view, 16-bit V as [BLOCK_N, D] boxes."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
+    for i in gl.static_range(sm.NUM_WG):
+        tma.async_copy_global_to_shared(q_desc, [row_q + i * BLOCK_M, 0], sm.q_bar,
+                                        sm.q_bufs.index(i))
+    n_blocks = gl.cdiv(S, sm.BLOCK_N)
+    for j in range(n_blocks):
+        stage = j % sm.STAGES
+        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
+        k_bar = sm.k_ready.index(stage)
+        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
+                                        sm.k_bufs.index(stage))
+        v_bar = sm.v_ready.index(stage)
+        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
+        if PV_FP8:
+            tma.async_copy_global_to_shared(v_desc, [row_vt, j * sm.BLOCK_N], v_bar,
+                                            sm.v_bufs.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [row_kv + j * sm.BLOCK_N, 0], v_bar,
+                                            sm.v_bufs.index(stage))
+
+
+@gluon.jit
+def _v_operand(sm, stage, PV_FP8: gl.constexpr):
+    """V_j as the B operand [BLOCK_N, D] of P V (V^T stored: a transposed view)."""
+    if PV_FP8:
+        return sm.v_bufs.index(stage).permute((1, 0))
+    else:
+        return sm.v_bufs.index(stage)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                  P_DTYPE: gl.constexpr):
+    """Online softmax on one block of s32 scores: P (float32; times 448 when P_DTYPE is e4m3),
+    new row max (log2 units), row sum, alpha = 2^(m_old - m_new). row_scale: q_scale *
+    k_scale_j * sm_scale * log2(e). P is cast by the caller after the P V wait: a cast here
+    writes registers while the previous P V (register A operand) is in flight, and the compiler
+    then waits for it (no overlap)."""
+    if MAGIC_CVT:
+        # exact for |s| < 2^22 (D * 127^2 = 1.03e6 at D 64): float(s) = bits(s + MAGIC) - MAGIC_F
+        sf = (s + MAGIC).to(gl.float32, bitcast=True)
+        offset = MAGIC_F
+    else:
+        sf = s.to(gl.float32)
+        offset = 0.0
+    if MASK:
+        sf = _mask_tail(sf, n0, S)
+    m_new = gl.maximum(m_i, (gl.max(sf, axis=1) - offset) * row_scale)
+    if P_DTYPE == gl.float8e4nv:
+        p_log2 = LOG2_P_SCALE  # p * 448 = exp2(... + log2 448): e4m3's range
+    else:
+        p_log2 = 0.0
+    # one FFMA per score: (s - offset) * row_scale - m_new + p_log2
+    bias = offset * row_scale + m_new - p_log2
+    p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_scale, ks_ptr, S,
+                  MASK: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                  TWO_LEVEL: gl.constexpr):
+    """Key block j >= 1: issue S_j = Q K_j^T, issue O_{j-1} = P_{j-1} V_{j-1}, softmax of S_j
+    while P V runs. TWO_LEVEL: P V into a fresh accumulator, then O = O * alpha_{j-1} + O_{j-1}
+    (one FFMA per element, as the bf16 kernel's rescale); else P V accumulates into O (rescaled
+    by alpha_j afterwards), as in the bf16 kernel."""
+    stage = j % sm.STAGES
+    prev = (j - 1) % sm.STAGES
+    mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    if TWO_LEVEL:
+        pv = warpgroup_mma(p_op, _v_operand(sm, prev, PV_FP8), o_zero, use_acc=False,
+                           is_async=True)
+    else:
+        acc = warpgroup_mma(p_op, _v_operand(sm, prev, PV_FP8), acc, is_async=True)
+    k_scale = gl.load(ks_ptr + j)
+    s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
+    alpha_prev = alpha
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, j * sm.BLOCK_N, S, MASK,
+                                       MAGIC_CVT, p_op.dtype)
+    # the V_j wait ends the basic block here, so ptxas keeps the P V wait below the softmax
+    # (see hopper_fwd._attend_block)
+    mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
+    row: gl.constexpr = gl.SliceLayout(1, o_zero.type.layout)
+    if TWO_LEVEL:
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        mbarrier.arrive(sm.kv_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha_prev, row)[:, None] + pv
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(sm.kv_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, row)[:, None]
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    return acc, m_i, l_i, alpha, p_op
+
+
+@gluon.jit
+def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
+                        WG: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                        TWO_LEVEL: gl.constexpr):
+    """One warpgroup: 64 query rows against all keys; stores its rows of the output."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    out_dtype: gl.constexpr = o_ptr.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    if PV_FP8:
+        p_dtype: gl.constexpr = gl.float8e4nv
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    else:
+        p_dtype: gl.constexpr = sm.v_bufs.dtype
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+    q_scale = gl.load(qs_ptr + rows, mask=rows < S, other=1.0) * qk_scale
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    o_zero = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
+
+    q_smem = sm.q_bufs.index(WG)
+    mbarrier.wait(sm.q_bar, 0)
+    n_blocks = gl.cdiv(S, BLOCK_N)
+
+    # ---- block 0: S_0 and its softmax (masked: it may also be the last block)
+    mbarrier.wait(sm.k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    k_scale = gl.load(ks_ptr)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, 0, S, True, MAGIC_CVT,
+                                       p_dtype)
+    mbarrier.wait(sm.v_ready.index(0), 0)
+    p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+
+    # ---- full blocks 1 .. n-2 (no branch inside the loop), then the last block (masked)
+    for j in range(1, n_blocks - 1):
+        acc, m_i, l_i, alpha, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op,
+                                                   s_zero, o_zero, q_scale, ks_ptr, S, False,
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
+    if n_blocks > 1:
+        acc, m_i, l_i, alpha, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, alpha,
+                                                   p_op, s_zero, o_zero, q_scale, ks_ptr, S, True,
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
+
+    # ---- the last block's P V
+    last = (n_blocks - 1) % sm.STAGES
+    if TWO_LEVEL:
+        pv = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), o_zero, use_acc=False,
+                           is_async=True)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    else:
+        acc = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(sm.kv_empty.index(last))
+
+    # ---- epilogue: O / l (times V's per-channel scale); rows past S are not stored
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    if PV_FP8:  # (the factor 448 of P is in both O and l)
+        cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        out = out * gl.load(vs_ptr + cols_o)[None, :]
+    TPW_D: gl.constexpr = HEAD_D // 8
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    out = gl.convert_layout(out.to(out_dtype), store_layout)
+    rows_o = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, store_layout))
+    ptrs = o_ptr + rows_o.to(gl.int64)[:, None] * stride_os + cols[None, :]
+    gl.store(ptrs, out, mask=(rows_o < S)[:, None])
+
+
+@gluon.jit
+def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, o_ptr, S, H,
+                                      stride_ob, stride_os, stride_oh, qk_scale,
+                                      NUM_WG: gl.constexpr, STAGES: gl.constexpr,
+                                      PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
+                                      TWO_LEVEL: gl.constexpr,
+                                      CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """out[b, rows, h] = softmax(q k^T * scale) v from 8-bit q, k (and v) for NUM_WG * 64 query
+    rows of one (b, h). Descriptors: q, k over int8 [B*H*S, D]; v over float8 [B*H*D, S_pad]
+    (V^T, PV_FP8) or 16-bit [B*H*S, D]. qs: q scales [B*H*S]; ks: k scales [B*H, n_blocks];
+    vs: v scales [B*H, D]; qk_scale = sm_scale * log2(e)."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start = pid_m * (BLOCK_M * NUM_WG)
+    row_kv = pid_bh * S
+    row_q = row_kv + q_start
+    o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    qs_base = qs_ptr + row_kv.to(gl.int64)
+    ks_base = ks_ptr + pid_bh * gl.cdiv(S, BLOCK_N)
+    vs_base = vs_ptr + pid_bh * HEAD_D
+
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    if PV_FP8:
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], v_desc.layout)
+    else:
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=NUM_WG)
+
+    sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
+                 STAGES)
+    row_vt = pid_bh * HEAD_D
+    if NUM_WG == 2:
+        gl.warp_specialize([
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
+        gl.warp_specialize([
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
+                                   qk_scale, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs and launcher
+# ----------------------------------------------------------------------------------------------
+def default_config(head_dim: int) -> dict:
+    """NUM_WG consumer warpgroups of 64 rows, BLOCK_N keys per block (= the pre-pass's k-scale
+    block), STAGES of the ring, the integer-trick s32 -> f32 conversion (MAGIC_CVT), P V in FP8
+    (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL)."""
+    return dict(NUM_WG=3, BLOCK_N=128, STAGES=3 if head_dim <= 64 else 2, PV_FP8=False,
+                MAGIC_CVT=True, TWO_LEVEL=False)
+
+
+def resolve_config(head_dim: int, config: dict | None) -> dict:
+    cfg = {**default_config(head_dim), **(config or {})}
+    unknown = set(cfg) - set(default_config(head_dim))
+    if unknown:
+        raise ValueError(f"config keys {sorted(unknown)} are not known; the kernel takes "
+                         f"{sorted(default_config(head_dim))}")
+    if cfg["NUM_WG"] not in (2, 3):
+        raise ValueError(f"NUM_WG={cfg['NUM_WG']}: the kernel takes 2 or 3 consumer warpgroups")
+    return cfg
+
+
+def _constexprs(cfg: dict) -> dict:
+    consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
+    return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
+                MAGIC_CVT=bool(cfg["MAGIC_CVT"]), TWO_LEVEL=bool(cfg["TWO_LEVEL"]),
+                CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+
+
+def _nvmma(block, dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+_GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv,
+              torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale: float,
+                               config: dict | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v from the pre-pass's tensors (``int8_prepass.Int8Inputs``).
+
+    q8, k8: int8 [B, H, S, D] contiguous; q_scale [B, H, S], k_scale [B, H, cdiv(S, BLOCK_N)],
+    v_scale [B, H, D] float32; v: float8_e4m3fn V^T [B, H, D, S_pad] (PV_FP8) or 16-bit
+    [B, H, S, D]; out: [B, S, H, D] with stride 1 in D (written and returned).
+    """
+    B, H, S, D = q8.shape
+    cfg = resolve_config(D, config)
+    if k_scale.shape[-1] != triton.cdiv(S, cfg["BLOCK_N"]):
+        raise ValueError(f"k_scale has {k_scale.shape[-1]} blocks; BLOCK_N={cfg['BLOCK_N']} "
+                         f"needs {triton.cdiv(S, cfg['BLOCK_N'])}")
+    rows = B * H * S
+    q_desc = TensorDescriptor(q8, [rows, D], [D, 1], [64, D], _nvmma([64, D], gl.int8))
+    k_desc = TensorDescriptor(k8, [rows, D], [D, 1], [cfg["BLOCK_N"], D],
+                              _nvmma([cfg["BLOCK_N"], D], gl.int8))
+    if cfg["PV_FP8"]:
+        if v.dtype != torch.float8_e4m3fn or v_scale is None:
+            raise ValueError(f"PV_FP8 needs V^T in float8_e4m3fn and v_scale; v is {v.dtype}")
+        s_pad = v.shape[-1]
+        box = [D, cfg["BLOCK_N"]]
+        v_desc = TensorDescriptor(v, [B * H * D, s_pad], [s_pad, 1], box,
+                                  _nvmma(box, gl.float8e4nv))
+    else:
+        box = [cfg["BLOCK_N"], D]
+        v_desc = TensorDescriptor(v, [rows, D], [D, 1], box, _nvmma(box, _GL_DTYPES[v.dtype]))
+        v_scale = q_scale  # not read
+    grid = (triton.cdiv(S, 64 * cfg["NUM_WG"]), B * H)
+    _hopper_int8_attention_fwd_kernel[grid](
+        q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, out, S, H, out.stride(0),
+        out.stride(1), out.stride(2), float(scale) * LOG2E, **_constexprs(cfg), num_warps=4)
+    return out
+
+
+def compile_offline(config: dict | None = None, head_dim: int = 64, out_dtype: str = "bf16"):
+    """Compile the kernel for sm_90a without a GPU (PTX/SASS, registers, spills). Needs
+    ``TRITON_INTERPRET`` unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = resolve_config(head_dim, config)
+    D, N = head_dim, cfg["BLOCK_N"]
+
+    def desc_type(name, box, gdt):
+        return f"tensordesc<{name}[{box[0]}, {box[1]}],{_nvmma(box, gdt)!r}>"
+
+    if cfg["PV_FP8"]:
+        v_type = desc_type("fp8e4nv", [D, N], gl.float8e4nv)
+    else:
+        v_type = desc_type(out_dtype, [N, D], gl.bfloat16 if out_dtype == "bf16" else gl.float16)
+    signature = {"q_desc": desc_type("i8", [64, D], gl.int8), "k_desc": desc_type("i8", [N, D], gl.int8),
+                 "v_desc": v_type, "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                 "o_ptr": f"*{out_dtype}", "S": "i32", "H": "i32", "stride_ob": "i32",
+                 "stride_os": "i32", "stride_oh": "i32", "qk_scale": "fp32"}
+    constexprs = _constexprs(cfg)
+    signature.update({name: "constexpr" for name in constexprs})
+    src = GluonASTSource(_hopper_int8_attention_fwd_kernel, signature=signature,
+                         constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

@@ -1,0 +1,331 @@
+"""8-bit attention (``precision="int8"``): the quantizing pre-pass and its float32 emulation.
+
+SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
+(``_norm_rope_tile``):
+
+* **K smoothing**: k' = k - mean_s(k) per (b, h, channel), over all tokens after norm + RoPE.
+  q k'^T differs from q k^T by a per-query-row constant, which softmax ignores; the mean takes out
+  the channel offsets that would otherwise set the INT8 scale of every key.
+* **q -> INT8** with one scale per token (a row of the score matrix: the kernel folds it into the
+  softmax's per-row FFMA for free); **k' -> INT8** with one scale per block of ``block_n`` keys
+  (the kernel's key block, so one scalar per Q K^T block). Scales are amax / 127, round to nearest.
+* **v -> FP8 e4m3** (``fp8_v``, for the kernel's PV_FP8 config) with one scale per (b, h, channel)
+  (amax / 448), stored transposed ``[B, H, D, S_pad]`` (S padded to 16 with zeros): FP8 wgmma
+  needs both operands K-major, and for P V the reduction runs over keys. The shipped kernel keeps
+  P V in 16 bits (V as the bf16 pre-pass writes it): FP8 P V was slower and 3.4x less accurate
+  on the H200 (``benchmarks/results/int8_attention_notes.md``).
+
+Two launches per tensor: a column-statistics pass (partial sums of normed, rotated k; partial
+absolute maxima of v, per chunk of tokens, reduced in torch) and the quantizing pass. ``q`` needs
+only the second. ``int8_attention_reference`` computes the same quantization in torch and the
+attention in float32 from the dequantized values, with P rounded as the kernel rounds it, so CPU
+tests check the maths without the Gluon kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import interpret_mode
+from .reference import qk_norm_rope_reference
+from .triton_fwd import _norm_rope_tile
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
+V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
+_I8 = tl.constexpr(INT8_MAX)  # the same constants inside kernels
+_F8 = tl.constexpr(FP8_MAX)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(x_ptr, pid_s, pid_bh, S, H, text_len, stride_xb, stride_xs, stride_xh, cos_ptr, sin_ptr,
+          stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+          HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """BLOCK_S tokens of one (b, h): normed + rotated float32 [BLOCK_S, BLOCK_D], rows past S and
+    columns past D zero; also the token indices."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    tokens = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_mask = tokens < S
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = b * stride_xb + tokens.to(tl.int64) * stride_xs + h * stride_xh
+    x = _norm_rope_tile(x_ptr, rows, tokens, row_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
+                        stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM, HAS_WEIGHT, HAS_BIAS,
+                        HAS_ROPE)
+    return tl.where(row_mask[:, None] & (offs_d < D)[None, :], x, 0.0), tokens
+
+
+@triton.jit
+def _column_stats_kernel(x_ptr, part_ptr, S, H, text_len, stride_xb, stride_xs, stride_xh,
+                         cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+                         HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_ROPE: tl.constexpr, AMAX: tl.constexpr, D: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[b, h, chunk, :D] = sum over the chunk's tokens of rope(norm(x)) (AMAX: max |x|)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    x, _ = _tile(x_ptr, pid_s, pid_bh, S, H, text_len, stride_xb, stride_xs, stride_xh, cos_ptr,
+                 sin_ptr, stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM, HAS_WEIGHT, HAS_BIAS,
+                 HAS_ROPE, D, BLOCK_S, BLOCK_D)
+    if AMAX:
+        col = tl.max(tl.abs(x), axis=0)
+    else:
+        col = tl.sum(x, axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    out = part_ptr + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s) * D
+    tl.store(out + offs_d, col, mask=offs_d < D)
+
+
+@triton.jit
+def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, S, H, text_len, stride_xb, stride_xs,
+                       stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+                       HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y[b, h, s] = round(x' / scale) as int8, x' = rope(norm(x)) (- mean[b, h] with HAS_MEAN),
+    head-major [B, H, S, D]; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
+    BLOCK_S tokens (scale[b, h, block])."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    x, tokens = _tile(x_ptr, pid_s, pid_bh, S, H, text_len, stride_xb, stride_xs, stride_xh,
+                      cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM, HAS_WEIGHT,
+                      HAS_BIAS, HAS_ROPE, D, BLOCK_S, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row_mask = tokens < S
+    if HAS_MEAN:
+        mean = tl.load(mean_ptr + pid_bh.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0)
+        x = tl.where(row_mask[:, None] & d_mask[None, :], x - mean[None, :], 0.0)
+    if PER_ROW:
+        amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_S]
+        inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
+        y = x * inv[:, None]
+        # a zero row/block keeps scale 1 (any scale dequantizes its zeros; 0 would make 0 * inf)
+        tl.store(scale_ptr + pid_bh.to(tl.int64) * S + tokens, tl.where(amax > 0, amax / _I8, 1.0),
+                 mask=row_mask)
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
+        y = x * inv
+        tl.store(scale_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s,
+                 tl.where(amax > 0, amax / _I8, 1.0))
+    y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero
+    rows = pid_bh.to(tl.int64) * S + tokens
+    tl.store(y_ptr + rows[:, None] * D + offs_d[None, :], y,
+             mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _round_e4m3(x):
+    """float32 rounded to the nearest e4m3 value (ties to even), as float32. The interpreter's
+    float32 -> e4m3 cast drops the carry into the exponent (127.2 -> 64), so under INTERPRET the
+    value is rounded here first and the cast only changes the format."""
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    tiny = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0  # subnormals: multiples of 2^-9
+    return tl.where(tl.abs(x) < 0.015625, tiny, normal)
+
+
+@triton.jit
+def _quant_fp8_t_kernel(x_ptr, y_ptr, inv_ptr, S, S_PAD, H, stride_xb, stride_xs, stride_xh,
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """y[b, h, d, s] = e4m3(x[b, s, h, d] * inv[b, h, d]) for s < S_PAD (zeros past S): V^T."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    tokens = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    rows = b * stride_xb + tokens.to(tl.int64) * stride_xs + h * stride_xh
+    x = tl.load(x_ptr + rows[:, None] + offs_d[None, :],
+                mask=(tokens < S)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + pid_bh.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0)
+    # clamp: rounding may step past 448, and e4m3 has no infinity (the interpreter's cast does
+    # not saturate)
+    y = tl.minimum(tl.maximum(x * inv[None, :], -_F8), _F8)
+    if INTERPRET:
+        y = _round_e4m3(y)
+    y = y.to(tl.float8e4nv)
+    out = y_ptr + (pid_bh.to(tl.int64) * D + offs_d)[None, :] * S_PAD + tokens[:, None]
+    tl.store(out, y, mask=(tokens < S_PAD)[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+class Int8Inputs(NamedTuple):
+    """What the 8-bit kernel reads (all contiguous, on q's device).
+
+    q8 / k8: int8 [B, H, S, D] (k smoothed); q_scale: float32 [B, H, S] (per token);
+    k_scale: float32 [B, H, cdiv(S, block_n)]; v8t: float8_e4m3fn [B, H, D, S_pad] (V^T, zero
+    past S); v_scale: float32 [B, H, D]; block_n: the key block the k scales belong to.
+    """
+    q8: torch.Tensor
+    q_scale: torch.Tensor
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v8t: torch.Tensor
+    v_scale: torch.Tensor
+    block_n: int
+
+
+def _norm_args(cos, weight, bias, apply_norm):
+    return dict(HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
+                HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=cos is not None)
+
+
+def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
+                         k_norm_bias, apply_q_norm, apply_k_norm, eps, *, block_n=128,
+                         block_s=None, fp8_v=True) -> Int8Inputs:
+    """The 8-bit pre-pass (see the module docstring) of strided [B, S, H, D] q, k, v.
+    ``fp8_v=False`` leaves V alone (v8t and v_scale None: the kernel's P V in 16 bits)."""
+    B, S, H, D = q.shape
+    dev = q.device
+    block_d = max(16, triton.next_power_of_2(D))
+    if block_s is None:
+        block_s = 32 if interpret_mode() else 64
+    if block_n % 16:
+        raise ValueError(f"block_n={block_n} must be a multiple of 16")
+    stride_cs = cos.stride(0) if cos is not None else 0
+    common = dict(D=D, BLOCK_D=block_d, num_warps=4)
+    grid = (triton.cdiv(S, block_s), B * H)
+
+    # K: mean over tokens of rope(norm(k)), then smoothed INT8 per key block
+    part = torch.empty((B * H, grid[0], D), dtype=torch.float32, device=dev)
+    _column_stats_kernel[grid](
+        k, part, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos, sin, stride_cs,
+        k_norm_weight, k_norm_bias, eps, AMAX=False, BLOCK_S=block_s,
+        **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
+    k_mean = part.sum(1).div_(S)
+    k8 = torch.empty((B, H, S, D), dtype=torch.int8, device=dev)
+    n_kblocks = triton.cdiv(S, block_n)
+    k_scale = torch.empty((B, H, n_kblocks), dtype=torch.float32, device=dev)
+    _quant_int8_kernel[(n_kblocks, B * H)](
+        k, k8, k_scale, k_mean, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos, sin,
+        stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, PER_ROW=False, BLOCK_S=block_n,
+        **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
+
+    # Q: INT8 per token
+    q8 = torch.empty((B, H, S, D), dtype=torch.int8, device=dev)
+    q_scale = torch.empty((B, H, S), dtype=torch.float32, device=dev)
+    _quant_int8_kernel[grid](
+        q, q8, q_scale, q_scale, S, H, text_len, q.stride(0), q.stride(1), q.stride(2), cos, sin,
+        stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, PER_ROW=True, BLOCK_S=block_s,
+        **_norm_args(cos, q_norm_weight, q_norm_bias, apply_q_norm), **common)
+
+    if not fp8_v:
+        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n)
+    # V: per-channel amax, then FP8 e4m3, transposed
+    _column_stats_kernel[grid](
+        v, part, S, H, 0, v.stride(0), v.stride(1), v.stride(2), None, None, 0, None, None, eps,
+        HAS_NORM=False, HAS_WEIGHT=False, HAS_BIAS=False, HAS_ROPE=False, AMAX=True,
+        BLOCK_S=block_s, **common)
+    v_amax = part.amax(1)
+    v_scale = (v_amax / FP8_MAX).view(B, H, D)
+    v_inv = torch.where(v_amax > 0, FP8_MAX / v_amax, torch.zeros_like(v_amax))
+    s_pad = triton.cdiv(S, V_PAD) * V_PAD
+    v8t = torch.empty((B, H, D, s_pad), dtype=torch.float8_e4m3fn, device=dev)
+    _quant_fp8_t_kernel[(triton.cdiv(s_pad, block_s), B * H)](
+        v, v8t, v_inv, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2), BLOCK_S=block_s,
+        INTERPRET=interpret_mode(), **common)
+    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 emulation (CPU tests, quality harness)
+# ----------------------------------------------------------------------------------------------
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
+
+
+def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
+                            eps=1e-6, block_n=128) -> Int8Inputs:
+    """``quantize_int8_inputs`` in torch (float32): the same scales and 8-bit values up to the
+    rounding of values on a tie (and the last bit of the float32 norm/RoPE)."""
+    B, S, H, D = q.shape
+    qw = qk_norm_rope_reference(q, text_len, cos, sin, q_norm, eps, torch.float32)
+    kw = qk_norm_rope_reference(k, text_len, cos, sin, k_norm, eps, torch.float32)
+    qw, kw, vw = (t.transpose(1, 2).float() for t in (qw, kw, v))  # [B, H, S, D]
+
+    q_amax = qw.abs().amax(-1)
+    q_scale = torch.where(q_amax > 0, q_amax / INT8_MAX, 1.0)
+    q8 = _round_half_away(qw * torch.where(q_amax > 0, INT8_MAX / q_amax, 0.0)[..., None])
+
+    kw = kw - kw.mean(2, keepdim=True)
+    n_blocks = triton.cdiv(S, block_n)
+    pad = n_blocks * block_n - S
+    kb = torch.nn.functional.pad(kw, (0, 0, 0, pad)).view(B, H, n_blocks, block_n, D)
+    k_amax = kb.abs().amax((-1, -2))
+    k_scale = torch.where(k_amax > 0, k_amax / INT8_MAX, 1.0)
+    k_inv = torch.where(k_amax > 0, INT8_MAX / k_amax, 0.0)
+    k8 = _round_half_away(kb * k_inv[..., None, None]).view(B, H, -1, D)[:, :, :S]
+
+    v_amax = vw.abs().amax(2)
+    v_scale = v_amax / FP8_MAX
+    v_inv = torch.where(v_amax > 0, FP8_MAX / v_amax, 0.0)
+    v8 = (vw * v_inv[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    s_pad = triton.cdiv(S, V_PAD) * V_PAD
+    v8t = torch.nn.functional.pad(v8.float().transpose(2, 3), (0, s_pad - S)).to(torch.float8_e4m3fn)
+    return Int8Inputs(q8.to(torch.int8), q_scale, k8.to(torch.int8).contiguous(), k_scale,
+                      v8t.contiguous(), v_scale, block_n)
+
+
+def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None) -> torch.Tensor:
+    """float32 attention over the dequantized 8-bit q, k, as the kernel computes it: P rounded to
+    e4m3 (as p * 448 relative to the row max) against the FP8 V^T of ``t``, or, given ``v``
+    (the 16-bit V, [B, H, S, D]), P rounded to v's dtype against v. Query rows go in chunks of at
+    most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
+    B, H, S, D = t.q8.shape
+    k = t.k8.float() * t.k_scale.repeat_interleave(t.block_n, dim=-1)[..., :S, None]
+    if v is None:
+        vf = t.v8t[..., :S].float().transpose(-1, -2) * t.v_scale[:, :, None, :]
+    else:
+        vf = v.float()
+    out = torch.empty((B, H, S, D), dtype=torch.float32, device=t.q8.device)
+    rows = max(1, 2 ** 26 // (B * H * S))
+    for r0 in range(0, S, rows):
+        q = t.q8[:, :, r0:r0 + rows].float() * (t.q_scale[:, :, r0:r0 + rows, None] * scale)
+        s = q @ k.transpose(-1, -2)
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        if v is None:
+            p = p * P_SCALE
+            pq = p.to(torch.float8_e4m3fn).float()
+        else:
+            pq = p.to(v.dtype).float()
+        out[:, :, r0:r0 + rows] = (pq @ vf) / p.sum(-1, keepdim=True)
+    return out.transpose(1, 2).to(out_dtype)
+
+
+def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
+                             eps=1e-6, scale=None, block_n=128, pv_fp8=False):
+    """``rope3d_attention(..., precision="int8")`` emulated in float32: the pre-pass's
+    quantization, then attention over the dequantized values, with P V in v's dtype (the shipped
+    kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
+    config). Returns [B, S, H, D] in q's dtype."""
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
+                                k_norm=k_norm, eps=eps, block_n=block_n)
+    v16 = None
+    if not pv_fp8:
+        v16 = v.transpose(1, 2)
+        v16 = v16 if v16.dtype in (torch.bfloat16, torch.float16) else v16.to(torch.bfloat16)
+    return int8_attention_from_quantized(t, scale, q.dtype, v16)
+
+
+LOG2_P_SCALE = math.log2(P_SCALE)
+
+__all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference",
+           "int8_attention_from_quantized", "int8_attention_reference", "INT8_MAX", "FP8_MAX",
+           "P_SCALE", "LOG2_P_SCALE", "V_PAD"]

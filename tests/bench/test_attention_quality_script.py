@@ -1,0 +1,24 @@
+"""benchmarks/attention_quality.py on the CPU (what gpu_int8_attention.sh runs at the 5B shape on an
+H200): the small shape, model-like and hard inputs, the bf16-math reference and the float32 emulation
+of precision="int8", errors against float64 written to JSON and Markdown."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_attention_quality_script_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("attention_quality", BENCHMARKS / "attention_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(tmp_path), "--rows", "40"])
+    rows = {(r["inputs"], r["method"]): r
+            for r in json.loads((tmp_path / "attention_quality.json").read_text())["rows"]}
+    assert set(rows) == {(i, m) for i in ("model", "hard")
+                         for m in ("bf16 reference (bf16 math)", "int8 emulation (fp32)")}
+    assert all("error" not in r for r in rows.values()), rows
+    bf16, int8 = rows["model", "bf16 reference (bf16 math)"], rows["model", "int8 emulation (fp32)"]
+    assert 1e-3 < bf16["rel"] < int8["rel"] < 3e-2 and int8["cos"] > 0.9995
+    assert rows["hard", "int8 emulation (fp32)"]["rel"] > int8["rel"]  # the hard inputs are harder
+    assert "| hard | int8 emulation (fp32) |" in (tmp_path / "attention_quality.md").read_text()

@@ -1,0 +1,255 @@
+"""``rope3d_attention(..., precision="int8")``: the quantizing pre-pass, its float32 emulation (the
+reference of the 8-bit path) and the 8-bit Hopper kernel.
+
+CPU (TRITON_INTERPRET=1): the Triton pre-pass against the torch quantization (same INT8 values and
+scales; FP8 V^T within one e4m3 step, zero padding), on odd shapes and non-contiguous inputs; the
+emulation against float64 (error bounded, and K's channel offsets cancelled by the smoothing);
+dispatch and argument checks; the Gluon kernel compiles for sm_90a offline without local memory.
+GPU (sm_90): the kernel against the emulation and float64 on odd shapes, every config the
+benchmark measures, non-contiguous inputs, outputs NaN-poisoned (conftest).
+"""
+import pytest
+import torch
+
+from cogvideox_kernels import ops
+from cogvideox_kernels.ops.attention.hopper import hopper_available
+from cogvideox_kernels.ops.attention.int8_prepass import (FP8_MAX, Int8Inputs,
+                                                          int8_attention_reference,
+                                                          quantize_int8_inputs,
+                                                          quantize_int8_reference)
+from cogvideox_kernels.ops.attention.reference import rope3d_attention_reference
+
+from test_attention_hopper import case_args, make_case, rel_err
+
+
+def cosine(out, ref):
+    return torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(),
+                                                 dim=0).item()
+
+
+def _prepass(case, block_n):
+    qn = case["q_norm"] or (None, None)
+    kn = case["k_norm"] or (None, None)
+    return quantize_int8_inputs(case["q"], case["k"], case["v"], case["text_len"], case["cos"],
+                                case["sin"], qn[0], qn[1], kn[0], kn[1], case["q_norm"] is not None,
+                                case["k_norm"] is not None, 1e-6, block_n=block_n)
+
+
+def _check_same_quantization(got: Int8Inputs, want: Int8Inputs, S):
+    for name in ("q_scale", "k_scale", "v_scale"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=2e-6, atol=0)
+    for name in ("q8", "k8"):  # values may differ by one step where x / scale sits on a tie
+        diff = (getattr(got, name).int() - getattr(want, name).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, name
+    v_got, v_want = got.v8t.float(), want.v8t.float()
+    assert torch.isfinite(v_got).all() and (v_got[..., S:] == 0).all()  # padding written, zero
+    # one e4m3 step: 2^-3 relative for normals, 2^-9 absolute below 2^-6
+    step = torch.maximum(v_want.abs() * 2 ** -3, torch.full_like(v_want, 2 ** -9))
+    assert ((v_got - v_want).abs() <= step * 1.001).all()
+    assert v_got.abs().max() <= FP8_MAX
+
+
+# ---------------------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("B,S,H,D,text_len,block_n,norms", [
+    (1, 70, 3, 64, 5, 32, True),
+    (2, 33, 2, 64, 0, 64, True),      # text_len 0, S not a multiple of the block
+    (1, 40, 2, 128, 40, 32, False),   # text_len = S (no rotation), no norms
+    (1, 1, 1, 64, 0, 32, True),       # S = 1
+])
+def test_prepass_matches_torch_quantization(interpret, B, S, H, D, text_len, block_n, norms):
+    case = make_case(B, S, H, D, text_len, torch.bfloat16, q_norm=norms, k_norm=norms,
+                     seed=S + D)
+    got = _prepass(case, block_n)
+    want = quantize_int8_reference(case["q"], case["k"], case["v"], block_n=block_n,
+                                   **case_args(case))
+    _check_same_quantization(got, want, S)
+    # smoothing: K's mean over tokens is (close to) zero after the pre-pass
+    k = got.k8.float() * got.k_scale.repeat_interleave(block_n, -1)[..., :S, None]
+    assert k.mean(2).abs().max() <= k.abs().amax((2, 3)).max() / 127
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_prepass_non_contiguous_inputs(interpret, name):
+    case = make_case(2, 45, 3, 64, 7, torch.bfloat16, seed=4)
+    base = _prepass(case, 32)
+    wide = torch.zeros(2, 90, 3, 64, dtype=torch.bfloat16)
+    wide[:, ::2] = case[name]
+    got = _prepass(dict(case, **{name: wide[:, ::2]}), 32)
+    for field in ("q8", "q_scale", "k8", "k_scale", "v_scale"):
+        torch.testing.assert_close(getattr(got, field), getattr(base, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.v8t.float(), base.v8t.float(), rtol=0, atol=0)
+
+
+def _hard_case(B, S, H, D, seed, k_offset=10.0):
+    """What breaks naive 8-bit attention: K channels offset by ~10 standard deviations,
+    heavy-tailed q (Student t, 3 dof), rare V outliers (x30); float32, no norms or rotation."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.distributions.StudentT(3.0).sample((B, S, H, D)).clamp(-50, 50)
+    k = torch.randn(B, S, H, D, generator=g) + k_offset * torch.randn(1, 1, H, D, generator=g)
+    v = torch.randn(B, S, H, D, generator=g)
+    v = torch.where(torch.rand(B, S, H, D, generator=g) < 1e-3, v * 30, v)
+    return dict(q=q, k=k, v=v, text_len=S, cos=None, sin=None, q_norm=None, k_norm=None)
+
+
+def test_emulation_error_and_smoothing():
+    """The float32 emulation stays within INT8-like error of float64 on random inputs (FP8 P V:
+    SageAttention2-like), and K's channel offsets (softmax-invariant) do not raise it: the
+    smoothing removes them."""
+    torch.manual_seed(0)
+    case = make_case(1, 600, 4, 64, 40, torch.float32, seed=1)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    out = int8_attention_reference(**case)
+    assert rel_err(out, ref) < 2e-2 and cosine(out, ref) > 0.9998
+    fp8 = int8_attention_reference(**case, pv_fp8=True)
+    assert rel_err(fp8, ref) < 6e-2 and cosine(fp8, ref) > 0.998
+
+    plain = _hard_case(1, 600, 4, 64, seed=2, k_offset=0.0)
+    offset = _hard_case(1, 600, 4, 64, seed=2, k_offset=10.0)
+    errs = []
+    for c in (plain, offset):
+        ref = rope3d_attention_reference(**c, compute_dtype=torch.float64)
+        errs.append(rel_err(int8_attention_reference(**c), ref))
+    assert errs[1] < 1.5 * errs[0], errs  # without smoothing the offsets multiply it (~10x)
+
+
+def test_precision_dispatch_and_checks():
+    case = make_case(1, 20, 2, 64, 4, torch.float32, seed=3)
+    out = ops.rope3d_attention(**case, precision="int8")  # auto on CPU: the emulation
+    torch.testing.assert_close(out, int8_attention_reference(**case), rtol=0, atol=0)
+    exact = ops.rope3d_attention(**case)
+    torch.testing.assert_close(exact, rope3d_attention_reference(**case), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        ops.rope3d_attention(**case, precision="fp8")
+    with pytest.raises(ValueError, match="precision='int8'"):
+        ops.rope3d_attention(**case, precision="int8", backend="triton")
+
+
+def test_hopper_int8_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 33, 3, 64, dtype=torch.bfloat16)
+        out = torch.ops.cogvideox_kernels.rope3d_attention_hopper_int8(
+            q, q, q, 3, None, None, None, None, None, None, False, False, 1e-6, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_unknown_int8_config_key_raises():
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import resolve_config
+
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        resolve_config(64, dict(BLOCK_M=64))
+    with pytest.raises(ValueError, match="NUM_WG=4"):
+        resolve_config(64, dict(NUM_WG=4))
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+from cogvideox_kernels.ops.attention.hopper_int8_fwd import compile_offline
+config, head_dim = json.loads(sys.argv[1])
+ptx = compile_offline(config, head_dim).asm["ptx"]
+print(json.dumps(dict(s8=".s8.s8" in ptx,
+                      e4m3=(".e4m3.e4m3" in ptx) == config.get("PV_FP8", False),
+                      tma="cp.async.bulk.tensor" in ptx, local=".local" in ptx)))
+"""
+
+
+@pytest.mark.parametrize("config,D", [
+    pytest.param(dict(PV_FP8=True), 64, marks=pytest.mark.slow),
+    (dict(), 128),
+])
+def test_int8_kernel_compiles_for_sm90a_offline(config, D, tmp_path):
+    """INT8 Q K^T and FP8 P V lower to wgmma on sm_90a without a GPU, with no local memory
+    (Gluon does not build under TRITON_INTERPRET: a subprocess without it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps([config, D])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found == dict(s8=True, e4m3=True, tma=True, local=False), found
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def _on_hopper():
+    return torch.cuda.is_available() and hopper_available("cuda")[0]
+
+
+gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
+GPU_CONFIGS = [dict(), dict(MAGIC_CVT=False), dict(STAGES=4), dict(NUM_WG=2),
+               dict(PV_FP8=True), dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
+
+
+def _kernel(case, config=None):
+    from cogvideox_kernels.ops.attention.hopper import hopper_int8_attention_fwd
+
+    qn = case["q_norm"] or (None, None)
+    kn = case["k_norm"] or (None, None)
+    D = case["q"].shape[-1]
+    return hopper_int8_attention_fwd(case["q"], case["k"], case["v"], case["text_len"],
+                                     case["cos"], case["sin"], qn[0], qn[1], kn[0], kn[1],
+                                     case["q_norm"] is not None, case["k_norm"] is not None, 1e-6,
+                                     D ** -0.5, config=config)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("B,S,H,D,text_len,dtype", [
+    (1, 1, 1, 64, 0, torch.bfloat16),
+    (2, 37, 3, 64, 5, torch.bfloat16),
+    (1, 300, 5, 64, 0, torch.bfloat16),
+    (2, 333, 3, 64, 333, torch.bfloat16),
+    (1, 1000, 7, 128, 17, torch.bfloat16),
+    (2, 517, 3, 64, 26, torch.float16),
+])
+def test_gpu_int8_parity_odd_shapes(B, S, H, D, text_len, dtype):
+    case = make_case(B, S, H, D, text_len, dtype, seed=S + D + H, device="cuda")
+    out = ops.rope3d_attention(**case, precision="int8", backend="hopper")
+    emu = int8_attention_reference(**case)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    assert out.shape == case["q"].shape and out.dtype == dtype and out.is_contiguous()
+    e_out, e_emu = rel_err(out, ref), rel_err(emu, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+def test_gpu_int8_configs(config):
+    case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=11, device="cuda")
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    e_emu = rel_err(int8_attention_reference(**case, pv_fp8=config.get("PV_FP8", False)), ref)
+    e_out = rel_err(_kernel(case, config), ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_non_contiguous_inputs():
+    case = make_case(2, 403, 3, 64, 30, torch.bfloat16, seed=3, device="cuda")
+    base = ops.rope3d_attention(**case, precision="int8", backend="hopper")
+    for name in ("q", "k", "v"):
+        wide = torch.zeros(2, 403 * 2, 3, 64, dtype=torch.bfloat16, device="cuda")
+        wide[:, ::2] = case[name]
+        other = dict(case, **{name: wide[:, ::2]})
+        out = ops.rope3d_attention(**other, precision="int8", backend="hopper")
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_compile_fullgraph():
+    case = make_case(1, 300, 2, 64, 20, torch.bfloat16, seed=7, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():  # as the bf16 test: inductor's init makes tensors the conftest poisons
+        fn = torch.compile(lambda q, k, v: ops.rope3d_attention(
+            q, k, v, **case_args(case), precision="int8", backend="hopper") * 2, fullgraph=True)
+        out = fn(case["q"], case["k"], case["v"])
+        eager = ops.rope3d_attention(**case, precision="int8", backend="hopper") * 2
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
