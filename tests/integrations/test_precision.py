@@ -1,4 +1,5 @@
-"""``apply(..., precision=)``: the FFN half of each block runs ``expert_ffn(precision="fp8")``; the mode
+"""``apply(..., precision=)``: under "fp8" / "int8-ffn" the FFN half of each block runs ``expert_ffn(precision="fp8" /
+"int8")``; the mode
 is validated before anything changes and travels with copies of the patched model."""
 import pytest
 import torch
@@ -11,15 +12,17 @@ from cogvideox_kernels.integrations.diffusers import state  # noqa: E402
 from helpers import copy_of  # noqa: E402
 
 
-def test_fp8_mode_reaches_expert_ffn(monkeypatch):
+@pytest.mark.parametrize("mode,ffn", [("fp8", "fp8"), ("int8-ffn", "int8")])
+def test_8bit_mode_reaches_expert_ffn(monkeypatch, mode, ffn):
     model = make_transformer("5b")
     inputs = transformer_inputs(model)
     with torch.no_grad():
         ref = model(**inputs)[0]
         spy = OpSpy(monkeypatch)
-        integration.apply(model, backend="reference", precision="fp8")
+        integration.apply(model, backend="reference", precision=mode)
         out = model(**inputs)[0]
-        assert len(spy.ffn_calls) == 2 and all(kw["precision"] == "fp8" for _, kw in spy.ffn_calls)
+        assert len(spy.ffn_calls) == 2 and all(kw["precision"] == ffn for _, kw in spy.ffn_calls)
+        assert all(kw["precision"] == "bf16" for _, kw in spy.attention_calls)
         assert 1e-4 < rel_err(out, ref) < 5e-2  # lossy, but the same function
         with pytest.raises(ValueError, match="already patched"):  # another mode needs remove() first
             integration.apply(model, backend="reference")
@@ -37,12 +40,14 @@ def test_unknown_precision_refused_before_patching():
         with pytest.raises(ValueError, match="precision"):
             integration.apply(model, precision=bad)
     assert not integration.is_patched(model)
-    assert state.op_precision("fp8", "expert_ffn") == "fp8"
+    assert state.op_precision("fp8", "expert_ffn") == "fp8" and state.op_precision("int8-ffn", "expert_ffn") == "int8"
     assert all(set(ops) == {"rope3d_attention", "expert_ffn"} for ops in state.PRECISION_MODES.values())
 
 
-def test_fp8_kernels_in_a_bf16_model(interpret, monkeypatch):
-    """bf16 model, backend='triton': the FFN halves run the FP8 Triton path (interpreter, emulated GEMMs)."""
+@pytest.mark.parametrize("mode,ffn", [("fp8", "fp8"), ("int8-ffn", "int8")])
+def test_8bit_kernels_in_a_bf16_model(interpret, monkeypatch, mode, ffn):
+    """bf16 model, backend='triton': the FFN halves run the 8-bit Triton path (interpreter; fp8's GEMMs
+    emulated, int8's in the Triton kernel)."""
     model = make_transformer("5b")
     inputs = transformer_inputs(model)
     with torch.no_grad():
@@ -54,7 +59,7 @@ def test_fp8_kernels_in_a_bf16_model(interpret, monkeypatch):
         bf16 = model(**bf16_inputs)[0]
         integration.remove(model)
         spy = OpSpy(monkeypatch)
-        integration.apply(model, backend="triton", precision="fp8")
+        integration.apply(model, backend="triton", precision=mode)
         out = model(**bf16_inputs)[0]
-    assert len(spy.ffn_calls) == 2 and all(kw["precision"] == "fp8" for _, kw in spy.ffn_calls)
+    assert len(spy.ffn_calls) == 2 and all(kw["precision"] == ffn for _, kw in spy.ffn_calls)
     assert rel_err(bf16, ref) < rel_err(out, ref) < 1e-1

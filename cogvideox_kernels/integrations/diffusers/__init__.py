@@ -206,7 +206,8 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     (default, exact); ``"fp8"``: the FFN GEMMs in FP8 e4m3 (lossy, opt-in,
     benchmarks/results/fp8_ffn_notes.md); ``"int8"``: the attention with smoothed INT8 Q K^T
     (``rope3d_attention(..., precision="int8")``, lossy, opt-in,
-    benchmarks/results/int8_attention_notes.md); ``"int8+fp8"``: both. Applying again with the
+    benchmarks/results/int8_attention_notes.md); ``"int8+fp8"``: both; ``"int8-ffn"``: the FFN GEMMs
+    in int8 (``expert_ffn(..., precision="int8")``, lossy, opt-in). Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise
     until :func:`remove`.

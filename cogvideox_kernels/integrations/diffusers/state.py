@@ -27,6 +27,7 @@ PRECISION_MODES = {
     "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8"},    # FP8 e4m3 FFN GEMMs (lossy, opt-in)
     "int8": {"rope3d_attention": "int8", "expert_ffn": "bf16"},  # smoothed INT8 Q K^T (lossy, opt-in)
     "int8+fp8": {"rope3d_attention": "int8", "expert_ffn": "fp8"},  # both 8-bit paths
+    "int8-ffn": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
 }
 
 

@@ -24,7 +24,8 @@ def expert_ffn(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=None, nor
     the rest video, with a top-1 router ``(weight, bias)`` for a modality that has several.
     See ``reference.py`` for the exact maths. precision: ``"bf16"`` (default: the exact path in x's
     dtype) or ``"fp8"`` (both GEMMs in e4m3 with per-token activation scales and per-output-channel
-    weight scales, the weights quantized once per version; see ``fp8.py``; lossy, opt-in). backend: ``"auto"``, ``"reference"`` or a kernel
+    weight scales, the weights quantized once per version; see ``fp8.py``; lossy, opt-in) or ``"int8"``
+    (the same with int8 operands and int32 sums, ``int8.py``). backend: ``"auto"``, ``"reference"`` or a kernel
     (``registry.kernels("expert_ffn")``: ``"triton"``).
     """
     return registry.dispatch("expert_ffn", backend, x=x, modulation=modulation, w1=w1, b1=b1, w2=w2, b2=b2,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import interpret_mode
-from .triton_fwd import _gelu_tanh, _row_scale, _to_e4m3, gate_residual_fwd, modulated_norm_fwd
+from .triton_fwd import QUANT_OF, _gelu_tanh, _quantize_row, gate_residual_fwd, modulated_norm_fwd
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -60,7 +60,8 @@ def fp8_round_trip(t: torch.Tensor) -> torch.Tensor:
 # weights: quantized once per weight version
 # --------------------------------------------------------------------------------------------
 class WeightCache:
-    """FP8 copies of weights, one per storage, reused while the weight is unchanged.
+    """FP8 copies of weights (or what ``quantize`` makes: int8.py's cache holds int8 ones), one per
+    storage, reused while the weight is unchanged.
 
     An entry is found through the weight's storage (its Python object, held weakly: a new tensor
     that the allocator places at a freed weight's address is a different storage and misses) and
@@ -70,7 +71,8 @@ class WeightCache:
     dies with its storage, so offloaded or per-call weights (unfused LoRA) leave nothing behind.
     """
 
-    def __init__(self):
+    def __init__(self, quantize=None):
+        self._quantize = quantize or quantize_weight  # w -> (quantized w, float32 scales per output channel)
         self._entries: dict[int, tuple] = {}
         self.quantizations = 0  # how many times a weight was quantized (tests read it)
 
@@ -81,14 +83,14 @@ class WeightCache:
         self._entries.clear()
 
     def get(self, w: torch.Tensor):
-        """(e4m3 ``w``, float32 scales ``w.shape[:-1]``) for ``w`` [..., out, in], per output channel."""
+        """(quantized ``w``, float32 scales ``w.shape[:-1]``) for ``w`` [..., out, in], per output channel."""
         storage = w.untyped_storage()
         key = id(storage)
         view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w.device, w._version)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is storage and entry[1] == view:
             return entry[2]
-        value = quantize_weight(w)
+        value = self._quantize(w)
         self.quantizations += 1
         entries = self._entries
         ref = weakref.ref(storage, lambda _, key=key: entries.pop(key, None))
@@ -110,9 +112,10 @@ WEIGHTS = WeightCache()
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: tl.constexpr,
+def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
                                 BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """One row of GEMM1's output: gelu_tanh(y + b1) -> e4m3 with the row's scale (GEMM2's A operand)."""
+    """One row of GEMM1's output: gelu_tanh(y + b1) -> e4m3 or int8 (QUANT) with the row's scale
+    (GEMM2's A operand)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -120,19 +123,20 @@ def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: 
     if HAS_BIAS:
         v = v + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     v = tl.where(mask, _gelu_tanh(v), 0.0)
-    scale = _row_scale(tl.max(tl.abs(v), axis=0))
+    q, scale = _quantize_row(v, mask, QUANT, INTERPRET)
     tl.store(scale_ptr + row, scale)
-    tl.store(q_ptr + row * N + cols, _to_e4m3(v / scale, INTERPRET), mask=mask)
+    tl.store(q_ptr + row * N + cols, q, mask=mask)
 
 
-def bias_gelu_quant_fwd(y: torch.Tensor, bias):
-    """(e4m3 gelu_tanh(y + bias), float32 row scales) for y [rows, N] contiguous."""
+def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3):
+    """(gelu_tanh(y + bias) quantized per row to out_dtype (e4m3, or int8 for int8.py), float32 row
+    scales) for y [rows, N] contiguous."""
     rows, N = y.shape
-    q = torch.empty(rows, N, dtype=E4M3, device=y.device)
+    q = torch.empty(rows, N, dtype=out_dtype, device=y.device)
     scale = torch.empty(rows, dtype=torch.float32, device=y.device)
     block = triton.next_power_of_2(N)
     _bias_gelu_quant_fwd_kernel[(rows,)](y, bias if bias is not None else y, q, scale, N, HAS_BIAS=bias is not None,
-                                         BLOCK_N=block, INTERPRET=interpret_mode(),
+                                         QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
                                          num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
     return q, scale
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
-# precision=: "bf16" is the exact path in the input dtype (the default), "fp8" the e4m3 GEMMs of fp8.py
-PRECISIONS = ("bf16", "fp8")
+# precision=: "bf16" is the exact path in the input dtype (the default), "fp8" the e4m3 GEMMs of fp8.py,
+# "int8" the int8 GEMMs of int8.py
+PRECISIONS = ("bf16", "fp8", "int8")
 
 # The rows of the [B, 6, hidden] modulation: the one definition (nn.adaln and the Triton kernels read it).
 SHIFT_V, SCALE_V, GATE_V, SHIFT_T, SCALE_T, GATE_T = range(6)
@@ -133,11 +134,12 @@ def expert_ffn_reference(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight
 
     ``precision="fp8"`` emulates the FP8 path (fp8.py) in that working precision: h and the GELU
     output quantized to e4m3 per token row, w1/w2 per output channel, each dequantized at once, so
-    only the e4m3 rounding differs from ``"bf16"``. Routers see the unquantized h."""
+    only the e4m3 rounding differs from ``"bf16"``. ``precision="int8"`` does the same with int8.py's
+    rounding (row amax / 127, round to nearest). Routers see the unquantized h."""
     work = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     up = lambda t: None if t is None else t.to(work)  # noqa: E731
     up_pair = lambda p: None if p is None else (up(p[0]), up(p[1]))  # noqa: E731
-    q = _fp8_round_trip if precision == "fp8" else (lambda t: t)
+    q = {"fp8": _fp8_round_trip, "int8": _int8_round_trip}.get(precision, lambda t: t)
     xw = x.to(work)
     h, gate = modulated_norm_reference(xw, up(modulation), text_len, up(norm_weight), up(norm_bias), eps)
 
@@ -167,6 +169,12 @@ def _fp8_round_trip(t):
     from .fp8 import fp8_round_trip  # fp8.py imports the Triton kernels: only when asked for
 
     return fp8_round_trip(t)
+
+
+def _int8_round_trip(t):
+    from .int8 import int8_round_trip
+
+    return int8_round_trip(t)
 
 
 def expert_ffn_flops(tokens: int, hidden: int, inner: int) -> float:

@@ -57,12 +57,17 @@ SHARED_PATH_ENV = "COGVIDEOX_KERNELS_FFN_SHARED"
 # kernels
 # --------------------------------------------------------------------------------------------
 E4M3_MAX = tl.constexpr(448.0)  # largest float8_e4m3fn value (fp8.py holds the scheme)
+INT8_MAX = tl.constexpr(127.0)  # int8 rows use [-127, 127] (int8.py holds the scheme)
+# QUANT of the row-quantizing kernels: what a row is written as
+QUANT_NONE, QUANT_E4M3, QUANT_INT8 = 0, 1, 2
+QUANT_OF = {torch.float8_e4m3fn: QUANT_E4M3, torch.int8: QUANT_INT8}
 
 
 @triton.jit
-def _row_scale(amax):
-    """Scale of a row for e4m3: amax / 448 (1 for an all-zero row, whose values are all 0 anyway)."""
-    return tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+def _row_scale(amax, QUANT: tl.constexpr):
+    """Scale of a row: amax / 448 (e4m3) or amax / 127 (int8); 1 for an all-zero row (all 0 anyway)."""
+    qmax = INT8_MAX if QUANT == 2 else E4M3_MAX
+    return tl.where(amax > 0, amax / qmax, 1.0)
 
 
 @triton.jit
@@ -80,11 +85,34 @@ def _to_e4m3(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _to_int8(v, INTERPRET: tl.constexpr):
+    """float32 ``v`` (|v| <= 127 up to rounding) -> int8, rounding to nearest even (``torch.round``).
+    libdevice is not in the interpreter: there 1.5 * 2^23 added and taken away rounds (IEEE, |v| < 2^22)."""
+    if INTERPRET:
+        v = (v + 12582912.0) - 12582912.0
+    else:
+        v = tl.extra.cuda.libdevice.rint(v)
+    return tl.clamp(v, -127.0, 127.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_row(v, mask, QUANT: tl.constexpr, INTERPRET: tl.constexpr):
+    """(quantized float32 row ``v``, its scale): e4m3 or int8 per ``QUANT``; masked-off lanes ignored.
+    (One return: the compiler, unlike the interpreter, refuses returns of different types.)"""
+    scale = _row_scale(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), QUANT)
+    if QUANT == 2:
+        q = _to_int8(v / scale, INTERPRET)
+    else:
+        q = _to_e4m3(v / scale, INTERPRET)
+    return q, scale
+
+
+@triton.jit
 def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, seq_len, text_len, hidden,
-                               eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANTIZE: tl.constexpr,
+                               eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANT: tl.constexpr,
                                BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """h = LN(x) * (1 + scale_m) + shift_m for one token; with QUANTIZE, h goes out as e4m3 with its
-    row scale (amax / 448, see fp8.py) instead: the activation quantization of precision="fp8"."""
+    """h = LN(x) * (1 + scale_m) + shift_m for one token; with QUANT (QUANT_E4M3 / QUANT_INT8), h goes
+    out quantized with its row scale instead: the activation quantization of precision="fp8" / "int8"."""
     row = tl.program_id(0).to(tl.int64)
     sample = row // seq_len
     is_text = (row - sample * seq_len) < text_len
@@ -105,10 +133,10 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_
     shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
-    if QUANTIZE:
-        h_scale = _row_scale(tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0))
+    if QUANT != 0:
+        h_q, h_scale = _quantize_row(h, mask, QUANT, INTERPRET)
         tl.store(h_scale_ptr + row, h_scale)
-        tl.store(h_ptr + row * hidden + cols, _to_e4m3(h / h_scale, INTERPRET), mask=mask)
+        tl.store(h_ptr + row * hidden + cols, h_q, mask=mask)
     else:
         tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -356,16 +384,18 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
 
 def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, text_len, out_dtype):
     """h = LN(x) * (1 + scale_m) + shift_m for x2d [B*S, hidden] (contiguous), in out_dtype.
-    out_dtype ``torch.float8_e4m3fn``: returns (h in e4m3, its float32 row scales [B*S])."""
+    out_dtype ``torch.float8_e4m3fn`` / ``torch.int8``: returns (h quantized per row, its float32 row
+    scales [B*S]) (fp8.py / int8.py)."""
     rows, hidden = x2d.shape
-    quantize = out_dtype == torch.float8_e4m3fn
+    quant = QUANT_OF.get(out_dtype, QUANT_NONE)
+    quantize = quant != QUANT_NONE
     h = torch.empty(rows, hidden, dtype=out_dtype, device=x2d.device)
     h_scale = torch.empty(rows, dtype=torch.float32, device=x2d.device) if quantize else h
     block = triton.next_power_of_2(hidden)
     _modulated_norm_fwd_kernel[(rows,)](
         x2d, modulation, norm_weight if norm_weight is not None else x2d,
         norm_bias if norm_bias is not None else x2d, h, h_scale, seq_len, text_len, hidden, eps,
-        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANTIZE=quantize, BLOCK_H=block,
+        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANT=quant, BLOCK_H=block,
         INTERPRET=interpret_mode(),
         num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
     return (h, h_scale) if quantize else h
@@ -503,6 +533,10 @@ def supports(x, precision="bf16", **inputs) -> str | None:
         from . import fp8
 
         return fp8.supports(x, **inputs)
+    if precision == "int8":
+        from . import int8
+
+        return int8.supports(x, **inputs)
     return None
 
 
@@ -513,6 +547,10 @@ def expert_ffn_triton(x, modulation, w1, b1, w2, b2, *, text_len, norm_weight=No
         from .fp8 import expert_ffn_fp8_op
 
         return expert_ffn_fp8_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps))
+    if precision == "int8":  # the shared FFN (``int8.supports``)
+        from .int8 import expert_ffn_int8_op
+
+        return expert_ffn_int8_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps))
     tw, tb = text_router if text_router is not None else (None, None)
     vw, vb = video_router if video_router is not None else (None, None)
     return expert_ffn_op(x, modulation, w1, b1, w2, b2, int(text_len), norm_weight, norm_bias, float(eps),
