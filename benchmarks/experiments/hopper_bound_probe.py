@@ -1,7 +1,7 @@
 """H200 probe: the Hopper attention with the score-bound (fixed-max) softmax against the running-max
 softmax and FA3, in one process. Needs an H100/H200 and (for FA3) the fa3-fwd wheel.
 
-    PYTHONPATH=$PWD python3 benchmarks/experiments/hopper_bound_probe.py --out DIR
+    PYTHONPATH=$PWD python3 benchmarks/experiments/hopper_bound_probe.py --out DIR [--next]
 
 Per shape (5B, 1.5-5B, head_dim 128): q, k, v are strided views of a bf16 QKV tensor with QK
 LayerNorm + RoPE3D on (``bench_attention.make_inputs``). Rows: FA3 alone on the normed contiguous
@@ -123,15 +123,38 @@ def run_shape(name, results, log):
         tag = ",".join(f"{k}{v}" for k, v in (cfg or {}).items()) or "default"
         record(f"full path {tag} (LN+RoPE+attn, V in place)", ms, rel_error(out, ref, rows),
                bounded=bounded, config=cfg)
+    if NEXT:
+        import hopper_attention_next as nx
+
+        for vname, kw in {"next base": {}, **{f"next {k}": v for k, v in nx.VARIANTS.items()}}.items():
+            def run_next():
+                return nx.attention_next(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
+                                         inp["sin"], qn, kn, eps, scale, **kw)
+            try:
+                out = run_next()
+                torch.cuda.synchronize()
+            except Exception as e:
+                log(f"  {vname}: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            ms = time_ms(run_next, "cuda", rep_ms=rep)
+            record(f"full path {vname} (LN+RoPE+attn)", ms, rel_error(out, ref, rows), variant=kw)
     del inp, qh, kh, vh, ref, out
     torch.cuda.empty_cache()
+
+
+NEXT = False
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="hopper_bound_out")
     ap.add_argument("--shapes", default="5b,d128")
+    ap.add_argument("--next", action="store_true",
+                    help="also time hopper_attention_next.py's variants (ping-pong, fused q prologue)")
     args = ap.parse_args()
+    global NEXT
+    NEXT = args.next
+    sys.path.insert(0, HERE)
     os.makedirs(args.out, exist_ok=True)
     lines, results = [], []
 

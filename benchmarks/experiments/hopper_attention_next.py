@@ -1,0 +1,364 @@
+"""Next-step variants of the Hopper attention's score-bound (fixed-max) path, for the next H200 probe
+(issue 13). Not shipped; written after the session's device time was spent, so only compiled
+offline for sm_90a so far (``python benchmarks/experiments/hopper_attention_next.py`` prints the
+main-loop instruction counts of each variant). ``hopper_bound_probe.py --next`` times them.
+
+Shared pieces (shared-memory aggregate, K/V ring, score bound, tail mask) are imported from the
+shipped ``cogvideox_kernels/ops/attention/hopper_fwd.py``; what differs:
+
+* ``PINGPONG``: the 3 consumer warpgroups take turns issuing their GEMMs (an mbarrier per
+  warpgroup, as FA3 does for 2), so one's softmax runs while the tensor cores work for the others.
+  With the running max this bought nothing (notes); with the bound the softmax is 27% shorter and the
+  ncu of the bound kernel shows tensor and MUFU both at 67% with 0.71 eligible warps per scheduler,
+  i.e. the warpgroups' phases collide.
+* ``QFUSE``: q's LayerNorm + RoPE move into the consumer prologue: the loader brings each
+  warpgroup's 64 raw q rows by TMA from q's token-major view (the QKV slice, like V), the consumer
+  norms and rotates them in registers, writes them back as bf16, and takes its per-row score bound
+  from their norms (tighter than the per-head one). Saves the q pre-pass (~0.17 ms at 5B). Always
+  with QK LayerNorm (weight and bias) and RoPE on, the 5B/1.5-5B configuration; heads whose bound
+  exceeds 80 take the shipped running-max loop.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _mask_tail,
+                                                        _registers, _Shared, default_config,
+                                                        v_token_major_ok)
+
+
+@gluon.jit
+def _loader(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S):
+    """The shipped loader with q's box at (q_row + i * BLOCK_M, q_col) of q's 2D view."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
+    for i in gl.static_range(sm.NUM_WG):
+        tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, q_col], sm.q_bar,
+                                        sm.q_bufs.index(i))
+    n_blocks = gl.cdiv(S, sm.BLOCK_N)
+    for j in range(n_blocks):
+        stage = j % sm.STAGES
+        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
+        k_bar = sm.k_ready.index(stage)
+        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
+                                        sm.k_bufs.index(stage))
+        v_bar = sm.v_ready.index(stage)
+        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
+                                        sm.v_bufs.index(stage))
+
+
+@gluon.jit
+def _turn_wait(turns, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.wait(turns.index(WG), k & 1)
+
+
+@gluon.jit
+def _turn_pass(turns, WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index((WG + 1) % NUM_WG))
+
+
+@gluon.jit
+def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turns,
+                 WG: gl.constexpr, MASK: gl.constexpr, PINGPONG: gl.constexpr):
+    """Key block j >= 1 of the fixed-max loop (the shipped ``_attend_block`` with FIXED, m per row,
+    and the GEMM issue inside the warpgroup's turn)."""
+    stage = j % sm.STAGES
+    prev = (j - 1) % sm.STAGES
+    mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
+    _turn_wait(turns, WG, j, PINGPONG)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)
+    _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
+    s = warpgroup_mma_wait(1, deps=(s,))
+    if MASK:
+        s = _mask_tail(s, j * sm.BLOCK_N, S)
+    p = gl.exp2(s * qk_scale - m_row[:, None])
+    l_i = l_i + gl.sum(p, axis=1)
+    mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)  # ends the basic block (ptxas)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(sm.kv_empty.index(prev))
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    return acc, l_i, p_op
+
+
+@gluon.jit
+def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG: gl.constexpr,
+                PINGPONG: gl.constexpr):
+    """The fixed-max loop over all key blocks with a per-row m (``m_row``, the S layout's rows)."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    dtype: gl.constexpr = sm.q_bufs.dtype
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    n_blocks = gl.cdiv(S, BLOCK_N)
+
+    mbarrier.wait(sm.k_ready.index(0), 0)
+    _turn_wait(turns, WG, 0, PINGPONG)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    s = _mask_tail(s, 0, S)
+    p = gl.exp2(s * qk_scale - m_row[:, None])
+    l_i = l_i + gl.sum(p, axis=1)
+    mbarrier.wait(sm.v_ready.index(0), 0)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for j in range(1, n_blocks - 1):
+        acc, l_i, p_op = _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S,
+                                      turns, WG, False, PINGPONG)
+    if n_blocks > 1:
+        acc, l_i, p_op = _fixed_block(n_blocks - 1, sm, q_smem, acc, m_row, l_i, p_op, s_zero,
+                                      qk_scale, S, turns, WG, True, PINGPONG)
+    last = (n_blocks - 1) % sm.STAGES
+    _turn_wait(turns, WG, n_blocks, PINGPONG)
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
+    _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(sm.kv_empty.index(last))
+    return acc, l_i
+
+
+@gluon.jit
+def _q_prologue(q_smem, rows, S, text_len, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
+                HEAD_D: gl.constexpr):
+    """LayerNorm (weight, bias) + RoPE of the warpgroup's raw q rows in shared memory, written back
+    in place (bf16); returns the squared row norms of the stored values (rows past S: 0)."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    TPW_D: gl.constexpr = HEAD_D // 8
+    ql: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    x = q_smem.load(ql).to(gl.float32)
+    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ql))
+    r = rows + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ql))
+    mean = gl.sum(x, axis=1) / HEAD_D
+    xc = x - mean[:, None]
+    rstd = gl.rsqrt(gl.sum(xc * xc, axis=1) / HEAD_D + eps)
+    w = gl.load(qw_ptr + cols).to(gl.float32)
+    b = gl.load(qb_ptr + cols).to(gl.float32)
+    x = xc * rstd[:, None] * w[None, :] + b[None, :]
+    video = (r >= text_len) & (r < S)
+    offs = (r - text_len).to(gl.int64)[:, None] * stride_cs + cols[None, :]
+    tmask = video[:, None] & (cols < HEAD_D)[None, :]
+    cos = gl.load(cos_ptr + offs, mask=tmask, other=1.0)
+    sin = gl.load(sin_ptr + offs, mask=tmask, other=0.0)
+    even, odd = gl.split(x.reshape([BLOCK_M, HEAD_D // 2, 2]))
+    swapped = gl.join(-odd, even).reshape([BLOCK_M, HEAD_D])
+    x = x * cos + gl.convert_layout(swapped, x.type.layout) * sin
+    xq = x.to(q_smem.dtype)
+    q_smem.store(xq)
+    fence_async_shared()
+    gl.thread_barrier()  # every warp's rows are in shared memory before the warpgroup's wgmma
+    xf = xq.to(gl.float32)
+    return gl.where(r < S, gl.sum(xf * xf, axis=1), 0.0)
+
+
+@gluon.jit
+def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os, qk_scale,
+              cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, WG: gl.constexpr,
+              PINGPONG: gl.constexpr, QFUSE: gl.constexpr):
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    dtype: gl.constexpr = sm.q_bufs.dtype
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_smem = sm.q_bufs.index(WG)
+    mbarrier.wait(sm.q_bar, 0)
+    kn = gl.load(norm_ptr + BH + pid_bh)
+    cq = gl.abs(qk_scale) * 1.01
+    if QFUSE:
+        qn = _q_prologue(q_smem, q_start + WG * BLOCK_M, S, text_len, cos_ptr, sin_ptr, stride_cs,
+                         qw_ptr, qb_ptr, eps, HEAD_D)
+        t = gl.sqrt(qn * kn) * cq
+    else:
+        qn = gl.load(norm_ptr + pid_bh)
+        t = gl.full([BLOCK_M], 0.0, gl.float32, layout=srow) + gl.sqrt(qn * kn) * cq
+    fixed = gl.max(t, axis=0) <= 80.0
+    t = gl.convert_layout(t, srow)
+    m_row = t - gl.maximum(2.0 * t - 96.0, 0.0)
+    if fixed:
+        acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG, PINGPONG)
+    else:
+        # the running-max loop takes no turns; it passes its n_blocks + 1 turns first so that the
+        # other warpgroups (with QFUSE their bound is per warpgroup) never wait on it
+        for k in range(gl.cdiv(S, BLOCK_N) + 1):
+            _turn_wait(turns, WG, k, PINGPONG)
+            _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
+        acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False)
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    TPW_D: gl.constexpr = HEAD_D // 8
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    out = gl.convert_layout(out.to(dtype), store_layout)
+    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, store_layout))
+    gl.store(o_ptr + rows.to(gl.int64)[:, None] * stride_os + cols[None, :], out,
+             mask=(rows < S)[:, None])
+
+
+@gluon.jit
+def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, text_len, stride_ob,
+                 stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """3 consumer warpgroups x 64 rows + a loader warp, as the shipped kernel; q from its
+    token-major view when QFUSE (raw), else head-major (normed by the pre-pass); V token-major."""
+    NUM_WG: gl.constexpr = 3
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    dtype: gl.constexpr = k_desc.dtype
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start = pid_m * (BLOCK_M * NUM_WG)
+    row_kv = pid_bh * S
+    if QFUSE:
+        q_row = b * S + q_start
+        q_col = h * HEAD_D
+    else:
+        q_row = row_kv + q_start
+        q_col = 0
+    o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    turns = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], bar_layout)
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=NUM_WG)
+    for i in gl.static_range(NUM_WG):
+        mbarrier.init(turns.index(i), count=1)
+    if PINGPONG:
+        mbarrier.arrive(turns.index(0))  # warpgroup 0 issues first
+    sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
+                 STAGES)
+    gl.warp_specialize([
+        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
+                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 0, PINGPONG,
+                     QFUSE)),
+        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
+                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 1, PINGPONG,
+                     QFUSE)),
+        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
+                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 2, PINGPONG,
+                     QFUSE)),
+        (_loader, (sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S)),
+    ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, scale, *,
+            pingpong, qfuse, stages=None, compile_only=False):
+    """q_src: raw q [B, S, H, D] (token-major, QFUSE) or the pre-pass's head-major [B, H, S, D]."""
+    B, H, _, D = kh.shape
+    cfg = default_config(D)
+    stages = stages or cfg["STAGES"]
+    gdt = gl.bfloat16
+    lay = lambda box: gl.NVMMASharedLayout.get_default_for([box, D], gdt)  # noqa: E731
+    if qfuse:
+        q_desc = TensorDescriptor(q_src, [B * S, H * D], [q_src.stride(1), 1], [64, D], lay(64))
+    else:
+        q_desc = TensorDescriptor(q_src, [B * H * S, D], [D, 1], [64, D], lay(64))
+    k_desc = TensorDescriptor(kh, [B * H * S, D], [D, 1], [cfg["BLOCK_N"], D], lay(cfg["BLOCK_N"]))
+    v_desc = TensorDescriptor(v, [B * S, H * D], [v.stride(1), 1], [cfg["BLOCK_N"], D],
+                              lay(cfg["BLOCK_N"]))
+    consumer_regs, loader_regs = _registers(3)
+    grid = (triton.cdiv(S, 192), B * H)
+    _next_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, text_len,
+                       out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E, cos,
+                       sin, cos.stride(0), qw, qb, float(eps), STAGES=stages, PINGPONG=pingpong,
+                       QFUSE=qfuse, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
+                       num_warps=4)
+    return out
+
+
+def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, pingpong=False,
+                   qfuse=False, stages=None):
+    """The full path (k pre-pass with norms, q pre-pass unless qfuse, V in place) for bf16 q/k/v
+    [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on."""
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    B, S, H, D = q.shape
+    assert q.dtype == torch.bfloat16 and v_token_major_ok(v) and (not qfuse or v_token_major_ok(q))
+    sq = torch.empty((2, B, S, H), dtype=torch.float32, device=q.device)
+    kh = qk_norm_rope_fwd(k, text_len, cos, sin, *k_norm, True, eps, norm_sq=sq[1])
+    if qfuse:
+        q_src = q
+        sq[0].fill_(0.0)  # unused (per-row norms come from the prologue)
+    else:
+        q_src = qk_norm_rope_fwd(q, text_len, cos, sin, *q_norm, True, eps,
+                                 norm_sq=sq[0]).transpose(1, 2)
+    norm_max = sq.amax(dim=2).reshape(2, B * H)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    return _launch(q_src, kh.transpose(1, 2), v, out, norm_max, S, text_len, cos, sin,
+                   q_norm[0], q_norm[1], eps, scale, pingpong=pingpong, qfuse=qfuse,
+                   stages=stages)
+
+
+VARIANTS = {"pingpong": dict(pingpong=True), "qfuse": dict(qfuse=True),
+            "pingpong+qfuse": dict(pingpong=True, qfuse=True)}
+
+
+def compile_offline(pingpong, qfuse, head_dim=64, stages=4):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc_type(box):
+        layout = gl.NVMMASharedLayout.get_default_for([box, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{box}, {head_dim}],{layout!r}>"
+
+    bn = default_config(head_dim)["BLOCK_N"]
+    consumer_regs, loader_regs = _registers(3)
+    sig = {"q_desc": desc_type(64), "k_desc": desc_type(bn), "v_desc": desc_type(bn),
+           "o_ptr": "*bf16", "norm_ptr": "*fp32", "S": "i32", "H": "i32", "BH": "i32",
+           "text_len": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
+           "qk_scale": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "stride_cs": "i32",
+           "qw_ptr": "*bf16", "qb_ptr": "*bf16", "eps": "fp32"}
+    constexprs = dict(STAGES=stages, PINGPONG=pingpong, QFUSE=qfuse, CONSUMER_REGS=consumer_regs,
+                      LOADER_REGS=loader_regs)
+    sig.update({n: "constexpr" for n in constexprs})
+    src = GluonASTSource(_next_kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+if __name__ == "__main__":
+    import collections
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hopper_same_sass import main_loops
+
+    for name, kw in {"base": {}, **VARIANTS}.items():
+        c = compile_offline(kw.get("pingpong", False), kw.get("qfuse", False))
+        loops = main_loops(c)
+        counts = [dict(collections.Counter(o.split(".")[0] for o in body).most_common(6))
+                  for body in loops]
+        print(f"{name}: smem {c.metadata.shared} B, main loops {[len(x) for x in loops]} {counts[:1]}")
