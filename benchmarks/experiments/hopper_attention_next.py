@@ -27,8 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _mask_tail,
-                                                        _registers, _Shared, default_config,
-                                                        v_token_major_ok)
+                                                        _registers, alloc_shared, default_config,
+                                                        mma_layout, store_rows, v_token_major_ok)
 
 
 @gluon.jit
@@ -98,10 +98,8 @@ def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG: gl.constexpr,
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
     BLOCK_N: gl.constexpr = sm.BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
@@ -175,10 +173,8 @@ def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stri
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
     BLOCK_N: gl.constexpr = sm.BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
     q_smem = sm.q_bufs.index(WG)
     mbarrier.wait(sm.q_bar, 0)
@@ -204,14 +200,8 @@ def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stri
             _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
         acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False)
-    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    TPW_D: gl.constexpr = HEAD_D // 8
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    out = gl.convert_layout(out.to(dtype), store_layout)
-    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, store_layout))
-    gl.store(o_ptr + rows.to(gl.int64)[:, None] * stride_os + cols[None, :], out,
-             mask=(rows < S)[:, None])
+    store_rows(acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None], o_ptr,
+               q_start + WG * BLOCK_M, S, stride_os)
 
 
 @gluon.jit
@@ -224,8 +214,6 @@ def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, text_len, st
     NUM_WG: gl.constexpr = 3
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    dtype: gl.constexpr = k_desc.dtype
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // H
@@ -240,26 +228,12 @@ def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, text_len, st
         q_col = 0
     o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
 
-    q_bufs = gl.allocate_shared_memory(dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    turns = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], bar_layout)
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=NUM_WG)
+    sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES)
+    turns = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_WG):
         mbarrier.init(turns.index(i), count=1)
     if PINGPONG:
         mbarrier.arrive(turns.index(0))  # warpgroup 0 issues first
-    sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
-                 STAGES)
     gl.warp_specialize([
         (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
                      qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 0, PINGPONG,

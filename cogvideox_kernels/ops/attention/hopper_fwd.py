@@ -84,6 +84,41 @@ class _Shared:
         self.STAGES = gl.constexpr(STAGES)
 
 
+@gluon.constexpr_function
+def mma_layout(n, k=16):
+    """The wgmma accumulator layout of a [64, n] tile of one warpgroup (k: the instruction's K, 16
+    for 16-bit operands, 32 for 8-bit ones)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
+
+
+@gluon.jit
+def alloc_shared(q_desc, k_desc, v_desc, NUM_WG: gl.constexpr, STAGES: gl.constexpr,
+                 V_T: gl.constexpr = False):
+    """The CTA's shared memory (NUM_WG Q tiles, a STAGES-deep K/V ring; V^T tiles [D, BLOCK_N]
+    with V_T) and its mbarriers, initialised: kv_empty counts one arrival per consumer."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    if V_T:
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], v_desc.layout)
+    else:
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=NUM_WG)
+    return _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
+                   STAGES)
+
+
 @gluon.jit
 def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
     """One warp: the Q tiles once, then K and V blocks into the ring (K and V on separate
@@ -163,10 +198,8 @@ def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
     BLOCK_N: gl.constexpr = sm.BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -209,10 +242,8 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, fixed, m_fix
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
     BLOCK_N: gl.constexpr = sm.BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q_smem = sm.q_bufs.index(WG)
@@ -224,11 +255,20 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, fixed, m_fix
         acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False)
 
     # ---- epilogue: O / l; rows past S are not stored
-    out = acc / gl.convert_layout(l_i, orow_layout)[:, None]
+    store_rows(acc / gl.convert_layout(l_i, orow_layout)[:, None], o_ptr, q_start + WG * BLOCK_M,
+               S, stride_os)
+
+
+@gluon.jit
+def store_rows(out, o_ptr, row0, S, stride_os):
+    """Store a warpgroup's [BLOCK_M, D] fp32 result as rows row0.. of o (its dtype, row stride
+    stride_os, unit stride in D) through a row-contiguous layout; rows >= S are not stored."""
+    BLOCK_M: gl.constexpr = out.shape[0]
+    HEAD_D: gl.constexpr = out.shape[1]
     TPW_D: gl.constexpr = HEAD_D // 8
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    out = gl.convert_layout(out.to(dtype), store_layout)
-    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+    out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), store_layout)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
     cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, store_layout))
     ptrs = o_ptr + rows.to(gl.int64)[:, None] * stride_os + cols[None, :]
     gl.store(ptrs, out, mask=(rows < S)[:, None])
@@ -267,8 +307,6 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
     """
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // H
@@ -289,22 +327,7 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
         fixed = pid_bh < 0  # False, as a runtime value like the bounded case's
         m_fixed = qk_scale * 0.0
 
-    q_bufs = gl.allocate_shared_memory(dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=NUM_WG)
-
-    sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
-                 STAGES)
+    sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES)
     # worker arguments are spelled out per call (tuple arithmetic would drop their constexpr-ness)
     if NUM_WG == 2:
         gl.warp_specialize([

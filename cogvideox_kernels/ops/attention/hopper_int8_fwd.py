@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper_fwd import LOG2E, _mask_tail, _registers, _Shared
+from .hopper_fwd import LOG2E, _mask_tail, _registers, alloc_shared, mma_layout, store_rows
 
 LOG2_P_SCALE = gl.constexpr(math.log2(448.0))  # P is stored as p * 448 in e4m3 (its max)
 MAGIC = gl.constexpr(0x4B400000)  # float32 bits of 12582912 = 1.5 * 2^23
@@ -150,17 +150,14 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     BLOCK_N: gl.constexpr = sm.BLOCK_N
     out_dtype: gl.constexpr = o_ptr.dtype.element_ty
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N, 32)
     if PV_FP8:
         p_dtype: gl.constexpr = gl.float8e4nv
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_D, 32])
+        o_layout: gl.constexpr = mma_layout(HEAD_D, 32)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     else:
         p_dtype: gl.constexpr = sm.v_bufs.dtype
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
+        o_layout: gl.constexpr = mma_layout(HEAD_D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -214,13 +211,7 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
     if PV_FP8:  # (the factor 448 of P is in both O and l)
         cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         out = out * gl.load(vs_ptr + cols_o)[None, :]
-    TPW_D: gl.constexpr = HEAD_D // 8
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    out = gl.convert_layout(out.to(out_dtype), store_layout)
-    rows_o = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, store_layout))
-    ptrs = o_ptr + rows_o.to(gl.int64)[:, None] * stride_os + cols[None, :]
-    gl.store(ptrs, out, mask=(rows_o < S)[:, None])
+    store_rows(out, o_ptr, q_start + WG * BLOCK_M, S, stride_os)
 
 
 @gluon.jit
@@ -249,25 +240,7 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
     ks_base = ks_ptr + pid_bh * gl.cdiv(S, BLOCK_N)
     vs_base = vs_ptr + pid_bh * HEAD_D
 
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_WG, BLOCK_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    if PV_FP8:
-        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], v_desc.layout)
-    else:
-        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=NUM_WG)
-
-    sm = _Shared(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, NUM_WG, BLOCK_N,
-                 STAGES)
+    sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES, PV_FP8)
     row_vt = pid_bh * HEAD_D
     if NUM_WG == 2:
         gl.warp_specialize([
