@@ -32,8 +32,9 @@ from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _
 
 
 @gluon.jit
-def _loader(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S):
-    """The shipped loader with q's box at (q_row + i * BLOCK_M, q_col) of q's 2D view."""
+def _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S, base):
+    """The shipped loader for one tile: q's box at (q_row + i * BLOCK_M, q_col) of q's 2D view,
+    then K/V blocks into the ring; ``base``: ring blocks loaded by earlier tiles (persistent)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
     for i in gl.static_range(sm.NUM_WG):
@@ -41,8 +42,9 @@ def _loader(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S):
                                         sm.q_bufs.index(i))
     n_blocks = gl.cdiv(S, sm.BLOCK_N)
     for j in range(n_blocks):
-        stage = j % sm.STAGES
-        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
+        c = base + j
+        stage = c % sm.STAGES
+        mbarrier.wait(sm.kv_empty.index(stage), ((c // sm.STAGES) & 1) ^ 1)
         k_bar = sm.k_ready.index(stage)
         mbarrier.expect(k_bar, k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
@@ -51,6 +53,47 @@ def _loader(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S):
         mbarrier.expect(v_bar, v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
                                         sm.v_bufs.index(stage))
+
+
+@gluon.jit
+def _tile_coords(t, n_m, H, S, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WG: gl.constexpr,
+                 QFUSE: gl.constexpr):
+    """Tile t (query tiles of one head adjacent, so their K/V stay in L2) -> (b, h, pid_bh,
+    q_start, q_row, q_col, row_kv)."""
+    pid_bh = t // n_m
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start = (t % n_m) * (BLOCK_M * NUM_WG)
+    row_kv = pid_bh * S
+    if QFUSE:
+        q_row = b * S + q_start
+        q_col = h * HEAD_D
+    else:
+        q_row = row_kv + q_start
+        q_col = 0
+    return b, h, pid_bh, q_start, q_row, q_col, row_kv
+
+
+@gluon.jit
+def _loader(sm, q_empty, q_desc, k_desc, v_desc, S, H, n_m, n_tiles, QFUSE: gl.constexpr,
+            PERSIST: gl.constexpr):
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
+    n_blocks = gl.cdiv(S, sm.BLOCK_N)
+    if PERSIST:
+        it = 0
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
+                t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
+            mbarrier.wait(q_empty, (it & 1) ^ 1)  # the consumers are done with the last tile's Q
+            _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S,
+                         it * n_blocks)
+            it += 1
+    else:
+        t = gl.program_id(1) * n_m + gl.program_id(0)
+        b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
+            t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
+        _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S, 0)
 
 
 @gluon.jit
@@ -66,14 +109,16 @@ def _turn_pass(turns, WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.const
 
 
 @gluon.jit
-def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turns,
+def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turns, base, tbase,
                  WG: gl.constexpr, MASK: gl.constexpr, PINGPONG: gl.constexpr):
     """Key block j >= 1 of the fixed-max loop (the shipped ``_attend_block`` with FIXED, m per row,
-    and the GEMM issue inside the warpgroup's turn)."""
-    stage = j % sm.STAGES
-    prev = (j - 1) % sm.STAGES
-    mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
-    _turn_wait(turns, WG, j, PINGPONG)
+    and the GEMM issue inside the warpgroup's turn); base / tbase: ring blocks / turns of earlier
+    tiles (persistent)."""
+    c = base + j
+    stage = c % sm.STAGES
+    prev = (c - 1) % sm.STAGES
+    mbarrier.wait(sm.k_ready.index(stage), (c // sm.STAGES) & 1)
+    _turn_wait(turns, WG, tbase + j, PINGPONG)
     s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)
@@ -83,7 +128,7 @@ def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turn
         s = _mask_tail(s, j * sm.BLOCK_N, S)
     p = gl.exp2(s * qk_scale - m_row[:, None])
     l_i = l_i + gl.sum(p, axis=1)
-    mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)  # ends the basic block (ptxas)
+    mbarrier.wait(sm.v_ready.index(stage), (c // sm.STAGES) & 1)  # ends the basic block (ptxas)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(prev))
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
@@ -91,9 +136,10 @@ def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turn
 
 
 @gluon.jit
-def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG: gl.constexpr,
-                PINGPONG: gl.constexpr):
-    """The fixed-max loop over all key blocks with a per-row m (``m_row``, the S layout's rows)."""
+def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, base, tbase, q_empty, WG: gl.constexpr,
+                PINGPONG: gl.constexpr, PERSIST: gl.constexpr):
+    """The fixed-max loop over all key blocks with a per-row m (``m_row``, the S layout's rows);
+    PERSIST: arrive on q_empty once the last Q K^T has read Q."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     dtype: gl.constexpr = sm.q_bufs.dtype
@@ -106,25 +152,29 @@ def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG: gl.constexpr,
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     n_blocks = gl.cdiv(S, BLOCK_N)
 
-    mbarrier.wait(sm.k_ready.index(0), 0)
-    _turn_wait(turns, WG, 0, PINGPONG)
-    s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+    st0 = base % sm.STAGES
+    ph0 = (base // sm.STAGES) & 1
+    mbarrier.wait(sm.k_ready.index(st0), ph0)
+    _turn_wait(turns, WG, tbase, PINGPONG)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(st0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
     s = _mask_tail(s, 0, S)
     p = gl.exp2(s * qk_scale - m_row[:, None])
     l_i = l_i + gl.sum(p, axis=1)
-    mbarrier.wait(sm.v_ready.index(0), 0)
+    mbarrier.wait(sm.v_ready.index(st0), ph0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks - 1):
         acc, l_i, p_op = _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S,
-                                      turns, WG, False, PINGPONG)
+                                      turns, base, tbase, WG, False, PINGPONG)
     if n_blocks > 1:
         acc, l_i, p_op = _fixed_block(n_blocks - 1, sm, q_smem, acc, m_row, l_i, p_op, s_zero,
-                                      qk_scale, S, turns, WG, True, PINGPONG)
-    last = (n_blocks - 1) % sm.STAGES
-    _turn_wait(turns, WG, n_blocks, PINGPONG)
+                                      qk_scale, S, turns, base, tbase, WG, True, PINGPONG)
+    if PERSIST:
+        mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed (waited above)
+    last = (base + n_blocks - 1) % sm.STAGES
+    _turn_wait(turns, WG, tbase + n_blocks, PINGPONG)
     acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
     _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
     acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -166,18 +216,21 @@ def _q_prologue(q_smem, rows, S, text_len, cos_ptr, sin_ptr, stride_cs, qw_ptr, 
 
 
 @gluon.jit
-def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os, qk_scale,
-              cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, WG: gl.constexpr,
-              PINGPONG: gl.constexpr, QFUSE: gl.constexpr):
+def _consumer_tile(sm, turns, q_empty, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len,
+                   stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, it,
+                   WG: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
+                   PERSIST: gl.constexpr):
+    """One tile of one warpgroup: its 64 rows against all keys, stored; ``it``: the tiles this
+    CTA did before (persistent: ring, turn and Q barrier phases continue)."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
-    dtype: gl.constexpr = sm.q_bufs.dtype
     BLOCK_N: gl.constexpr = sm.BLOCK_N
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_D)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    n_blocks = gl.cdiv(S, BLOCK_N)
     q_smem = sm.q_bufs.index(WG)
-    mbarrier.wait(sm.q_bar, 0)
+    mbarrier.wait(sm.q_bar, it & 1)
     kn = gl.load(norm_ptr + BH + pid_bh)
     cq = gl.abs(qk_scale) * 1.01
     if QFUSE:
@@ -190,12 +243,17 @@ def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stri
     fixed = gl.max(t, axis=0) <= 80.0
     t = gl.convert_layout(t, srow)
     m_row = t - gl.maximum(2.0 * t - 96.0, 0.0)
-    if fixed:
-        acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, WG, PINGPONG)
+    if PERSIST:
+        # (the host checks that every head is bounded: the running-max loop has no ring offset)
+        acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, it * n_blocks,
+                               it * (n_blocks + 1), q_empty, WG, PINGPONG, PERSIST)
+    elif fixed:
+        acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, 0, 0, q_empty, WG,
+                               PINGPONG, PERSIST)
     else:
         # the running-max loop takes no turns; it passes its n_blocks + 1 turns first so that the
         # other warpgroups (with QFUSE their bound is per warpgroup) never wait on it
-        for k in range(gl.cdiv(S, BLOCK_N) + 1):
+        for k in range(n_blocks + 1):
             _turn_wait(turns, WG, k, PINGPONG)
             _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
@@ -205,51 +263,67 @@ def _consumer(sm, turns, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len, stri
 
 
 @gluon.jit
-def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, text_len, stride_ob,
-                 stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
-                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-    """3 consumer warpgroups x 64 rows + a loader warp, as the shipped kernel; q from its
-    token-major view when QFUSE (raw), else head-major (normed by the pre-pass); V token-major."""
-    NUM_WG: gl.constexpr = 3
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start = pid_m * (BLOCK_M * NUM_WG)
-    row_kv = pid_bh * S
-    if QFUSE:
-        q_row = b * S + q_start
-        q_col = h * HEAD_D
+def _consumer(sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len, stride_ob,
+              stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
+              WG: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
+              PERSIST: gl.constexpr):
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    if PERSIST:
+        it = 0
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
+                t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
+            o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+            _consumer_tile(sm, turns, q_empty, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len,
+                           stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
+                           it, WG, PINGPONG, QFUSE, PERSIST)
+            it += 1
     else:
-        q_row = row_kv + q_start
-        q_col = 0
-    o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        t = gl.program_id(1) * n_m + gl.program_id(0)
+        b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
+            t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
+        o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        _consumer_tile(sm, turns, q_empty, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len,
+                       stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 0,
+                       WG, PINGPONG, QFUSE, PERSIST)
 
+
+@gluon.jit
+def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, n_m, n_tiles, text_len,
+                 stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
+                 qb_ptr, eps, STAGES: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
+                 PERSIST: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """3 consumer warpgroups x 64 rows + a loader warp, as the shipped kernel; q from its
+    token-major view when QFUSE (raw), else head-major (normed by the pre-pass); V token-major.
+    Tiles: n_m query tiles of 192 rows per (b, h); PERSIST: one CTA per SM walks tiles
+    pid, pid + grid, ... (ring and barrier phases continue across them), else grid (n_m, B*H)."""
+    NUM_WG: gl.constexpr = 3
     sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES)
-    turns = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    turns = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], bar_layout)
     for i in gl.static_range(NUM_WG):
         mbarrier.init(turns.index(i), count=1)
     if PINGPONG:
         mbarrier.arrive(turns.index(0))  # warpgroup 0 issues first
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    mbarrier.init(q_empty, count=NUM_WG)
     gl.warp_specialize([
-        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
-                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 0, PINGPONG,
-                     QFUSE)),
-        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
-                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 1, PINGPONG,
-                     QFUSE)),
-        (_consumer, (sm, turns, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len, stride_os,
-                     qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 2, PINGPONG,
-                     QFUSE)),
-        (_loader, (sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S)),
+        (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
+                     stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
+                     qb_ptr, eps, 0, PINGPONG, QFUSE, PERSIST)),
+        (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
+                     stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
+                     qb_ptr, eps, 1, PINGPONG, QFUSE, PERSIST)),
+        (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
+                     stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
+                     qb_ptr, eps, 2, PINGPONG, QFUSE, PERSIST)),
+        (_loader, (sm, q_empty, q_desc, k_desc, v_desc, S, H, n_m, n_tiles, QFUSE, PERSIST)),
     ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
 def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, scale, *,
-            pingpong, qfuse, stages=None, compile_only=False):
+            pingpong, qfuse, persist=False, stages=None):
     """q_src: raw q [B, S, H, D] (token-major, QFUSE) or the pre-pass's head-major [B, H, S, D]."""
     B, H, _, D = kh.shape
     cfg = default_config(D)
@@ -264,19 +338,26 @@ def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, sca
     v_desc = TensorDescriptor(v, [B * S, H * D], [v.stride(1), 1], [cfg["BLOCK_N"], D],
                               lay(cfg["BLOCK_N"]))
     consumer_regs, loader_regs = _registers(3)
-    grid = (triton.cdiv(S, 192), B * H)
-    _next_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, text_len,
+    n_m = triton.cdiv(S, 192)
+    n_tiles = n_m * B * H
+    if persist:
+        n_sm = torch.cuda.get_device_properties(out.device).multi_processor_count
+        grid = (min(n_tiles, n_sm),)
+    else:
+        grid = (n_m, B * H)
+    _next_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, n_m, n_tiles, text_len,
                        out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E, cos,
                        sin, cos.stride(0), qw, qb, float(eps), STAGES=stages, PINGPONG=pingpong,
-                       QFUSE=qfuse, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
-                       num_warps=4)
+                       QFUSE=qfuse, PERSIST=persist, CONSUMER_REGS=consumer_regs,
+                       LOADER_REGS=loader_regs, num_warps=4)
     return out
 
 
 def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, pingpong=False,
-                   qfuse=False, stages=None):
+                   qfuse=False, persist=False, stages=None, check_bound=True):
     """The full path (k pre-pass with norms, q pre-pass unless qfuse, V in place) for bf16 q/k/v
-    [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on."""
+    [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on. ``check_bound``: with
+    persist, first check on the host that every head takes the fixed-max loop (time it without)."""
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
     B, S, H, D = q.shape
@@ -290,17 +371,26 @@ def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, p
         q_src = qk_norm_rope_fwd(q, text_len, cos, sin, *q_norm, True, eps,
                                  norm_sq=sq[0]).transpose(1, 2)
     norm_max = sq.amax(dim=2).reshape(2, B * H)
+    if persist and check_bound:  # the persistent consumers have only the fixed-max loop
+        qmax = (sq[0].amax(dim=1) if not qfuse else
+                qk_norm_rope_fwd(q, text_len, cos, sin, *q_norm, True, eps).float().pow(2).sum(-1)
+                .amax(dim=1)).reshape(-1)
+        t = (qmax * norm_max[1]).sqrt() * abs(scale) * LOG2E * 1.01
+        if bool((t > 80).any()):
+            raise ValueError("persist=True needs every head's score bound <= 80")
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     return _launch(q_src, kh.transpose(1, 2), v, out, norm_max, S, text_len, cos, sin,
                    q_norm[0], q_norm[1], eps, scale, pingpong=pingpong, qfuse=qfuse,
-                   stages=stages)
+                   persist=persist, stages=stages)
 
 
 VARIANTS = {"pingpong": dict(pingpong=True), "qfuse": dict(qfuse=True),
-            "pingpong+qfuse": dict(pingpong=True, qfuse=True)}
+            "pingpong+qfuse": dict(pingpong=True, qfuse=True), "persist": dict(persist=True),
+            "persist+qfuse": dict(persist=True, qfuse=True),
+            "persist+pingpong+qfuse": dict(persist=True, pingpong=True, qfuse=True)}
 
 
-def compile_offline(pingpong, qfuse, head_dim=64, stages=4):
+def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -312,11 +402,11 @@ def compile_offline(pingpong, qfuse, head_dim=64, stages=4):
     consumer_regs, loader_regs = _registers(3)
     sig = {"q_desc": desc_type(64), "k_desc": desc_type(bn), "v_desc": desc_type(bn),
            "o_ptr": "*bf16", "norm_ptr": "*fp32", "S": "i32", "H": "i32", "BH": "i32",
-           "text_len": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
+           "n_m": "i32", "n_tiles": "i32", "text_len": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
            "qk_scale": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "stride_cs": "i32",
            "qw_ptr": "*bf16", "qb_ptr": "*bf16", "eps": "fp32"}
-    constexprs = dict(STAGES=stages, PINGPONG=pingpong, QFUSE=qfuse, CONSUMER_REGS=consumer_regs,
-                      LOADER_REGS=loader_regs)
+    constexprs = dict(STAGES=stages, PINGPONG=pingpong, QFUSE=qfuse, PERSIST=persist,
+                      CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
     sig.update({n: "constexpr" for n in constexprs})
     src = GluonASTSource(_next_kernel, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -331,7 +421,8 @@ if __name__ == "__main__":
     from hopper_same_sass import main_loops
 
     for name, kw in {"base": {}, **VARIANTS}.items():
-        c = compile_offline(kw.get("pingpong", False), kw.get("qfuse", False))
+        c = compile_offline(kw.get("pingpong", False), kw.get("qfuse", False),
+                            persist=kw.get("persist", False))
         loops = main_loops(c)
         counts = [dict(collections.Counter(o.split(".")[0] for o in body).most_common(6))
                   for body in loops]

@@ -127,11 +127,11 @@ def run_shape(name, results, log):
         import hopper_attention_next as nx
 
         for vname, kw in {"next base": {}, **{f"next {k}": v for k, v in nx.VARIANTS.items()}}.items():
-            def run_next():
+            def run_next(check=False):
                 return nx.attention_next(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
-                                         inp["sin"], qn, kn, eps, scale, **kw)
+                                         inp["sin"], qn, kn, eps, scale, check_bound=check, **kw)
             try:
-                out = run_next()
+                out = run_next(True)
                 torch.cuda.synchronize()
             except Exception as e:
                 log(f"  {vname}: {type(e).__name__}: {str(e)[:300]}")
