@@ -94,6 +94,18 @@ def cmd_info(args) -> int:
 
     print("backends each op can use (besides 'reference'), from the op registry:")
     print("\n".join("  " + line for line in registry.describe().splitlines()))
+    from .ops.attention.reference import PRECISIONS as ATTENTION_PRECISIONS
+    from .ops.expert_ffn.reference import PRECISIONS as FFN_PRECISIONS
+
+    print(f"precision= of the ops (bf16 exact, the others lossy and opt-in): rope3d_attention "
+          f"{', '.join(ATTENTION_PRECISIONS)}; expert_ffn {', '.join(FFN_PRECISIONS)}")
+    try:
+        from .integrations.diffusers.state import PRECISION_MODES
+    except ImportError:  # pragma: no cover - the integration imports without diffusers
+        return 0
+    modes = "; ".join(f"{mode} (attention {ops['rope3d_attention']}, FFN {ops['expert_ffn']})"
+                      for mode, ops in PRECISION_MODES.items())
+    print(f"apply(..., precision=) modes: {modes}")
     return 0
 
 

@@ -71,6 +71,8 @@ def test_info_lists_each_op_and_backend():
     for op in ("rope3d_attention", "expert_ffn", "causal_conv3d"):
         assert op in out.stdout
     assert "auto ->" in out.stdout
+    assert "rope3d_attention bf16, int8; expert_ffn bf16, fp8, int8" in out.stdout
+    assert "int8+fp8 (attention int8, FFN fp8)" in out.stdout
 
 
 def _rows(out_dir):
