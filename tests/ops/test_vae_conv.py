@@ -509,3 +509,43 @@ def test_cuda_frame_slices_in_place_equal_contiguous():
     assert container[:, :, :2].isnan().all() and container[:, :, 5:].isnan().all()
     exact, _ = vae_conv3d_reference(xs, w, b, compute_dtype=torch.float64, **kw)
     assert rel_err(y, exact) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed weights of the CUDA kernel, cached per weight version (native.PACKED)
+# ------------------------------------------------------------------------------------------------
+def test_packed_weight_cache_reuses_and_invalidates():
+    from cogvideox_kernels.ops.vae_conv import native
+
+    conv = torch.nn.Conv3d(32, 24, 3)
+    w = conv.weight
+    native.PACKED.clear()
+    before = native.PACKED.quantizations
+    first = native.packed_weight(w)
+    assert torch.equal(first, native.pack_weight(w.detach())) and not first.requires_grad
+    assert native.packed_weight(w) is first and native.PACKED.quantizations == before + 1  # reused
+    with torch.no_grad():
+        w.add_(0.25)  # in place (fuse_lora's ``weight += delta``, copy_, load_state_dict): version bumped
+    second = native.packed_weight(w)
+    assert second is not first and torch.equal(second, native.pack_weight(w.detach()))
+    assert not torch.equal(second, first)
+    conv.weight.data = torch.randn(24, 32, 3, 3, 3)  # a .data swap (offload onload, LoRA fuse): new storage
+    third = native.packed_weight(conv.weight)
+    assert torch.equal(third, native.pack_weight(conv.weight.detach())) and not torch.equal(third, second)
+    view = torch.randn(24, 64, 3, 3, 3)[:, ::2]  # same storage, another view: not the same entry
+    assert torch.equal(native.packed_weight(view), native.pack_weight(view))
+    n = len(native.PACKED)
+    del view
+    assert len(native.PACKED) == n - 1  # an entry dies with its weight's storage
+    assert native.cuda_tensors(torch.randn(1, 32, 2, 4, 4), conv.weight)["weight"] is third  # what launches use
+
+
+def test_packed_weight_cache_equals_uncached_per_call():
+    """The cached packing is the one the kernel used per call before: equal for every kt the kernel takes
+    and for half dtypes."""
+    from cogvideox_kernels.ops.vae_conv import native
+
+    for kt, dtype in ((1, torch.float32), (3, torch.bfloat16), (5, torch.float16)):
+        w = torch.randn(8, 48, kt, 3, 3).to(dtype)
+        assert torch.equal(native.packed_weight(w), native.pack_weight(w))
+        assert native.packed_weight(w).is_contiguous()

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..._ext import get_ext
+from ..expert_ffn.fp8 import WeightCache
 from .reference import check_vae_conv_inputs
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -38,6 +39,21 @@ def pack_weight(weight):
     return weight.reshape(C_out, C_in // 16, 16, kt, kh * kw).permute(0, 3, 1, 4, 2).contiguous()
 
 
+# Packed weights, one per weight storage and version (fp8.WeightCache with pack_weight as its "quantizer"):
+# a decode packs each conv weight once instead of at every call (~1300 small strided copies per
+# 49x480x720 decode). The weight a call sees is the module's effective weight after its hooks (weights.py):
+# an in-place update (fuse_lora, copy_, load_state_dict) bumps its version, a ``.data`` swap or an onload
+# by an offload hook is a new storage; entries die with their storage. Costs one packed copy of each
+# cached weight while that weight lives (~0.2 GB for the 5B VAE decoder's ResNet convs in bf16).
+PACKED = WeightCache(lambda w: pack_weight(w.detach()))  # (detached: an entry never holds its weight alive)
+
+
+def packed_weight(weight):
+    """``pack_weight(weight)``, cached per weight version (see PACKED); meta tensors (the memory model's)
+    are packed each time."""
+    return pack_weight(weight) if weight.device.type == "meta" else PACKED.get(weight)
+
+
 def _stat_splits(x, num_groups) -> int:
     span = x.numel() // (x.shape[0] * num_groups)
     return max(1, min(_MAX_SPLITS, -(-span // _STAT_CHUNK)))
@@ -50,7 +66,7 @@ def cuda_tensors(x, weight, bias=None, norm_weight=None, norm_bias=None, scale=N
     the decode, benchmarks/experiments/vae_decode_memory.py, so it allocates what a launch allocates)."""
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
-    t = {"x": x, "weight": pack_weight(weight), "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
+    t = {"x": x, "weight": packed_weight(weight), "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
          "scale": scale, "shift": shift, "cache": cache, "residual": residual, "norm_coef": norm_coef,
          "y": torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device) if y is None else y,
          "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device),
