@@ -110,6 +110,28 @@ struct PrepArgs {
   int64_t x_tc, scale_tc;  // frames of x's and scale's containing tensors (see VaeConvParams)
 };
 
+// The spatial norm's modulation of channel c at x's (b, frame f, pixel pix) from zq (p.zq given):
+// scale / shift = conv_y / conv_b of the zq pixel, float32 sums over zq's channels, the bias added
+// last and the result rounded to T, as diffusers' (1,1,1) convs return them. zq and the weights are
+// small (16 channels at the latent resolution; [C, 16]): the gathers hit L1 / L2.
+template <typename T>
+__device__ __forceinline__ float2 zq_modulation(const VaeConvParams& p, int64_t b, int64_t c, int64_t f,
+                                                int64_t pix) {
+  const T* zq = static_cast<const T*>(p.zq) + zq_offset(p, b, f, pix);
+  const T* wy = static_cast<const T*>(p.scale_weight) + c * p.zq_c;
+  const T* wb = static_cast<const T*>(p.shift_weight) + c * p.zq_c;
+  const int64_t zs = p.zq_t * p.zq_h * p.zq_w;
+  float sc = 0.0f, sh = 0.0f;
+  for (int64_t k = 0; k < p.zq_c; ++k) {
+    const float z = to_float(zq[k * zs]);
+    sc = fmaf(to_float(wy[k]), z, sc);
+    sh = fmaf(to_float(wb[k]), z, sh);
+  }
+  if (p.scale_bias) sc += to_float(static_cast<const T*>(p.scale_bias)[c]);
+  if (p.shift_bias) sh += to_float(static_cast<const T*>(p.shift_bias)[c]);
+  return make_float2(to_float(from_float<T>(sc)), to_float(from_float<T>(sh)));
+}
+
 // Block: 64 pixels x 32 channels of one frame (blockIdx.z = b * frames_total + f; f >= T are the
 // cache's frames, copied without the transform). Reads NCTHW along pixels, writes NTHWC along
 // channels through a shared-memory tile.
@@ -143,6 +165,10 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
       if (a.coef) v = fmaf(v, a.coef[(b * C + c) * 2], a.coef[(b * C + c) * 2 + 1]);
       const int64_t soff = ((b * C + c) * a.scale_tc + fs) * HW + pix;
       if (scale) v = fmaf(v, to_float(scale[soff]), to_float(shift[soff]));
+      if (p.zq) {
+        const float2 m = zq_modulation<T>(p, b, c, fs, pix);
+        v = fmaf(v, m.x, m.y);
+      }
       if (p.silu) v = v * __frcp_rn(1.0f + __expf(-v));
     }
     const T out = from_float<T>(v);
@@ -218,6 +244,12 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
           load8(static_cast<const T*>(p.shift) + soff, sh);
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], sc[i], sh[i]);
+        }
+        if (p.zq) {
+          for (int i = 0; i < 8; ++i) {
+            const float2 m = zq_modulation<T>(p, b, c, fs, pix + i);
+            v[i] = fmaf(v[i], m.x, m.y);
+          }
         }
         if (p.silu) {
 #pragma unroll
