@@ -640,7 +640,8 @@ def test_cpp_modulation_from_zq_matches_reference(case, dtype):
     for pad_mode in ("replicate", "zeros"):
         y, _ = check(x, w, b, kw, "cpp", pad_mode=pad_mode, **mod)
         # the same as the op given scale / shift formed first (in fp32: within accumulation-order noise)
-        scale, shift = modulation_from_zq(x, **mod, compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        scale, shift = modulation_from_zq(x, **mod, compute_dtype=work)
         y2, _ = vae_conv3d(x, w, b, backend="cpp", pad_mode=pad_mode, scale=scale, shift=shift, **kw)
         budget = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 1e-2)
         assert rel_err(y, y2) <= budget

@@ -74,5 +74,6 @@ def vae_group_norm_coef(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-
     return group_norm_coef_reference(x, num_groups, norm_weight, norm_bias, eps)
 
 
-__all__ = ["vae_conv3d", "vae_group_norm_coef", "spatial_norm_index", "modulation_from_zq", "group_norm_coef_reference", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",
+__all__ = ["vae_conv3d", "vae_group_norm_coef", "spatial_norm_index", "modulation_from_zq",
+           "group_norm_coef_reference", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",
            "vae_conv3d_flops", "vae_conv3d_bytes", "PAD_MODES"]

@@ -23,8 +23,8 @@ statistics: chunked == whole holds only without GroupNorm.)
 Or the modulation from the spatial norm's latent and (1,1,1) convs, never as full-size tensors: ``zq``
 [B, Kz, Tz, Hz, Wz] (diffusers' zq, 16 channels at the latent resolution), ``zq_index`` (int32 [T + H + W]:
 the zq frame, row and column each frame, row and column of x reads, on the CPU or x's device;
-``spatial_norm_index`` gives diffusers' nearest resizing), ``scale_weight`` / ``shift_weight`` ([C, Kz] or conv_y's / conv_b's
-[C, Kz, 1, 1, 1]) and optional ``scale_bias`` / ``shift_bias`` [C]::
+``spatial_norm_index`` gives diffusers' nearest resizing), ``scale_weight`` / ``shift_weight``
+([C, Kz] or conv_y's / conv_b's [C, Kz, 1, 1, 1]) and optional ``scale_bias`` / ``shift_bias`` [C]::
 
     scale = round(scale_weight @ zq[b, :, ti[t], hi[h], wi[w]] + scale_bias)     (shift likewise)
 
