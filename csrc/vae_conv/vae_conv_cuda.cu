@@ -124,8 +124,10 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
                               reinterpret_cast<uintptr_t>(p.cache) | reinterpret_cast<uintptr_t>(p.new_cache) |
                               reinterpret_cast<uintptr_t>(ws.act) | reinterpret_cast<uintptr_t>(ws.cache_cl);
   const dim3 prep_grid{unsigned(prep_x), unsigned(prep_y), unsigned(prep_z)};
-  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0)
-    _vae_prep_vec_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
+  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && p.zq && p.zq_c <= kMaxZq)
+    _vae_prep_vec_kernel<T, true><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
+  else if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && !p.zq)
+    _vae_prep_vec_kernel<T, false><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   else
     _vae_prep_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   VAE_CUDA_CHECK(cudaGetLastError());
