@@ -728,15 +728,18 @@ def test_compile_fullgraph_cpu_with_zq():
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(5))
 def test_cuda_fused_modulation_matches_unfused(case, dtype, monkeypatch):
     """NOT YET VERIFIED ON A GPU when written: the CUDA activation pass computing scale / shift from zq
     (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1) against the verified unfused path (scale / shift
-    formed first) and the float64 reference; odd sizes, the vector and the scalar pass, chunks."""
+    formed first) and the float64 reference; odd sizes, chunks; the scalar pass (H*W % 8 != 0, or more
+    than 16 zq channels) and the 16-byte pass with zq in shared memory (16 zq channels, and 4: rows of
+    zeros)."""
     from cogvideox_kernels.ops.vae_conv import native
 
     B, C, Co, size, zq_size, Kz = [(1, 16, 8, (3, 6, 7), (3, 3, 4), 4), (2, 32, 136, (2, 16, 24), (2, 8, 12), 16),
-                                   (1, 128, 128, (5, 40, 60), (3, 10, 15), 16)][case]
+                                   (1, 128, 128, (5, 40, 60), (3, 10, 15), 16), (1, 32, 16, (3, 8, 12), (2, 4, 6), 4),
+                                   (1, 16, 8, (2, 5, 8), (2, 5, 4), 24)][case]
     x, w, b, kw = make_case(B, C, Co, *size, device="cuda", dtype=dtype, groups=min(C // 4, 32), cache=True,
                             residual=True, seed=140 + case)
     mod = zq_case(B, C, *size, zq_size, Kz=Kz, device="cuda", dtype=dtype, seed=150 + case)
