@@ -610,8 +610,9 @@ def test_cuda_5b_vae_bf16_patched_within_2x_diffusers_error(monkeypatch, chunked
 @pytest.mark.skipif(not _ext.cuda_available(), reason="extension built without CUDA")
 def test_cuda_decode_packs_weights_once(monkeypatch):
     """The CUDA kernel's packed weights are cached per weight version: a second decode packs nothing and
-    is bit-identical; an in-place weight update repacks that weight; the cache cleared (per-call packing
-    as before) gives the same bits."""
+    gives the same output; an in-place weight update repacks that weight; the cache cleared (per-call
+    packing as before) gives the same output (1e-6: cuDNN's convs around ours need not be bitwise
+    deterministic)."""
     from diffusers import AutoencoderKLCogVideoX
 
     from cogvideox_kernels.ops.vae_conv import native
@@ -627,9 +628,9 @@ def test_cuda_decode_packs_weights_once(monkeypatch):
         packed = native.PACKED.quantizations
         assert len(native.PACKED) == 2 * 18  # conv1 and conv2 of the decoder's 18 ResNet blocks
         second = vae.decode(latents).sample
-        assert native.PACKED.quantizations == packed and torch.equal(first, second)
+        assert native.PACKED.quantizations == packed and rel_err(second, first) <= 1e-6
         vae.decoder.mid_block.resnets[0].conv1.conv.weight.mul_(1.5)  # in place: version bumped
         changed = vae.decode(latents).sample
-        assert native.PACKED.quantizations == packed + 1 and not torch.equal(changed, first)
+        assert native.PACKED.quantizations == packed + 1 and rel_err(changed, first) > 1e-3
         native.PACKED.clear()
-        assert torch.equal(vae.decode(latents).sample, changed)
+        assert rel_err(vae.decode(latents).sample, changed) <= 1e-6
