@@ -126,8 +126,11 @@ def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, res
     zq = modulation.get("zq")
     if zq is not None:
         sizes.update(zq_c=zq.shape[1], zq_t=zq.shape[2], zq_h=zq.shape[3], zq_w=zq.shape[4])
-        check_zq_index_values(modulation["zq_index"], T, H, zq.shape[2:])  # (a CPU tensor: no sync)
-        modulation = dict(modulation, zq_index=modulation["zq_index"].to(x.device))
+        index = modulation["zq_index"]
+        check_zq_index_values(index, T, H, zq.shape[2:])  # (a CPU tensor: no device sync)
+        if x.device.type == "cuda":  # T + H + W ints, pinned: a copy ordered on the stream, no host sync
+            index = index.pin_memory().to(x.device, non_blocking=True)
+        modulation = dict(modulation, zq_index=index)
     ext = get_ext()
     if backend == "cuda":
         tensors = cuda_tensors(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
