@@ -36,6 +36,7 @@ bf16/fp16, channels % 16 == 0; never the reference on a GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -197,6 +198,12 @@ def _pointwise_conv_ok(module, causal_cls) -> bool:
             and _skippable(module, (KernelConvForward,)) and _skippable(conv))
 
 
+@functools.lru_cache(maxsize=64)
+def _zq_index(zq_size, size):
+    """spatial_norm_index (a CPU tensor, read only) per pair of sizes: a decode has a handful."""
+    return spatial_norm_index(zq_size, size)
+
+
 def _interpolate_zq(zq, f):
     """diffusers' CogVideoXSpatialNorm3D resizing of zq to f (the first frame apart for odd T > 1)."""
     if f.shape[2] > 1 and f.shape[2] % 2 == 1:
@@ -346,7 +353,7 @@ class KernelResnetForward:
         if zq.shape[0] != x.shape[0] or norm.conv_y.conv.in_channels != zq.shape[1]:
             return None  # (diffusers' own calls raise their errors)
         try:
-            return spatial_norm_index(zq.shape[2:], x.shape[2:])
+            return _zq_index(tuple(zq.shape[2:]), tuple(x.shape[2:]))
         except ValueError:  # an odd frame count with a one-frame zq: diffusers' behaviour, whatever it is
             return None
 
