@@ -7,12 +7,22 @@ work is ``cogvideox_kernels.bench.step.vae_section``; this script adds the summa
     python3 benchmarks/bench_vae_decode.py --out DIR --large        # + 1.5-5B's 81x768x1360 decode
     ... --large --large-variants patched --large-encode diffusers,patched    # fewer rows there, + encode
     python3 benchmarks/bench_vae_decode.py --out DIR --tiny         # CPU smoke run (tiny VAE, C++ path)
+    ... --fused-modulation both     # (default) apply(vae) also with the spatial norm's conv_y / conv_b
+                                    # inside the CUDA activation pass: rows "... patched fused-mod"
+
+``--fused-modulation``: "off" runs apply(vae) as shipped (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0:
+conv_y / conv_b as module calls), "on" only with the fused modulation (=1, not yet verified on a GPU when
+written), "both" the shipped rows and then the patched variants again with it on (a float32 reference
+again for their error). The packed-weight cache (ops/vae_conv/native.PACKED, filled by the warm-up call)
+is resident before the timed call, so it is in the baseline, not in "peak GiB": 0.22 GiB for the 5B VAE
+decoder's 36 ResNet convs in bf16 (0.17 GiB more for the encoder's 28 after an encode).
 
 Writes DIR/step_rows.csv/json (every row as measured), DIR/step_env.json and DIR/vae_decode_results.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +35,27 @@ from cogvideox_kernels.bench import step
 # tile: the two agree (no seam gaps) for its defaults and for these tiny tiles (48 x 80 with 1/6, 1/5 overlap)
 TINY_SHAPE, TINY_TILE = (9, 64, 96), (48, 80)
 BARS = {"49x480x720": {"decode": (1.2, 4.0)}, "81x768x1360": {"decode": (5.5, 12.0)}}  # s, GiB (issue 14)
+
+
+FUSED = "patched fused-mod"
+
+
+def _fused_modulation(rec, on: bool):
+    """Set the CUDA fused-modulation switch; with it on, label the patched rows ``FUSED``."""
+    from cogvideox_kernels.ops.vae_conv import native
+
+    os.environ[native.FUSED_MODULATION_CUDA_ENV] = "1" if on else "0"
+    rec.__dict__.pop("add", None)
+    if on:
+        real = type(rec).add.__get__(rec)
+
+        def add(**row):
+            if str(row.get("variant") or "").endswith("patched"):
+                row["variant"] = row["variant"][: -len("patched")] + FUSED
+                row["note"] = "; ".join(filter(None, [row.get("note"), f"{native.FUSED_MODULATION_CUDA_ENV}=1"]))
+            real(**row)
+
+        rec.add = add
 
 
 def summary(rows, env) -> str:
@@ -49,7 +80,8 @@ def summary(rows, env) -> str:
         s = "" if r["ms"] is None else f"{r['ms'] / 1e3:.3f}"
         lines.append(f"| {shape} | {variant} | {s} | {r['peak_mem_gib'] or ''} | {r['rel_err_vs_fp32'] or ''} | "
                      f"{speed[0]} | {speed[1]} | {r['status']}: {r['note'] or ''} |")
-        if variant.endswith("patched") and r["ms"]:
+        if variant.endswith(("patched", FUSED)) and r["ms"]:
+            n_checks = len(checks)
             bar = BARS.get(shape, {}).get(what)
             if bar and r["peak_mem_gib"] is not None:
                 met = r["ms"] / 1e3 <= bar[0] and r["peak_mem_gib"] <= bar[1]
@@ -67,6 +99,8 @@ def summary(rows, env) -> str:
                 ratio = float(r["rel_err_vs_fp32"]) / float(base["rel_err_vs_fp32"])
                 checks.append(f"{shape} {what} error <= 1.25x diffusers' bf16: {ratio:.2f}x -> "
                               f"{'met' if ratio <= 1.25 else 'NOT met'}")
+            if variant.endswith(FUSED):  # (the same bars, for the fused-modulation row)
+                checks[n_checks:] = [f"[fused-mod] {c}" for c in checks[n_checks:]]
     head = "Issue 14 bars" + (" (CPU figures: not the product's speed):" if env.get("gpu") is None else ":")
     return "\n".join(lines + ["", head, ""] + [f"- {c}" for c in checks]) + "\n"
 
@@ -85,6 +119,8 @@ def main(argv=None) -> int:
                    help="with --large: also encode 81x768x1360 with these variants (comma-separated)")
     p.add_argument("--no-encode", action="store_true")
     p.add_argument("--deadline-s", type=float, default=None, help="stop starting measurements after this long")
+    p.add_argument("--fused-modulation", choices=("off", "on", "both"), default="both",
+                   help="apply(vae) with the CUDA fused spatial-norm modulation off, on, or both (see the doc)")
     a = p.parse_args(argv)
     if not a.tiny and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --tiny)")
@@ -98,13 +134,23 @@ def main(argv=None) -> int:
         step.vae_section(rec, *TINY_SHAPE, config=step.TINY_VAE, work=work, dtype=torch.float32,
                          backend="cpp" if extension_available() else "reference", tile=TINY_TILE)
     else:
-        step.vae_section(rec, *step.VAE_SHAPES["5b"], work=work, variants=tuple(a.variants.split(",")))
-        if a.large:
-            step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("decode",), fp32_reference=a.large_fp32,
-                             variants=tuple(a.large_variants.split(",")))
-            if a.large_encode:
+        runs = {"off": [False], "on": [True], "both": [False, True]}[a.fused_modulation]
+        for fused in runs:  # (with both: the shipped rows first, then the patched ones fused)
+            _fused_modulation(rec, fused)
+            if fused == runs[0]:
+                keep = lambda v: v  # noqa: E731
+            else:  # the second run (both): only the patched variants again
+                keep = lambda v: ",".join(x for x in v.split(",") if x == "patched")  # noqa: E731
+            if keep(a.variants):
+                step.vae_section(rec, *step.VAE_SHAPES["5b"], work=("decode",) if fused and len(runs) > 1 else work,
+                                 variants=tuple(keep(a.variants).split(",")))
+            if a.large and keep(a.large_variants):
+                step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("decode",), fp32_reference=a.large_fp32,
+                                 variants=tuple(keep(a.large_variants).split(",")))
+            if a.large and a.large_encode and fused == runs[0]:
                 step.vae_section(rec, *step.VAE_SHAPES["1.5-5b"], work=("encode",), fp32_reference=False,
                                  variants=tuple(a.large_encode.split(",")))
+        _fused_modulation(rec, False)
     text = summary(rec.rows, rec.meta)
     (Path(a.out) / "vae_decode_results.md").write_text(text)
     print(text)

@@ -9,13 +9,16 @@
 #   COGVIDEOX_KERNELS_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_vae_decode.sh
 #   VAE_LARGE=1 LARGE_VARIANTS=patched LARGE_ENCODE=diffusers,patched ...   # + 81x768x1360 rows
 #   VARIANTS=patched ...                                                      # 49x480x720: ours only
+#   FUSED_MODULATION=off|on|both (default both): apply(vae) with the spatial norm's conv_y / conv_b inside the
+#   CUDA activation pass (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1; rows "patched fused-mod") too;
+#   PROFILE_FUSED=1: the VAE_CHUNKS profile with it on
 #
 # $OUT gets vae_decode_{build,pytest_gpu,bench}.log, vae_decode_results.md, vae_decode_rows.{json,csv} and,
 # with VAE_CHUNKS=1, vae_decode_chunks.{json,log} and vae_decode_profile.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a folder}
-BUDGET_S=${BUDGET_S:-235}
+BUDGET_S=${BUDGET_S:-400}
 WHL=${WHL:-.whl}
 t0=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
@@ -29,7 +32,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from cogvideox_kernels import _ext; assert _ext.cuda_available(), 'extension built without CUDA'" || exit 1
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout "${TEST_S:-100}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_vae_conv.py \
+  timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_vae_conv.py \
     tests/integrations/test_vae_resnet.py ${TEST_K:+-k "$TEST_K"} >"$OUT/vae_decode_pytest_gpu.log" 2>&1
   echo "pytest rc=$?" >>"$OUT/vae_decode_pytest_gpu.log"
   tail -n 8 "$OUT/vae_decode_pytest_gpu.log"
@@ -42,7 +45,7 @@ large=(); [ -n "${VAE_LARGE:-}" ] && large=(--large --large-variants "${LARGE_VA
 chunk_s=0; [ -n "${VAE_CHUNKS:-}" ] && chunk_s=${CHUNK_S:-45}
 bench_s=$(( $(left) - 5 - chunk_s ))
 timeout "$bench_s" python3 benchmarks/bench_vae_decode.py --out "$RES" --deadline-s $(( bench_s - 5 )) "${large[@]}" \
-  --variants "${VARIANTS:-diffusers,diffusers tiled,patched}" \
+  --variants "${VARIANTS:-diffusers,diffusers tiled,patched}" --fused-modulation "${FUSED_MODULATION:-both}" \
   >"$OUT/vae_decode_bench.log" 2>&1
 echo "bench rc=$?" >>"$OUT/vae_decode_bench.log"
 cp "$RES/vae_decode_results.md" "$OUT/" 2>/dev/null
@@ -50,7 +53,8 @@ cp "$RES/step_rows.json" "$OUT/vae_decode_rows.json" 2>/dev/null
 cp "$RES/step_rows.csv" "$OUT/vae_decode_rows.csv" 2>/dev/null
 echo "bench done: $(( $(date +%s) - t0 )) s"
 if [ -n "${VAE_CHUNKS:-}" ]; then
-  timeout $(( $(left) - 3 )) python3 benchmarks/experiments/vae_decode_chunks.py --out "$OUT" \
+  COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=${PROFILE_FUSED:-0} \
+    timeout $(( $(left) - 3 )) python3 benchmarks/experiments/vae_decode_chunks.py --out "$OUT" \
     >"$OUT/vae_decode_chunks.log" 2>&1
   echo "chunks rc=$?" >>"$OUT/vae_decode_chunks.log"
   tail -n 6 "$OUT/vae_decode_chunks.log"

@@ -9,6 +9,9 @@ created during the decode until it is freed (weights and latents are not counted
 the benchmark reports) and, at the peak, records every live storage with the module and op that made it.
 
     python benchmarks/experiments/vae_decode_memory.py [--frames 49 --height 480 --width 720] [--diffusers]
+
+The spatial norms' conv_y / conv_b run as on the GPU: module calls, or fused into the op with
+COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1.
 """
 from __future__ import annotations
 
@@ -65,14 +68,15 @@ def install_fakes(integration):
 
     def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                    scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-                   backend="auto", norm_coef=None, out=None):
+                   backend="auto", norm_coef=None, out=None, **modulation):
         x = x if num_groups else native.frame_slice(x)  # what the launcher copies (see native.vae_conv3d_native)
         x = x.contiguous() if num_groups else x
         scale, shift, residual = native.frame_slice(scale), native.frame_slice(shift), native.frame_slice(residual)
         y = None if out is None or native.frames_of(out) < 0 else out
         tensors = native.cuda_tensors(x, weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
                                       scale=scale, shift=shift, cache=cache, residual=residual,
-                                      num_groups=num_groups, norm_coef=norm_coef, y=y)
+                                      num_groups=num_groups, norm_coef=norm_coef, y=y,
+                                      modulation={k: v for k, v in modulation.items() if v is not None})
         return (out if out is not None else tensors["y"]), tensors["new_cache"]
 
     def causal_conv3d(x, weight, bias=None, *, stride=1, pad_mode="replicate", cache=None, backend="auto"):
@@ -128,6 +132,11 @@ def main(argv=None):
     if not a.diffusers:
         install_fakes(integration)
         integration.apply(vae, backend="reference")
+        from cogvideox_kernels.integrations.diffusers import resnet
+        from cogvideox_kernels.ops.vae_conv import native
+
+        if not native.fused_modulation_cuda():  # as on the GPU: conv_y / conv_b as module calls unless switched on
+            resnet.KernelResnetForward._fused_modulation_index = lambda *args: None
     stack = []
     names = {m: n or "vae" for n, m in vae.named_modules()}
     # the module stack through Module.__call__ itself: hooks (per module or global) would count as

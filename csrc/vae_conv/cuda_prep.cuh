@@ -110,6 +110,28 @@ struct PrepArgs {
   int64_t x_tc, scale_tc;  // frames of x's and scale's containing tensors (see VaeConvParams)
 };
 
+// The spatial norm's modulation of channel c at x's (b, frame f, pixel pix) from zq (p.zq given):
+// scale / shift = conv_y / conv_b of the zq pixel, float32 sums over zq's channels, the bias added
+// last and the result rounded to T, as diffusers' (1,1,1) convs return them. zq and the weights are
+// small (16 channels at the latent resolution; [C, 16]): the gathers hit L1 / L2.
+template <typename T>
+__device__ __forceinline__ float2 zq_modulation(const VaeConvParams& p, int64_t b, int64_t c, int64_t f,
+                                                int64_t pix) {
+  const T* zq = static_cast<const T*>(p.zq) + zq_offset(p, b, f, pix);
+  const T* wy = static_cast<const T*>(p.scale_weight) + c * p.zq_c;
+  const T* wb = static_cast<const T*>(p.shift_weight) + c * p.zq_c;
+  const int64_t zs = p.zq_t * p.zq_h * p.zq_w;
+  float sc = 0.0f, sh = 0.0f;
+  for (int64_t k = 0; k < p.zq_c; ++k) {
+    const float z = to_float(zq[k * zs]);
+    sc = fmaf(to_float(wy[k]), z, sc);
+    sh = fmaf(to_float(wb[k]), z, sh);
+  }
+  if (p.scale_bias) sc += to_float(static_cast<const T*>(p.scale_bias)[c]);
+  if (p.shift_bias) sh += to_float(static_cast<const T*>(p.shift_bias)[c]);
+  return make_float2(to_float(from_float<T>(sc)), to_float(from_float<T>(sh)));
+}
+
 // Block: 64 pixels x 32 channels of one frame (blockIdx.z = b * frames_total + f; f >= T are the
 // cache's frames, copied without the transform). Reads NCTHW along pixels, writes NTHWC along
 // channels through a shared-memory tile.
@@ -143,6 +165,10 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
       if (a.coef) v = fmaf(v, a.coef[(b * C + c) * 2], a.coef[(b * C + c) * 2 + 1]);
       const int64_t soff = ((b * C + c) * a.scale_tc + fs) * HW + pix;
       if (scale) v = fmaf(v, to_float(scale[soff]), to_float(shift[soff]));
+      if (p.zq) {
+        const float2 m = zq_modulation<T>(p, b, c, fs, pix);
+        v = fmaf(v, m.x, m.y);
+      }
       if (p.silu) v = v * __frcp_rn(1.0f + __expf(-v));
     }
     const T out = from_float<T>(v);
@@ -183,10 +209,16 @@ __device__ __forceinline__ uint4 pack8(const T (&v)[8]) {
   return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
 }
 
-template <typename T>
+//
+// ZQ (p.zq given, zq_c <= kMaxZq): the block first gathers the zq pixels of its 64 pixels into shared
+// memory (zeros for channels >= zq_c) and each thread keeps its channel's conv_y / conv_b weights in
+// registers, so an element costs 2 x kMaxZq FMAs on shared / register operands; the same sums in the
+// same order as zq_modulation (k ascending from 0, bias last, rounded to T).
+template <typename T, bool ZQ>
 __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a) {
   static_assert(kPrepCh * kPrepPx / 8 == kPrepThreads, "one 8-element chunk per thread and phase");
   __shared__ T tile[kPrepCh][kPrepPx + 2];  // 33-word rows: both phases bank-conflict free
+  __shared__ float zq_s[ZQ ? kMaxZq : 1][kPrepPx + 1];
   const VaeConvParams& p = a.p;
   const int64_t HW = p.height * p.width, C = p.c_in, Tn = p.frames;
   const int nc = p.kt - 1;
@@ -198,6 +230,19 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
   const bool is_cache = f >= Tn;
   const int64_t fs = is_cache ? f - Tn : f;
   const int64_t nf = is_cache ? nc : Tn;
+  if constexpr (ZQ) {
+    if (!is_cache) {  // (block-uniform)
+      const int64_t zs = p.zq_t * p.zq_h * p.zq_w;
+      for (int e = threadIdx.x; e < kMaxZq * kPrepPx; e += kPrepThreads) {
+        const int k = e / kPrepPx, px = e % kPrepPx;
+        const int64_t pix = p0 + px;
+        zq_s[k][px] = (k < p.zq_c && pix < HW)
+                          ? to_float(static_cast<const T*>(p.zq)[zq_offset(p, b, fs, pix) + k * zs])
+                          : 0.0f;
+      }
+      __syncthreads();
+    }
+  }
   {
     const int ch = threadIdx.x >> 3, px0 = (threadIdx.x & 7) * 8;
     const int64_t c = c0 + ch, pix = p0 + px0;
@@ -218,6 +263,30 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
           load8(static_cast<const T*>(p.shift) + soff, sh);
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], sc[i], sh[i]);
+        }
+        if constexpr (ZQ) {
+          float wy[kMaxZq], wb[kMaxZq];
+#pragma unroll
+          for (int k = 0; k < kMaxZq; ++k) {
+            const bool in = k < p.zq_c;
+            wy[k] = in ? to_float(static_cast<const T*>(p.scale_weight)[c * p.zq_c + k]) : 0.0f;
+            wb[k] = in ? to_float(static_cast<const T*>(p.shift_weight)[c * p.zq_c + k]) : 0.0f;
+          }
+          const float by = p.scale_bias ? to_float(static_cast<const T*>(p.scale_bias)[c]) : 0.0f;
+          const float bb = p.shift_bias ? to_float(static_cast<const T*>(p.shift_bias)[c]) : 0.0f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            float m_sc = 0.0f, m_sh = 0.0f;
+#pragma unroll
+            for (int k = 0; k < kMaxZq; ++k) {  // (k >= zq_c: 0 * 0 added, the sums unchanged)
+              const float z = zq_s[k][px0 + i];
+              m_sc = fmaf(wy[k], z, m_sc);
+              m_sh = fmaf(wb[k], z, m_sh);
+            }
+            m_sc = to_float(from_float<T>(p.scale_bias ? m_sc + by : m_sc));
+            m_sh = to_float(from_float<T>(p.shift_bias ? m_sh + bb : m_sh));
+            v[i] = fmaf(v[i], m_sc, m_sh);
+          }
         }
         if (p.silu) {
 #pragma unroll

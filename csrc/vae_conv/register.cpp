@@ -34,6 +34,12 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   p.cache = ptr(addr("cache"));
   p.residual = ptr(addr("residual"));
   p.norm_coef = ptr<const float*>(addr("norm_coef"));
+  p.zq = ptr(addr("zq"));
+  p.zq_index = ptr<const int32_t*>(addr("zq_index"));
+  p.scale_weight = ptr(addr("scale_weight"));
+  p.scale_bias = ptr(addr("scale_bias"));
+  p.shift_weight = ptr(addr("shift_weight"));
+  p.shift_bias = ptr(addr("shift_bias"));
   p.y = ptr<void*>(addr("y"));
   p.new_cache = ptr<void*>(addr("new_cache"));
   p.batch = s["batch"].cast<int64_t>();
@@ -54,6 +60,16 @@ VaeConvParams make_params(const py::dict& t, const py::dict& s) {
   p.scale_tc = frames_size("scale_tc");
   p.res_tc = frames_size("res_tc");
   p.y_tc = frames_size("y_tc");
+  p.zq_c = frames_size("zq_c");
+  p.zq_t = frames_size("zq_t");
+  p.zq_h = frames_size("zq_h");
+  p.zq_w = frames_size("zq_w");
+  if (p.zq && (!p.zq_index || !p.scale_weight || !p.shift_weight || p.zq_c < 1 || p.zq_t < 1 || p.zq_h < 1 ||
+               p.zq_w < 1 || p.scale || (p.groups == 0 && !p.norm_coef)))
+    throw std::invalid_argument("vae_conv3d: zq needs zq_index, scale_weight, shift_weight, sizes zq_c/t/h/w >= 1, "
+                                "GroupNorm on and no scale / shift");
+  if (!p.zq && (p.zq_index || p.scale_weight || p.shift_weight || p.scale_bias || p.shift_bias))
+    throw std::invalid_argument("vae_conv3d: zq_index and the modulation weights come with zq");
   for (int64_t tc : {p.x_tc, p.scale_tc, p.res_tc, p.y_tc})
     if (tc != 0 && tc < p.frames) throw std::invalid_argument("vae_conv3d: *_tc must be 0 or >= frames");
   if (p.batch < 1 || p.c_in < 1 || p.c_out < 1 || p.frames < 1 || p.height < 1 || p.width < 1)

@@ -146,6 +146,17 @@ void vae_conv3d_cpu(const VaeConvParams& p, int dtype) {
           if (p.groups > 0 || p.norm_coef) v = v * coef_a[size_t(b * C + c)] + coef_d[size_t(b * C + c)];
           const int64_t soff = ((b * C + c) * s_tc + f) * HW + i;
           if (p.scale) v = v * io.load(p.scale, soff) + io.load(p.shift, soff);
+          if (p.zq) {  // scale / shift = conv_y / conv_b of the zq pixel, rounded as diffusers' conv outputs
+            const int64_t z0 = zq_offset(p, b, f, i), zstride = p.zq_t * p.zq_h * p.zq_w;
+            double sc = p.scale_bias ? io.load(p.scale_bias, c) : 0.0;
+            double sh = p.shift_bias ? io.load(p.shift_bias, c) : 0.0;
+            for (int64_t k = 0; k < p.zq_c; ++k) {
+              const double z = io.load(p.zq, z0 + k * zstride);
+              sc += io.load(p.scale_weight, c * p.zq_c + k) * z;
+              sh += io.load(p.shift_weight, c * p.zq_c + k) * z;
+            }
+            v = v * io.round(sc) + io.round(sh);
+          }
           if (p.silu) v = silu(v);
           act[size_t(off)] = io.round(v);
         }

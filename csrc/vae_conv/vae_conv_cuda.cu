@@ -5,7 +5,8 @@
 //    slices of it (float per thread, shifted by the group's first element; double across the
 //    block) into partial sums, a second tiny kernel turns them into the per-(b, c) coefficients
 //    (a, d) of norm(v) = v * a + d.
-// 2. Activation pass: reads x once, applies norm, modulation and SiLU in float32, rounds once,
+// 2. Activation pass: reads x once, applies norm, modulation (given as scale / shift, or computed per
+//    element from the spatial norm's zq and its (1,1,1) convs' weights) and SiLU in float32, rounds once,
 //    and writes act(x) channels-last [B, T, H, W, C] (the layout the tensor-core loader needs: a
 //    spatially shifted window is then a set of 16-byte rows). It also writes the new cache
 //    (NCTHW) and moves a given cache to channels-last. No padded copy: the temporal padding stays
@@ -99,6 +100,8 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || ws.splits < 1)
     invalid("missing workspace");
   if (p.norm_coef && p.groups > 0) invalid("norm_coef replaces the statistics: groups must be 0");
+  if (p.zq && (!p.zq_index || !p.scale_weight || !p.shift_weight || p.scale || (p.groups == 0 && !p.norm_coef)))
+    invalid("zq needs zq_index, scale_weight, shift_weight and GroupNorm, and excludes scale / shift");
   if (p.groups > 0 && frames_of(p.x_tc, p.frames) != p.frames) invalid("GroupNorm statistics need x whole (x_tc == T)");
   const int64_t HW = p.height * p.width;
   const int nc = p.kt - 1;
@@ -121,8 +124,10 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
                               reinterpret_cast<uintptr_t>(p.cache) | reinterpret_cast<uintptr_t>(p.new_cache) |
                               reinterpret_cast<uintptr_t>(ws.act) | reinterpret_cast<uintptr_t>(ws.cache_cl);
   const dim3 prep_grid{unsigned(prep_x), unsigned(prep_y), unsigned(prep_z)};
-  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0)
-    _vae_prep_vec_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
+  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && p.zq && p.zq_c <= kMaxZq)
+    _vae_prep_vec_kernel<T, true><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
+  else if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && !p.zq)
+    _vae_prep_vec_kernel<T, false><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   else
     _vae_prep_kernel<T><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   VAE_CUDA_CHECK(cudaGetLastError());

@@ -33,6 +33,11 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 // more frames (a frame chunk of a frame batch, read and written in place): *_tc is that tensor's
 // frame count (element (b, c, t, i) at ((b * C + c) * tc + t) * H * W + i), 0 meaning T.
 // Optional tensors are null.
+//
+// The spatial norm's modulation comes either as scale / shift tensors or from its latent: zq
+// [B, zq_c, zq_t, zq_h, zq_w] (contiguous), zq_index (int32 [T + H + W]: the zq frame, row and
+// column each frame, row and column of x reads: diffusers' nearest resizing), scale_weight /
+// shift_weight [C_in, zq_c] and scale_bias / shift_bias [C_in] (optional): see modulation().
 struct VaeConvParams {
   const void* x = nullptr;
   const void* weight = nullptr;
@@ -44,6 +49,12 @@ struct VaeConvParams {
   const void* cache = nullptr;
   const void* residual = nullptr;
   const float* norm_coef = nullptr;  // [B, C_in, 2] (a, d): GroupNorm-apply v * a + d given, groups == 0
+  const void* zq = nullptr;
+  const int32_t* zq_index = nullptr;
+  const void* scale_weight = nullptr;
+  const void* scale_bias = nullptr;
+  const void* shift_weight = nullptr;
+  const void* shift_bias = nullptr;
   void* y = nullptr;
   void* new_cache = nullptr;
   int64_t batch = 0, c_in = 0, c_out = 0, frames = 0, height = 0, width = 0;
@@ -53,7 +64,16 @@ struct VaeConvParams {
   float eps = 1e-6f;
   bool silu = false;
   int64_t x_tc = 0, scale_tc = 0, res_tc = 0, y_tc = 0;  // frames of the containing tensors (0: T)
+  int64_t zq_c = 0, zq_t = 0, zq_h = 0, zq_w = 0;          // zq's sizes (zq given)
 };
+
+// Offset in zq of channel 0 of the zq pixel that x's element (b, frame f, pixel pix) reads; channel
+// k is k * zq_t * zq_h * zq_w further.
+VAE_HD int64_t zq_offset(const VaeConvParams& p, int64_t b, int64_t f, int64_t pix) {
+  const int64_t h = pix / p.width, w = pix - h * p.width;
+  const int32_t* idx = p.zq_index;
+  return ((b * p.zq_c * p.zq_t + idx[f]) * p.zq_h + idx[p.frames + h]) * p.zq_w + idx[p.frames + p.height + w];
+}
 
 // The frame count a tensor's channel stride is made of (see VaeConvParams).
 VAE_HD int64_t frames_of(int64_t tc, int64_t frames) { return tc > 0 ? tc : frames; }

@@ -9,8 +9,13 @@ diffusers' block (0.42, ``autoencoder_kl_cogvideox.py``) computes, for one frame
 Patched, each line without temb is one fused op: GroupNorm-apply (statistics over the frame batch it
 is given, as ``nn.GroupNorm`` takes them), the spatial norm's ``* conv_y(zq') + conv_b(zq')``, SiLU,
 the causal (3,3,3) conv with its cache or replicated first frame, bias, and the shortcut as the fused
-residual. What stays diffusers' own module calls: the spatial norm's ``conv_y`` / ``conv_b`` (on zq
-interpolated as diffusers does it) and ``conv_shortcut``.
+residual. The spatial norm's ``conv_y`` / ``conv_b`` ((1,1,1) convs of zq resized to the feature map)
+are computed inside the op per element from zq at its own resolution and their weights (``zq=``, no
+full-size scale / shift; their kt = 1 "caches", the whole resized zq that diffusers clones and never
+reads, come back as None) where they are plain convs (hooks we know, no LoRA) and the backend fuses it:
+the C++ path and the reference always, the CUDA kernel only with
+``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1`` (not yet verified on a GPU); otherwise they are
+diffusers' module calls on zq interpolated as diffusers does it. ``conv_shortcut`` stays a module call.
 
 Memory: a decoder frame batch larger than ``CHUNK_ABOVE`` (the full-resolution blocks: 8-9 frames of
 128-256 channels at 480x720 and above) runs each line in frame chunks of about ``CHUNK_BYTES``: the
@@ -31,13 +36,15 @@ bf16/fp16, channels % 16 == 0; never the reference on a GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from ...ops import registry
-from ...ops.vae_conv import vae_group_norm_coef
+from ...ops.vae_conv import spatial_norm_index, vae_group_norm_coef
+from ...ops.vae_conv.native import fused_modulation_cuda
 from . import state, weights
 from .vae import KernelConvForward, conv_shape_supported
 
@@ -182,6 +189,21 @@ def _chunks(x, chunked=True):
     return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
 
 
+def _pointwise_conv_ok(module, causal_cls) -> bool:
+    """A spatial norm's conv_y / conv_b the op computes from zq: a plain (1,1,1) causal conv, hooks we run."""
+    if type(module) is not causal_cls or module.time_kernel_size != 1 or not conv_shape_supported(module):
+        return False
+    conv = module.conv
+    return (tuple(conv.kernel_size) == (1, 1, 1) and tuple(conv.stride) == (1, 1, 1)
+            and _skippable(module, (KernelConvForward,)) and _skippable(conv))
+
+
+@functools.lru_cache(maxsize=64)
+def _zq_index(zq_size, size):
+    """spatial_norm_index (a CPU tensor, read only) per pair of sizes: a decode has a handful."""
+    return spatial_norm_index(zq_size, size)
+
+
 def _interpolate_zq(zq, f):
     """diffusers' CogVideoXSpatialNorm3D resizing of zq to f (the first frame apart for odd T > 1)."""
     if f.shape[2] > 1 and f.shape[2] % 2 == 1:
@@ -256,17 +278,23 @@ class KernelResnetForward:
         shortcut, computed chunk by chunk), or None to add none."""
         spatial = zq is not None
         group_norm = norm.norm_layer if spatial else norm
+        zq_index = self._fused_modulation_index(norm, x, zq) if spatial else None
+        mod_convs = [norm.conv_y, norm.conv_y.conv, norm.conv_b, norm.conv_b.conv] if zq_index is not None else []
         with contextlib.ExitStack() as stack:
             for m in ([norm, group_norm] if spatial else [norm]) + [self.block.nonlinearity, *skipped, conv,
-                                                                    conv.conv]:
+                                                                    conv.conv, *mod_convs]:
                 weights.enter_hooks(m, stack)  # as their calls would
             gn = (group_norm.weight, group_norm.bias) if group_norm.affine else (None, None)
             w, b = conv.conv.weight, conv.conv.bias
-            if not all(self._takes_tensor(t, x) for t in (*gn, w, b)):
+            fused = {}
+            if zq_index is not None:
+                fused = dict(zq=zq, scale_weight=norm.conv_y.conv.weight, scale_bias=norm.conv_y.conv.bias,
+                             shift_weight=norm.conv_b.conv.weight, shift_bias=norm.conv_b.conv.bias)
+            if not all(self._takes_tensor(t, x) for t in (*gn, w, b, *fused.values())):
                 return None
             ranges = _chunks(x, spatial)
             chunked = len(ranges) > 1
-            if spatial:
+            if spatial and not fused:
                 zq = _interpolate_zq(zq, x)
                 norm_cache = cache.get(key) or {}
                 cy, cb = norm_cache.get("conv_y"), norm_cache.get("conv_b")
@@ -283,7 +311,10 @@ class KernelResnetForward:
             for t0, t1 in ranges:
                 part = (lambda t: t[:, :, t0:t1]) if chunked else (lambda t: t)
                 mod = {}
-                if spatial:
+                if fused:  # scale / shift computed in the op from zq: this range's frames of the index
+                    T = x.shape[2]
+                    mod = dict(fused, zq_index=torch.cat((zq_index[t0:t1], zq_index[T:])) if chunked else zq_index)
+                elif spatial:
                     zs = part(zq)
                     scale, cy = norm.conv_y(zs, conv_cache=cy)
                     shift, cb = norm.conv_b(zs, conv_cache=cb)
@@ -301,13 +332,30 @@ class KernelResnetForward:
                 if not chunked:
                     y = out
                 del out
-            if spatial:
+            if fused:  # (the (1,1,1) convs' "cache", their whole input, is never read)
+                new_cache[key] = {"conv_y": None, "conv_b": None}
+            elif spatial:
                 if chunked:  # a (1,1,1) conv's "cache" is its whole input, never read: not the last chunk's
                     cy = None if norm.conv_y.time_kernel_size == 1 else cy
                     cb = None if norm.conv_b.time_kernel_size == 1 else cb
                 new_cache[key] = {"conv_y": cy, "conv_b": cb}
             new_cache[key.replace("norm", "conv")] = conv_cache
         return y
+
+    def _fused_modulation_index(self, norm, x, zq):
+        """zq_index (diffusers' resizing of zq to x) when the op computes the spatial norm's conv_y / conv_b
+        itself (see the module docstring), else None (they are called as modules)."""
+        if self.backend not in ("reference", "cpp") and not fused_modulation_cuda():
+            return None
+        _, causal_cls, _ = _diffusers_classes()
+        if not (_pointwise_conv_ok(norm.conv_y, causal_cls) and _pointwise_conv_ok(norm.conv_b, causal_cls)):
+            return None
+        if zq.shape[0] != x.shape[0] or norm.conv_y.conv.in_channels != zq.shape[1]:
+            return None  # (diffusers' own calls raise their errors)
+        try:
+            return _zq_index(tuple(zq.shape[2:]), tuple(x.shape[2:]))
+        except ValueError:  # an odd frame count with a one-frame zq: diffusers' behaviour, whatever it is
+            return None
 
     @staticmethod
     def _takes_tensor(t, x):

@@ -6,7 +6,8 @@ import torch
 
 from .. import registry
 from .reference import (PAD_MODES, check_vae_conv_inputs, diffusers_sequence, group_norm_coef_reference,
-                        vae_conv3d_bytes, vae_conv3d_flops, vae_conv3d_reference)
+                        modulation_from_zq, spatial_norm_index, vae_conv3d_bytes, vae_conv3d_flops,
+                        vae_conv3d_reference)
 
 registry.register_op("vae_conv3d", reference=vae_conv3d_reference, check=check_vae_conv_inputs, device_arg="x")
 # the launchers copy what is not contiguous themselves (layout: any strides reach them)
@@ -19,7 +20,8 @@ registry.register_backend("vae_conv3d", "cpp", run="cogvideox_kernels.ops.vae_co
 
 def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-               norm_coef=None, out=None, backend="auto"):
+               norm_coef=None, out=None, zq=None, zq_index=None, scale_weight=None, scale_bias=None,
+               shift_weight=None, shift_bias=None, backend="auto"):
     """``y, new_cache = conv(act(x)) + bias (+ residual)`` with causal temporal padding.
 
     x [B, C, T, H, W]; weight [C_out, C, kt, kh, kw] (stride 1, spatial zero padding kh//2, kw//2);
@@ -35,13 +37,22 @@ def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bia
     scale/shift and residual and write ``out`` in place when each is T consecutive frames of a
     contiguous tensor (a frame chunk of a batch), so chunks cost no copies.
 
+    Instead of ``scale``/``shift``, the spatial norm's latent: ``zq`` [B, Kz, Tz, Hz, Wz] with
+    ``scale_weight``/``shift_weight`` (conv_y's / conv_b's [C, Kz, 1, 1, 1]), optional ``scale_bias``/
+    ``shift_bias`` [C] and ``zq_index`` (int32 [T + H + W], default ``spatial_norm_index``: diffusers'
+    nearest resizing): scale and shift are then computed per element (rounded to x's dtype like
+    diffusers' conv outputs), never as full-size tensors. The CUDA kernel's version of this is not yet
+    verified on a GPU: it runs only with ``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1``; otherwise the
+    CUDA backend forms scale / shift first (``modulation_from_zq``) and runs the verified kernel.
+
     backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
     reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
     """
     return registry.dispatch("vae_conv3d", backend, x=x, weight=weight, bias=bias, num_groups=num_groups,
                              norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale, shift=shift,
                              silu=silu, cache=cache, pad_mode=pad_mode, residual=residual, norm_coef=norm_coef,
-                             out=out)
+                             out=out, zq=zq, zq_index=zq_index, scale_weight=scale_weight, scale_bias=scale_bias,
+                             shift_weight=shift_weight, shift_bias=shift_bias)
 
 
 def vae_group_norm_coef(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-6, backend="auto"):
@@ -63,5 +74,6 @@ def vae_group_norm_coef(x, num_groups, norm_weight=None, norm_bias=None, eps=1e-
     return group_norm_coef_reference(x, num_groups, norm_weight, norm_bias, eps)
 
 
-__all__ = ["vae_conv3d", "vae_group_norm_coef", "group_norm_coef_reference", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",
+__all__ = ["vae_conv3d", "vae_group_norm_coef", "spatial_norm_index", "modulation_from_zq",
+           "group_norm_coef_reference", "vae_conv3d_reference", "check_vae_conv_inputs", "diffusers_sequence",
            "vae_conv3d_flops", "vae_conv3d_bytes", "PAD_MODES"]

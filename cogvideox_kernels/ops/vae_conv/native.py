@@ -11,17 +11,30 @@ ResNet convs); ``auto`` takes the reference for anything else on a GPU.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from ..._ext import get_ext
-from .reference import check_vae_conv_inputs
+from ..expert_ffn.fp8 import WeightCache
+from .reference import check_vae_conv_inputs, check_zq_index_values, modulation_from_zq, spatial_norm_index
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _PAD_CODES = {"replicate": 0, "zeros": 1}
 _STAT_CHUNK = 32768  # elements per block of the statistics pass
 _MAX_SPLITS = 1024
+_MOD_NAMES = ("zq", "zq_index", "scale_weight", "scale_bias", "shift_weight", "shift_bias")
+
+# The CUDA activation pass computing the spatial norm's scale / shift from zq (its (1,1,1) convs per
+# element) compiles but is NOT YET VERIFIED ON A GPU: off unless this is "1". Off, the CUDA backend forms
+# scale / shift first (diffusers' roundings) and runs the verified pass; the C++ CPU path always fuses.
+FUSED_MODULATION_CUDA_ENV = "COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA"
+
+
+def fused_modulation_cuda() -> bool:
+    """Whether the CUDA kernel computes the modulation from zq itself (see FUSED_MODULATION_CUDA_ENV)."""
+    return os.environ.get(FUSED_MODULATION_CUDA_ENV, "0") == "1"
 
 
 def cuda_kernel_supports(x, weight) -> bool:
@@ -38,23 +51,39 @@ def pack_weight(weight):
     return weight.reshape(C_out, C_in // 16, 16, kt, kh * kw).permute(0, 3, 1, 4, 2).contiguous()
 
 
+# Packed weights, one per weight storage and version (fp8.WeightCache with pack_weight as its "quantizer"):
+# a decode packs each conv weight once instead of at every call (~1300 small strided copies per
+# 49x480x720 decode). The weight a call sees is the module's effective weight after its hooks (weights.py):
+# an in-place update (fuse_lora, copy_, load_state_dict) bumps its version, a ``.data`` swap or an onload
+# by an offload hook is a new storage; entries die with their storage. Costs one packed copy of each
+# cached weight while that weight lives (0.22 GiB for the 5B VAE decoder's 36 ResNet convs in bf16,
+# 0.17 GiB for the encoder's 28).
+PACKED = WeightCache(lambda w: pack_weight(w.detach()))  # (detached: an entry never holds its weight alive)
+
+
+def packed_weight(weight):
+    """``pack_weight(weight)``, cached per weight version (see PACKED); meta tensors (the memory model's)
+    are packed each time."""
+    return pack_weight(weight) if weight.device.type == "meta" else PACKED.get(weight)
+
+
 def _stat_splits(x, num_groups) -> int:
     span = x.numel() // (x.shape[0] * num_groups)
     return max(1, min(_MAX_SPLITS, -(-span // _STAT_CHUNK)))
 
 
 def cuda_tensors(x, weight, bias=None, norm_weight=None, norm_bias=None, scale=None, shift=None, cache=None,
-                 residual=None, num_groups=0, norm_coef=None, y=None):
+                 residual=None, num_groups=0, norm_coef=None, y=None, modulation=None):
     """Every tensor one CUDA launch touches, by the binding's names: the inputs, the outputs ``y`` (made
     unless given) and ``new_cache``, the packed weight and the workspaces (also used by the memory model of
     the decode, benchmarks/experiments/vae_decode_memory.py, so it allocates what a launch allocates)."""
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
-    t = {"x": x, "weight": pack_weight(weight), "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
+    t = {"x": x, "weight": packed_weight(weight), "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
          "scale": scale, "shift": shift, "cache": cache, "residual": residual, "norm_coef": norm_coef,
          "y": torch.empty((B, C_out, T, H, W), dtype=x.dtype, device=x.device) if y is None else y,
          "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device),
-         "act": torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)}
+         "act": torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device), **(modulation or {})}
     if cache is not None:
         t["cache_cl"] = torch.empty((B, kt - 1, H, W, C), dtype=x.dtype, device=x.device)
     if num_groups:
@@ -84,8 +113,9 @@ def frame_slice(t):
 
 
 def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef, num_groups, eps,
-            silu, pad_mode, backend):
-    """Run the native op into ``y``; returns the new cache."""
+            silu, pad_mode, backend, modulation):
+    """Run the native op into ``y``; returns the new cache. ``modulation``: the zq form's tensors by name
+    (contiguous; weights [C, Kz]; see vae_conv3d) or empty."""
     B, C, T, H, W = x.shape
     C_out, _, kt, kh, kw = weight.shape
     sizes = {"batch": B, "c_in": C, "c_out": C_out, "frames": T, "height": H, "width": W, "kt": kt,
@@ -93,10 +123,18 @@ def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, res
              "silu": bool(silu), "splits": 1, "x_tc": frames_of(x), "y_tc": frames_of(y),
              "scale_tc": 0 if scale is None else frames_of(scale),
              "res_tc": 0 if residual is None else frames_of(residual)}
+    zq = modulation.get("zq")
+    if zq is not None:
+        sizes.update(zq_c=zq.shape[1], zq_t=zq.shape[2], zq_h=zq.shape[3], zq_w=zq.shape[4])
+        index = modulation["zq_index"]
+        check_zq_index_values(index, T, H, zq.shape[2:])  # (a CPU tensor: no device sync)
+        if x.device.type == "cuda":  # T + H + W ints, pinned: a copy ordered on the stream, no host sync
+            index = index.pin_memory().to(x.device, non_blocking=True)
+        modulation = dict(modulation, zq_index=index)
     ext = get_ext()
     if backend == "cuda":
         tensors = cuda_tensors(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, num_groups,
-                               norm_coef, y)
+                               norm_coef, y, modulation)
         if num_groups:
             sizes["splits"] = _stat_splits(x, num_groups)
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
@@ -106,7 +144,8 @@ def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, res
     else:
         tensors = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias,
                    "scale": scale, "shift": shift, "cache": cache, "residual": residual, "norm_coef": norm_coef,
-                   "y": y, "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device)}
+                   "y": y, "new_cache": torch.empty((B, C, kt - 1, H, W), dtype=x.dtype, device=x.device),
+                   **modulation}
         addrs = {k: v.data_ptr() for k, v in tensors.items() if v is not None}
         ext.vae_conv3d_cpu(addrs, sizes, _DTYPE_CODES[x.dtype])
     return tensors["new_cache"]
@@ -118,16 +157,24 @@ def _vae_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                    cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                    norm_coef: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool, pad_mode: str,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str, zq: Optional[torch.Tensor], zq_index: Optional[torch.Tensor],
+                   scale_weight: Optional[torch.Tensor], scale_bias: Optional[torch.Tensor],
+                   shift_weight: Optional[torch.Tensor], shift_bias: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, T, H, W = x.shape
     y = torch.empty((B, weight.shape[0], T, H, W), dtype=x.dtype, device=x.device)
+    mod = _modulation(zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias)
     return y, _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
-                      num_groups, eps, silu, pad_mode, backend)
+                      num_groups, eps, silu, pad_mode, backend, mod)
+
+
+def _modulation(*tensors):
+    return {k: v for k, v in zip(_MOD_NAMES, tensors) if v is not None}
 
 
 @_vae_conv3d_op.register_fake
 def _vae_conv3d_fake(x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
-                     num_groups, eps, silu, pad_mode, backend):
+                     num_groups, eps, silu, pad_mode, backend, *modulation):
     B, C, T, H, W = x.shape
     C_out, _, kt = weight.shape[:3]
     return x.new_empty((B, C_out, T, H, W)), x.new_empty((B, C, kt - 1, H, W))
@@ -139,15 +186,18 @@ def _vae_conv3d_out_op(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                        cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                        norm_coef: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool, pad_mode: str,
-                       backend: str) -> torch.Tensor:
+                       backend: str, zq: Optional[torch.Tensor], zq_index: Optional[torch.Tensor],
+                       scale_weight: Optional[torch.Tensor], scale_bias: Optional[torch.Tensor],
+                       shift_weight: Optional[torch.Tensor], shift_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The op writing y into ``out`` (in place when out is a frame range of a contiguous tensor)."""
     return _launch(out, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
-                   num_groups, eps, silu, pad_mode, backend)
+                   num_groups, eps, silu, pad_mode, backend,
+                   _modulation(zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias))
 
 
 @_vae_conv3d_out_op.register_fake
 def _vae_conv3d_out_fake(out, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, residual, norm_coef,
-                         num_groups, eps, silu, pad_mode, backend):
+                         num_groups, eps, silu, pad_mode, backend, *modulation):
     B, C, T, H, W = x.shape
     return x.new_empty((B, C, weight.shape[2] - 1, H, W))
 
@@ -158,18 +208,23 @@ def _contig(t):
 
 def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                       scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
-                      norm_coef=None, out=None, backend="cpp"):
+                      norm_coef=None, out=None, zq=None, zq_index=None, scale_weight=None, scale_bias=None,
+                      shift_weight=None, shift_bias=None, backend="cpp"):
     """Native fused VAE conv: ``backend`` "cuda" (GPU tensors) or "cpp" (CPU tensors).
 
     Returns ``(y, new_cache)`` like ``vae_conv3d_reference`` (y is ``out`` when given). x (without
     GroupNorm statistics to take), scale / shift, residual and out are used in place when contiguous or
-    a frame range of a contiguous tensor; other layouts are copied.
+    a frame range of a contiguous tensor; other layouts are copied. The zq form of the modulation runs
+    fused on the C++ path, and on the CUDA path only with fused_modulation_cuda() (else scale / shift
+    are formed first by ``modulation_from_zq``).
     """
     if backend not in ("cuda", "cpp"):
         raise ValueError(f"vae_conv3d_native: backend={backend!r}; choose 'cuda' or 'cpp'")
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
                           norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
-                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out)
+                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out, zq=zq,
+                          zq_index=zq_index, scale_weight=scale_weight, scale_bias=scale_bias,
+                          shift_weight=shift_weight, shift_bias=shift_bias)
     want = "cuda" if backend == "cuda" else "cpu"
     if x.device.type != want:
         raise ValueError(f"vae_conv3d backend={backend!r}: x is on {x.device}; this backend needs {want} tensors")
@@ -178,12 +233,23 @@ def vae_conv3d_native(x, weight, bias=None, *, num_groups=0, norm_weight=None, n
             f"vae_conv3d backend='cuda': x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} is "
             "not covered by the CUDA kernel (bf16/fp16, kh = kw = 3, kt in 1..5, C_in % 16 == 0); "
             "use backend='reference' or 'auto'")
+    mod = (None,) * 6
+    if zq is not None:
+        # the index goes to the op on the CPU (its values are checked there without a sync)
+        zq_index = spatial_norm_index(zq.shape[2:], x.shape[2:]) if zq_index is None else zq_index.cpu()
+        if backend == "cuda" and not fused_modulation_cuda():
+            scale, shift = modulation_from_zq(x, zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias)
+        else:
+            C = x.shape[1]
+            mod = (zq.contiguous(), zq_index.contiguous(), scale_weight.reshape(C, -1).contiguous(),
+                   _contig(scale_bias), shift_weight.reshape(C, -1).contiguous(), _contig(shift_bias))
     x = _contig(x) if num_groups else frame_slice(x)  # (the statistics pass reads each group as one span)
     scale, shift = frame_slice(scale), frame_slice(shift)
     if scale is not None and frames_of(scale) != frames_of(shift):
         scale, shift = scale.contiguous(), shift.contiguous()
     args = (x, _contig(weight), _contig(bias), _contig(norm_weight), _contig(norm_bias), scale, shift,
-            _contig(cache), frame_slice(residual), _contig(norm_coef), num_groups, float(eps), silu, pad_mode, backend)
+            _contig(cache), frame_slice(residual), _contig(norm_coef), num_groups, float(eps), silu, pad_mode, backend,
+            *mod)
     if out is None:
         return _vae_conv3d_op(*args)
     if frames_of(out) >= 0:

@@ -20,6 +20,16 @@ statistics: chunked == whole holds only without GroupNorm.)
 ``scale``/``shift`` are the spatial norm's modulation (diffusers' CogVideoXSpatialNorm3D:
 ``GroupNorm(f) * conv_y(zq) + conv_b(zq)``), given as full [B, C, T, H, W] tensors.
 
+Or the modulation from the spatial norm's latent and (1,1,1) convs, never as full-size tensors: ``zq``
+[B, Kz, Tz, Hz, Wz] (diffusers' zq, 16 channels at the latent resolution), ``zq_index`` (int32 [T + H + W]:
+the zq frame, row and column each frame, row and column of x reads, on the CPU or x's device;
+``spatial_norm_index`` gives diffusers' nearest resizing), ``scale_weight`` / ``shift_weight``
+([C, Kz] or conv_y's / conv_b's [C, Kz, 1, 1, 1]) and optional ``scale_bias`` / ``shift_bias`` [C]::
+
+    scale = round(scale_weight @ zq[b, :, ti[t], hi[h], wi[w]] + scale_bias)     (shift likewise)
+
+rounded to x's dtype as diffusers' conv_y / conv_b outputs are, then used as the given ``scale``/``shift``.
+
 ``norm_coef`` (float32 [B, C, 2], from ``group_norm_coef``) gives the GroupNorm-apply as
 ``v * a + d`` instead of statistics over x (``num_groups`` 0, affine folded in): a frame batch can
 then run as several calls over frame chunks, each chained to the last by its cache, with the
@@ -36,9 +46,95 @@ from .._checks import FLOAT_DTYPES, check_conv_weight, check_shape, check_tensor
 PAD_MODES = ("replicate", "zeros")
 
 
+MODULATION_ARGS = ("zq", "zq_index", "scale_weight", "scale_bias", "shift_weight", "shift_bias")
+
+
+def spatial_norm_index(zq_size, size, device="cpu"):
+    """int32 [T + H + W]: the zq frame, row and column that each frame, row and column of a [.., T, H, W]
+    feature map reads in diffusers' CogVideoXSpatialNorm3D (nearest ``F.interpolate`` of zq [.., Tz, Hz, Wz]
+    to the feature's size; for an odd T > 1, frame 0 from zq's frame 0 and the rest from zq's others).
+    The indices come from ``F.interpolate`` itself, so they are PyTorch's nearest rule exactly."""
+    (Tz, Hz, Wz), (T, H, W) = tuple(zq_size), tuple(size)
+    if min(Tz, Hz, Wz, T, H, W) < 1:
+        raise ValueError(f"spatial_norm_index: empty sizes zq {tuple(zq_size)} / x {tuple(size)}")
+
+    def nearest(n_in, n_out):
+        src = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in, 1, 1)
+        return F.interpolate(src, size=(n_out, 1, 1), mode="nearest").view(-1).round().to(torch.int32)
+
+    if T > 1 and T % 2 == 1:
+        if Tz < 2:
+            raise ValueError(f"spatial_norm_index: an odd T={T} > 1 takes zq's frames 1.. for frames 1.. "
+                             f"(diffusers' split), but zq has Tz={Tz}")
+        frames = torch.cat((torch.zeros(1, dtype=torch.int32), 1 + nearest(Tz - 1, T - 1)))
+    else:
+        frames = nearest(Tz, T)
+    return torch.cat((frames, nearest(Hz, H), nearest(Wz, W))).to(device)
+
+
+def _check_modulation(x, zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias):
+    B, C, T, H, W = x.shape
+    check_tensor("zq", zq, ndim=5, device=x.device)
+    if zq.dtype != x.dtype:
+        raise ValueError(f"zq has dtype {zq.dtype} but x has {x.dtype}; they must match")
+    if zq.shape[0] != B or min(zq.shape) == 0:
+        raise ValueError(f"zq must be [B={B}, Kz, Tz, Hz, Wz] with no empty dimension, got {tuple(zq.shape)}")
+    Kz, Tz, Hz, Wz = zq.shape[1:]
+    for name, t in (("scale_weight", scale_weight), ("shift_weight", shift_weight)):
+        if t is None:
+            raise ValueError(f"{name} is needed with zq (the spatial norm's conv_y / conv_b weight)")
+        check_tensor(name, t, device=x.device)
+        if tuple(t.shape) not in ((C, Kz), (C, Kz, 1, 1, 1)):
+            raise ValueError(f"{name} must be [C={C}, Kz={Kz}] or [C, Kz, 1, 1, 1], got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    for name, t in (("scale_bias", scale_bias), ("shift_bias", shift_bias)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, device=x.device)
+            check_shape(name, t, (C,))
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    if zq_index is not None:
+        check_tensor("zq_index", zq_index, ndim=1, dtypes=(torch.int32,))
+        if zq_index.device not in (torch.device("cpu"), x.device):
+            raise ValueError(f"zq_index is on {zq_index.device}; it must be on the CPU or on x's device {x.device}")
+        check_shape("zq_index", zq_index, (T + H + W,))
+        if not torch.compiler.is_compiling():  # (the native ops check again inside, compiled or not)
+            check_zq_index_values(zq_index, T, H, zq.shape[2:])
+
+
+def check_zq_index_values(zq_index, T, H, zq_size):
+    """Every index of ``zq_index`` (int32 [T + H + W]) inside zq's frames / rows / columns (reads the values:
+    a device-to-host copy for a GPU tensor)."""
+    idx = zq_index.cpu()
+    for what, part, n in (("frame", idx[:T], zq_size[0]), ("row", idx[T:T + H], zq_size[1]),
+                          ("column", idx[T + H:], zq_size[2])):
+        if part.min() < 0 or part.max() >= n:
+            raise ValueError(f"zq_index: a {what} index is outside zq's {n} {what}s")
+
+
+def modulation_from_zq(x, zq, zq_index=None, scale_weight=None, scale_bias=None, shift_weight=None,
+                       shift_bias=None, compute_dtype=torch.float32):
+    """(scale, shift) [B, C, T, H, W] in x's dtype from the spatial norm's latent (see the module doc):
+    diffusers' nearest-resized zq through conv_y / conv_b, computed in ``compute_dtype`` and rounded."""
+    B, C, T, H, W = x.shape
+    if zq_index is None:
+        zq_index = spatial_norm_index(zq.shape[2:], x.shape[2:], x.device)
+    idx = zq_index.to(zq.device).long()
+    z = zq.to(compute_dtype)[:, :, idx[:T]][:, :, :, idx[T:T + H]][..., idx[T + H:]]
+    out = []
+    for w, b in ((scale_weight, scale_bias), (shift_weight, shift_bias)):
+        m = torch.einsum("ck,bkthw->bcthw", w.reshape(C, -1).to(compute_dtype), z)
+        if b is not None:
+            m = m + b.to(compute_dtype)[:, None, None, None]
+        out.append(m.to(x.dtype))
+    return tuple(out)
+
+
 def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                           eps=1e-6, scale=None, shift=None, silu=False, cache=None,
-                          pad_mode="replicate", residual=None, norm_coef=None, out=None):
+                          pad_mode="replicate", residual=None, norm_coef=None, out=None, zq=None, zq_index=None,
+                          scale_weight=None, scale_bias=None, shift_weight=None, shift_bias=None):
     check_tensor("x", x, ndim=5, dtypes=FLOAT_DTYPES + (torch.float64,))
     device, dtype = x.device, x.dtype
     B, C, T, H, W = x.shape
@@ -64,8 +160,8 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
         if num_groups or norm_weight is not None or norm_bias is not None:
             raise ValueError("norm_coef replaces the GroupNorm statistics and affine: give num_groups=0 and no "
                              "norm_weight / norm_bias with it")
-    elif not num_groups and any(t is not None for t in (norm_weight, norm_bias, scale, shift)):
-        raise ValueError("norm_weight, norm_bias, scale and shift need num_groups > 0 or norm_coef (GroupNorm on)")
+    elif not num_groups and any(t is not None for t in (norm_weight, norm_bias, scale, shift, zq)):
+        raise ValueError("norm_weight, norm_bias, scale, shift and zq need num_groups > 0 or norm_coef (GroupNorm on)")
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is not None:
             same(name, t, (C,))
@@ -76,6 +172,12 @@ def check_vae_conv_inputs(x, weight, bias=None, *, num_groups=0, norm_weight=Non
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
             same(name, t, (B, C, T, H, W))
+    if zq is not None:
+        if scale is not None:
+            raise ValueError("give the modulation either as scale / shift or as zq with its weights, not both")
+        _check_modulation(x, zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias)
+    elif any(t is not None for t in (zq_index, scale_weight, scale_bias, shift_weight, shift_bias)):
+        raise ValueError("zq_index, scale_weight, scale_bias, shift_weight and shift_bias come with zq")
     if not isinstance(silu, bool):
         raise ValueError(f"silu must be a bool, got {silu!r}")
     if pad_mode not in PAD_MODES:
@@ -129,15 +231,20 @@ def activate(x, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6, sca
 
 def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None,
                          eps=1e-6, scale=None, shift=None, silu=False, cache=None, pad_mode="replicate",
-                         residual=None, norm_coef=None, out=None, compute_dtype=None):
+                         residual=None, norm_coef=None, out=None, zq=None, zq_index=None, scale_weight=None,
+                         scale_bias=None, shift_weight=None, shift_bias=None, compute_dtype=None):
     """The fused op in plain PyTorch (float32 maths for half inputs; ``compute_dtype`` overrides).
 
     Returns ``(y [B, C_out, T, H, W], new_cache [B, C, kt-1, H, W])`` in x's dtype.
     """
+    mod = dict(zq=zq, zq_index=zq_index, scale_weight=scale_weight, scale_bias=scale_bias, shift_weight=shift_weight,
+               shift_bias=shift_bias)
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight,
                           norm_bias=norm_bias, eps=eps, scale=scale, shift=shift, silu=silu, cache=cache,
-                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out)
+                          pad_mode=pad_mode, residual=residual, norm_coef=norm_coef, out=out, **mod)
     work = compute_dtype or (x.dtype if x.dtype == torch.float64 else torch.float32)
+    if zq is not None:
+        scale, shift = modulation_from_zq(x, compute_dtype=work, **mod)
     kt, kh, kw = weight.shape[2:]
     a = activate(x, num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                  scale=scale, shift=shift, silu=silu, compute_dtype=work, norm_coef=norm_coef).to(x.dtype)
@@ -159,11 +266,15 @@ def vae_conv3d_reference(x, weight, bias=None, *, num_groups=0, norm_weight=None
 
 
 def diffusers_sequence(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
-                       scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None):
+                       scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
+                       zq=None, **modulation):
     """The same function the way diffusers' ResNet block runs it, in x's dtype: GroupNorm, (scale,
-    shift), SiLU, ``torch.cat`` of the front frames, Conv3d (cuDNN on a GPU), residual add, each a
-    separate op that rounds. The baseline of the benchmarks and of the "2x torch's own error" rule."""
+    shift; or conv_y / conv_b of the resized zq), SiLU, ``torch.cat`` of the front frames, Conv3d (cuDNN on
+    a GPU), residual add, each a separate op that rounds. The baseline of the benchmarks and of the "2x
+    torch's own error" rule."""
     kt, kh, kw = weight.shape[2:]
+    if zq is not None:
+        scale, shift = modulation_from_zq(x, zq, compute_dtype=x.dtype, **modulation)
     h = x
     if num_groups:
         h = F.group_norm(h, num_groups, norm_weight, norm_bias, eps)
