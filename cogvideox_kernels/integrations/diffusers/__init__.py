@@ -62,7 +62,8 @@ import warnings
 import torch
 
 # The ops, looked up here by the patched modules at each call (tests wrap them to count calls).
-from ...ops import causal_conv3d, expert_ffn, rope3d_attention, vae_conv3d  # noqa: F401
+from ...ops import (adaln_linear, causal_conv3d, expert_ffn, gated_linear, rope3d_attention,  # noqa: F401
+                    vae_conv3d)
 from ...ops import registry
 from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
