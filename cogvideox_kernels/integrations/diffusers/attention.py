@@ -154,6 +154,9 @@ class ConcatCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def get(self, parts):
         if torch.compiler.is_compiling():
             return torch.cat(parts)
