@@ -484,7 +484,7 @@ SECTIONS = ("step", "vae", "other")
 
 
 def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | None = None,
-                   sections=SECTIONS) -> list[dict]:
+                   sections=SECTIONS, variants=STEP_VARIANTS) -> list[dict]:
     """Run the step benchmark; rows also land in ``out_dir`` as they are measured.
 
     sections: "step" (``preset``: eager, compiled, ours, ours with the fused attention half
@@ -492,8 +492,11 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
     the fa3-fwd wheel is importable, then a profile split), "vae"
     (decode/encode 49x480x720: diffusers un-tiled, tiled, patched, each vs float32), "other" (the other
     preset: eager, ours, compiled).
-    Each later section runs only while ``deadline`` leaves it time.
+    Each later section runs only while ``deadline`` leaves it time. variants: the step section's, in order.
     """
+    if set(variants) - set(STEP_VARIANTS):
+        raise ValueError(f"variants {sorted(set(variants) - set(STEP_VARIANTS))} are not supported; "
+                         f"choose from {STEP_VARIANTS}")
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not supported; choose one of {tuple(PRESETS)}")
     unknown = set(sections) - set(SECTIONS)
@@ -504,7 +507,7 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
     rec = Recorder(Path(out_dir), deadline)
     try:
         if "step" in sections:
-            transformer_section(rec, preset)
+            transformer_section(rec, preset, variants=variants)
             write_markdown(rec, preset)
         if "vae" in sections and rec.left_s() > 60:
             vae_section(rec)
@@ -525,9 +528,12 @@ def main(argv=None):
                         help="wall-clock epoch seconds by which to stop starting new measurements")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {SECTIONS} (default: all, in that order)")
+    parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
+                        help=f"comma-separated subset of the step section's {STEP_VARIANTS}, in the order to run")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections)
+    variants = tuple(s.strip() for s in args.variants.split(",") if s.strip())
+    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections, variants=variants)
     print(f"{len(rows)} rows written to {args.out}")
 
 
