@@ -105,6 +105,26 @@ def test_whole_model_and_op_counts(monkeypatch):
     assert rel_err(out, ref) <= BUDGET
 
 
+def test_blocks_hand_tokens_on_without_a_copy(monkeypatch):
+    # block 0's FFN output is one [text ; video] tensor it returns as two views; block 1 reads it as is
+    model = make_transformer("5b")
+    integration.apply(model, backend="reference")
+    spy = HalfSpy(monkeypatch)
+    outputs, real_ffn = [], integration.expert_ffn
+    monkeypatch.setattr(integration, "expert_ffn", lambda *a, **kw: outputs.append(real_ffn(*a, **kw)) or outputs[-1])
+    with torch.no_grad():
+        model(**transformer_inputs(model))
+    first, second = (args[0] if args else kw["x"] for args, kw in spy.adaln_calls)
+    assert second.data_ptr() == outputs[0].data_ptr() and torch.equal(second, outputs[0])
+    assert first.data_ptr() != second.data_ptr()  # block 0's inputs were two tensors: concatenated
+    # halves of one tensor that are not adjacent (a gap between them): concatenated, right values
+    padded = torch.randn(2, 3 + 9, 4)
+    text, video = padded[:, :3], padded[:, 4:]
+    joined = attention.join_tokens(text, video)
+    assert torch.equal(joined, torch.cat([text, video], 1)) and joined.data_ptr() != padded.data_ptr()
+    assert attention.join_tokens(padded[:, :3], padded[:, 3:]).data_ptr() == padded.data_ptr()
+
+
 def add_lora(model, seed=11, **config):
     from peft import LoraConfig
 

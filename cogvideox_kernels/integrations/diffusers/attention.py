@@ -210,6 +210,20 @@ def _qkv_params(projections, fused):
     return weight, QKV.get(biases)
 
 
+def join_tokens(encoder_hidden_states, hidden_states):
+    """``[text ; video]`` as one ``[B, S, hidden]`` tensor: a view when the two are the adjacent halves of
+    one packed tensor (what the previous patched block returned), else ``torch.cat``. Read only."""
+    enc, hid = encoder_hidden_states, hidden_states
+    B, L, Hd = enc.shape
+    S = L + hid.size(1)
+    if (not torch.compiler.is_compiling() and hid.dtype == enc.dtype and hid.device == enc.device
+            and enc.stride() == hid.stride() == (S * Hd, Hd, 1) and hid.shape[::2] == (B, Hd)
+            and hid.untyped_storage().data_ptr() == enc.untyped_storage().data_ptr()
+            and hid.storage_offset() == enc.storage_offset() + L * Hd):
+        return enc.as_strided((B, S, Hd), (S * Hd, Hd, 1), enc.storage_offset())
+    return torch.cat([enc, hid], dim=1)
+
+
 def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs):
     """The attention half of a ``CogVideoXBlock`` (norm1 + attn1 + gates + residual) as three ops over
     ``[text ; video]``: ``adaln_linear`` (norm1's LN-modulate pre-pass + one QKV GEMM),
@@ -229,7 +243,7 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
         return None
     norm1 = block.norm1
     text_len = encoder_hidden_states.size(1)
-    tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    tokens = join_tokens(encoder_hidden_states, hidden_states)
     batch, seq, _ = tokens.shape
     modulation = norm1.linear(norm1.silu(temb)).unflatten(1, (6, -1)).to(tokens.dtype)
     cos = sin = None
