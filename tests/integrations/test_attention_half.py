@@ -229,6 +229,20 @@ def test_fused_qkv_projection_is_used_directly(monkeypatch):
     assert rel_err(out, ref) <= BUDGET
 
 
+# test_features.py's features with the switch on (that file runs them with the default, off)
+SWITCH_ON_FEATURES = ["lora", "lora_bias", "lora_fused_unfused", "group_offload_leaf_disk", "group_offload_block",
+                      "layerwise_casting_fp8", "sequential_cpu_offload", "first_block_cache",
+                      "pyramid_attention_broadcast", "faster_cache", "fused_qkv", "layer_skip_block"]
+
+
+@pytest.mark.parametrize("order", ["feature_then_apply", "apply_then_feature"])
+@pytest.mark.parametrize("name", SWITCH_ON_FEATURES)
+def test_features_with_the_switch_on(name, order, tmp_path, monkeypatch, request):
+    import test_features
+
+    test_features.test_feature(name, order, "reference", tmp_path, monkeypatch, request)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch_save"])
 def test_copies_take_the_fused_half(how, monkeypatch):
     model = make_transformer("5b")
