@@ -147,6 +147,17 @@ def main(argv=None):
         add(variant="piece: gated_linear (to_out GEMM + bias + gate + residual)", ms=timed(post))
         add(variant="piece: QKV GEMM alone (torch F.linear)",
             ms=timed(lambda: torch.nn.functional.linear(tokens, wqkv, bqkv)))
+        # the alternative without the concatenated weight copy (2.4 GB at 5B): three GEMMs into the three
+        # contiguous [B*S, inner] blocks of one buffer (q, k, v stay strided views of it)
+        h2d, parts = tokens.reshape(B * S, -1), (attn.to_q, attn.to_k, attn.to_v)
+        buf = torch.empty(3, B * S, attn.inner_dim, dtype=tokens.dtype, device=tokens.device)
+
+        def three():
+            for i, p in enumerate(parts):
+                torch.addmm(p.bias, h2d, p.weight.t(), out=buf[i])
+            return buf
+
+        add(variant="piece: QKV as 3 addmm into one buffer (no weight copy)", ms=timed(three))
         add(variant="piece: norm1 (diffusers)", ms=timed(lambda: block.norm1(*x[:3])))
 
         # the whole block (attention half + expert_ffn FFN half), switch off / on
