@@ -134,7 +134,7 @@ def count_kernel_calls(model, inputs):
     """How many rope3d_attention / expert_ffn calls one patched step makes, and their backends."""
     from cogvideox_kernels.integrations import diffusers as integration
 
-    seen = {"rope3d_attention": 0, "expert_ffn": 0}
+    seen = {"rope3d_attention": 0, "expert_ffn": 0, "adaln_linear": 0, "gated_linear": 0}
     originals = {name: getattr(integration, name) for name in seen}
 
     def spy(name):
@@ -171,13 +171,16 @@ def fa3_sdpa():
     return sdpa
 
 
-STEP_VARIANTS = ("eager", "compiled", "ours", "ours+compile", "fa3+compile")
+FUSED_HALF = "ours (fused attention half)"  # apply() with state.FUSED_ATTENTION_HALF on (default off)
+STEP_VARIANTS = ("eager", "compiled", "ours", FUSED_HALF, "ours+compile", "fa3+compile")
 
 
 def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, profile: bool = True):
     from cogvideox_kernels.integrations import diffusers as integration
+    from cogvideox_kernels.integrations.diffusers import state as integration_state
     from cogvideox_kernels.ops import registry
 
+    fused_default = integration_state.FUSED_ATTENTION_HALF
     section = f"step_{preset}"
     # float32 reference (true fp32 GEMMs), once, then the same weights in bf16
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -204,7 +207,7 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
     results = {}
     eager_out = None
     for variant in variants:
-        need = {"eager": 15, "compiled": 90, "ours": 20, "ours+compile": 80, "fa3+compile": 90}[variant]
+        need = {"eager": 15, "compiled": 90, "ours": 20, FUSED_HALF: 20, "ours+compile": 80, "fa3+compile": 90}[variant]
         if rec.left_s() < need:
             rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
             continue
@@ -222,7 +225,8 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                 note = "diffusers' processor, F.scaled_dot_product_attention -> FA3 forward"
             if variant.startswith("ours"):
                 integration.apply(model, vae=False)
-            if variant == "ours":  # proves the step goes through our ops (and warms them up)
+                integration_state.FUSED_ATTENTION_HALF = variant == FUSED_HALF or fused_default
+            if variant in ("ours", FUSED_HALF):  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
                 backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
                 note = f"op calls per step {calls}, auto backend: {backend_attn}"
@@ -245,14 +249,16 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                     note=f"{type(exc).__name__}: {str(exc)[:300]}")
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
+            integration_state.FUSED_ATTENTION_HALF = fused_default
             if "compile" in variant:
                 uncompile_blocks(model)
             integration.remove(model)
     if profile and rec.left_s() > 30:
-        for variant in ("eager", "ours"):
+        for variant in ("eager", "ours", FUSED_HALF):
             try:
-                if variant == "ours":
+                if variant.startswith("ours"):
                     integration.apply(model, vae=False)
+                    integration_state.FUSED_ATTENTION_HALF = variant == FUSED_HALF or fused_default
                 split = profile_split(step)
                 rec.add(section=f"profile_{preset}", preset=preset, variant=variant, ms=round(split.pop("total"), 1),
                         status="ok", note=json.dumps(split))
@@ -261,6 +267,7 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                 rec.add(section=f"profile_{preset}", preset=preset, variant=variant, status="error",
                         note=f"{type(exc).__name__}: {str(exc)[:300]}")
             finally:
+                integration_state.FUSED_ATTENTION_HALF = fused_default
                 integration.remove(model)
     del model, ref, inputs, eager_out
     free_memory()
@@ -477,15 +484,19 @@ SECTIONS = ("step", "vae", "other")
 
 
 def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | None = None,
-                   sections=SECTIONS) -> list[dict]:
+                   sections=SECTIONS, variants=STEP_VARIANTS) -> list[dict]:
     """Run the step benchmark; rows also land in ``out_dir`` as they are measured.
 
-    sections: "step" (``preset``: eager, compiled, ours, ours+compile, diffusers + FA3 + compile where
+    sections: "step" (``preset``: eager, compiled, ours, ours with the fused attention half
+    (``state.FUSED_ATTENTION_HALF``), ours+compile, diffusers + FA3 + compile where
     the fa3-fwd wheel is importable, then a profile split), "vae"
     (decode/encode 49x480x720: diffusers un-tiled, tiled, patched, each vs float32), "other" (the other
     preset: eager, ours, compiled).
-    Each later section runs only while ``deadline`` leaves it time.
+    Each later section runs only while ``deadline`` leaves it time. variants: the step section's, in order.
     """
+    if set(variants) - set(STEP_VARIANTS):
+        raise ValueError(f"variants {sorted(set(variants) - set(STEP_VARIANTS))} are not supported; "
+                         f"choose from {STEP_VARIANTS}")
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not supported; choose one of {tuple(PRESETS)}")
     unknown = set(sections) - set(SECTIONS)
@@ -496,14 +507,14 @@ def run_step_bench(preset: str = "5b", out_dir="bench-out", deadline: float | No
     rec = Recorder(Path(out_dir), deadline)
     try:
         if "step" in sections:
-            transformer_section(rec, preset)
+            transformer_section(rec, preset, variants=variants)
             write_markdown(rec, preset)
         if "vae" in sections and rec.left_s() > 60:
             vae_section(rec)
             write_markdown(rec, preset)
         if "other" in sections and rec.left_s() > 70:
             other = "2b" if preset == "5b" else "5b"
-            transformer_section(rec, other, variants=("eager", "ours", "compiled"), profile=False)
+            transformer_section(rec, other, variants=("eager", "ours", FUSED_HALF, "compiled"), profile=False)
     finally:
         write_markdown(rec, preset)
     return rec.rows
@@ -517,9 +528,12 @@ def main(argv=None):
                         help="wall-clock epoch seconds by which to stop starting new measurements")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {SECTIONS} (default: all, in that order)")
+    parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
+                        help=f"comma-separated subset of the step section's {STEP_VARIANTS}, in the order to run")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections)
+    variants = tuple(s.strip() for s in args.variants.split(",") if s.strip())
+    rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections, variants=variants)
     print(f"{len(rows)} rows written to {args.out}")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 
 import torch
 
@@ -133,6 +134,146 @@ class CogVideoXKernelAttnProcessor:
                                              seq_lens=[t + n for t, n in zip(text_lens, video_lens)],
                                              text_lens=text_lens, backend=self.backend,
                                              precision=self.precision, **norms)
+
+
+# ------------------------------------------------------------------------------ fused attention half
+
+
+class ConcatCache:
+    """``torch.cat`` of a block's to_q/to_k/to_v weights (or biases) along dim 0, made once per weight
+    version, as ``expert_ffn.fp8.WeightCache`` does for one weight: an entry is found through the parts'
+    storages (held weakly), must match their views and version counters (``fuse_lora``, ``copy_``,
+    ``load_state_dict`` bump them) and dies with any of them, so per-call weights (unfused LoRA, offload,
+    layerwise casting) leave nothing behind. The cost: one concatenated copy of QKV per block (5B: 56.6 MB
+    x 42 blocks). Under ``torch.compile`` it concatenates in the graph at each call."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+        self.concatenations = 0  # tests read it
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, parts):
+        if torch.compiler.is_compiling():
+            return torch.cat(parts)
+        storages = [t.untyped_storage() for t in parts]
+        key = tuple(id(s) for s in storages)
+        views = tuple((t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) for t in parts)
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == views and all(r() is s for r, s in zip(entry[0], storages)):
+            return entry[2]
+        value = torch.cat(parts)
+        self.concatenations += 1
+        entries = self._entries
+        refs = [weakref.ref(s, lambda _, key=key: entries.pop(key, None)) for s in storages]
+        entries[key] = (refs, views, value)
+        return value
+
+
+QKV = ConcatCache()
+
+
+def _plain_forward(module) -> bool:
+    """``module``'s forward is its class's, or what the hooks that ``weights.hooks_known`` checks wrap."""
+    return ("forward" not in module.__dict__ or "_diffusers_hook" in module.__dict__
+            or "_hf_hook" in module.__dict__)
+
+
+def _attention_half_ok(block, fused: bool) -> bool:
+    """Every module whose forward the fused half skips is plain (weights.py) and what it computes."""
+    attn, norm1 = block.attn1, block.norm1
+    projections = [attn.to_qkv] if fused else [attn.to_q, attn.to_k, attn.to_v]
+    norms_ok = attn.norm_q is None or (weights.layer_norm_ok(attn.norm_q) and weights.layer_norm_ok(attn.norm_k))
+    return (isinstance(getattr(norm1, "norm", None), torch.nn.LayerNorm) and hasattr(norm1, "linear")
+            and weights.identity_ok(norm1) and weights.layer_norm_ok(norm1.norm)
+            and _plain_forward(attn) and weights.identity_ok(attn) and norms_ok
+            and all(weights.linear_ok(p) for p in projections)
+            and len(attn.to_out) == 2 and weights.identity_ok(attn.to_out)
+            and weights.linear_ok(attn.to_out[0]) and weights.identity_ok(attn.to_out[1]))
+
+
+def _qkv_params(projections, fused):
+    """(weight, bias) of the one QKV GEMM from the projections' effective (weight, bias)."""
+    if fused:
+        return projections[0]
+    weight = QKV.get([w for w, _ in projections])
+    biases = [b for _, b in projections]
+    if all(b is None for b in biases):
+        return weight, None
+    if any(b is None for b in biases):  # not in diffusers' configs: zeros for the missing, not cached
+        return weight, torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+                                  for w, b in projections])
+    return weight, QKV.get(biases)
+
+
+def join_tokens(encoder_hidden_states, hidden_states):
+    """``[text ; video]`` as one ``[B, S, hidden]`` tensor: a view when the two are the adjacent halves of
+    one packed tensor (what the previous patched block returned), else ``torch.cat``. Read only."""
+    enc, hid = encoder_hidden_states, hidden_states
+    B, L, Hd = enc.shape
+    S = L + hid.size(1)
+    if (not torch.compiler.is_compiling() and hid.dtype == enc.dtype and hid.device == enc.device
+            and enc.stride() == hid.stride() == (S * Hd, Hd, 1) and hid.shape[::2] == (B, Hd)
+            and hid.untyped_storage().data_ptr() == enc.untyped_storage().data_ptr()
+            and hid.storage_offset() == enc.storage_offset() + L * Hd):
+        return enc.as_strided((B, S, Hd), (S * Hd, Hd, 1), enc.storage_offset())
+    return torch.cat([enc, hid], dim=1)
+
+
+def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs):
+    """The attention half of a ``CogVideoXBlock`` (norm1 + attn1 + gates + residual) as three ops over
+    ``[text ; video]``: ``adaln_linear`` (norm1's LN-modulate pre-pass + one QKV GEMM),
+    ``rope3d_attention`` on strided q/k/v views of its output, ``gated_linear`` (to_out's GEMM, bias,
+    gate and residual). Returns the residual stream ``[B, text + video, hidden]`` after it, or None
+    where anything is not ours or not plain (the caller runs diffusers' norm1 and ``attn1``): a
+    processor that is not our unfallen one, hooks on attn1 or its submodules that weights.py does not
+    know (PyramidAttentionBroadcast, FasterCache), LoRA variants, context parallelism, attention kwargs,
+    anything ``CogVideoXKernelAttnProcessor`` itself would not cover."""
+    attn = block.attn1
+    processor = attn.processor
+    if type(processor) is not CogVideoXKernelAttnProcessor or attention_kwargs:
+        return None
+    head_dim = attn.inner_dim // attn.heads
+    if (processor._context_parallel() is not None or not _attention_half_ok(block, processor.fused)
+            or not processor._covered(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb, head_dim)):
+        return None
+    norm1 = block.norm1
+    text_len = encoder_hidden_states.size(1)
+    tokens = join_tokens(encoder_hidden_states, hidden_states)
+    batch, seq, _ = tokens.shape
+    modulation = norm1.linear(norm1.silu(temb)).unflatten(1, (6, -1)).to(tokens.dtype)
+    cos = sin = None
+    if image_rotary_emb is not None:
+        cos, sin = (t.to(device=tokens.device, dtype=torch.float32) for t in image_rotary_emb)
+    with contextlib.ExitStack() as stack:
+        for container in (norm1, attn, attn.to_out):  # what calls of them would run (offload, casting)
+            weights.enter_hooks(container, stack)
+        norm = weights.leaf_params(norm1.norm, stack)
+        projections = [weights.linear_params(p, stack)
+                       for p in ([attn.to_qkv] if processor.fused else [attn.to_q, attn.to_k, attn.to_v])]
+        out_proj = weights.linear_params(attn.to_out[0], stack)
+        norms = dict(q_norm=None, k_norm=None, eps=1e-6)
+        if attn.norm_q is not None:
+            norms = dict(q_norm=weights.leaf_params(attn.norm_q, stack),
+                         k_norm=weights.leaf_params(attn.norm_k, stack), eps=attn.norm_q.eps)
+        if any(p is None for p in [norm, out_proj, *projections]) or (
+                attn.norm_q is not None and (norms["q_norm"] is None or norms["k_norm"] is None)):
+            return None  # what the hooks left is not a plain float tensor after all
+        qkv_weight, qkv_bias = _qkv_params(projections, processor.fused)
+        if qkv_weight.dtype != tokens.dtype or out_proj[0].dtype != tokens.dtype:
+            return None  # diffusers' modules decide what mixed dtypes do
+        backend = registry.backend_for("adaln_linear", processor.backend)
+        qkv = _ops.adaln_linear(tokens, modulation, qkv_weight, qkv_bias, text_len=text_len, norm_weight=norm[0],
+                                norm_bias=norm[1], eps=norm1.norm.eps, backend=backend)
+        q, k, v = qkv.view(batch, seq, 3, attn.heads, head_dim).unbind(2)
+        out = _ops.rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, backend=processor.backend,
+                                    precision=processor.precision, **norms)
+        return _ops.gated_linear(tokens, out.reshape(batch, seq, attn.heads * head_dim), out_proj[0], out_proj[1],
+                                 modulation, text_len=text_len, backend=backend)
 
 
 def cogvideox_cp_plan(model) -> dict:

@@ -7,7 +7,8 @@ import sys
 import torch
 
 from ...ops import registry
-from . import weights
+from . import state, weights
+from .attention import fused_attention_half
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
 
@@ -45,7 +46,8 @@ def _ffn_ok(block) -> bool:
 
 class KernelBlockForward:
     """``block.forward`` while patched: diffusers' attention half (through ``attn1``, so its processor
-    and hooks run), then norm2 + ff + gates + residual as one ``expert_ffn`` over ``[text ; video]``.
+    and hooks run; with ``state.FUSED_ATTENTION_HALF`` on, :func:`~.attention.fused_attention_half` where
+    it covers the block), then norm2 + ff + gates + residual as one ``expert_ffn`` over ``[text ; video]``.
     Takes diffusers' own forward whenever autograd is needed or a skipped module's weights cannot be
     had exactly (LoRA variants, unknown hooks, quantized weights; see weights.py)."""
 
@@ -64,17 +66,24 @@ class KernelBlockForward:
             return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                        attention_kwargs)
         attention_kwargs = attention_kwargs or {}
-        # Attention half exactly as diffusers writes it.
-        norm_hidden, norm_encoder, gate_msa, enc_gate_msa = block.norm1(hidden_states, encoder_hidden_states, temb)
-        attn_hidden, attn_encoder = block.attn1(hidden_states=norm_hidden, encoder_hidden_states=norm_encoder,
-                                                image_rotary_emb=image_rotary_emb, **attention_kwargs)
-        hidden_states = hidden_states + gate_msa * attn_hidden
-        encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_encoder
+        text_len = encoder_hidden_states.size(1)
+        tokens = None
+        if state.FUSED_ATTENTION_HALF:  # [text ; video] after the attention half, or None: diffusers' way
+            tokens = fused_attention_half(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                          attention_kwargs)
+        if tokens is None:  # attention half exactly as diffusers writes it (through attn1's processor)
+            norm_hidden, norm_encoder, gate_msa, enc_gate_msa = block.norm1(hidden_states, encoder_hidden_states,
+                                                                            temb)
+            attn_hidden, attn_encoder = block.attn1(hidden_states=norm_hidden, encoder_hidden_states=norm_encoder,
+                                                    image_rotary_emb=image_rotary_emb, **attention_kwargs)
+            hidden_states = hidden_states + gate_msa * attn_hidden
+            encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_encoder
+            tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        else:
+            hidden_states, encoder_hidden_states = tokens[:, text_len:], tokens[:, :text_len]
         # [B, 6*hidden] chunked (shift, scale, gate, enc_shift, enc_scale, enc_gate): our row order.
         norm2 = block.norm2
         modulation = norm2.linear(norm2.silu(temb)).unflatten(1, (6, -1))
-        text_len = encoder_hidden_states.size(1)
-        tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         with contextlib.ExitStack() as stack:
             norm = weights.leaf_params(norm2.norm, stack)
             first = weights.linear_params(block.ff.net[0].proj, stack)

@@ -15,6 +15,7 @@ slot, under the hooks, and ``remove`` puts the module's own forward back there.
 """
 from __future__ import annotations
 
+import os
 import types
 
 STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..., "cp_plan": ...}
@@ -29,6 +30,14 @@ PRECISION_MODES = {
     "int8+fp8": {"rope3d_attention": "int8", "expert_ffn": "fp8"},  # both 8-bit paths
     "int8-ffn": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
 }
+
+
+# The fused attention half (attention.fused_attention_half): norm1's LN-modulate pre-pass, one QKV GEMM,
+# rope3d_attention, to_out's GEMM with bias + gate + residual in its epilogue, inside each patched block's
+# forward. Off by default until measured on a GPU (benchmarks/results/attention_half_notes.md); on with
+# the environment variable set to 1 at import, or by setting this attribute (read at every call).
+FUSED_ATTENTION_HALF_ENV = "COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF"
+FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "0").strip() == "1"
 
 
 def op_precision(precision: str, op: str) -> str:
