@@ -109,8 +109,20 @@ def _turn_pass(turns, WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.const
 
 
 @gluon.jit
+def _row_sums(p, LAZY_SUM: gl.constexpr):
+    """Row sums of a [64, N] accumulator tile: complete ([64]), or with LAZY_SUM each thread's own
+    partial sums ([64, 4], one per lane of the quad that shares a row: no shuffles in the loop;
+    the caller sums the 4 at the end)."""
+    if LAZY_SUM:
+        return gl.sum(gl.sum(p.reshape([p.shape[0], p.shape[1] // 8, 4, 2]), axis=3), axis=1)
+    else:
+        return gl.sum(p, axis=1)
+
+
+@gluon.jit
 def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turns, base, tbase,
-                 WG: gl.constexpr, MASK: gl.constexpr, PINGPONG: gl.constexpr):
+                 WG: gl.constexpr, MASK: gl.constexpr, PINGPONG: gl.constexpr,
+                 LAZY_SUM: gl.constexpr):
     """Key block j >= 1 of the fixed-max loop (the shipped ``_attend_block`` with FIXED, m per row,
     and the GEMM issue inside the warpgroup's turn); base / tbase: ring blocks / turns of earlier
     tiles (persistent)."""
@@ -127,7 +139,7 @@ def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turn
     if MASK:
         s = _mask_tail(s, j * sm.BLOCK_N, S)
     p = gl.exp2(s * qk_scale - m_row[:, None])
-    l_i = l_i + gl.sum(p, axis=1)
+    l_i = l_i + _row_sums(p, LAZY_SUM)
     mbarrier.wait(sm.v_ready.index(stage), (c // sm.STAGES) & 1)  # ends the basic block (ptxas)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(prev))
@@ -137,7 +149,7 @@ def _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S, turn
 
 @gluon.jit
 def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, base, tbase, q_empty, WG: gl.constexpr,
-                PINGPONG: gl.constexpr, PERSIST: gl.constexpr):
+                PINGPONG: gl.constexpr, PERSIST: gl.constexpr, LAZY_SUM: gl.constexpr):
     """The fixed-max loop over all key blocks with a per-row m (``m_row``, the S layout's rows);
     PERSIST: arrive on q_empty once the last Q K^T has read Q."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
@@ -147,9 +159,9 @@ def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, base, tbase, q_empty, WG:
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    l_i = _row_sums(s_zero, LAZY_SUM)  # zeros in the layout the loop accumulates
     n_blocks = gl.cdiv(S, BLOCK_N)
 
     st0 = base % sm.STAGES
@@ -162,15 +174,15 @@ def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, base, tbase, q_empty, WG:
     s = warpgroup_mma_wait(0, deps=(s,))
     s = _mask_tail(s, 0, S)
     p = gl.exp2(s * qk_scale - m_row[:, None])
-    l_i = l_i + gl.sum(p, axis=1)
+    l_i = l_i + _row_sums(p, LAZY_SUM)
     mbarrier.wait(sm.v_ready.index(st0), ph0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks - 1):
         acc, l_i, p_op = _fixed_block(j, sm, q_smem, acc, m_row, l_i, p_op, s_zero, qk_scale, S,
-                                      turns, base, tbase, WG, False, PINGPONG)
+                                      turns, base, tbase, WG, False, PINGPONG, LAZY_SUM)
     if n_blocks > 1:
         acc, l_i, p_op = _fixed_block(n_blocks - 1, sm, q_smem, acc, m_row, l_i, p_op, s_zero,
-                                      qk_scale, S, turns, base, tbase, WG, True, PINGPONG)
+                                      qk_scale, S, turns, base, tbase, WG, True, PINGPONG, LAZY_SUM)
     if PERSIST:
         mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed (waited above)
     last = (base + n_blocks - 1) % sm.STAGES
@@ -179,6 +191,8 @@ def _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, base, tbase, q_empty, WG:
     _turn_pass(turns, WG, sm.NUM_WG, PINGPONG)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
+    if LAZY_SUM:
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout))
     return acc, l_i
 
 
@@ -219,7 +233,7 @@ def _q_prologue(q_smem, rows, S, text_len, cos_ptr, sin_ptr, stride_cs, qw_ptr, 
 def _consumer_tile(sm, turns, q_empty, o_ptr, norm_ptr, pid_bh, BH, q_start, S, text_len,
                    stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, it,
                    WG: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
-                   PERSIST: gl.constexpr):
+                   PERSIST: gl.constexpr, LAZY_SUM: gl.constexpr):
     """One tile of one warpgroup: its 64 rows against all keys, stored; ``it``: the tiles this
     CTA did before (persistent: ring, turn and Q barrier phases continue)."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
@@ -246,10 +260,10 @@ def _consumer_tile(sm, turns, q_empty, o_ptr, norm_ptr, pid_bh, BH, q_start, S, 
     if PERSIST:
         # (the host checks that every head is bounded: the running-max loop has no ring offset)
         acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, it * n_blocks,
-                               it * (n_blocks + 1), q_empty, WG, PINGPONG, PERSIST)
+                               it * (n_blocks + 1), q_empty, WG, PINGPONG, PERSIST, LAZY_SUM)
     elif fixed:
         acc, l_i = _fixed_loop(sm, q_smem, m_row, qk_scale, S, turns, 0, 0, q_empty, WG,
-                               PINGPONG, PERSIST)
+                               PINGPONG, PERSIST, LAZY_SUM)
     else:
         # the running-max loop takes no turns; it passes its n_blocks + 1 turns first so that the
         # other warpgroups (with QFUSE their bound is per warpgroup) never wait on it
@@ -266,7 +280,7 @@ def _consumer_tile(sm, turns, q_empty, o_ptr, norm_ptr, pid_bh, BH, q_start, S, 
 def _consumer(sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len, stride_ob,
               stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
               WG: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
-              PERSIST: gl.constexpr):
+              PERSIST: gl.constexpr, LAZY_SUM: gl.constexpr):
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     if PERSIST:
@@ -277,7 +291,7 @@ def _consumer(sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_
             o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
             _consumer_tile(sm, turns, q_empty, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len,
                            stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps,
-                           it, WG, PINGPONG, QFUSE, PERSIST)
+                           it, WG, PINGPONG, QFUSE, PERSIST, LAZY_SUM)
             it += 1
     else:
         t = gl.program_id(1) * n_m + gl.program_id(0)
@@ -286,14 +300,15 @@ def _consumer(sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_
         o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
         _consumer_tile(sm, turns, q_empty, o_base, norm_ptr, pid_bh, BH, q_start, S, text_len,
                        stride_os, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr, qb_ptr, eps, 0,
-                       WG, PINGPONG, QFUSE, PERSIST)
+                       WG, PINGPONG, QFUSE, PERSIST, LAZY_SUM)
 
 
 @gluon.jit
 def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, n_m, n_tiles, text_len,
                  stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
                  qb_ptr, eps, STAGES: gl.constexpr, PINGPONG: gl.constexpr, QFUSE: gl.constexpr,
-                 PERSIST: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                 PERSIST: gl.constexpr, LAZY_SUM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 LOADER_REGS: gl.constexpr):
     """3 consumer warpgroups x 64 rows + a loader warp, as the shipped kernel; q from its
     token-major view when QFUSE (raw), else head-major (normed by the pre-pass); V token-major.
     Tiles: n_m query tiles of 192 rows per (b, h); PERSIST: one CTA per SM walks tiles
@@ -311,19 +326,19 @@ def _next_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, n_m, n_tiles
     gl.warp_specialize([
         (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
                      stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
-                     qb_ptr, eps, 0, PINGPONG, QFUSE, PERSIST)),
+                     qb_ptr, eps, 0, PINGPONG, QFUSE, PERSIST, LAZY_SUM)),
         (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
                      stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
-                     qb_ptr, eps, 1, PINGPONG, QFUSE, PERSIST)),
+                     qb_ptr, eps, 1, PINGPONG, QFUSE, PERSIST, LAZY_SUM)),
         (_consumer, (sm, turns, q_empty, o_ptr, norm_ptr, H, BH, n_m, n_tiles, S, text_len,
                      stride_ob, stride_os, stride_oh, qk_scale, cos_ptr, sin_ptr, stride_cs, qw_ptr,
-                     qb_ptr, eps, 2, PINGPONG, QFUSE, PERSIST)),
+                     qb_ptr, eps, 2, PINGPONG, QFUSE, PERSIST, LAZY_SUM)),
         (_loader, (sm, q_empty, q_desc, k_desc, v_desc, S, H, n_m, n_tiles, QFUSE, PERSIST)),
     ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
 def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, scale, *,
-            pingpong, qfuse, persist=False, stages=None):
+            pingpong, qfuse, persist=False, lazy_sum=False, stages=None):
     """q_src: raw q [B, S, H, D] (token-major, QFUSE) or the pre-pass's head-major [B, H, S, D]."""
     B, H, _, D = kh.shape
     cfg = default_config(D)
@@ -348,13 +363,13 @@ def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, sca
     _next_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, n_m, n_tiles, text_len,
                        out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E, cos,
                        sin, cos.stride(0), qw, qb, float(eps), STAGES=stages, PINGPONG=pingpong,
-                       QFUSE=qfuse, PERSIST=persist, CONSUMER_REGS=consumer_regs,
+                       QFUSE=qfuse, PERSIST=persist, LAZY_SUM=lazy_sum, CONSUMER_REGS=consumer_regs,
                        LOADER_REGS=loader_regs, num_warps=4)
     return out
 
 
 def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, pingpong=False,
-                   qfuse=False, persist=False, stages=None, check_bound=True):
+                   qfuse=False, persist=False, lazy_sum=False, stages=None, check_bound=True):
     """The full path (k pre-pass with norms, q pre-pass unless qfuse, V in place) for bf16 q/k/v
     [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on. ``check_bound``: with
     persist, first check on the host that every head takes the fixed-max loop (time it without)."""
@@ -381,16 +396,18 @@ def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, p
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     return _launch(q_src, kh.transpose(1, 2), v, out, norm_max, S, text_len, cos, sin,
                    q_norm[0], q_norm[1], eps, scale, pingpong=pingpong, qfuse=qfuse,
-                   persist=persist, stages=stages)
+                   persist=persist, lazy_sum=lazy_sum, stages=stages)
 
 
 VARIANTS = {"pingpong": dict(pingpong=True), "qfuse": dict(qfuse=True),
             "pingpong+qfuse": dict(pingpong=True, qfuse=True), "persist": dict(persist=True),
             "persist+qfuse": dict(persist=True, qfuse=True),
-            "persist+pingpong+qfuse": dict(persist=True, pingpong=True, qfuse=True)}
+            "persist+pingpong+qfuse": dict(persist=True, pingpong=True, qfuse=True),
+            "lazy_sum": dict(lazy_sum=True),
+            "persist+qfuse+lazy_sum": dict(persist=True, qfuse=True, lazy_sum=True)}
 
 
-def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False):
+def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False, lazy_sum=False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -406,7 +423,7 @@ def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False):
            "qk_scale": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "stride_cs": "i32",
            "qw_ptr": "*bf16", "qb_ptr": "*bf16", "eps": "fp32"}
     constexprs = dict(STAGES=stages, PINGPONG=pingpong, QFUSE=qfuse, PERSIST=persist,
-                      CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+                      LAZY_SUM=lazy_sum, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
     sig.update({n: "constexpr" for n in constexprs})
     src = GluonASTSource(_next_kernel, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -422,7 +439,7 @@ if __name__ == "__main__":
 
     for name, kw in {"base": {}, **VARIANTS}.items():
         c = compile_offline(kw.get("pingpong", False), kw.get("qfuse", False),
-                            persist=kw.get("persist", False))
+                            persist=kw.get("persist", False), lazy_sum=kw.get("lazy_sum", False))
         loops = main_loops(c)
         counts = [dict(collections.Counter(o.split(".")[0] for o in body).most_common(6))
                   for body in loops]
