@@ -27,32 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _mask_tail,
-                                                        _registers, alloc_shared, default_config,
+                                                        _registers, alloc_shared, default_config, load_tile,
                                                         mma_layout, store_rows, v_token_major_ok)
-
-
-@gluon.jit
-def _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, v_row, v_col, S, base):
-    """The shipped loader for one tile: q's box at (q_row + i * BLOCK_M, q_col) of q's 2D view,
-    then K/V blocks into the ring; ``base``: ring blocks loaded by earlier tiles (persistent)."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
-    for i in gl.static_range(sm.NUM_WG):
-        tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, q_col], sm.q_bar,
-                                        sm.q_bufs.index(i))
-    n_blocks = gl.cdiv(S, sm.BLOCK_N)
-    for j in range(n_blocks):
-        c = base + j
-        stage = c % sm.STAGES
-        mbarrier.wait(sm.kv_empty.index(stage), ((c // sm.STAGES) & 1) ^ 1)
-        k_bar = sm.k_ready.index(stage)
-        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
-                                        sm.k_bufs.index(stage))
-        v_bar = sm.v_ready.index(stage)
-        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
-                                        sm.v_bufs.index(stage))
 
 
 @gluon.jit
@@ -86,14 +62,14 @@ def _loader(sm, q_empty, q_desc, k_desc, v_desc, S, H, n_m, n_tiles, QFUSE: gl.c
             b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
                 t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
             mbarrier.wait(q_empty, (it & 1) ^ 1)  # the consumers are done with the last tile's Q
-            _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S,
-                         it * n_blocks)
+            load_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S,
+                      it * n_blocks)
             it += 1
     else:
         t = gl.program_id(1) * n_m + gl.program_id(0)
         b, h, pid_bh, q_start, q_row, q_col, row_kv = _tile_coords(
             t, n_m, H, S, HEAD_D, BLOCK_M, sm.NUM_WG, QFUSE)
-        _loader_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S, 0)
+        load_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, row_kv, b * S, h * HEAD_D, S, 0)
 
 
 @gluon.jit

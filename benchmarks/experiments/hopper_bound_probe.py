@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from bench_hopper_attention import fa3_fn  # noqa: E402
 from bench_attention import SHAPES, make_inputs, reference_rows, rel_error, sample_rows  # noqa: E402
 from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd  # noqa: E402
@@ -36,15 +37,6 @@ SHAPES = dict(SHAPES)
 SHAPES["d128"] = dict(B=2, H=24, S=17776, D=128, text_len=226, grid=(13, 30, 45))
 KERNEL_CONFIGS = {64: [{}, dict(BLOCK_N=64, STAGES=6), dict(BLOCK_N=64, STAGES=8)],
                   128: [{}]}
-
-
-def fa3_fn():
-    try:
-        from fa3_fwd_interface import flash_attn_func
-    except Exception as e:  # pragma: no cover - needs the wheel
-        print(f"FA3 not importable: {e}")
-        return None
-    return flash_attn_func
 
 
 def run_shape(name, results, log):

@@ -120,27 +120,42 @@ def alloc_shared(q_desc, k_desc, v_desc, NUM_WG: gl.constexpr, STAGES: gl.conste
 
 
 @gluon.jit
-def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
-    """One warp: the Q tiles once, then K and V blocks into the ring (K and V on separate
-    barriers, so Q K^T can start before V has landed). V block j is the box at
-    (v_row + j * BLOCK_N, v_col) of V's 2D view (head-major or token-major)."""
+def load_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, k_row, v_row, v_col, S, base,
+              V_T: gl.constexpr = False):
+    """The loader warp's work for one tile: the NUM_WG Q boxes at (q_row + i * BLOCK_M, q_col),
+    then K and V blocks into the ring (K and V on separate barriers, so Q K^T can start before V
+    has landed). K block j is the box at (k_row + j * BLOCK_N, 0); V block j at
+    (v_row + j * BLOCK_N, v_col), or with V_T (V^T tiles) at (v_row, v_col + j * BLOCK_N).
+    ``base``: ring blocks loaded before this tile (stage and phase continue from there)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
     for i in gl.static_range(sm.NUM_WG):
-        tma.async_copy_global_to_shared(q_desc, [row_q + i * BLOCK_M, 0], sm.q_bar,
+        tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, q_col], sm.q_bar,
                                         sm.q_bufs.index(i))
     n_blocks = gl.cdiv(S, sm.BLOCK_N)
     for j in range(n_blocks):
-        stage = j % sm.STAGES
-        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
-        row = row_kv + j * sm.BLOCK_N
+        c = base + j
+        stage = c % sm.STAGES
+        mbarrier.wait(sm.kv_empty.index(stage), ((c // sm.STAGES) & 1) ^ 1)
         k_bar = sm.k_ready.index(stage)
         mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_bar, sm.k_bufs.index(stage))
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * sm.BLOCK_N, 0], k_bar,
+                                        sm.k_bufs.index(stage))
         v_bar = sm.v_ready.index(stage)
         mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
-                                        sm.v_bufs.index(stage))
+        if V_T:
+            tma.async_copy_global_to_shared(v_desc, [v_row, v_col + j * sm.BLOCK_N], v_bar,
+                                            sm.v_bufs.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
+                                            sm.v_bufs.index(stage))
+
+
+@gluon.jit
+def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
+    """One warp: the tile's Q boxes and K/V blocks (``load_tile``); V block j is the box at
+    (v_row + j * BLOCK_N, v_col) of V's 2D view (head-major or token-major)."""
+    load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0)
 
 
 @gluon.jit

@@ -29,7 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper_fwd import LOG2E, _mask_tail, _registers, alloc_shared, mma_layout, store_rows
+from .hopper_fwd import (LOG2E, _mask_tail, _registers, alloc_shared, load_tile, mma_layout,
+                         store_rows)
 
 LOG2_P_SCALE = gl.constexpr(math.log2(448.0))  # P is stored as p * 448 in e4m3 (its max)
 MAGIC = gl.constexpr(0x4B400000)  # float32 bits of 12582912 = 1.5 * 2^23
@@ -38,29 +39,13 @@ MAGIC_F = gl.constexpr(12582912.0)
 
 @gluon.jit
 def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8: gl.constexpr):
-    """One warp: the Q tiles once, then K and V blocks into the ring. V^T (PV_FP8) is read as
-    [D, BLOCK_N] boxes of the [B*H*D, S_pad] view, 16-bit V as [BLOCK_N, D] boxes."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
-    for i in gl.static_range(sm.NUM_WG):
-        tma.async_copy_global_to_shared(q_desc, [row_q + i * BLOCK_M, 0], sm.q_bar,
-                                        sm.q_bufs.index(i))
-    n_blocks = gl.cdiv(S, sm.BLOCK_N)
-    for j in range(n_blocks):
-        stage = j % sm.STAGES
-        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
-        k_bar = sm.k_ready.index(stage)
-        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
-                                        sm.k_bufs.index(stage))
-        v_bar = sm.v_ready.index(stage)
-        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        if PV_FP8:
-            tma.async_copy_global_to_shared(v_desc, [row_vt, j * sm.BLOCK_N], v_bar,
-                                            sm.v_bufs.index(stage))
-        else:
-            tma.async_copy_global_to_shared(v_desc, [row_kv + j * sm.BLOCK_N, 0], v_bar,
-                                            sm.v_bufs.index(stage))
+    """One warp: the Q tiles once, then K and V blocks into the ring (``hopper_fwd.load_tile``).
+    V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view, 16-bit V as
+    [BLOCK_N, D] boxes."""
+    if PV_FP8:
+        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, row_vt, 0, S, 0, True)
+    else:
+        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, row_kv, 0, S, 0)
 
 
 @gluon.jit
