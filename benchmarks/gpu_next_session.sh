@@ -1,63 +1,69 @@
 #!/usr/bin/env bash
-# The next session's first GPU call: everything this session built without a GPU, measured and
-# checked in one run (best on nvidia-h200-x2: two lanes in parallel; one GPU runs them in turn).
+# One GPU call that measures and checks what was written without a GPU (one H200; ~8-9 min):
 #
-#   COGVIDEOX_KERNELS_COMMIT=<sha> OUT=<folder> bash benchmarks/gpu_next_session.sh
+#   COGVIDEOX_KERNELS_COMMIT=<sha> OUT=<folder> PARTS="probe tests half" bash benchmarks/gpu_next_session.sh
 #
-# Lane A (GPU 0): the Hopper attention's next variants (ping-pong, q's LN + RoPE in the prologue,
-#   persistent grid; benchmarks/experiments/hopper_attention_next.py) beside the shipped path and FA3
-#   at 5B and head_dim 128 (hopper_bound_probe.py --next), then the int8 FFN tile sweep and 5B step
-#   (bench_fp8_ffn.py).
-# Lane B (GPU 1): the GPU tests of what was written blind (the VAE's fused spatial-norm modulation
-#   and packed-weight cache, the fused attention half), the VAE decode with the fused modulation on
-#   and off (gpu_vae_decode.sh's variables), the attention-half bench (gpu_attention_half.sh).
+# The extension builds in the background while the first GPU part (which needs no extension) runs.
+# Parts, in the order given:
+#   probe  the Hopper attention's next variants (ping-pong, q's LN + RoPE in the prologue, persistent
+#          grid, lazy row sums; benchmarks/experiments/hopper_attention_next.py) beside the shipped path
+#          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
+#   tests  GPU tests of the VAE's fused spatial-norm modulation (CUDA path switched on) and packed-weight
+#          cache, and of the fused attention half
+#   half   the attention-half bench (bench_attention_half.py)
+#   vae    the VAE decode with the fused modulation on and off (gpu_vae_decode.sh)
+#   ffn8   the int8 FFN tile sweep and 5B step rows (bench_fp8_ffn.py)
 # Wheels (diffusers, importlib_metadata, fa3-fwd) come from .whl/ (../shared/tools/gpu-wheels.sh).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a folder}
 SHA=${COGVIDEOX_KERNELS_COMMIT:-unknown}
+PARTS=${PARTS:-probe tests half}
 RES=/tmp/cvk-next
-rm -rf "$RES" && mkdir -p "$RES"
+rm -rf "$RES" && mkdir -p "$RES/vae"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
 fi
+export PYTHONPATH=/tmp/site:$PWD
 t0=$(date +%s)
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/build.log" 2>&1 || { tail -40 "$RES/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-lane_b_gpu=$(( ngpu > 1 ? 1 : 0 ))
-
-lane_a() {
-  CUDA_VISIBLE_DEVICES=0 timeout "${PROBE_S:-240}" python3 benchmarks/experiments/hopper_bound_probe.py \
-    --out "$RES/hopper" --next >"$RES/hopper.log" 2>&1
-  echo "hopper probe rc=$?" >>"$RES/hopper.log"
-  CUDA_VISIBLE_DEVICES=0 timeout "${FFN8_S:-240}" python3 benchmarks/bench_fp8_ffn.py --out "$RES/ffn8" \
-    --commit "$SHA" --budget-s "${FFN8_BUDGET_S:-220}" >"$RES/ffn8.log" 2>&1
-  echo "ffn8 rc=$?" >>"$RES/ffn8.log"
-}
-lane_b() {
-  CUDA_VISIBLE_DEVICES=$lane_b_gpu COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-200}" \
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_vae_conv.py tests/integrations/test_vae_resnet.py \
-    tests/integrations/test_attention_half.py >"$RES/pytest_gpu.log" 2>&1
-  echo "pytest rc=$?" >>"$RES/pytest_gpu.log"
-  CUDA_VISIBLE_DEVICES=$lane_b_gpu COGVIDEOX_KERNELS_COMMIT=$SHA OUT="$RES/vae" SKIP_TESTS=1 \
-    timeout "${VAE_S:-200}" bash benchmarks/gpu_vae_decode.sh >"$RES/vae.log" 2>&1
-  echo "vae rc=$?" >>"$RES/vae.log"
-  if [ -f benchmarks/gpu_attention_half.sh ]; then
-    CUDA_VISIBLE_DEVICES=$lane_b_gpu COMMIT=$SHA OUT="$RES/half" \
-      timeout "${HALF_S:-150}" bash benchmarks/gpu_attention_half.sh >"$RES/half.log" 2>&1
-    echo "half rc=$?" >>"$RES/half.log"
-  fi
-}
-mkdir -p "$RES/vae" "$RES/half"
-if [ "$ngpu" -gt 1 ]; then
-  lane_a & lane_b; wait
-else
-  lane_a; lane_b
-fi
+( python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - t0 )) s" >>"$RES/build.log" ) &
+build_pid=$!
+built=0
+need_build() { [ $built = 1 ] || { wait $build_pid; built=1; tail -2 "$RES/build.log"; }; }
+for part in $PARTS; do
+  case $part in
+    probe)
+      timeout "${PROBE_S:-240}" python3 benchmarks/experiments/hopper_bound_probe.py --out "$RES/hopper" \
+        --next --shapes "${PROBE_SHAPES:-5b,d128}" >"$RES/probe.log" 2>&1
+      echo "probe rc=$?" >>"$RES/probe.log" ;;
+    tests)
+      need_build
+      COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \
+        -p no:cacheprovider tests/ops/test_vae_conv.py tests/integrations/test_vae_resnet.py \
+        tests/integrations/test_attention_half.py >"$RES/tests.log" 2>&1
+      echo "pytest rc=$?" >>"$RES/tests.log" ;;
+    half)
+      need_build
+      timeout "${HALF_S:-90}" python3 benchmarks/bench_attention_half.py --out "$RES/half" >"$RES/half.log" 2>&1
+      echo "half rc=$?" >>"$RES/half.log" ;;
+    vae)
+      need_build
+      COGVIDEOX_KERNELS_COMMIT=$SHA OUT="$RES/vae" SKIP_TESTS=1 BUDGET_S=${VAE_S:-200} \
+        bash benchmarks/gpu_vae_decode.sh >"$RES/vae.log" 2>&1
+      echo "vae rc=$?" >>"$RES/vae.log" ;;
+    ffn8)
+      need_build
+      timeout "${FFN8_S:-240}" python3 benchmarks/bench_fp8_ffn.py --out "$RES/ffn8" --commit "$SHA" \
+        --budget-s "$(( ${FFN8_S:-240} - 20 ))" >"$RES/ffn8.log" 2>&1
+      echo "ffn8 rc=$?" >>"$RES/ffn8.log" ;;
+  esac
+  echo "$part done: $(( $(date +%s) - t0 )) s"
+done
+need_build
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$RES/gpu.txt" 2>&1
+echo "commit $SHA" >>"$RES/gpu.txt"
 tar czf "$OUT/results.tgz" -C "$RES" .
-for f in hopper ffn8 pytest_gpu vae half; do
-  [ -f "$RES/$f.log" ] && { echo "== $f"; tail -n "${TAIL:-25}" "$RES/$f.log"; }
+for part in $PARTS; do
+  [ -f "$RES/$part.log" ] && { echo "== $part"; grep -v "^{" "$RES/$part.log" | tail -n "${TAIL:-30}"; }
 done
 echo "total: $(( $(date +%s) - t0 )) s"
