@@ -8,6 +8,7 @@
 #   probe  the Hopper attention's next variants (ping-pong, q's LN + RoPE in the prologue, persistent
 #          grid, lazy row sums; benchmarks/experiments/hopper_attention_next.py) beside the shipped path
 #          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
+#   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
 #   tests  GPU tests of the VAE's fused spatial-norm modulation (CUDA path switched on) and packed-weight
 #          cache, and of the fused attention half
 #   half   the attention-half bench (bench_attention_half.py)
@@ -34,8 +35,12 @@ for part in $PARTS; do
   case $part in
     probe)
       timeout "${PROBE_S:-240}" python3 benchmarks/experiments/hopper_bound_probe.py --out "$RES/hopper" \
-        --next --shapes "${PROBE_SHAPES:-5b,d128}" >"$RES/probe.log" 2>&1
+        ${PROBE_NEXT---next} --shapes "${PROBE_SHAPES:-5b,d128}" >"$RES/probe.log" 2>&1
       echo "probe rc=$?" >>"$RES/probe.log" ;;
+    prepass)
+      timeout "${PREPASS_S:-90}" python3 benchmarks/experiments/prepass_sweep.py --out "$RES/prepass" \
+        >"$RES/prepass.log" 2>&1
+      echo "prepass rc=$?" >>"$RES/prepass.log" ;;
     tests)
       need_build
       COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \

@@ -252,7 +252,7 @@ def _s_bucket(S: int) -> int:
 # launchers
 # ----------------------------------------------------------------------------------------------
 def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, head_major=True,
-                     block_r=None, norm_sq=None):
+                     block_r=None, norm_sq=None, num_warps=4):
     """Pre-pass: rope(layernorm(x)) (either part optional; neither = a copy) of a strided
     [B, S, H, D] x. Returns a [B, S, H, D] view of x's dtype whose storage is [B, H, S, D]
     (``head_major``, what the attention kernel reads fastest) or [B, S, H, D].
@@ -273,7 +273,7 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
         y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps, norm_sq,
         NORM_SQ=norm_sq is not None, HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
         HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
-        BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=4)
+        BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=num_warps)
     return y
 
 
