@@ -9,6 +9,7 @@
 #          grid, lazy row sums; benchmarks/experiments/hopper_attention_next.py) beside the shipped path
 #          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
 #   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
+#   step   the 5B step through apply() beside diffusers eager and diffusers + FA3 + compiled blocks
 #   tests  GPU tests of the VAE's fused spatial-norm modulation (CUDA path switched on) and packed-weight
 #          cache, and of the fused attention half
 #   half   the attention-half bench (bench_attention_half.py)
@@ -41,6 +42,12 @@ for part in $PARTS; do
       timeout "${PREPASS_S:-90}" python3 benchmarks/experiments/prepass_sweep.py --out "$RES/prepass" \
         >"$RES/prepass.log" 2>&1
       echo "prepass rc=$?" >>"$RES/prepass.log" ;;
+    step)
+      need_build
+      timeout "${STEP_S:-300}" python3 benchmarks/bench_step.py --out "$RES/step" --preset 5b --sections step \
+        --variants "${STEP_VARIANTS:-eager,ours,fa3+compile,ours+compile}" \
+        --deadline $(( $(date +%s) + ${STEP_S:-300} - 15 )) >"$RES/step.log" 2>&1
+      echo "step rc=$?" >>"$RES/step.log" ;;
     tests)
       need_build
       COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \
