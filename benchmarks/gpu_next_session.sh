@@ -10,8 +10,8 @@
 #          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
 #   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
 #   step   the 5B step through apply() beside diffusers eager and diffusers + FA3 + compiled blocks
-#   tests  GPU tests of the VAE's fused spatial-norm modulation (CUDA path switched on) and packed-weight
-#          cache, and of the fused attention half
+#   tests  GPU tests (TEST_FILES; default: the VAE's fused spatial-norm modulation (CUDA path switched
+#          on) and packed-weight cache, and the fused attention half)
 #   half   the attention-half bench (bench_attention_half.py)
 #   vae    the VAE decode with the fused modulation on and off (gpu_vae_decode.sh)
 #   ffn8   the int8 FFN tile sweep and 5B step rows (bench_fp8_ffn.py)
@@ -51,8 +51,8 @@ for part in $PARTS; do
     tests)
       need_build
       COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \
-        -p no:cacheprovider tests/ops/test_vae_conv.py tests/integrations/test_vae_resnet.py \
-        tests/integrations/test_attention_half.py >"$RES/tests.log" 2>&1
+        -p no:cacheprovider ${TEST_FILES:-tests/ops/test_vae_conv.py tests/integrations/test_vae_resnet.py \
+        tests/integrations/test_attention_half.py} >"$RES/tests.log" 2>&1
       echo "pytest rc=$?" >>"$RES/tests.log" ;;
     half)
       need_build

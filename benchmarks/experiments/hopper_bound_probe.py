@@ -36,7 +36,8 @@ from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd  # noqa:
 SHAPES = dict(SHAPES)
 SHAPES["d128"] = dict(B=2, H=24, S=17776, D=128, text_len=226, grid=(13, 30, 45))
 # BLOCK_N 64 with 6 / 8 stages at head_dim 64: +0.6-0.7 ms (e571047), dropped from the sweep
-KERNEL_CONFIGS = {64: [{}, dict(STAGES=3), dict(STAGES=5), dict(STAGES=6)],
+# STAGES 6 at head_dim 64 needs 246 KB of shared memory (limit 227 KB)
+KERNEL_CONFIGS = {64: [{}, dict(STAGES=3), dict(STAGES=5)],
                   128: [{}, dict(STAGES=3), dict(STAGES=5)]}
 
 
@@ -111,7 +112,11 @@ def run_shape(name, results, log):
             return hopper_attention_fwd(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
                                         inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True, eps,
                                         scale, config=cfg)
-        out = full()
+        try:
+            out = full()
+        except Exception as e:  # noqa: BLE001
+            log(f"  full path {cfg}: {type(e).__name__}: {str(e)[:200]}")
+            continue
         ms = time_ms(full, "cuda", rep_ms=rep)
         tag = ",".join(f"{k}{v}" for k, v in (cfg or {}).items()) or "default"
         record(f"full path {tag} (LN+RoPE+attn, V in place)", ms, rel_error(out, ref, rows),

@@ -51,29 +51,47 @@ def main():
     sq = torch.empty((2, B, S, H), dtype=torch.float32, device="cuda")
     ref_k = pre(inp["k"], kn, sq[1])
     ref_sq = sq[1].clone()
-    for block_r in (32, 64, 128, 256):
-        for nw in (2, 4, 8):
-            sq.fill_(float("nan"))
-            try:
-                y = pre(inp["k"], kn, sq[1], block_r=block_r, num_warps=nw)
-            except Exception as e:  # noqa: BLE001
-                log(f"block_r {block_r} warps {nw}: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            same = bool(torch.equal(y, ref_k)) and bool(torch.equal(sq[1], ref_sq))
-            ms = time_ms(lambda: pre(inp["k"], kn, sq[1], block_r=block_r, num_warps=nw), "cuda",
-                         rep_ms=300)
-            rows.append(dict(block_r=block_r, num_warps=nw, ms=ms, same=same, tb_s=nbytes / ms / 1e9))
-            log(f"k pre-pass block_r {block_r:4d} warps {nw}: {ms:.4f} ms {nbytes / ms / 1e9:6.0f} GB/s "
-                f"same={same}")
+    ref_max = ref_sq.amax(dim=1).reshape(-1)
+    nmax = torch.zeros(B * H, dtype=torch.float32, device="cuda")
+    for head_rows in (False, True):
+        for block_r in (32, 64, 128):
+            for nw in (2, 4, 8):
+                tag = f"{'head rows' if head_rows else 'token rows'} block_r {block_r:4d} warps {nw}"
+                if head_rows:
+                    def run():
+                        return qk_norm_rope_fwd(inp["k"], tl_, inp["cos"], inp["sin"], kn[0], kn[1],
+                                                True, eps, norm_max=nmax, block_r=block_r,
+                                                num_warps=nw)
+                else:
+                    def run():
+                        return pre(inp["k"], kn, sq[1], block_r=block_r, num_warps=nw)
+                sq.fill_(float("nan"))
+                nmax.zero_()
+                try:
+                    y = run()
+                except Exception as e:  # noqa: BLE001
+                    log(f"{tag}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                same = bool(torch.equal(y, ref_k)) and (
+                    bool(torch.equal(nmax, ref_max)) if head_rows else bool(torch.equal(sq[1], ref_sq)))
+                ms = time_ms(run, "cuda", rep_ms=300)
+                rows.append(dict(head_rows=head_rows, block_r=block_r, num_warps=nw, ms=ms, same=same,
+                                 gb_s=nbytes / ms / 1e6))
+                log(f"k pre-pass {tag}: {ms:.4f} ms {nbytes / ms / 1e6:6.0f} GB/s same={same}")
     # the full path's pieces
     qh = pre(inp["q"], qn, sq[0])
     kh = pre(inp["k"], kn, sq[1])
     nm = sq.amax(dim=2).reshape(2, B * H)
+    nm2 = torch.zeros((2, B * H), dtype=torch.float32, device="cuda")
     out = torch.empty((B, S, H, D), dtype=inp["q"].dtype, device="cuda")
     pieces = {
         "q pre-pass": lambda: pre(inp["q"], qn, sq[0]),
         "k pre-pass": lambda: pre(inp["k"], kn, sq[1]),
-        "amax": lambda: sq.amax(dim=2),
+        "amax (old path)": lambda: sq.amax(dim=2),
+        "zeros (new path)": lambda: nm2.zero_(),
+        "q pre-pass head rows + max": lambda: qk_norm_rope_fwd(inp["q"], tl_, inp["cos"], inp["sin"],
+                                                              qn[0], qn[1], True, eps,
+                                                              norm_max=nm2[0]),
         "kernel": lambda: hopper_attention_core(qh.transpose(1, 2), kh.transpose(1, 2), inp["v"], out,
                                                 scale, None, nm, v_token_major=True),
         "full path": lambda: hopper_attention_fwd(inp["q"], inp["k"], inp["v"], tl_, inp["cos"],

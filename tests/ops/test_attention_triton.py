@@ -125,6 +125,37 @@ def test_pre_pass_norm_sq_interpreter(interpret):
         torch.testing.assert_close(norm_sq.double(), y.double().pow(2).sum(-1), rtol=1e-5, atol=0)
 
 
+def test_pre_pass_head_rows_norm_max_interpreter(interpret):
+    """head_rows (programs over tokens of one head) writes the same y as the (token, head) rows;
+    norm_max[b * H + h] = max over s of ||y[b, s, h]||^2 exactly (atomic max per program), on a
+    strided input with heads of very different scales and S not a multiple of the rows per program;
+    a norm_max of the wrong size or dtype is refused."""
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    c = make_case(2, 45, 3, 64, 5, torch.float32, seed=29)
+    k = c["k"] * torch.tensor([1.0, 30.0, 0.01])[None, None, :, None]
+    w, b = c["k_norm"]
+    for norm in (True, False):
+        want = qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, norm, 1e-6)
+        norm_max = torch.zeros(2 * 3)
+        got = qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, norm, 1e-6, norm_max=norm_max,
+                               block_r=16)
+        assert torch.equal(got, want)
+        sq = torch.full((2, 45, 3), float("nan"))
+        qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, norm, 1e-6, norm_sq=sq, head_rows=True,
+                         block_r=16)
+        torch.testing.assert_close(sq.double(), want.double().pow(2).sum(-1), rtol=1e-5, atol=0)
+        assert torch.equal(norm_max, sq.amax(dim=1).reshape(-1))
+    with pytest.raises(ValueError, match="norm_max"):
+        qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, True, 1e-6, norm_max=torch.zeros(5))
+    with pytest.raises(ValueError, match="norm_max"):
+        qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, True, 1e-6,
+                         norm_max=torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="head_rows"):
+        qk_norm_rope_fwd(k, 5, c["cos"], c["sin"], w, b, True, 1e-6, norm_max=torch.zeros(6),
+                         head_rows=False)
+
+
 def test_compile_fullgraph_interpreter(interpret):
     """The custom op and the dispatcher trace into one graph (CPU tensors, interpreter)."""
     c = make_case(1, 20, 2, 64, 3, torch.float32, seed=19)

@@ -106,6 +106,11 @@ def hopper_supports(q, k, v, *args, **kwargs) -> bool:
 # ----------------------------------------------------------------------------------------------
 # the op
 # ----------------------------------------------------------------------------------------------
+# The pre-pass's launch for this path (programs over tokens of one head, so that the per-head
+# max row norm is one atomic per program; ``benchmarks/experiments/prepass_sweep.py``).
+PREPASS_CONFIG = dict(head_rows=True, block_r=64, num_warps=4)
+
+
 def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, config=None):
     """Pre-pass (LayerNorm + RoPE, head-major q/k/v, max row norms of q and k per head) then the
@@ -117,21 +122,22 @@ def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     B, S, H, D = q.shape
     config = dict(config or {})
     # The score bound (a softmax without a running max, ``hopper_fwd._score_bound``) needs the max
-    # row norms of q and k per head. bf16 only: fp16 P has too little exponent range for it.
-    norm_sq = None
+    # row norms of q and k per head: the pre-pass reduces them per program (one head, a block of
+    # tokens) into norm_max by atomic max. bf16 only: fp16 P has too little exponent range for it.
+    norm_max = None
     if config.pop("SCORE_BOUND", True) and q.dtype == torch.bfloat16:
-        norm_sq = torch.empty((2, B, S, H), dtype=torch.float32, device=q.device)
+        norm_max = torch.zeros((2, B * H), dtype=torch.float32, device=q.device)
     if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
         cos, sin = cos.contiguous(), sin.contiguous()  # the pre-pass indexes both with cos's stride
+    pre = dict(PREPASS_CONFIG)
     qh = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps,
-                          norm_sq=None if norm_sq is None else norm_sq[0])
+                          norm_max=None if norm_max is None else norm_max[0], **pre)
     kh = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
-                          norm_sq=None if norm_sq is None else norm_sq[1])
+                          norm_max=None if norm_max is None else norm_max[1], **pre)
     # V is read in place when its layout allows (the model's QKV slice does), else copied head-major
     v_in_place = v_token_major_ok(v)
     vh = v if v_in_place else qk_norm_rope_fwd(v, 0, None, None, None, None, False,
                                                eps).transpose(1, 2)
-    norm_max = None if norm_sq is None else norm_sq.amax(dim=2).reshape(2, B * H)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     # the pre-pass returns [B, S, H, D] views of [B, H, S, D] storage
     return hopper_attention_core(qh.transpose(1, 2), kh.transpose(1, 2), vh, out, scale,

@@ -76,19 +76,32 @@ def _norm_rope_tile(x_ptr, row_offsets, tokens, row_mask, offs_d, D, text_len,
 def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
                              stride_xb, stride_xs, stride_xh, stride_yb, stride_ys, stride_yh,
                              cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps, norm_sq_ptr,
-                             HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             norm_max_ptr, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, D: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                             NORM_SQ: tl.constexpr, INTERPRET: tl.constexpr):
+                             NORM_SQ: tl.constexpr, NORM_MAX: tl.constexpr, HEAD_ROWS: tl.constexpr,
+                             INTERPRET: tl.constexpr):
     """Pre-pass: y[b, s, h] = rope(layernorm(x[b, s, h])). Rows run over (s, h) of one sample,
-    so neighbouring rows are neighbouring heads in memory. NORM_SQ: also
-    norm_sq[b, s, h] = ||y[b, s, h]||^2 (float32, contiguous [B, S, H])."""
+    so neighbouring rows are neighbouring heads in memory; with HEAD_ROWS over BLOCK_R tokens of
+    one (b, h) (program axis 1), so the head-major writes of a program are one contiguous run.
+    NORM_SQ: also norm_sq[b, s, h] = ||y[b, s, h]||^2 (float32, contiguous [B, S, H]).
+    NORM_MAX (needs HEAD_ROWS): norm_max[b * H + h] = max over s of ||y[b, s, h]||^2, by one
+    atomic max per program into a zeroed float32 [B * H] (the Hopper kernel's score bound)."""
     pid_r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < S * H
-    tokens = rows // H
-    heads = rows % H
+    offs_r = tl.arange(0, BLOCK_R)
+    if HEAD_ROWS:
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        tokens = pid_r * BLOCK_R + offs_r
+        heads = tl.zeros([BLOCK_R], dtype=tl.int32) + bh % H
+        row_mask = tokens < S
+        rows = tokens * H + heads
+    else:
+        b = tl.program_id(1).to(tl.int64)
+        rows = pid_r * BLOCK_R + offs_r
+        row_mask = rows < S * H
+        tokens = rows // H
+        heads = rows % H
     offs_d = tl.arange(0, BLOCK_D)
     x_rows = b * stride_xb + tokens.to(tl.int64) * stride_xs + heads * stride_xh
     y = _norm_rope_tile(x_ptr, x_rows, tokens, row_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
@@ -98,9 +111,12 @@ def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
     mask = row_mask[:, None] & (offs_d < D)[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_d[None, :],
              store_cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    if NORM_SQ:
-        tl.store(norm_sq_ptr + b * S * H + rows, tl.sum(tl.where(mask, y * y, 0.0), axis=1),
-                 mask=row_mask)
+    if NORM_SQ or NORM_MAX:
+        norms = tl.sum(tl.where(mask, y * y, 0.0), axis=1)
+        if NORM_SQ:
+            tl.store(norm_sq_ptr + b * S * H + rows, norms, mask=row_mask)
+        if NORM_MAX:
+            tl.atomic_max(norm_max_ptr + tl.program_id(1), tl.max(norms, axis=0))
 
 
 @triton.jit
@@ -252,26 +268,40 @@ def _s_bucket(S: int) -> int:
 # launchers
 # ----------------------------------------------------------------------------------------------
 def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, head_major=True,
-                     block_r=None, norm_sq=None, num_warps=4):
+                     block_r=None, norm_sq=None, norm_max=None, head_rows=None, num_warps=None):
     """Pre-pass: rope(layernorm(x)) (either part optional; neither = a copy) of a strided
     [B, S, H, D] x. Returns a [B, S, H, D] view of x's dtype whose storage is [B, H, S, D]
     (``head_major``, what the attention kernel reads fastest) or [B, S, H, D].
     ``norm_sq``: a float32 [B, S, H] contiguous tensor that receives ||y[b, s, h]||^2 (of the
-    float32 values before the cast; the Hopper kernel bounds its scores with their max)."""
+    float32 values before the cast). ``norm_max``: a zeroed float32 [B * H] contiguous tensor that
+    receives max over s of ||y[b, s, h]||^2 (the Hopper kernel bounds its scores with it); it
+    implies ``head_rows`` (programs over tokens of one head instead of (token, head) rows)."""
     B, S, H, D = x.shape
     if head_major:
         y = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device).transpose(1, 2)
     else:
         y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+    if norm_max is not None:
+        if head_rows is False:
+            raise ValueError("qk_norm_rope_fwd: norm_max needs head_rows (one head per program)")
+        if (norm_max.dtype != torch.float32 or norm_max.numel() != B * H
+                or not norm_max.is_contiguous()):
+            raise ValueError(f"qk_norm_rope_fwd: norm_max must be a contiguous float32 tensor of "
+                             f"B * H = {B * H} elements, got {norm_max.dtype} {tuple(norm_max.shape)}")
+        head_rows = True
+    head_rows = bool(head_rows)
     block_d = max(16, triton.next_power_of_2(D))
     if block_r is None:
         block_r = 32 if interpret_mode() else (64 if block_d <= 64 else 32)
+    if num_warps is None:
+        num_warps = 4
     has_rope = cos is not None
-    grid = (triton.cdiv(S * H, block_r), B)
+    grid = (triton.cdiv(S, block_r), B * H) if head_rows else (triton.cdiv(S * H, block_r), B)
     _qk_norm_rope_fwd_kernel[grid](
         x, y, S, H, text_len, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
         y.stride(2), cos, sin, cos.stride(0) if has_rope else 0, weight, bias, eps, norm_sq,
-        NORM_SQ=norm_sq is not None, HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
+        norm_max, NORM_SQ=norm_sq is not None, NORM_MAX=norm_max is not None,
+        HEAD_ROWS=head_rows, HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
         HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
         BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=num_warps)
     return y
