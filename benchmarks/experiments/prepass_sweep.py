@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from bench_attention import SHAPES, make_inputs  # noqa: E402
+from bench_hopper_attention import fa3_fn  # noqa: E402
 from cogvideox_kernels.bench.common import environment, time_ms  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd  # noqa: E402
 from cogvideox_kernels.ops.attention.hopper_fwd import hopper_attention_core  # noqa: E402
@@ -98,8 +99,12 @@ def main():
                                                   inp["sin"], qn[0], qn[1], kn[0], kn[1], True, True,
                                                   eps, scale),
     }
+    fa3 = fa3_fn()
+    if fa3 is not None:
+        qc, kc, vc = qh.contiguous(), kh.contiguous(), inp["v"].contiguous()
+        pieces["FA3 alone (normed q/k, contiguous)"] = lambda: fa3(qc, kc, vc, softmax_scale=scale)
     for name, fn in pieces.items():
-        ms = time_ms(fn, "cuda", rep_ms=300 if name not in ("kernel", "full path") else 1200)
+        ms = time_ms(fn, "cuda", rep_ms=300 if "pre-pass" in name or "am" in name or "zeros" in name else 1200)
         rows.append(dict(piece=name, ms=ms))
         log(f"{name:12s} {ms:.4f} ms")
     with open(os.path.join(args.out, "prepass_sweep.json"), "w") as f:
