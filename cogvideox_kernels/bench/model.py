@@ -25,7 +25,7 @@ def run_model_bench(op: str, preset: str, device, *, quick: bool = False, compil
         model_preset = STEP_PRESETS.get(preset)
         if model_preset is None:
             return [Result(op, preset, "-", "ours", status="skipped", note="step presets: 2b, 5b")]
-        variants = step.STEP_VARIANTS if compile_variants else ("eager", "ours", step.FUSED_HALF)
+        variants = step.STEP_VARIANTS if compile_variants else ("eager", "ours", step.UNFUSED_HALF)
         step.transformer_section(rec, model_preset, variants=variants, profile=not quick)
     elif op == "vae":
         step.vae_section(rec)

@@ -171,8 +171,11 @@ def fa3_sdpa():
     return sdpa
 
 
-FUSED_HALF = "ours (fused attention half)"  # apply() with state.FUSED_ATTENTION_HALF on (default off)
-STEP_VARIANTS = ("eager", "compiled", "ours", FUSED_HALF, "ours+compile", "fa3+compile")
+# apply() with state.FUSED_ATTENTION_HALF on (the default) / off; "ours" runs the state as it is
+FUSED_HALF = "ours (fused attention half)"
+UNFUSED_HALF = "ours (unfused attention half)"
+HALF_SETTING = {FUSED_HALF: True, UNFUSED_HALF: False}
+STEP_VARIANTS = ("eager", "compiled", "ours", UNFUSED_HALF, "ours+compile", "fa3+compile")
 
 
 def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, profile: bool = True):
@@ -207,7 +210,8 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
     results = {}
     eager_out = None
     for variant in variants:
-        need = {"eager": 15, "compiled": 90, "ours": 20, FUSED_HALF: 20, "ours+compile": 80, "fa3+compile": 90}[variant]
+        need = {"eager": 15, "compiled": 90, "ours": 20, FUSED_HALF: 20, UNFUSED_HALF: 20, "ours+compile": 80,
+                "fa3+compile": 90}[variant]
         if rec.left_s() < need:
             rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
             continue
@@ -225,8 +229,8 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                 note = "diffusers' processor, F.scaled_dot_product_attention -> FA3 forward"
             if variant.startswith("ours"):
                 integration.apply(model, vae=False)
-                integration_state.FUSED_ATTENTION_HALF = variant == FUSED_HALF or fused_default
-            if variant in ("ours", FUSED_HALF):  # proves the step goes through our ops (and warms them up)
+                integration_state.FUSED_ATTENTION_HALF = HALF_SETTING.get(variant, fused_default)
+            if variant in ("ours", FUSED_HALF, UNFUSED_HALF):  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
                 backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
                 note = f"op calls per step {calls}, auto backend: {backend_attn}"
@@ -254,11 +258,11 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                 uncompile_blocks(model)
             integration.remove(model)
     if profile and rec.left_s() > 30:
-        for variant in ("eager", "ours", FUSED_HALF):
+        for variant in ("eager", FUSED_HALF, UNFUSED_HALF):
             try:
                 if variant.startswith("ours"):
                     integration.apply(model, vae=False)
-                    integration_state.FUSED_ATTENTION_HALF = variant == FUSED_HALF or fused_default
+                    integration_state.FUSED_ATTENTION_HALF = HALF_SETTING[variant]
                 split = profile_split(step)
                 rec.add(section=f"profile_{preset}", preset=preset, variant=variant, ms=round(split.pop("total"), 1),
                         status="ok", note=json.dumps(split))

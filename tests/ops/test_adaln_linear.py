@@ -141,3 +141,37 @@ def test_clear_errors(op, change, match):
     fn, make, _ = OPS[op]
     with pytest.raises(ValueError, match=match):
         fn(**{**make(), **change})
+
+
+@pytest.mark.parametrize("biases", ["all", "none", "mixed"])
+def test_adaln_linear_weight_parts(biases):
+    """A list of P weights (to_q/to_k/to_v): [P, B, S, out], part i = the float64 chain with weight i and
+    bias i (None entries: no bias); a transposed (non-contiguous) part; every backend; under the
+    interpreter the Triton backend's per-part GEMMs write into one NaN-poisoned result."""
+    inputs = adaln_inputs(S=19, out=40, seed=8)
+    g = torch.Generator().manual_seed(9)
+    weights = [torch.randn(40, 24, generator=g) * 24 ** -0.5 for _ in range(2)]
+    weights.append((torch.randn(24, 40, generator=g) * 24 ** -0.5).t())  # strided part
+    bias_list = {"all": [torch.randn(40, generator=g) for _ in range(3)], "none": None,
+                 "mixed": [torch.randn(40, generator=g), None, torch.randn(40, generator=g)]}[biases]
+    args = {k: v for k, v in inputs.items() if k not in ("weight", "bias")}
+    want = torch.stack([adaln_chain(weight=w, bias=None if bias_list is None else bias_list[i], **args)
+                        for i, w in enumerate(weights)])
+    for backend in backends("adaln_linear"):
+        with torch.no_grad():
+            got = ops.adaln_linear(weight=weights, bias=bias_list, backend=backend, **args)
+        assert got.shape == (3, 2, 19, 40) and rel_err(got, want) <= 1e-5, backend
+
+
+@pytest.mark.parametrize("weight,bias,match", [
+    ([], None, "weight"),
+    ([torch.zeros(40, 24), torch.zeros(41, 24)], None, r"weight\[1\]"),
+    ([torch.zeros(40, 24), torch.zeros(40, 23)], None, r"weight\[1\]"),
+    ([torch.zeros(40, 24)] * 2, [torch.zeros(40)], "bias"),
+    ([torch.zeros(40, 24)] * 2, [torch.zeros(40), torch.zeros(41)], "bias"),
+    (torch.zeros(40, 24), [torch.zeros(40)], "bias"),
+])
+def test_adaln_linear_weight_parts_errors(weight, bias, match):
+    args = {k: v for k, v in adaln_inputs().items() if k not in ("weight", "bias")}
+    with pytest.raises(ValueError, match=match):
+        ops.adaln_linear(weight=weight, bias=bias, backend="reference", **args)

@@ -10,10 +10,10 @@ What gets patched (nothing is copied; classes are not changed):
   RoPE3D + attention in one ``rope3d_attention`` call, then to_out.
 * ffn: each ``CogVideoXBlock`` gets an instance ``forward`` (:class:`~.ffn.KernelBlockForward`) that runs
   diffusers' attention half and then norm2 adaLN + ff + gates + residual as one ``expert_ffn`` call.
-  With ``state.FUSED_ATTENTION_HALF`` on (default off until measured on a GPU; environment variable
-  ``COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF=1``) the attention half runs fused too, where attn1 is ours and
-  plain (``attention.fused_attention_half``): ``adaln_linear`` (norm1's LN-modulate pre-pass + one QKV
-  GEMM over the concatenated effective weights), ``rope3d_attention`` on strided views of its output,
+  With ``state.FUSED_ATTENTION_HALF`` on (the default; environment variable
+  ``COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF=0`` turns it off) the attention half runs fused too, where attn1
+  is ours and plain (``attention.fused_attention_half``): ``adaln_linear`` (norm1's LN-modulate pre-pass +
+  the to_q/to_k/to_v GEMMs on the effective weights), ``rope3d_attention`` on views of its output,
   ``gated_linear`` (to_out's GEMM + bias + gate + residual), all over ``[text ; video]``.
 * vae: each ``CogVideoXResnetBlock3D`` of encoder and decoder gets an instance ``forward``
   (:class:`~.resnet.KernelResnetForward`) that runs the block as two ``vae_conv3d`` calls (GroupNorm or
@@ -72,7 +72,7 @@ from ...ops import (adaln_linear, causal_conv3d, expert_ffn, gated_linear, rope3
 from ...ops import registry
 from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
-from .attention import QKV, CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
+from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
 from .resnet import KernelDecoderForward, KernelResnetForward, KernelSpatialNormForward, why_not_covered
 from .vae import (KernelConvForward, KernelUpsampleForward, backend_can_run_here, conv_shape_supported,
@@ -296,7 +296,6 @@ def remove(obj):
                     del module._forward_pre_hooks[key]
                     module._forward_pre_hooks_with_kwargs.pop(key, None)
         patched = part.__dict__.pop(state.STATE, None)
-        QKV.clear()  # the fused attention half's concatenated weights (rebuilt on the next call)
         plan = patched.get("cp_plan") if patched else None
         if plan is not None and part.__dict__.get("_cp_plan") is plan:
             del part.__dict__["_cp_plan"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import weakref
 
 import torch
 
@@ -139,44 +138,6 @@ class CogVideoXKernelAttnProcessor:
 # ------------------------------------------------------------------------------ fused attention half
 
 
-class ConcatCache:
-    """``torch.cat`` of a block's to_q/to_k/to_v weights (or biases) along dim 0, made once per weight
-    version, as ``expert_ffn.fp8.WeightCache`` does for one weight: an entry is found through the parts'
-    storages (held weakly), must match their views and version counters (``fuse_lora``, ``copy_``,
-    ``load_state_dict`` bump them) and dies with any of them, so per-call weights (unfused LoRA, offload,
-    layerwise casting) leave nothing behind. The cost: one concatenated copy of QKV per block (5B: 56.6 MB
-    x 42 blocks). Under ``torch.compile`` it concatenates in the graph at each call."""
-
-    def __init__(self):
-        self._entries: dict[tuple, tuple] = {}
-        self.concatenations = 0  # tests read it
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, parts):
-        if torch.compiler.is_compiling():
-            return torch.cat(parts)
-        storages = [t.untyped_storage() for t in parts]
-        key = tuple(id(s) for s in storages)
-        views = tuple((t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) for t in parts)
-        entry = self._entries.get(key)
-        if entry is not None and entry[1] == views and all(r() is s for r, s in zip(entry[0], storages)):
-            return entry[2]
-        value = torch.cat(parts)
-        self.concatenations += 1
-        entries = self._entries
-        refs = [weakref.ref(s, lambda _, key=key: entries.pop(key, None)) for s in storages]
-        entries[key] = (refs, views, value)
-        return value
-
-
-QKV = ConcatCache()
-
-
 def _plain_forward(module) -> bool:
     """``module``'s forward is its class's, or what the hooks that ``weights.hooks_known`` checks wrap."""
     return ("forward" not in module.__dict__ or "_diffusers_hook" in module.__dict__
@@ -196,20 +157,6 @@ def _attention_half_ok(block, fused: bool) -> bool:
             and weights.linear_ok(attn.to_out[0]) and weights.identity_ok(attn.to_out[1]))
 
 
-def _qkv_params(projections, fused):
-    """(weight, bias) of the one QKV GEMM from the projections' effective (weight, bias)."""
-    if fused:
-        return projections[0]
-    weight = QKV.get([w for w, _ in projections])
-    biases = [b for _, b in projections]
-    if all(b is None for b in biases):
-        return weight, None
-    if any(b is None for b in biases):  # not in diffusers' configs: zeros for the missing, not cached
-        return weight, torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
-                                  for w, b in projections])
-    return weight, QKV.get(biases)
-
-
 def join_tokens(encoder_hidden_states, hidden_states):
     """``[text ; video]`` as one ``[B, S, hidden]`` tensor: a view when the two are the adjacent halves of
     one packed tensor (what the previous patched block returned), else ``torch.cat``. Read only."""
@@ -226,7 +173,7 @@ def join_tokens(encoder_hidden_states, hidden_states):
 
 def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs):
     """The attention half of a ``CogVideoXBlock`` (norm1 + attn1 + gates + residual) as three ops over
-    ``[text ; video]``: ``adaln_linear`` (norm1's LN-modulate pre-pass + one QKV GEMM),
+    ``[text ; video]``: ``adaln_linear`` (norm1's LN-modulate pre-pass + the to_q/to_k/to_v GEMMs),
     ``rope3d_attention`` on strided q/k/v views of its output, ``gated_linear`` (to_out's GEMM, bias,
     gate and residual). Returns the residual stream ``[B, text + video, hidden]`` after it, or None
     where anything is not ours or not plain (the caller runs diffusers' norm1 and ``attn1``): a
@@ -263,13 +210,20 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
         if any(p is None for p in [norm, out_proj, *projections]) or (
                 attn.norm_q is not None and (norms["q_norm"] is None or norms["k_norm"] is None)):
             return None  # what the hooks left is not a plain float tensor after all
-        qkv_weight, qkv_bias = _qkv_params(projections, processor.fused)
-        if qkv_weight.dtype != tokens.dtype or out_proj[0].dtype != tokens.dtype:
+        if any(w.dtype != tokens.dtype for w, _ in [*projections, out_proj]):
             return None  # diffusers' modules decide what mixed dtypes do
+        if len({tuple(w.shape) for w, _ in projections}) != 1:
+            return None  # to_q/to_k/to_v of different shapes: not in diffusers' configs
         backend = registry.backend_for("adaln_linear", processor.backend)
-        qkv = _ops.adaln_linear(tokens, modulation, qkv_weight, qkv_bias, text_len=text_len, norm_weight=norm[0],
-                                norm_bias=norm[1], eps=norm1.norm.eps, backend=backend)
-        q, k, v = qkv.view(batch, seq, 3, attn.heads, head_dim).unbind(2)
+        norm_args = dict(text_len=text_len, norm_weight=norm[0], norm_bias=norm[1], eps=norm1.norm.eps,
+                         backend=backend)
+        if processor.fused:  # one to_qkv Linear: [B, S, 3 * inner]
+            qkv = _ops.adaln_linear(tokens, modulation, *projections[0], **norm_args)
+            q, k, v = qkv.view(batch, seq, 3, attn.heads, head_dim).unbind(2)
+        else:  # to_q, to_k, to_v as they are (no concatenated copy): [3, B, S, inner]
+            qkv = _ops.adaln_linear(tokens, modulation, [w for w, _ in projections], [b for _, b in projections],
+                                    **norm_args)
+            q, k, v = qkv.view(3, batch, seq, attn.heads, head_dim).unbind(0)
         out = _ops.rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, backend=processor.backend,
                                     precision=processor.precision, **norms)
         return _ops.gated_linear(tokens, out.reshape(batch, seq, attn.heads * head_dim), out_proj[0], out_proj[1],

@@ -32,12 +32,13 @@ PRECISION_MODES = {
 }
 
 
-# The fused attention half (attention.fused_attention_half): norm1's LN-modulate pre-pass, one QKV GEMM,
-# rope3d_attention, to_out's GEMM with bias + gate + residual in its epilogue, inside each patched block's
-# forward. Off by default until measured on a GPU (benchmarks/results/attention_half_notes.md); on with
-# the environment variable set to 1 at import, or by setting this attribute (read at every call).
+# The fused attention half (attention.fused_attention_half): norm1's LN-modulate pre-pass, the to_q/to_k/to_v
+# GEMMs, rope3d_attention, to_out's GEMM with bias + gate + residual in its epilogue, inside each patched block's
+# forward. On by default (H200, 5B step at f83b370: 1.118 s vs 1.175 s unfused, same error; see
+# benchmarks/results/attention_half_notes.md); off with the environment variable set to 0 at import, or by
+# setting this attribute (read at every call).
 FUSED_ATTENTION_HALF_ENV = "COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF"
-FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "0").strip() == "1"
+FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "1").strip() != "0"
 
 
 def op_precision(precision: str, op: str) -> str:

@@ -43,9 +43,31 @@ def _check_common(x, modulation, weight, bias, text_len, k_name, k):
     check_int("text_len", text_len, 0, S)
 
 
+def weight_parts(weight, bias):
+    """``(weights, biases, stacked)``: ``weight`` is one ``[out, hidden]`` tensor (``stacked`` False) or a
+    list/tuple of equal-shape ones (``stacked`` True; ``bias`` then None or a list of the same length whose
+    entries may be None)."""
+    if isinstance(weight, torch.Tensor):
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a tensor or None when weight is one tensor, got {type(bias).__name__}")
+        return [weight], [bias], False
+    if not isinstance(weight, (list, tuple)) or not weight:
+        raise ValueError(f"weight must be a tensor or a non-empty list of tensors, got {type(weight).__name__}")
+    weights = list(weight)
+    biases = [None] * len(weights) if bias is None else bias
+    if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
+        raise ValueError(f"bias must be None or a list of {len(weights)} (tensor or None) entries like weight")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.shape != weights[0].shape:
+            raise ValueError(f"weight[{i}] must be a tensor of weight[0]'s shape {tuple(weights[0].shape)}, got "
+                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    return weights, list(biases), True
+
+
 def check_adaln_linear_inputs(x, modulation, weight, bias, text_len, norm_weight, norm_bias, eps):
     check_tensor("x", x, ndim=3, dtypes=_DTYPES)
-    _check_common(x, modulation, weight, bias, text_len, "hidden", x.shape[-1])
+    for w, b in zip(*weight_parts(weight, bias)[:2]):
+        _check_common(x, modulation, w, b, text_len, "hidden", x.shape[-1])
     B, S, Hd = x.shape
     check_shape("modulation", modulation, (B, MODULATION_ROWS, Hd))
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
@@ -74,7 +96,9 @@ def adaln_linear_reference(x, modulation, weight, bias=None, *, text_len, norm_w
     work = _work(x)
     up = lambda t: None if t is None else t.to(work)  # noqa: E731
     h, _ = modulated_norm_reference(x.to(work), up(modulation), text_len, up(norm_weight), up(norm_bias), eps)
-    return F.linear(h, up(weight), up(bias)).to(x.dtype)
+    weights, biases, stacked = weight_parts(weight, bias)
+    outs = [F.linear(h, up(w), up(b)).to(x.dtype) for w, b in zip(weights, biases)]
+    return torch.stack(outs) if stacked else outs[0]
 
 
 def gated_linear_reference(x, a, weight, bias, modulation, *, text_len):
@@ -100,8 +124,10 @@ for _op in ("adaln_linear", "gated_linear"):
 def adaln_linear(x, modulation, weight, bias=None, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
                  backend="auto"):
     """``(LN(x) * (1 + scale_m) + shift_m) @ weight^T + bias`` for x ``[B, S, hidden]``, weight
-    ``[out, hidden]``: ``[B, S, out]``. Triton backend: expert_ffn's LN-modulate pre-pass writes the
-    normalized rows once, then one cuBLAS GEMM with its bias."""
+    ``[out, hidden]``: ``[B, S, out]``. ``weight`` may also be a list of P equal-shape weights (``bias``
+    None or a list of P, entries may be None), e.g. to_q/to_k/to_v: then ``[P, B, S, out]``, the P
+    products of the one normalized input (no concatenated weight copy). Triton backend: expert_ffn's
+    LN-modulate pre-pass writes the normalized rows once, then a cuBLAS GEMM with its bias per weight."""
     return registry.dispatch("adaln_linear", backend, x=x, modulation=modulation, weight=weight, bias=bias,
                              text_len=text_len, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
 
@@ -114,4 +140,4 @@ def gated_linear(x, a, weight, bias, modulation, *, text_len, backend="auto"):
                              text_len=text_len)
 
 
-__all__ = ["adaln_linear", "gated_linear", "adaln_linear_reference", "gated_linear_reference"]
+__all__ = ["adaln_linear", "gated_linear", "adaln_linear_reference", "gated_linear_reference", "weight_parts"]

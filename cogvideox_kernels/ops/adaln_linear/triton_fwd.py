@@ -2,7 +2,7 @@
 one definition). Custom ops, so ``torch.compile(fullgraph=True)`` sees one opaque call each."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,20 @@ def adaln_linear_fwd(x, modulation, weight, bias, text_len, norm_weight, norm_bi
     B, S, Hd = x.shape
     h = ffn.modulated_norm_fwd(x.view(B * S, Hd), modulation, norm_weight, norm_bias, eps, S, text_len, x.dtype)
     return F.linear(h, weight, bias).view(B, S, -1)
+
+
+def adaln_linear_parts_fwd(x, modulation, weights, biases, text_len, norm_weight, norm_bias, eps):
+    """One pre-pass, then one GEMM per weight into its slice of a [P, B*S, out] result (measured on the
+    H200 at 5B: 3 GEMMs 3.12 ms vs 3.61 ms for one F.linear over the concatenated weights)."""
+    B, S, Hd = x.shape
+    h = ffn.modulated_norm_fwd(x.view(B * S, Hd), modulation, norm_weight, norm_bias, eps, S, text_len, x.dtype)
+    out = torch.empty((len(weights), B * S, weights[0].shape[0]), dtype=x.dtype, device=x.device)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if b is None:
+            torch.mm(h, w.t(), out=out[i])
+        else:
+            torch.addmm(b, h, w.t(), out=out[i])
+    return out.view(len(weights), B, S, -1)
 
 
 def gated_linear_fwd(x, a, weight, bias, modulation, text_len, path=None):
@@ -49,6 +63,18 @@ def _adaln_linear_fake(x, modulation, weight, bias, text_len, norm_weight, norm_
     return x.new_empty(*x.shape[:2], weight.shape[0])
 
 
+@torch.library.custom_op("cogvideox_kernels::adaln_linear_parts", mutates_args=())
+def adaln_linear_parts_op(x: torch.Tensor, modulation: torch.Tensor, weights: List[torch.Tensor],
+                          biases: List[Optional[torch.Tensor]], text_len: int, norm_weight: Optional[torch.Tensor],
+                          norm_bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return adaln_linear_parts_fwd(x, modulation, weights, biases, text_len, norm_weight, norm_bias, eps)
+
+
+@adaln_linear_parts_op.register_fake
+def _adaln_linear_parts_fake(x, modulation, weights, biases, text_len, norm_weight, norm_bias, eps):
+    return x.new_empty(len(weights), *x.shape[:2], weights[0].shape[0])
+
+
 @torch.library.custom_op("cogvideox_kernels::gated_linear", mutates_args=())
 def gated_linear_op(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     modulation: torch.Tensor, text_len: int) -> torch.Tensor:
@@ -61,6 +87,12 @@ def _gated_linear_fake(x, a, weight, bias, modulation, text_len):
 
 
 def adaln_linear_triton(x, modulation, weight, bias=None, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5):
+    from . import weight_parts
+
+    weights, biases, stacked = weight_parts(weight, bias)
+    if stacked:
+        return adaln_linear_parts_op(x, modulation, weights, biases, int(text_len), norm_weight, norm_bias,
+                                     float(eps))
     return adaln_linear_op(x, modulation, weight, bias, int(text_len), norm_weight, norm_bias, float(eps))
 
 
