@@ -26,9 +26,10 @@ _STAT_CHUNK = 32768  # elements per block of the statistics pass
 _MAX_SPLITS = 1024
 _MOD_NAMES = ("zq", "zq_index", "scale_weight", "scale_bias", "shift_weight", "shift_bias")
 
-# The CUDA activation pass computing the spatial norm's scale / shift from zq (its (1,1,1) convs per
-# element) compiles but is NOT YET VERIFIED ON A GPU: off unless this is "1". Off, the CUDA backend forms
-# scale / shift first (diffusers' roundings) and runs the verified pass; the C++ CPU path always fuses.
+# The CUDA kernel taking the spatial norm's modulation from zq (its (1,1,1) convs computed once per launch at
+# zq's resolution into a small table, gathered by the activation pass): off unless this is "1". Off, the CUDA
+# backend forms scale / shift first (diffusers' roundings) and runs the pass on them; the C++ CPU path
+# always fuses.
 FUSED_MODULATION_CUDA_ENV = "COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA"
 
 
@@ -86,6 +87,9 @@ def cuda_tensors(x, weight, bias=None, norm_weight=None, norm_bias=None, scale=N
          "act": torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device), **(modulation or {})}
     if cache is not None:
         t["cache_cl"] = torch.empty((B, kt - 1, H, W, C), dtype=x.dtype, device=x.device)
+    zq = t.get("zq")
+    if zq is not None:  # the modulation table: (scale, shift) per channel and zq pixel (cuda_prep.cuh)
+        t["zq_mod"] = torch.empty((B, C, *zq.shape[2:], 2), dtype=x.dtype, device=x.device)
     if num_groups:
         splits = _stat_splits(x, num_groups)
         t["partial"] = torch.empty(B * num_groups * splits * 2, dtype=torch.float64, device=x.device)
