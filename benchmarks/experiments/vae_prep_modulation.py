@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ def kernel_ms(fn, reps=10):
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA:  # kernels only (CPU ops sum their kernels)
+            continue
         name = e.key
         fam = next((f for f in ("_vae_zq_mod", "_vae_prep_vec", "_vae_prep", "_vae_conv3x3", "_vae_gn",
                                 "_causal_conv3d", "upsample_nearest") if f in name), "other")
@@ -40,7 +43,11 @@ def main():
     from triton.testing import do_bench
 
     from cogvideox_kernels.ops import causal_conv3d
-    from cogvideox_kernels.ops.vae_conv import spatial_norm_index, vae_conv3d
+    from cogvideox_kernels.ops.vae_conv import native, spatial_norm_index, vae_conv3d
+
+    # the kernel's own modulation (at e054478 this was missing: the "fused" column there ran the CUDA backend's
+    # fallback, modulation_from_zq's full-size scale / shift + the unfused pass; see vae_decode_notes.md)
+    os.environ[native.FUSED_MODULATION_CUDA_ENV] = "1"
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -77,6 +84,7 @@ def main():
         def op_given():  # the op alone with scale / shift given (no modulation formed)
             return vae_conv3d(x, w, b, scale=scale, shift=shift, **common)
 
+        assert native.fused_modulation_cuda()
         y_f, y_u = fused()[0], unfused()[0]
         err = ((y_f.double() - y_u.double()).norm() / y_u.double().norm()).item()
         row = {"shape": [1, C, T, H, W], "zq": list(zq.shape), "rel_diff_fused_vs_unfused": f"{err:.2e}",
