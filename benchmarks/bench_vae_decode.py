@@ -7,12 +7,13 @@ work is ``cogvideox_kernels.bench.step.vae_section``; this script adds the summa
     python3 benchmarks/bench_vae_decode.py --out DIR --large        # + 1.5-5B's 81x768x1360 decode
     ... --large --large-variants patched --large-encode diffusers,patched    # fewer rows there, + encode
     python3 benchmarks/bench_vae_decode.py --out DIR --tiny         # CPU smoke run (tiny VAE, C++ path)
-    ... --fused-modulation both     # (default) apply(vae) also with the spatial norm's conv_y / conv_b
-                                    # inside the CUDA activation pass: rows "... patched fused-mod"
+    ... --fused-modulation both     # (default) apply(vae) with the spatial norm's conv_y / conv_b as
+                                    # module calls (rows "... patched") and inside the CUDA activation
+                                    # pass (rows "... patched fused-mod", the shipped default)
 
-``--fused-modulation``: "off" runs apply(vae) as shipped (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0:
-conv_y / conv_b as module calls), "on" only with the fused modulation (=1, not yet verified on a GPU when
-written), "both" the shipped rows and then the patched variants again with it on (a float32 reference
+``--fused-modulation``: "off" runs apply(vae) with COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0 (conv_y /
+conv_b as module calls), "on" only with the fused modulation (=1, the default since the H200 run at
+e054478), "both" the rows with it off and then the patched variants again with it on (a float32 reference
 again for their error). The packed-weight cache (ops/vae_conv/native.PACKED, filled by the warm-up call)
 is resident before the timed call, so it is in the baseline, not in "peak GiB": 0.22 GiB for the 5B VAE
 decoder's 36 ResNet convs in bf16 (0.17 GiB more for the encoder's 28 after an encode).

@@ -9,9 +9,9 @@
 #   COGVIDEOX_KERNELS_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_vae_decode.sh
 #   VAE_LARGE=1 LARGE_VARIANTS=patched LARGE_ENCODE=diffusers,patched ...   # + 81x768x1360 rows
 #   VARIANTS=patched ...                                                      # 49x480x720: ours only
-#   FUSED_MODULATION=off|on|both (default both): apply(vae) with the spatial norm's conv_y / conv_b inside the
-#   CUDA activation pass (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1; rows "patched fused-mod") too;
-#   PROFILE_FUSED=1: the VAE_CHUNKS profile with it on
+#   FUSED_MODULATION=off|on|both (default both): apply(vae) with the spatial norm's conv_y / conv_b as module
+#   calls (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0; rows "patched") and inside the CUDA activation pass
+#   (=1, the default; rows "patched fused-mod"); PROFILE_FUSED=0: the VAE_CHUNKS profile with it off
 #
 # $OUT gets vae_decode_{build,pytest_gpu,bench}.log, vae_decode_results.md, vae_decode_rows.{json,csv} and,
 # with VAE_CHUNKS=1, vae_decode_chunks.{json,log} and vae_decode_profile.txt.
@@ -53,7 +53,7 @@ cp "$RES/step_rows.json" "$OUT/vae_decode_rows.json" 2>/dev/null
 cp "$RES/step_rows.csv" "$OUT/vae_decode_rows.csv" 2>/dev/null
 echo "bench done: $(( $(date +%s) - t0 )) s"
 if [ -n "${VAE_CHUNKS:-}" ]; then
-  COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=${PROFILE_FUSED:-0} \
+  COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=${PROFILE_FUSED:-1} \
     timeout $(( $(left) - 3 )) python3 benchmarks/experiments/vae_decode_chunks.py --out "$OUT" \
     >"$OUT/vae_decode_chunks.log" 2>&1
   echo "chunks rc=$?" >>"$OUT/vae_decode_chunks.log"

@@ -10,8 +10,8 @@ the benchmark reports) and, at the peak, records every live storage with the mod
 
     python benchmarks/experiments/vae_decode_memory.py [--frames 49 --height 480 --width 720] [--diffusers]
 
-The spatial norms' conv_y / conv_b run as on the GPU: module calls, or fused into the op with
-COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1.
+The spatial norms' conv_y / conv_b run as on the GPU: fused into the op (the default), or module calls
+with COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main(argv=None):
         from cogvideox_kernels.integrations.diffusers import resnet
         from cogvideox_kernels.ops.vae_conv import native
 
-        if not native.fused_modulation_cuda():  # as on the GPU: conv_y / conv_b as module calls unless switched on
+        if not native.fused_modulation_cuda():  # as on the GPU: conv_y / conv_b as module calls when switched off
             resnet.KernelResnetForward._fused_modulation_index = lambda *args: None
     stack = []
     names = {m: n or "vae" for n, m in vae.named_modules()}

@@ -104,32 +104,48 @@ __global__ void _vae_gn_coef_kernel(const T* __restrict__ x, const double* __res
 struct PrepArgs {
   VaeConvParams p;
   const float* coef;  // null: no GroupNorm
+  const uint32_t* zq_mod;  // p.zq given: the modulation table (see _vae_zq_mod_kernel)
   void* act;
   void* cache_cl;
   int frames_total;  // T (+ kt-1 cache frames)
   int64_t x_tc, scale_tc;  // frames of x's and scale's containing tensors (see VaeConvParams)
 };
 
-// The spatial norm's modulation of channel c at x's (b, frame f, pixel pix) from zq (p.zq given):
-// scale / shift = conv_y / conv_b of the zq pixel, float32 sums over zq's channels, the bias added
-// last and the result rounded to T, as diffusers' (1,1,1) convs return them. zq and the weights are
-// small (16 channels at the latent resolution; [C, 16]): the gathers hit L1 / L2.
+// The spatial norm's modulation (p.zq given) at zq's own resolution, once per launch: scale / shift =
+// conv_y / conv_b of each zq pixel, float32 sums over zq's channels k ascending from 0, the bias added
+// last, rounded to T (what diffusers' (1,1,1) convs return on the nearest-resized zq, where every x pixel
+// that reads one zq pixel gets that pixel's values). Table [B, C_in, zq_t, zq_h * zq_w] of (scale, shift)
+// pairs packed in 32-bit words; the activation pass gathers from it (a few MB: L2 / L1 hits), so the
+// per-element cost is one gathered load, not 2 x zq_c multiply-adds. Grid (pixels / threads, C_in, B).
 template <typename T>
-__device__ __forceinline__ float2 zq_modulation(const VaeConvParams& p, int64_t b, int64_t c, int64_t f,
-                                                int64_t pix) {
-  const T* zq = static_cast<const T*>(p.zq) + zq_offset(p, b, f, pix);
+__global__ void __launch_bounds__(kZqModThreads) _vae_zq_mod_kernel(VaeConvParams p, uint32_t* __restrict__ mod) {
+  const int64_t n = p.zq_t * p.zq_h * p.zq_w;  // pixels of one zq channel
+  const int64_t i = int64_t(blockIdx.x) * kZqModThreads + threadIdx.x;
+  if (i >= n) return;
+  const int64_t c = blockIdx.y, b = blockIdx.z;
+  const T* zq = static_cast<const T*>(p.zq) + b * p.zq_c * n + i;
   const T* wy = static_cast<const T*>(p.scale_weight) + c * p.zq_c;
   const T* wb = static_cast<const T*>(p.shift_weight) + c * p.zq_c;
-  const int64_t zs = p.zq_t * p.zq_h * p.zq_w;
   float sc = 0.0f, sh = 0.0f;
   for (int64_t k = 0; k < p.zq_c; ++k) {
-    const float z = to_float(zq[k * zs]);
+    const float z = to_float(zq[k * n]);
     sc = fmaf(to_float(wy[k]), z, sc);
     sh = fmaf(to_float(wb[k]), z, sh);
   }
   if (p.scale_bias) sc += to_float(static_cast<const T*>(p.scale_bias)[c]);
   if (p.shift_bias) sh += to_float(static_cast<const T*>(p.shift_bias)[c]);
-  return make_float2(to_float(from_float<T>(sc)), to_float(from_float<T>(sh)));
+  mod[(b * p.c_in + c) * n + i] = pack2(from_float<T>(sc), from_float<T>(sh));
+}
+
+// Offset in the table of the zq frame row that x's frame f of channel c reads.
+__device__ __forceinline__ int64_t zq_mod_row(const VaeConvParams& p, int64_t b, int64_t c, int64_t f) {
+  return ((b * p.c_in + c) * p.zq_t + p.zq_index[f]) * (p.zq_h * p.zq_w);
+}
+// Offset inside a table row of the zq pixel that x's pixel pix (of a frame) reads.
+// (H * W < 2^31, checked by the launcher: 32-bit division.)
+__device__ __forceinline__ int32_t zq_mod_pixel(const VaeConvParams& p, int64_t pix) {
+  const uint32_t h = uint32_t(pix) / uint32_t(p.width), w = uint32_t(pix) - h * uint32_t(p.width);
+  return p.zq_index[p.frames + h] * int32_t(p.zq_w) + p.zq_index[p.frames + p.height + w];
 }
 
 // Block: 64 pixels x 32 channels of one frame (blockIdx.z = b * frames_total + f; f >= T are the
@@ -166,7 +182,7 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_kernel(PrepArgs a) {
       const int64_t soff = ((b * C + c) * a.scale_tc + fs) * HW + pix;
       if (scale) v = fmaf(v, to_float(scale[soff]), to_float(shift[soff]));
       if (p.zq) {
-        const float2 m = zq_modulation<T>(p, b, c, fs, pix);
+        const float2 m = unpack2(a.zq_mod[zq_mod_row(p, b, c, fs) + zq_mod_pixel(p, pix)], T{});
         v = fmaf(v, m.x, m.y);
       }
       if (p.silu) v = v * __frcp_rn(1.0f + __expf(-v));
@@ -208,17 +224,23 @@ template <typename T>
 __device__ __forceinline__ uint4 pack8(const T (&v)[8]) {
   return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
 }
+// A 16-byte global store that stays one (a plain uint4 store of values read from shared memory as 16-bit
+// elements was split by NVVM into four 4-byte stores).
+__device__ __forceinline__ void store16(void* dst, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 
 //
-// ZQ (p.zq given, zq_c <= kMaxZq): the block first gathers the zq pixels of its 64 pixels into shared
-// memory (zeros for channels >= zq_c) and each thread keeps its channel's conv_y / conv_b weights in
-// registers, so an element costs 2 x kMaxZq FMAs on shared / register operands; the same sums in the
-// same order as zq_modulation (k ascending from 0, bias last, rounded to T).
+// ZQ (p.zq given): the block first writes, for each of its 64 pixels, the offset of the zq pixel it reads
+// inside a row of the modulation table (shared memory, 64 ints; x's load is already in flight); a thread
+// then gathers its channel's (scale, shift) pairs of its 8 pixels from the table, one 32-bit load per
+// distinct zq pixel (the 8 pixels of a thread mostly read one or two).
 template <typename T, bool ZQ>
 __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a) {
   static_assert(kPrepCh * kPrepPx / 8 == kPrepThreads, "one 8-element chunk per thread and phase");
   __shared__ T tile[kPrepCh][kPrepPx + 2];  // 33-word rows: both phases bank-conflict free
-  __shared__ float zq_s[ZQ ? kMaxZq : 1][kPrepPx + 1];
+  __shared__ __align__(16) int32_t zq_pix[ZQ ? kPrepPx : 4];
   const VaeConvParams& p = a.p;
   const int64_t HW = p.height * p.width, C = p.c_in, Tn = p.frames;
   const int nc = p.kt - 1;
@@ -230,26 +252,20 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
   const bool is_cache = f >= Tn;
   const int64_t fs = is_cache ? f - Tn : f;
   const int64_t nf = is_cache ? nc : Tn;
-  if constexpr (ZQ) {
-    if (!is_cache) {  // (block-uniform)
-      const int64_t zs = p.zq_t * p.zq_h * p.zq_w;
-      for (int e = threadIdx.x; e < kMaxZq * kPrepPx; e += kPrepThreads) {
-        const int k = e / kPrepPx, px = e % kPrepPx;
-        const int64_t pix = p0 + px;
-        zq_s[k][px] = (k < p.zq_c && pix < HW)
-                          ? to_float(static_cast<const T*>(p.zq)[zq_offset(p, b, fs, pix) + k * zs])
-                          : 0.0f;
-      }
-      __syncthreads();
-    }
-  }
   {
     const int ch = threadIdx.x >> 3, px0 = (threadIdx.x & 7) * 8;
     const int64_t c = c0 + ch, pix = p0 + px0;
-    if (c < C && pix < HW) {  // H*W % 8 == 0: the 8 pixels are all in or all out
-      const int64_t off = ((b * C + c) * (is_cache ? nf : a.x_tc) + fs) * HW + pix;
-      float v[8];
-      load8(static_cast<const T*>(is_cache ? p.cache : p.x) + off, v);
+    const bool mine = c < C && pix < HW;  // H*W % 8 == 0: the 8 pixels are all in or all out
+    const int64_t off = ((b * C + c) * (is_cache ? nf : a.x_tc) + fs) * HW + pix;
+    float v[8];
+    if (mine) load8(static_cast<const T*>(is_cache ? p.cache : p.x) + off, v);
+    if constexpr (ZQ) {
+      if (!is_cache) {  // (block-uniform)
+        if (threadIdx.x < kPrepPx && p0 + threadIdx.x < HW) zq_pix[threadIdx.x] = zq_mod_pixel(p, p0 + threadIdx.x);
+        __syncthreads();
+      }
+    }
+    if (mine) {
       if (!is_cache) {
         if (a.coef) {
           const float ca = a.coef[(b * C + c) * 2], cd = a.coef[(b * C + c) * 2 + 1];
@@ -265,27 +281,16 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
           for (int i = 0; i < 8; ++i) v[i] = fmaf(v[i], sc[i], sh[i]);
         }
         if constexpr (ZQ) {
-          float wy[kMaxZq], wb[kMaxZq];
-#pragma unroll
-          for (int k = 0; k < kMaxZq; ++k) {
-            const bool in = k < p.zq_c;
-            wy[k] = in ? to_float(static_cast<const T*>(p.scale_weight)[c * p.zq_c + k]) : 0.0f;
-            wb[k] = in ? to_float(static_cast<const T*>(p.shift_weight)[c * p.zq_c + k]) : 0.0f;
-          }
-          const float by = p.scale_bias ? to_float(static_cast<const T*>(p.scale_bias)[c]) : 0.0f;
-          const float bb = p.shift_bias ? to_float(static_cast<const T*>(p.shift_bias)[c]) : 0.0f;
+          const uint32_t* row = a.zq_mod + zq_mod_row(p, b, c, fs);
+          const int4 o0 = *reinterpret_cast<const int4*>(&zq_pix[px0]);
+          const int4 o1 = *reinterpret_cast<const int4*>(&zq_pix[px0 + 4]);
+          const int32_t o[8] = {o0.x, o0.y, o0.z, o0.w, o1.x, o1.y, o1.z, o1.w};
+          uint32_t m = row[o[0]];
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            float m_sc = 0.0f, m_sh = 0.0f;
-#pragma unroll
-            for (int k = 0; k < kMaxZq; ++k) {  // (k >= zq_c: 0 * 0 added, the sums unchanged)
-              const float z = zq_s[k][px0 + i];
-              m_sc = fmaf(wy[k], z, m_sc);
-              m_sh = fmaf(wb[k], z, m_sh);
-            }
-            m_sc = to_float(from_float<T>(p.scale_bias ? m_sc + by : m_sc));
-            m_sh = to_float(from_float<T>(p.shift_bias ? m_sh + bb : m_sh));
-            v[i] = fmaf(v[i], m_sc, m_sh);
+            if (i > 0 && o[i] != o[i - 1]) m = row[o[i]];
+            const float2 ss = unpack2(m, T{});
+            v[i] = fmaf(v[i], ss.x, ss.y);
           }
         }
         if (p.silu) {
@@ -301,9 +306,9 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
       }
       for (int i = 0; i < nc; ++i) {  // new_cache slot i is padded frame T + i
         const FrameSource s = padded_source(Tn + i, p.kt, p.pad_mode, has_cache);
-        const bool mine = is_cache ? (s.kind == kFromCache && s.frame == fs)
-                                   : ((s.kind == kFromInput && s.frame == f) || (s.kind == kFromZero && f == 0));
-        if (mine)
+        const bool mine_slot = is_cache ? (s.kind == kFromCache && s.frame == fs)
+                                        : ((s.kind == kFromInput && s.frame == f) || (s.kind == kFromZero && f == 0));
+        if (mine_slot)
           *reinterpret_cast<uint4*>(static_cast<T*>(p.new_cache) + ((b * C + c) * nc + i) * HW + pix) =
               s.kind == kFromZero ? make_uint4(0u, 0u, 0u, 0u) : pack8(out);
       }
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(kPrepThreads) _vae_prep_vec_kernel(PrepArgs a)
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = tile[cc + i][px];
       T* dst = static_cast<T*>(is_cache ? a.cache_cl : a.act);
-      *reinterpret_cast<uint4*>(dst + ((b * nf + fs) * HW + pix) * C + c) = pack8(v);
+      store16(dst + ((b * nf + fs) * HW + pix) * C + c, pack8(v));
     }
   }
 }

@@ -39,7 +39,7 @@ static_assert(kBM == 2 * 64 && kTH == 4 * 4 && kTW == 16 && kConvThreads == 8 * 
 // ---- statistics and activation passes (cuda_prep.cuh) ---------------------------------------------
 constexpr int kStatThreads = 256;                       // per block of the GroupNorm partial sums
 constexpr int kPrepPx = 64, kPrepCh = 32, kPrepThreads = 256;  // activation pass: pixels x channels
-constexpr int kMaxZq = 16;  // zq channels the 16-byte pass keeps in shared memory (the VAE's latent: 16)
+constexpr int kZqModThreads = 256;  // per block of the modulation table (zq given): one zq pixel per thread
 
 }  // namespace vae
 }  // namespace cvk

@@ -126,13 +126,14 @@ void register_vae_conv(py::module_& m) {
         ws.cache_cl = reinterpret_cast<void*>(addr("cache_cl"));
         ws.partial = reinterpret_cast<double*>(addr("partial"));
         ws.coef = reinterpret_cast<float*>(addr("coef"));
+        ws.zq_mod = reinterpret_cast<void*>(addr("zq_mod"));
         ws.splits = sizes["splits"].cast<int>();
         vae_conv3d_cuda(p, ws, dtype, device, stream);
       },
       py::arg("tensors"), py::arg("sizes"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "Fused VAE conv on a CUDA device, launched on `stream` (cudaStream_t as an int). Like "
       "vae_conv3d_cpu, with weight packed [C_out, kt, C_in/16, 9, 16] and the workspaces act, "
-      "cache_cl, partial, coef (addresses) and splits (size)");
+      "cache_cl, partial, coef, zq_mod (addresses) and splits (size)");
   m.def(
       "vae_gn_coef_cuda",
       [](const py::dict& tensors, const py::dict& sizes, int dtype, int device, std::uintptr_t stream) {

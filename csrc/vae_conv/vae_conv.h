@@ -18,6 +18,7 @@ struct VaeConvWorkspace {
   void* cache_cl = nullptr;   // [B, kt-1, H, W, C_in] when a cache is given: the cache, channels-last
   double* partial = nullptr;  // [B * groups, splits, 2] when groups > 0: shifted sums
   float* coef = nullptr;      // [B, C_in, 2] when groups > 0: (a, d) of norm(v) = v * a + d
+  void* zq_mod = nullptr;     // [B, C_in, zq_t, zq_h, zq_w, 2], x's dtype, when zq is given: (scale, shift)
   int splits = 1;             // blocks per group of the statistics pass
 };
 

@@ -5,8 +5,8 @@
 //    slices of it (float per thread, shifted by the group's first element; double across the
 //    block) into partial sums, a second tiny kernel turns them into the per-(b, c) coefficients
 //    (a, d) of norm(v) = v * a + d.
-// 2. Activation pass: reads x once, applies norm, modulation (given as scale / shift, or computed per
-//    element from the spatial norm's zq and its (1,1,1) convs' weights) and SiLU in float32, rounds once,
+// 2. Activation pass: reads x once, applies norm, modulation (given as scale / shift, or gathered from a
+//    table of the spatial norm's (1,1,1) convs computed first at zq's resolution) and SiLU in float32, rounds once,
 //    and writes act(x) channels-last [B, T, H, W, C] (the layout the tensor-core loader needs: a
 //    spatially shifted window is then a set of 16-byte rows). It also writes the new cache
 //    (NCTHW) and moves a given cache to channels-last. No padded copy: the temporal padding stays
@@ -97,7 +97,8 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   if (p.kh != 3 || p.kw != 3) invalid("only kh = kw = 3 is supported (got " + std::to_string(p.kh) + "x" + std::to_string(p.kw) + ")");
   if (p.kt < 1 || p.kt > 5) invalid("kt must be in [1, 5], got " + std::to_string(p.kt));
   if (p.c_in % kCK != 0) invalid("C_in must be a multiple of 16, got " + std::to_string(p.c_in));
-  if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || ws.splits < 1)
+  if (!ws.act || (p.cache && !ws.cache_cl) || (p.groups > 0 && (!ws.partial || !ws.coef)) || (p.zq && !ws.zq_mod) ||
+      ws.splits < 1)
     invalid("missing workspace");
   if (p.norm_coef && p.groups > 0) invalid("norm_coef replaces the statistics: groups must be 0");
   if (p.zq && (!p.zq_index || !p.scale_weight || !p.shift_weight || p.scale || (p.groups == 0 && !p.norm_coef)))
@@ -111,6 +112,7 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
   PrepArgs pa;
   pa.p = p;
   pa.coef = p.groups > 0 ? ws.coef : p.norm_coef;
+  pa.zq_mod = static_cast<const uint32_t*>(ws.zq_mod);
   pa.act = ws.act;
   pa.cache_cl = ws.cache_cl;
   pa.frames_total = int(p.frames + (p.cache ? nc : 0));
@@ -124,7 +126,15 @@ void run(const VaeConvParams& p, const VaeConvWorkspace& ws, int device, cudaStr
                               reinterpret_cast<uintptr_t>(p.cache) | reinterpret_cast<uintptr_t>(p.new_cache) |
                               reinterpret_cast<uintptr_t>(ws.act) | reinterpret_cast<uintptr_t>(ws.cache_cl);
   const dim3 prep_grid{unsigned(prep_x), unsigned(prep_y), unsigned(prep_z)};
-  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && p.zq && p.zq_c <= kMaxZq)
+  if (p.zq) {  // the modulation table first (a few MB at most)
+    const int64_t n = p.zq_t * p.zq_h * p.zq_w;
+    if (p.c_in > 65535 || p.batch > 65535 || HW > 0x7fffffffLL || n > 0x7fffffffLL)
+      invalid("zq: C_in and B must stay <= 65535, H * W and zq's pixels below 2^31");
+    const dim3 grid{unsigned((n + kZqModThreads - 1) / kZqModThreads), unsigned(p.c_in), unsigned(p.batch)};
+    _vae_zq_mod_kernel<T><<<grid, kZqModThreads, 0, stream>>>(p, static_cast<uint32_t*>(ws.zq_mod));
+    VAE_CUDA_CHECK(cudaGetLastError());
+  }
+  if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && p.zq)
     _vae_prep_vec_kernel<T, true><<<prep_grid, kPrepThreads, 0, stream>>>(pa);
   else if (HW % 8 == 0 && p.c_in % 8 == 0 && prep_addr % 16 == 0 && !p.zq)
     _vae_prep_vec_kernel<T, false><<<prep_grid, kPrepThreads, 0, stream>>>(pa);

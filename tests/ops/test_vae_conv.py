@@ -725,21 +725,47 @@ def test_compile_fullgraph_cpu_with_zq():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
+def kernel_modulation(x, zq, zq_index, scale_weight, scale_bias=None, shift_weight=None, shift_bias=None):
+    """(scale, shift) exactly as the CUDA kernel forms them: float32 sums over zq's channels k ascending from 0
+    (a product of two bf16 / fp16 values is exact in float32, so ``m + w * z`` is the kernel's fmaf), the bias
+    last, rounded to x's dtype; then gathered to x's size by the index."""
+    B, C, T, H, W = x.shape
+    z = zq.float()
+    out = []
+    for w, bias in ((scale_weight, scale_bias), (shift_weight, shift_bias)):
+        w = w.reshape(C, -1).float()
+        m = torch.zeros((B, C, *zq.shape[2:]), dtype=torch.float32, device=x.device)
+        for k in range(w.shape[1]):
+            m = m + w[:, k, None, None, None] * z[:, k:k + 1]
+        if bias is not None:
+            m = m + bias.float()[:, None, None, None]
+        out.append(m.to(x.dtype))
+    idx = zq_index.to(x.device).long()
+    return tuple(m[:, :, idx[:T]][:, :, :, idx[T:T + H]][..., idx[T + H:]].contiguous() for m in out)
+
+
+FUSED_CUDA_CASES = [  # (B, C, C_out, (T, H, W), zq size, zq channels): the scalar pass (H*W % 8 != 0), the
+    # 16-byte pass at 2x, non-integer and 8x ratios, 4 / 16 / 24 zq channels, odd T with a one-frame-apart index
+    (1, 16, 8, (3, 6, 7), (3, 3, 4), 4), (2, 32, 136, (2, 16, 24), (2, 8, 12), 16),
+    (1, 128, 128, (5, 40, 60), (3, 10, 15), 16), (1, 32, 16, (3, 8, 12), (2, 4, 6), 4),
+    (1, 16, 8, (2, 5, 8), (2, 5, 4), 24), (1, 32, 16, (3, 10, 12), (2, 4, 5), 16),
+    (1, 128, 64, (5, 40, 64), (2, 5, 8), 16),
+]
+
+
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(len(FUSED_CUDA_CASES)))
 def test_cuda_fused_modulation_matches_unfused(case, dtype, monkeypatch):
-    """NOT YET VERIFIED ON A GPU when written: the CUDA activation pass computing scale / shift from zq
-    (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1) against the verified unfused path (scale / shift
-    formed first) and the float64 reference; odd sizes, chunks; the scalar pass (H*W % 8 != 0, or more
-    than 16 zq channels) and the 16-byte pass with zq in shared memory (16 zq channels, and 4: rows of
-    zeros)."""
+    """The CUDA activation pass gathering scale / shift from its table of zq's (1,1,1) convs
+    (COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1): bit-identical to the unfused kernel given the same
+    scale / shift tensors (formed as the kernel forms them), within the budgets of the float64 reference,
+    close to the unfused path with scale / shift from modulation_from_zq; zq non-contiguous; one-frame
+    chunks with the batch's coefficients and the index's frame part."""
     from cogvideox_kernels.ops.vae_conv import native
 
-    B, C, Co, size, zq_size, Kz = [(1, 16, 8, (3, 6, 7), (3, 3, 4), 4), (2, 32, 136, (2, 16, 24), (2, 8, 12), 16),
-                                   (1, 128, 128, (5, 40, 60), (3, 10, 15), 16), (1, 32, 16, (3, 8, 12), (2, 4, 6), 4),
-                                   (1, 16, 8, (2, 5, 8), (2, 5, 4), 24)][case]
+    B, C, Co, size, zq_size, Kz = FUSED_CUDA_CASES[case]
     x, w, b, kw = make_case(B, C, Co, *size, device="cuda", dtype=dtype, groups=min(C // 4, 32), cache=True,
                             residual=True, seed=140 + case)
     mod = zq_case(B, C, *size, zq_size, Kz=Kz, device="cuda", dtype=dtype, seed=150 + case)
@@ -749,8 +775,16 @@ def test_cuda_fused_modulation_matches_unfused(case, dtype, monkeypatch):
     assert native.fused_modulation_cuda()
     fused, fused_cache = check(x, w, b, kw, "cuda", **mod)
     assert rel_err(fused, unfused) <= 2e-3 and rel_err(fused_cache, unfused_cache) <= 2e-3
+    idx = spatial_norm_index(zq_size, size)
+    scale, shift = kernel_modulation(x, zq_index=idx, **mod)
+    same, same_cache = vae_conv3d(x, w, b, backend="cuda", scale=scale, shift=shift, **kw)
+    assert torch.equal(fused, same) and torch.equal(fused_cache, same_cache)
+    zq = mod["zq"]
+    nc_zq = zq.transpose(3, 4).contiguous().transpose(3, 4)
+    assert not nc_zq.is_contiguous()
+    got, got_cache = vae_conv3d(x, w, b, backend="cuda", **kw, **dict(mod, zq=nc_zq))
+    assert torch.equal(got, fused) and torch.equal(got_cache, fused_cache)
     coef = vae_group_norm_coef(x, kw["num_groups"], kw["norm_weight"], kw["norm_bias"])
-    idx = spatial_norm_index(zq_size, size, "cuda")
     out, cache, T = torch.full_like(fused, float("nan")), kw["cache"], size[0]
     for t0 in range(T):
         _, cache = vae_conv3d(x[:, :, t0:t0 + 1], w, b, backend="cuda", silu=True, norm_coef=coef, cache=cache,

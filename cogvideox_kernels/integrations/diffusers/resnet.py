@@ -13,8 +13,8 @@ residual. The spatial norm's ``conv_y`` / ``conv_b`` ((1,1,1) convs of zq resize
 are computed inside the op per element from zq at its own resolution and their weights (``zq=``, no
 full-size scale / shift; their kt = 1 "caches", the whole resized zq that diffusers clones and never
 reads, come back as None) where they are plain convs (hooks we know, no LoRA) and the backend fuses it:
-the C++ path and the reference always, the CUDA kernel only with
-``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1`` (not yet verified on a GPU); otherwise they are
+the C++ path and the reference always, the CUDA kernel unless
+``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0``; otherwise they are
 diffusers' module calls on zq interpolated as diffusers does it. ``conv_shortcut`` stays a module call.
 
 Memory: a decoder frame batch larger than ``CHUNK_ABOVE`` (the full-resolution blocks: 8-9 frames of

@@ -41,9 +41,9 @@ def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bia
     ``scale_weight``/``shift_weight`` (conv_y's / conv_b's [C, Kz, 1, 1, 1]), optional ``scale_bias``/
     ``shift_bias`` [C] and ``zq_index`` (int32 [T + H + W], default ``spatial_norm_index``: diffusers'
     nearest resizing): scale and shift are then computed per element (rounded to x's dtype like
-    diffusers' conv outputs), never as full-size tensors. The CUDA kernel's version of this is not yet
-    verified on a GPU: it runs only with ``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1``; otherwise the
-    CUDA backend forms scale / shift first (``modulation_from_zq``) and runs the verified kernel.
+    diffusers' conv outputs), never as full-size tensors (the CUDA kernel: once per call at zq's
+    resolution, gathered per element). ``COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0`` makes the CUDA
+    backend form scale / shift first (``modulation_from_zq``) and run the kernel on them instead.
 
     backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
     reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
