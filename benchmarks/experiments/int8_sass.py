@@ -18,7 +18,7 @@ KEYS = ("FMNMX", "FMUL", "FADD", "FFMA", "MUFU", "SHFL", "F2FP", "IGMMA", "HGMMA
 
 
 def main():
-    for config in (dict(SCORE_BOUND=False), dict(), dict(STAGES=4)):
+    for config in (dict(SCORE_BOUND=False, STAGES=3), dict(STAGES=3), dict()):
         compiled = hopper_int8_fwd.compile_offline(config, 64)
         print(f"{config or 'default'}: local memory {'.local' in compiled.asm['ptx']}, "
               f"shared {compiled.metadata.shared} B")

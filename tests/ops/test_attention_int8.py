@@ -271,7 +271,7 @@ def _on_hopper():
 
 
 gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
-GPU_CONFIGS = [dict(), dict(SCORE_BOUND=False), dict(MAGIC_CVT=False), dict(STAGES=4),
+GPU_CONFIGS = [dict(), dict(SCORE_BOUND=False), dict(MAGIC_CVT=False), dict(STAGES=3),
                dict(NUM_WG=2), dict(TWO_LEVEL=True), dict(PV_FP8=True),
                dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
 
@@ -320,7 +320,9 @@ def test_gpu_int8_configs(config):
     out = _kernel(case, config)
     e_emu, e_out = rel_err(emu, ref), rel_err(out, ref)
     assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
-    assert rel_err(out, emu) <= 2e-2
+    # FP8 P: kernel (exp2.approx) and emulation (exp) land on different sides of e4m3 rounding
+    # steps (2^-3) here and there: 2.2e-2 apart on the H200 at 909eb62, each 3.9e-2 from float64
+    assert rel_err(out, emu) <= (4e-2 if config.get("PV_FP8") else 2e-2)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,14 @@ block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs
   score as in the bf16 kernel (the scale is per row there too). ``MAGIC_CVT``: the s32 -> f32
   conversion as one integer add (for |s| < 2^22, bits(s + 0x4B400000) as float32 is 12582912 + s;
   the constant folds into the FFMA) instead of I2F.
-* ``O += P V`` in 16 bits (P in V's dtype, V the pre-pass's head-major copy), as the bf16 kernel.
+* ``O += P V`` in 16 bits (P in V's dtype; V read in place from the QKV slice where its layout
+  allows, else the pre-pass's head-major copy), as the bf16 kernel.
+* ``SCORE_BOUND`` (default): the bf16 kernel's softmax without a running max. The pre-pass gives
+  each head's largest squared norms of the *dequantized* q rows and smoothed k rows, which bound
+  every score the kernel computes (``hopper_fwd._score_bound``); heads within the bound subtract a
+  fixed m (no row max, alpha or O rescale: 365 instead of 490 SASS instructions per key block),
+  the others keep the running max in the same launch. bf16 P only (fp16 and e4m3 P lack the
+  exponent range).
 * ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
   exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
   (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
@@ -328,7 +335,7 @@ def default_config(head_dim: int) -> dict:
     block), STAGES of the ring, the integer-trick s32 -> f32 conversion (MAGIC_CVT), P V in FP8
     (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL),
     the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only)."""
-    return dict(NUM_WG=3, BLOCK_N=128, STAGES=3 if head_dim <= 64 else 2, PV_FP8=False,
+    return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
                 MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True)
 
 
