@@ -46,13 +46,17 @@ SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 # name -> hopper_int8_fwd config overrides (kernel variants measured; the first is the default)
 # Runs on the H200 (results/int8_attention_notes.md): e004bfb measured FP8 P V (SageAttention2)
 # 19.3-23.8 ms vs INT8 Q K^T + bf16 P V 14.2 ms (kernel), so the latter is the default; c7fe970
-# measured row sums on the tensor cores (ROWSUM_MMA, since removed) no faster.
+# measured row sums on the tensor cores (ROWSUM_MMA, since removed) no faster. int8bound: the
+# softmax without a running max (SCORE_BOUND, default) against the running max it replaces;
+# 909eb62 measured 4 stages a little faster than 3 with it (the default since).
 INT8_VARIANTS = {
     "int8": dict(),
+    "int8_runmax": dict(SCORE_BOUND=False),
+    "int8_s3": dict(STAGES=3),
+    "int8_runmax_s3": dict(SCORE_BOUND=False, STAGES=3),  # the default until 909eb62
+    "int8_s6": dict(STAGES=6),
     "int8_i2f": dict(MAGIC_CVT=False),
-    "int8_s4": dict(STAGES=4),
     "int8_fp8pv_i2f": dict(PV_FP8=True, MAGIC_CVT=False),
-    "int8_fp8pv_2level": dict(PV_FP8=True, TWO_LEVEL=True),
 }
 
 
@@ -195,33 +199,47 @@ def main(argv=None):
             del qn_, kn_, vc, q8, k8, v8
         if hopper:
             from cogvideox_kernels.ops.attention.hopper import hopper_int8_attention_fwd
+            from cogvideox_kernels.ops.attention.hopper_fwd import v_token_major_ok
             from cogvideox_kernels.ops.attention.hopper_int8_fwd import (
-                hopper_int8_attention_core, resolve_config)
-            from cogvideox_kernels.ops.attention.int8_prepass import quantize_int8_inputs
+                bound_applies, hopper_int8_attention_core, resolve_config)
+            from cogvideox_kernels.ops.attention.int8_prepass import (LOG2E, quantize_int8_inputs,
+                                                                      score_bound)
             from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
             qn, kn = inp["q_norm"] or (None, None), inp["k_norm"] or (None, None)
             norm_args = (inp["text_len"], inp["cos"], inp["sin"], qn[0], qn[1], kn[0], kn[1],
                          inp["q_norm"] is not None, inp["k_norm"] is not None, 1e-6)
-            prepass = lambda fp8_v=True: quantize_int8_inputs(q, k, v, *norm_args, fp8_v=fp8_v)  # noqa: E731
+            prepass = lambda fp8_v=True, norms=True: quantize_int8_inputs(  # noqa: E731
+                q, k, v, *norm_args, fp8_v=fp8_v, norms=norms)
+            # which heads take the fixed-max softmax (score bound T <= 80)
+            T, fixed, _ = score_bound(prepass(False).norm_max, inp["scale"] * LOG2E)
+            row = dict(inputs=input_name, method="int8 score bound T per head",
+                       note=f"T min {T.min().item():.1f} median {T.median().item():.1f} max "
+                            f"{T.max().item():.1f}; fixed-max heads {int(fixed.sum())}/{fixed.numel()}")
+            results["rows"].append(row)
+            log(f"{input_name:5s} {row['method']}: {row['note']}")
             if timing and input_name == "model":
-                row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V)",
-                           ms=time_ms(lambda: prepass(False), device))
-                results["rows"].append(row)
-                log(f"{input_name:5s} int8 pre-pass alone   ms {row['ms']:.3f}")
+                for norms in (False, True):
+                    row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V)"
+                               + (" + norms" if norms else ""),
+                               ms=time_ms(lambda: prepass(False, norms), device))
+                    results["rows"].append(row)
+                    log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f}")
             for name in args.variants.split(","):
                 cfg = resolve_config(D, INT8_VARIANTS[name])
                 run = lambda cfg=cfg: hopper_int8_attention_fwd(q, k, v, *norm_args,  # noqa: E731
                                                                 inp["scale"], config=cfg)
                 kernel = None
-                if timing and input_name == "model":
-                    t8 = prepass(cfg["PV_FP8"])
-                    v_in = t8.v8t if cfg["PV_FP8"] else qk_norm_rope_fwd(
-                        v, 0, None, None, None, None, False, 1e-6).transpose(1, 2)
+                if timing and input_name == "model":  # as hopper_int8_attention_fwd calls it
+                    t8 = prepass(cfg["PV_FP8"], bound_applies(cfg, v.dtype))
+                    in_place = not cfg["PV_FP8"] and v_token_major_ok(v)
+                    v_in = t8.v8t if cfg["PV_FP8"] else (v if in_place else qk_norm_rope_fwd(
+                        v, 0, None, None, None, None, False, 1e-6).transpose(1, 2))
                     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-                    kernel = lambda t8=t8, v_in=v_in, out=out, cfg=cfg: hopper_int8_attention_core(  # noqa: E731
-                        t8.q8, t8.q_scale, t8.k8, t8.k_scale, v_in, t8.v_scale, out,
-                        inp["scale"], cfg)
+                    kernel = lambda t8=t8, v_in=v_in, out=out, cfg=cfg, ip=in_place: (  # noqa: E731
+                        hopper_int8_attention_core(t8.q8, t8.q_scale, t8.k8, t8.k_scale, v_in,
+                                                   t8.v_scale, out, inp["scale"], cfg,
+                                                   t8.norm_max, v_token_major=ip))
                 record(name, run, full=run if input_name == "model" else None, kernel=kernel,
                        note=json.dumps(INT8_VARIANTS[name]))
         del inp, ref
@@ -238,7 +256,8 @@ def main(argv=None):
         lines.append(f"| {r['inputs']} | {r['method']} | {fmt('rel', '{:.3e}')} | "
                      f"{fmt('cos', '{:.6f}')} | {fmt('max_abs', '{:.3e}')} | {fmt('ms', '{:.3f}')} | "
                      f"{fmt('tflops', '{:.0f}')} | {fmt('kernel_ms', '{:.3f}')} |"
-                     + (f" {r['error']}" if "error" in r else ""))
+                     + (f" {r['error']}" if "error" in r else "")
+                     + (f" {r['note']}" if r.get("note") and "rel" not in r else ""))
     with open(os.path.join(args.out, "attention_quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     save()

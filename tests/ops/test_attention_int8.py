@@ -13,10 +13,11 @@ import torch
 
 from cogvideox_kernels import ops
 from cogvideox_kernels.ops.attention.hopper import hopper_available
-from cogvideox_kernels.ops.attention.int8_prepass import (FP8_MAX, Int8Inputs,
+from cogvideox_kernels.ops.attention.int8_prepass import (FP8_MAX, LOG2E, Int8Inputs,
+                                                          dequantized_norm_max,
                                                           int8_attention_reference,
                                                           quantize_int8_inputs,
-                                                          quantize_int8_reference)
+                                                          quantize_int8_reference, score_bound)
 from cogvideox_kernels.ops.attention.reference import rope3d_attention_reference
 
 from test_attention_hopper import case_args, make_case, rel_err
@@ -33,6 +34,14 @@ def _prepass(case, block_n):
     return quantize_int8_inputs(case["q"], case["k"], case["v"], case["text_len"], case["cos"],
                                 case["sin"], qn[0], qn[1], kn[0], kn[1], case["q_norm"] is not None,
                                 case["k_norm"] is not None, 1e-6, block_n=block_n)
+
+
+def _check_norm_max(t: Int8Inputs):
+    """The pre-pass's per-head max squared norms of the dequantized q and smoothed k rows equal a
+    float64 computation from its own 8-bit values and scales (float32 rounding only)."""
+    assert t.norm_max.dtype == torch.float32 and t.norm_max.shape == (2, t.q8.shape[0] * t.q8.shape[1])
+    want = dequantized_norm_max(t.q8, t.q_scale, t.k8, t.k_scale, t.block_n)
+    torch.testing.assert_close(t.norm_max.double(), want, rtol=1e-6, atol=0)
 
 
 def _check_same_quantization(got: Int8Inputs, want: Int8Inputs, S):
@@ -63,6 +72,8 @@ def test_prepass_matches_torch_quantization(interpret, B, S, H, D, text_len, blo
     want = quantize_int8_reference(case["q"], case["k"], case["v"], block_n=block_n,
                                    **case_args(case))
     _check_same_quantization(got, want, S)
+    _check_norm_max(got)
+    torch.testing.assert_close(got.norm_max, want.norm_max, rtol=1e-2, atol=0)  # ties may differ
     # smoothing: K's mean over tokens is (close to) zero after the pre-pass
     k = got.k8.float() * got.k_scale.repeat_interleave(block_n, -1)[..., :S, None]
     assert k.mean(2).abs().max() <= k.abs().amax((2, 3)).max() / 127
@@ -75,7 +86,7 @@ def test_prepass_non_contiguous_inputs(interpret, name):
     wide = torch.zeros(2, 90, 3, 64, dtype=torch.bfloat16)
     wide[:, ::2] = case[name]
     got = _prepass(dict(case, **{name: wide[:, ::2]}), 32)
-    for field in ("q8", "q_scale", "k8", "k_scale", "v_scale"):
+    for field in ("q8", "q_scale", "k8", "k_scale", "v_scale", "norm_max"):
         torch.testing.assert_close(getattr(got, field), getattr(base, field), rtol=0, atol=0)
     torch.testing.assert_close(got.v8t.float(), base.v8t.float(), rtol=0, atol=0)
 
@@ -110,6 +121,85 @@ def test_emulation_error_and_smoothing():
         ref = rope3d_attention_reference(**c, compute_dtype=torch.float64)
         errs.append(rel_err(int8_attention_reference(**c), ref))
     assert errs[1] < 1.5 * errs[0], errs  # without smoothing the offsets multiply it (~10x)
+
+
+def _tight_case(B, S, D, targets, seed, device="cpu"):
+    """Adversarial for the score bound: Cauchy-Schwarz tight on every row. Keys come in +-x pairs
+    plus a per-channel offset of ~10 (so smoothing leaves +-x: the bound must use the smoothed
+    norms), every x of norm 4, q = c_h * x on the same tokens: the score of a query with its own
+    key is +||q|| ||k||, with the paired key -||q|| ||k||. Head h's c_h puts its bound T near
+    targets[h] (0: an all-zero q head). bf16, no norms or rotation, scale D^-0.5."""
+    H = len(targets)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, S // 2, H, D, generator=g, device=device)
+    x = torch.cat([x, -x], 1) / x.norm(dim=-1, keepdim=True).repeat(1, 2, 1, 1) * 4.0
+    if S % 2:
+        x = torch.cat([x, torch.zeros(B, 1, H, D, device=device)], 1)
+    c = torch.tensor(targets, device=device) / (16.0 * D ** -0.5 * LOG2E * 1.01)
+    offset = 10.0 * torch.randn(1, 1, H, D, generator=g, device=device)
+    q = (x * c[:, None]).to(torch.bfloat16)
+    k = (x + offset).to(torch.bfloat16)
+    v = torch.randn(B, S, H, D, generator=g, device=device).to(torch.bfloat16)
+    return dict(q=q, k=k, v=v, text_len=S, cos=None, sin=None, q_norm=None, k_norm=None)
+
+
+TIGHT_TARGETS = [0.0, 10.0, 47.0, 60.0, 78.0, 85.0, 400.0]
+
+
+def test_score_bound_holds_on_adversarial_inputs(interpret):
+    """Every score the kernel computes from the pre-pass's values (exact s32 q8 . k8, times the
+    scales, float64) lies within the bound T it derives from the pre-pass's norm_max, the bound is
+    tight on these inputs (so the check can fail), heads with T > 80 take the running max, and on
+    the fixed-max heads the kernel's float32 exponent argument (the FFMA with the MAGIC_CVT
+    offset) stays inside [-96, e]: every numerator a normal float, none above 2^64."""
+    block_n, S = 64, 150
+    case = _tight_case(2, S, 64, TIGHT_TARGETS, seed=5)
+    t = _prepass(case, block_n)
+    _check_norm_max(t)
+    qk_scale = 64 ** -0.5 * LOG2E
+    T, fixed, m = score_bound(t.norm_max, qk_scale)
+    s_int = t.q8.double() @ t.k8.double().transpose(-1, -2)  # exact, as the s8 wgmma
+    ks = t.k_scale.repeat_interleave(block_n, dim=-1)[..., :S]
+    score = s_int * t.q_scale.double()[..., None] * ks.double()[..., None, :] * qk_scale
+    top = score.abs().amax((-1, -2)).flatten()
+    T_exact = T.double() / 1.01  # the bound without its margin
+    assert (top <= T_exact * (1 + 1e-5)).all(), (top, T_exact)
+    live = torch.tensor(TIGHT_TARGETS).repeat(2) > 0
+    assert (top[live] >= 0.97 * T_exact[live]).all(), (top, T_exact)  # tight: can fail
+    torch.testing.assert_close(T_exact.float().view(2, -1)[0], torch.tensor(TIGHT_TARGETS),
+                               rtol=0.03, atol=1e-6)
+    assert fixed.tolist() == [x <= 80 for x in TIGHT_TARGETS] * 2
+    # the kernel's float32 softmax argument on the fixed heads
+    rs = (t.q_scale * qk_scale)[..., None] * ks[..., None, :]  # float32, as the kernel rounds
+    magic = 12582912.0
+    mm = m.view(2, -1)[..., None, None].double()
+    bias = (magic * rs.double() + mm).float().double()
+    arg = ((magic + s_int) * rs.double() - bias).float().view(-1, S, S)[fixed]
+    e = (T - m)[fixed]
+    assert (arg.amin((-1, -2)) >= -96).all() and (arg.amax((-1, -2)) <= e).all()
+    assert (e > 0).any()  # a head with numerators above 1 is among them
+
+
+@pytest.mark.parametrize("kind", ["model", "tight"])
+def test_emulation_fixed_max_matches_running_max(kind):
+    """The emulation with the kernel's fixed max (its default) and with the running max give the
+    same attention up to P's bf16 rounding, equally close to float64, on model-like inputs (every
+    head bounded, T < 48) and on the tight adversarial inputs (numerators up to ~2^60, and heads
+    over the limit on the running max in the same call)."""
+    if kind == "model":
+        case = make_case(1, 600, 4, 64, 40, torch.bfloat16, seed=6)
+    else:
+        case = _tight_case(1, 300, 64, TIGHT_TARGETS, seed=7)
+    t = quantize_int8_reference(case["q"], case["k"], case["v"], **case_args(case))
+    T, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.all() if kind == "model" else (fixed.any() and (~fixed).any() and (T[fixed] > 48).any())
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    out_fixed = int8_attention_reference(**case)
+    out_run = int8_attention_reference(**case, fixed_max=False)
+    e_fixed, e_run = rel_err(out_fixed, ref), rel_err(out_run, ref)
+    assert e_fixed <= 1.1 * e_run + 1e-3, (e_fixed, e_run)
+    assert rel_err(out_fixed, out_run) <= 5e-3
+    assert not torch.equal(out_fixed, out_run)  # the two emulations do take different paths
 
 
 def test_precision_dispatch_and_checks():
@@ -181,8 +271,9 @@ def _on_hopper():
 
 
 gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
-GPU_CONFIGS = [dict(), dict(MAGIC_CVT=False), dict(STAGES=4), dict(NUM_WG=2),
-               dict(PV_FP8=True), dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
+GPU_CONFIGS = [dict(), dict(SCORE_BOUND=False), dict(MAGIC_CVT=False), dict(STAGES=3),
+               dict(NUM_WG=2), dict(TWO_LEVEL=True), dict(PV_FP8=True),
+               dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
 
 
 def _kernel(case, config=None):
@@ -224,9 +315,14 @@ def test_gpu_int8_parity_odd_shapes(B, S, H, D, text_len, dtype):
 def test_gpu_int8_configs(config):
     case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=11, device="cuda")
     ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
-    e_emu = rel_err(int8_attention_reference(**case, pv_fp8=config.get("PV_FP8", False)), ref)
-    e_out = rel_err(_kernel(case, config), ref)
+    emu = int8_attention_reference(**case, pv_fp8=config.get("PV_FP8", False),
+                                   fixed_max=config.get("SCORE_BOUND", True))
+    out = _kernel(case, config)
+    e_emu, e_out = rel_err(emu, ref), rel_err(out, ref)
     assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    # FP8 P: kernel (exp2.approx) and emulation (exp) land on different sides of e4m3 rounding
+    # steps (2^-3) here and there: 2.2e-2 apart on the H200 at 909eb62, each 3.9e-2 from float64
+    assert rel_err(out, emu) <= (4e-2 if config.get("PV_FP8") else 2e-2)
 
 
 @pytest.mark.gpu
@@ -253,3 +349,70 @@ def test_gpu_int8_compile_fullgraph():
         out = fn(case["q"], case["k"], case["v"])
         eager = ops.rope3d_attention(**case, precision="int8", backend="hopper") * 2
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("norm_gain", [1.0, 2.0, 6.0])
+def test_gpu_int8_score_bound_paths(norm_gain):
+    """The fixed-max softmax (default) and the running max (SCORE_BOUND=False) each match their
+    emulation and float64; norm weights x norm_gain move the heads' bound T from ~16 (gain 1) to
+    ~62 (gain 2: numerators up to 2^28) and > 80 (gain 6: the bounded kernel falls back to the
+    running max, the same numbers)."""
+    case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=12, device="cuda")
+    (qw, qb), (kw, kb) = case["q_norm"], case["k_norm"]
+    case = dict(case, q_norm=((qw.float() * norm_gain).to(qw.dtype), qb),
+                k_norm=((kw.float() * norm_gain).to(kw.dtype), kb))
+    T, fixed, _ = score_bound(_prepass(case, 128).norm_max, 64 ** -0.5 * LOG2E)
+    if norm_gain == 1.0:
+        assert fixed.all() and (T <= 48).all(), T
+    if norm_gain == 2.0:
+        assert fixed.all() and (T > 48).all(), T
+    if norm_gain == 6.0:
+        assert not fixed.any(), T
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    outs = {}
+    for bound in (True, False):
+        emu = int8_attention_reference(**case, fixed_max=bound)
+        outs[bound] = _kernel(case, dict(SCORE_BOUND=bound))
+        e_out, e_emu = rel_err(outs[bound], ref), rel_err(emu, ref)
+        assert e_out <= 1.25 * e_emu + 2e-3, (bound, e_out, e_emu)
+        assert rel_err(outs[bound], emu) <= 2e-2
+    assert rel_err(outs[True], outs[False]) <= (1e-6 if norm_gain == 6.0 else 1e-2)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_score_bound_tight_mixed_heads():
+    """The adversarial inputs (Cauchy-Schwarz tight on every row, numerators up to ~2^60 on the
+    T ~ 78 head, two heads over the limit on the running max) in one launch: kernel vs its
+    emulation and float64."""
+    case = _tight_case(2, 700, 64, TIGHT_TARGETS, seed=8, device="cuda")
+    _, fixed, _ = score_bound(_prepass(case, 128).norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.tolist() == [x <= 80 for x in TIGHT_TARGETS] * 2
+    out = ops.rope3d_attention(**case, precision="int8", backend="hopper")
+    emu = int8_attention_reference(**case)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    e_out, e_emu = rel_err(out, ref), rel_err(emu, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_prepass_norm_max():
+    case = make_case(2, 1000, 5, 64, 40, torch.bfloat16, seed=9, device="cuda")
+    _check_norm_max(_prepass(case, 128))
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_v_in_place_equals_copied():
+    """V read in place (the QKV slice, token-major TMA view) gives bit-identical results to V
+    copied head-major first (a token-strided V forces the copy)."""
+    case = make_case(2, 1000, 5, 64, 40, torch.bfloat16, seed=14, device="cuda")
+    v_strided = torch.empty(2, 2000, 5, 64, dtype=torch.bfloat16, device="cuda")[:, ::2]
+    v_strided.copy_(case["v"])
+    a = ops.rope3d_attention(**case, precision="int8", backend="hopper")
+    b = ops.rope3d_attention(**dict(case, v=v_strided), precision="int8", backend="hopper")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -192,24 +192,30 @@ def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
 def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                               k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale,
                               *, config=None):
-    """Pre-pass (LayerNorm + RoPE, K smoothing, INT8 q/k, FP8 V^T) then the 8-bit kernel."""
-    from .hopper_int8_fwd import hopper_int8_attention_core, resolve_config
+    """Pre-pass (LayerNorm + RoPE, K smoothing, INT8 q/k, the dequantized rows' max norms per
+    head; FP8 V^T with PV_FP8) then the 8-bit kernel. 16-bit V is read in place when its layout
+    allows (the QKV slice), else copied head-major."""
+    from .hopper_fwd import v_token_major_ok
+    from .hopper_int8_fwd import bound_applies, hopper_int8_attention_core, resolve_config
     from .int8_prepass import quantize_int8_inputs
     from .triton_fwd import qk_norm_rope_fwd
 
     B, S, H, D = q.shape
     cfg = resolve_config(D, config)
+    bounded = bound_applies(cfg, v.dtype)
     if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
         cos, sin = cos.contiguous(), sin.contiguous()
     t = quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                              k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
-                             block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"])
-    v_in = t.v8t
-    if not cfg["PV_FP8"]:  # P V in 16 bits: V head-major in its own dtype
-        v_in = qk_norm_rope_fwd(v, 0, None, None, None, None, False, eps).transpose(1, 2)
+                             block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"], norms=bounded)
+    v_in, v_in_place = t.v8t, False
+    if not cfg["PV_FP8"]:  # P V in 16 bits: V in place, or head-major in its own dtype
+        v_in_place = v_token_major_ok(v)
+        v_in = v if v_in_place else qk_norm_rope_fwd(v, 0, None, None, None, None, False,
+                                                     eps).transpose(1, 2)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     return hopper_int8_attention_core(t.q8, t.q_scale, t.k8, t.k_scale, v_in, t.v_scale, out,
-                                      scale, cfg)
+                                      scale, cfg, t.norm_max, v_token_major=v_in_place)
 
 
 @torch.library.custom_op("cogvideox_kernels::rope3d_attention_hopper_int8", mutates_args=())

@@ -9,7 +9,14 @@ block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs
   score as in the bf16 kernel (the scale is per row there too). ``MAGIC_CVT``: the s32 -> f32
   conversion as one integer add (for |s| < 2^22, bits(s + 0x4B400000) as float32 is 12582912 + s;
   the constant folds into the FFMA) instead of I2F.
-* ``O += P V`` in 16 bits (P in V's dtype, V the pre-pass's head-major copy), as the bf16 kernel.
+* ``O += P V`` in 16 bits (P in V's dtype; V read in place from the QKV slice where its layout
+  allows, else the pre-pass's head-major copy), as the bf16 kernel.
+* ``SCORE_BOUND`` (default): the bf16 kernel's softmax without a running max. The pre-pass gives
+  each head's largest squared norms of the *dequantized* q rows and smoothed k rows, which bound
+  every score the kernel computes (``hopper_fwd._score_bound``); heads within the bound subtract a
+  fixed m (no row max, alpha or O rescale: 365 instead of 490 SASS instructions per key block),
+  the others keep the running max in the same launch. bf16 P only (fp16 and e4m3 P lack the
+  exponent range).
 * ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
   exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
   (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
@@ -29,8 +36,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper_fwd import (LOG2E, _mask_tail, _registers, alloc_shared, load_tile, mma_layout,
-                         store_rows)
+from .hopper_fwd import (LOG2E, _mask_tail, _registers, _score_bound, alloc_shared, load_tile,
+                         mma_layout, row_partial_sums, store_rows, v_token_major_ok)
 
 LOG2_P_SCALE = gl.constexpr(math.log2(448.0))  # P is stored as p * 448 in e4m3 (its max)
 MAGIC = gl.constexpr(0x4B400000)  # float32 bits of 12582912 = 1.5 * 2^23
@@ -38,14 +45,13 @@ MAGIC_F = gl.constexpr(12582912.0)
 
 
 @gluon.jit
-def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8: gl.constexpr):
+def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
+                    PV_FP8: gl.constexpr):
     """One warp: the Q tiles once, then K and V blocks into the ring (``hopper_fwd.load_tile``).
-    V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view, 16-bit V as
-    [BLOCK_N, D] boxes."""
-    if PV_FP8:
-        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, row_vt, 0, S, 0, True)
-    else:
-        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, row_kv, 0, S, 0)
+    V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view at (v_row, j * BLOCK_N),
+    16-bit V as [BLOCK_N, D] boxes at (v_row + j * BLOCK_N, v_col) of its head-major or
+    token-major view."""
+    load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8)
 
 
 @gluon.jit
@@ -59,12 +65,14 @@ def _v_operand(sm, stage, PV_FP8: gl.constexpr):
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                  P_DTYPE: gl.constexpr):
-    """Online softmax on one block of s32 scores: P (float32; times 448 when P_DTYPE is e4m3),
-    new row max (log2 units), row sum, alpha = 2^(m_old - m_new). row_scale: q_scale *
-    k_scale_j * sm_scale * log2(e). P is cast by the caller after the P V wait: a cast here
-    writes registers while the previous P V (register A operand) is in flight, and the compiler
-    then waits for it (no overlap)."""
+                  P_DTYPE: gl.constexpr, FIXED: gl.constexpr):
+    """Softmax numerators of one block of s32 scores: P (float32; times 448 when P_DTYPE is
+    e4m3), the row max (log2 units) and row sums after it, alpha = 2^(m_old - m_new). row_scale:
+    q_scale * k_scale_j * sm_scale * log2(e). FIXED: m_i is the head's fixed bound
+    (``hopper_fwd._score_bound`` on the dequantized q and smoothed k): no row max, alpha unused,
+    l_i per-thread partial sums (``row_partial_sums``). P is cast by the caller after the P V wait:
+    a cast here writes registers while the previous P V (register A operand) is in flight, and
+    the compiler then waits for it (no overlap)."""
     if MAGIC_CVT:
         # exact for |s| < 2^22 (D * 127^2 = 1.03e6 at D 64): float(s) = bits(s + MAGIC) - MAGIC_F
         sf = (s + MAGIC).to(gl.float32, bitcast=True)
@@ -74,27 +82,36 @@ def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: 
         offset = 0.0
     if MASK:
         sf = _mask_tail(sf, n0, S)
-    m_new = gl.maximum(m_i, (gl.max(sf, axis=1) - offset) * row_scale)
     if P_DTYPE == gl.float8e4nv:
         p_log2 = LOG2_P_SCALE  # p * 448 = exp2(... + log2 448): e4m3's range
     else:
         p_log2 = 0.0
-    # one FFMA per score: (s - offset) * row_scale - m_new + p_log2
-    bias = offset * row_scale + m_new - p_log2
-    p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    if FIXED:
+        # one FFMA per score: (s - offset) * row_scale - m; the per-row bias rounds by at most
+        # ulp(offset * row_scale) <= 1e-4 T (row_scale <= T / 127^2): inside the bound's margin
+        bias = offset * row_scale + (m_i - p_log2)
+        p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
+        l_i = l_i + row_partial_sums(p)
+        alpha = m_i
+        m_new = m_i
+    else:
+        m_new = gl.maximum(m_i, (gl.max(sf, axis=1) - offset) * row_scale)
+        # one FFMA per score: (s - offset) * row_scale - m_new + p_log2
+        bias = offset * row_scale + m_new - p_log2
+        p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
 def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_scale, ks_ptr, S,
                   MASK: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                  TWO_LEVEL: gl.constexpr):
+                  TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr):
     """Key block j >= 1: issue S_j = Q K_j^T, issue O_{j-1} = P_{j-1} V_{j-1}, softmax of S_j
     while P V runs. TWO_LEVEL: P V into a fresh accumulator, then O = O * alpha_{j-1} + O_{j-1}
     (one FFMA per element, as the bf16 kernel's rescale); else P V accumulates into O (rescaled
-    by alpha_j afterwards), as in the bf16 kernel."""
+    by alpha_j afterwards), as in the bf16 kernel. FIXED: no rescale (alpha is 1)."""
     stage = j % sm.STAGES
     prev = (j - 1) % sm.STAGES
     mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
@@ -109,7 +126,7 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_s
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
     alpha_prev = alpha
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, j * sm.BLOCK_N, S, MASK,
-                                       MAGIC_CVT, p_op.dtype)
+                                       MAGIC_CVT, p_op.dtype, FIXED)
     # the V_j wait ends the basic block here, so ptxas keeps the P V wait below the softmax
     # (see hopper_fwd._attend_block)
     mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
@@ -117,24 +134,27 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_s
     if TWO_LEVEL:
         pv = warpgroup_mma_wait(0, deps=(pv,))
         mbarrier.arrive(sm.kv_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha_prev, row)[:, None] + pv
+        if FIXED:
+            acc = acc + pv
+        else:
+            acc = acc * gl.convert_layout(alpha_prev, row)[:, None] + pv
     else:
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(sm.kv_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, row)[:, None]
+        if not FIXED:
+            acc = acc * gl.convert_layout(alpha, row)[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
     return acc, m_i, l_i, alpha, p_op
 
 
 @gluon.jit
-def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
-                        WG: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                        TWO_LEVEL: gl.constexpr):
-    """One warpgroup: 64 query rows against all keys; stores its rows of the output."""
+def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
+                   MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr):
+    """All key blocks for one warpgroup's rows: the unnormalised O and the row sums. m_i: the
+    running max's start (-inf per row) or, FIXED, the head's fixed bound (a scalar)."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     BLOCK_N: gl.constexpr = sm.BLOCK_N
-    out_dtype: gl.constexpr = o_ptr.dtype.element_ty
     s_layout: gl.constexpr = mma_layout(BLOCK_N, 32)
     if PV_FP8:
         p_dtype: gl.constexpr = gl.float8e4nv
@@ -144,18 +164,14 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
         p_dtype: gl.constexpr = sm.v_bufs.dtype
         o_layout: gl.constexpr = mma_layout(HEAD_D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
-    q_scale = gl.load(qs_ptr + rows, mask=rows < S, other=1.0) * qk_scale
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
-
-    q_smem = sm.q_bufs.index(WG)
-    mbarrier.wait(sm.q_bar, 0)
+    if FIXED:  # per-thread partial sums, reduced after the loop
+        l_i = row_partial_sums(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout))
+    else:
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     n_blocks = gl.cdiv(S, BLOCK_N)
 
     # ---- block 0: S_0 and its softmax (masked: it may also be the last block)
@@ -165,7 +181,7 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
     k_scale = gl.load(ks_ptr)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, 0, S, True, MAGIC_CVT,
-                                       p_dtype)
+                                       p_dtype, FIXED)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(p_dtype), p_layout)
 
@@ -173,11 +189,11 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
     for j in range(1, n_blocks - 1):
         acc, m_i, l_i, alpha, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op,
                                                    s_zero, o_zero, q_scale, ks_ptr, S, False,
-                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED)
     if n_blocks > 1:
         acc, m_i, l_i, alpha, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, alpha,
                                                    p_op, s_zero, o_zero, q_scale, ks_ptr, S, True,
-                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL)
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED)
 
     # ---- the last block's P V
     last = (n_blocks - 1) % sm.STAGES
@@ -185,11 +201,50 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
         pv = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), o_zero, use_acc=False,
                            is_async=True)
         pv = warpgroup_mma_wait(0, deps=(pv,))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+        if FIXED:
+            acc = acc + pv
+        else:
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
     else:
         acc = warpgroup_mma(p_op, _v_operand(sm, last, PV_FP8), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(sm.kv_empty.index(last))
+    if FIXED:
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout))
+    return acc, l_i
+
+
+@gluon.jit
+def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
+                        fixed, m_fixed, WG: gl.constexpr, PV_FP8: gl.constexpr,
+                        MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr):
+    """One warpgroup: 64 query rows against all keys; stores its rows of the output. BOUNDED and
+    ``fixed`` (this head's score bound holds, ``hopper_fwd._score_bound``): the softmax against
+    the fixed ``m_fixed``, else with a running row max."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    s_layout: gl.constexpr = mma_layout(sm.BLOCK_N, 32)
+    if PV_FP8:
+        o_layout: gl.constexpr = mma_layout(HEAD_D, 32)
+    else:
+        o_layout: gl.constexpr = mma_layout(HEAD_D)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+    q_scale = gl.load(qs_ptr + rows, mask=rows < S, other=1.0) * qk_scale
+    q_smem = sm.q_bufs.index(WG)
+    mbarrier.wait(sm.q_bar, 0)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+    if BOUNDED:
+        if fixed:
+            acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
+                                      TWO_LEVEL, True)
+        else:
+            acc, l_i = _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
+                                      TWO_LEVEL, False)
+    else:
+        acc, l_i = _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
+                                  TWO_LEVEL, False)
 
     # ---- epilogue: O / l (times V's per-channel scale); rows past S are not stored
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -200,16 +255,20 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
 
 
 @gluon.jit
-def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, o_ptr, S, H,
-                                      stride_ob, stride_os, stride_oh, qk_scale,
-                                      NUM_WG: gl.constexpr, STAGES: gl.constexpr,
+def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, o_ptr,
+                                      norm_ptr, S, H, BH, stride_ob, stride_os, stride_oh,
+                                      qk_scale, NUM_WG: gl.constexpr, STAGES: gl.constexpr,
                                       PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                                      TWO_LEVEL: gl.constexpr,
+                                      TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr,
+                                      V_TOKEN_MAJOR: gl.constexpr,
                                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v from 8-bit q, k (and v) for NUM_WG * 64 query
     rows of one (b, h). Descriptors: q, k over int8 [B*H*S, D]; v over float8 [B*H*D, S_pad]
-    (V^T, PV_FP8) or 16-bit [B*H*S, D]. qs: q scales [B*H*S]; ks: k scales [B*H, n_blocks];
-    vs: v scales [B*H, D]; qk_scale = sm_scale * log2(e)."""
+    (V^T, PV_FP8), 16-bit [B*H*S, D] or (V_TOKEN_MAJOR) V's token-major [B*S, H*D] view.
+    qs: q scales [B*H*S]; ks: k scales [B*H, n_blocks]; vs: v scales [B*H, D];
+    qk_scale = sm_scale * log2(e). BOUNDED: norm_ptr holds the max squared row norms of the
+    dequantized q and smoothed k per head ([2, BH]); heads whose bound holds run the fixed-max
+    softmax (``hopper_fwd._score_bound``), the others the running max."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -224,27 +283,47 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
     qs_base = qs_ptr + row_kv.to(gl.int64)
     ks_base = ks_ptr + pid_bh * gl.cdiv(S, BLOCK_N)
     vs_base = vs_ptr + pid_bh * HEAD_D
+    if PV_FP8:
+        v_row = pid_bh * HEAD_D  # V^T rows
+        v_col = 0
+    elif V_TOKEN_MAJOR:
+        v_row = b * S
+        v_col = h * HEAD_D
+    else:
+        v_row = row_kv
+        v_col = 0
+    if BOUNDED:
+        fixed, m_fixed = _score_bound(norm_ptr, pid_bh, BH, qk_scale)
+    else:
+        fixed = pid_bh < 0  # unused
+        m_fixed = qk_scale * 0.0
 
     sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES, PV_FP8)
-    row_vt = pid_bh * HEAD_D
     if NUM_WG == 2:
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+                                   qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
+                                   BOUNDED)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
-            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
+                                   qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
+                                   BOUNDED)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
+                               PV_FP8)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+                                   qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
+                                   BOUNDED)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
+                                   qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
+                                   BOUNDED)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
-                                   qk_scale, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL)),
-            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, row_vt, S, PV_FP8)),
+                                   qk_scale, fixed, m_fixed, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL,
+                                   BOUNDED)),
+            (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
+                               PV_FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
@@ -254,9 +333,10 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
 def default_config(head_dim: int) -> dict:
     """NUM_WG consumer warpgroups of 64 rows, BLOCK_N keys per block (= the pre-pass's k-scale
     block), STAGES of the ring, the integer-trick s32 -> f32 conversion (MAGIC_CVT), P V in FP8
-    (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL)."""
-    return dict(NUM_WG=3, BLOCK_N=128, STAGES=3 if head_dim <= 64 else 2, PV_FP8=False,
-                MAGIC_CVT=True, TWO_LEVEL=False)
+    (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL),
+    the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only)."""
+    return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
+                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True)
 
 
 def resolve_config(head_dim: int, config: dict | None) -> dict:
@@ -270,10 +350,17 @@ def resolve_config(head_dim: int, config: dict | None) -> dict:
     return cfg
 
 
-def _constexprs(cfg: dict) -> dict:
+def bound_applies(cfg: dict, v_dtype: torch.dtype) -> bool:
+    """Whether the fixed-max softmax can run: asked for (SCORE_BOUND) and P in bf16. e4m3 P
+    (PV_FP8) and fp16 P lack the exponent range for numerators from 2^-96 to 2^64."""
+    return bool(cfg["SCORE_BOUND"]) and not cfg["PV_FP8"] and v_dtype == torch.bfloat16
+
+
+def _constexprs(cfg: dict, bounded: bool, v_token_major: bool = False) -> dict:
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
     return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
                 MAGIC_CVT=bool(cfg["MAGIC_CVT"]), TWO_LEVEL=bool(cfg["TWO_LEVEL"]),
+                BOUNDED=bool(bounded), V_TOKEN_MAJOR=bool(v_token_major),
                 CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
 
 
@@ -286,12 +373,17 @@ _GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv,
 
 
 def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale: float,
-                               config: dict | None = None) -> torch.Tensor:
+                               config: dict | None = None, norm_max: torch.Tensor | None = None,
+                               *, v_token_major: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v from the pre-pass's tensors (``int8_prepass.Int8Inputs``).
 
     q8, k8: int8 [B, H, S, D] contiguous; q_scale [B, H, S], k_scale [B, H, cdiv(S, BLOCK_N)],
-    v_scale [B, H, D] float32; v: float8_e4m3fn V^T [B, H, D, S_pad] (PV_FP8) or 16-bit
-    [B, H, S, D]; out: [B, S, H, D] with stride 1 in D (written and returned).
+    v_scale [B, H, D] float32; v: float8_e4m3fn V^T [B, H, D, S_pad] (PV_FP8), 16-bit
+    [B, H, S, D] contiguous, or with ``v_token_major`` a 16-bit [B, S, H, D] whose (B, S) and
+    (H, D) dims merge (``hopper_fwd.v_token_major_ok``: the QKV slice, read in place); out:
+    [B, S, H, D] with stride 1 in D (written and returned). ``norm_max``: float32 [2, B * H], the
+    max squared row norms of the dequantized q and smoothed k (``Int8Inputs.norm_max``); with it
+    (and ``bound_applies``) heads whose score bound holds skip the running max.
     """
     B, H, S, D = q8.shape
     cfg = resolve_config(D, config)
@@ -303,26 +395,48 @@ def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale:
     k_desc = TensorDescriptor(k8, [rows, D], [D, 1], [cfg["BLOCK_N"], D],
                               _nvmma([cfg["BLOCK_N"], D], gl.int8))
     if cfg["PV_FP8"]:
-        if v.dtype != torch.float8_e4m3fn or v_scale is None:
-            raise ValueError(f"PV_FP8 needs V^T in float8_e4m3fn and v_scale; v is {v.dtype}")
+        if v.dtype != torch.float8_e4m3fn or v_scale is None or v_token_major:
+            raise ValueError(f"PV_FP8 needs V^T in float8_e4m3fn and v_scale; v is {v.dtype}"
+                             f"{' (token-major)' if v_token_major else ''}")
         s_pad = v.shape[-1]
         box = [D, cfg["BLOCK_N"]]
         v_desc = TensorDescriptor(v, [B * H * D, s_pad], [s_pad, 1], box,
                                   _nvmma(box, gl.float8e4nv))
     else:
+        if v.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"v must be bf16/fp16 without PV_FP8, got {v.dtype}")
         box = [cfg["BLOCK_N"], D]
-        v_desc = TensorDescriptor(v, [rows, D], [D, 1], box, _nvmma(box, _GL_DTYPES[v.dtype]))
+        layout = _nvmma(box, _GL_DTYPES[v.dtype])
+        if v_token_major:
+            if tuple(v.shape) != (B, S, H, D) or not v_token_major_ok(v):
+                raise ValueError(f"v: a token-major V must be [B, S, H, D]={[B, S, H, D]} with "
+                                 f"merged (B, S) and (H, D) dims and 16-byte aligned rows; got "
+                                 f"shape {tuple(v.shape)}, strides {v.stride()}")
+            v_desc = TensorDescriptor(v, [B * S, H * D], [v.stride(1), 1], box, layout)
+        else:
+            if tuple(v.shape) != (B, H, S, D) or not v.is_contiguous():
+                raise ValueError(f"v must be contiguous [B, H, S, D]={[B, H, S, D]} (or pass "
+                                 f"v_token_major=True); got {tuple(v.shape)}, strides {v.stride()}")
+            v_desc = TensorDescriptor(v, [rows, D], [D, 1], box, layout)
         v_scale = q_scale  # not read
+    bounded = norm_max is not None and bound_applies(cfg, v.dtype)
+    if norm_max is not None and (norm_max.dtype != torch.float32 or norm_max.numel() != 2 * B * H
+                                 or not norm_max.is_contiguous()):
+        raise ValueError(f"norm_max must be a contiguous float32 tensor of 2*B*H={2 * B * H} "
+                         f"elements, got {norm_max.dtype} {tuple(norm_max.shape)}")
     grid = (triton.cdiv(S, 64 * cfg["NUM_WG"]), B * H)
     _hopper_int8_attention_fwd_kernel[grid](
-        q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, out, S, H, out.stride(0),
-        out.stride(1), out.stride(2), float(scale) * LOG2E, **_constexprs(cfg), num_warps=4)
+        q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, out,
+        norm_max if bounded else q_scale, S, H, B * H, out.stride(0), out.stride(1),
+        out.stride(2), float(scale) * LOG2E, **_constexprs(cfg, bounded, v_token_major),
+        num_warps=4)
     return out
 
 
-def compile_offline(config: dict | None = None, head_dim: int = 64, out_dtype: str = "bf16"):
-    """Compile the kernel for sm_90a without a GPU (PTX/SASS, registers, spills). Needs
-    ``TRITON_INTERPRET`` unset."""
+def compile_offline(config: dict | None = None, head_dim: int = 64, out_dtype: str = "bf16",
+                    v_token_major: bool = False):
+    """Compile the kernel for sm_90a without a GPU (PTX/SASS, registers, spills); the score
+    bound is compiled in where ``bound_applies``. Needs ``TRITON_INTERPRET`` unset."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -338,9 +452,11 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, out_dtype: s
         v_type = desc_type(out_dtype, [N, D], gl.bfloat16 if out_dtype == "bf16" else gl.float16)
     signature = {"q_desc": desc_type("i8", [64, D], gl.int8), "k_desc": desc_type("i8", [N, D], gl.int8),
                  "v_desc": v_type, "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
-                 "o_ptr": f"*{out_dtype}", "S": "i32", "H": "i32", "stride_ob": "i32",
-                 "stride_os": "i32", "stride_oh": "i32", "qk_scale": "fp32"}
-    constexprs = _constexprs(cfg)
+                 "o_ptr": f"*{out_dtype}", "norm_ptr": "*fp32", "S": "i32", "H": "i32",
+                 "BH": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
+                 "qk_scale": "fp32"}
+    v_dtype = torch.bfloat16 if out_dtype == "bf16" else torch.float16
+    constexprs = _constexprs(cfg, bound_applies(cfg, v_dtype), v_token_major)
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(_hopper_int8_attention_fwd_kernel, signature=signature,
                          constexprs=constexprs)

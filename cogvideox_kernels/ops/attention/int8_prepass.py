@@ -24,7 +24,7 @@ tests check the maths without the Gluon kernel.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -36,6 +36,7 @@ from .triton_fwd import _norm_rope_tile
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+LOG2E = 1.4426950408889634
 P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
 V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
 _I8 = tl.constexpr(INT8_MAX)  # the same constants inside kernels
@@ -86,14 +87,17 @@ def _column_stats_kernel(x_ptr, part_ptr, S, H, text_len, stride_xb, stride_xs, 
 
 
 @triton.jit
-def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, S, H, text_len, stride_xb, stride_xs,
-                       stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
+def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, S, H, text_len, stride_xb,
+                       stride_xs, stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
                        HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr,
-                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                       NORM_SQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """y[b, h, s] = round(x' / scale) as int8, x' = rope(norm(x)) (- mean[b, h] with HAS_MEAN),
     head-major [B, H, S, D]; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
-    BLOCK_S tokens (scale[b, h, block])."""
+    BLOCK_S tokens (scale[b, h, block]). NORM_SQ: norm[b, h, program] = the largest
+    ||y[b, h, s] * scale||^2 of the program's tokens (the dequantized rows the attention kernel
+    multiplies: its score bound)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, tokens = _tile(x_ptr, pid_s, pid_bh, S, H, text_len, stride_xb, stride_xs, stride_xh,
@@ -110,15 +114,19 @@ def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, S, H, text_len, stride
         inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
         y = x * inv[:, None]
         # a zero row/block keeps scale 1 (any scale dequantizes its zeros; 0 would make 0 * inf)
-        tl.store(scale_ptr + pid_bh.to(tl.int64) * S + tokens, tl.where(amax > 0, amax / _I8, 1.0),
-                 mask=row_mask)
+        scale = tl.where(amax > 0, amax / _I8, 1.0)
+        tl.store(scale_ptr + pid_bh.to(tl.int64) * S + tokens, scale, mask=row_mask)
     else:
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
         inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
         y = x * inv
-        tl.store(scale_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s,
-                 tl.where(amax > 0, amax / _I8, 1.0))
+        scale = tl.where(amax > 0, amax / _I8, 1.0)
+        tl.store(scale_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s, scale)
     y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero
+    if NORM_SQ:  # sums of squared int8 values are exact in float32 (D * 127^2 < 2^24)
+        yf = y.to(tl.float32)
+        n2 = tl.sum(yf * yf, axis=1) * (scale * scale)  # rows past S are zero
+        tl.store(norm_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s, tl.max(n2, axis=0))
     rows = pid_bh.to(tl.int64) * S + tokens
     tl.store(y_ptr + rows[:, None] * D + offs_d[None, :], y,
              mask=row_mask[:, None] & d_mask[None, :])
@@ -169,15 +177,19 @@ class Int8Inputs(NamedTuple):
 
     q8 / k8: int8 [B, H, S, D] (k smoothed); q_scale: float32 [B, H, S] (per token);
     k_scale: float32 [B, H, cdiv(S, block_n)]; v8t: float8_e4m3fn [B, H, D, S_pad] (V^T, zero
-    past S); v_scale: float32 [B, H, D]; block_n: the key block the k scales belong to.
+    past S); v_scale: float32 [B, H, D]; block_n: the key block the k scales belong to;
+    norm_max: float32 [2, B * H], per head the max over tokens of ||q8 * q_scale||^2 and of
+    ||k8 * k_scale||^2 (the dequantized q and smoothed k: they bound every score the kernel
+    computes, ``score_bound``), or None.
     """
     q8: torch.Tensor
     q_scale: torch.Tensor
     k8: torch.Tensor
     k_scale: torch.Tensor
-    v8t: torch.Tensor
-    v_scale: torch.Tensor
+    v8t: Optional[torch.Tensor]
+    v_scale: Optional[torch.Tensor]
     block_n: int
+    norm_max: Optional[torch.Tensor] = None
 
 
 def _norm_args(cos, weight, bias, apply_norm):
@@ -187,9 +199,10 @@ def _norm_args(cos, weight, bias, apply_norm):
 
 def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, *, block_n=128,
-                         block_s=None, fp8_v=True) -> Int8Inputs:
+                         block_s=None, fp8_v=True, norms=True) -> Int8Inputs:
     """The 8-bit pre-pass (see the module docstring) of strided [B, S, H, D] q, k, v.
-    ``fp8_v=False`` leaves V alone (v8t and v_scale None: the kernel's P V in 16 bits)."""
+    ``fp8_v=False`` leaves V alone (v8t and v_scale None: the kernel's P V in 16 bits);
+    ``norms=False`` skips ``norm_max`` (None)."""
     B, S, H, D = q.shape
     dev = q.device
     block_d = max(16, triton.next_power_of_2(D))
@@ -211,21 +224,28 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     k8 = torch.empty((B, H, S, D), dtype=torch.int8, device=dev)
     n_kblocks = triton.cdiv(S, block_n)
     k_scale = torch.empty((B, H, n_kblocks), dtype=torch.float32, device=dev)
+    # per program: the largest squared norm of its dequantized rows (k: per key block, q: per
+    # block_s tokens), reduced per head below
+    k_norm = torch.empty((B * H, n_kblocks), dtype=torch.float32, device=dev) if norms else k_scale
     _quant_int8_kernel[(n_kblocks, B * H)](
-        k, k8, k_scale, k_mean, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos, sin,
-        stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, PER_ROW=False, BLOCK_S=block_n,
+        k, k8, k_scale, k_mean, k_norm, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos,
+        sin, stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, PER_ROW=False,
+        NORM_SQ=norms, BLOCK_S=block_n,
         **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
 
     # Q: INT8 per token
     q8 = torch.empty((B, H, S, D), dtype=torch.int8, device=dev)
     q_scale = torch.empty((B, H, S), dtype=torch.float32, device=dev)
+    q_norm = torch.empty((B * H, grid[0]), dtype=torch.float32, device=dev) if norms else q_scale
     _quant_int8_kernel[grid](
-        q, q8, q_scale, q_scale, S, H, text_len, q.stride(0), q.stride(1), q.stride(2), cos, sin,
-        stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, PER_ROW=True, BLOCK_S=block_s,
+        q, q8, q_scale, q_scale, q_norm, S, H, text_len, q.stride(0), q.stride(1), q.stride(2),
+        cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, PER_ROW=True,
+        NORM_SQ=norms, BLOCK_S=block_s,
         **_norm_args(cos, q_norm_weight, q_norm_bias, apply_q_norm), **common)
+    norm_max = torch.stack((q_norm.amax(1), k_norm.amax(1))) if norms else None
 
     if not fp8_v:
-        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n)
+        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, norm_max)
     # V: per-channel amax, then FP8 e4m3, transposed
     _column_stats_kernel[grid](
         v, part, S, H, 0, v.stride(0), v.stride(1), v.stride(2), None, None, 0, None, None, eps,
@@ -239,7 +259,7 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     _quant_fp8_t_kernel[(triton.cdiv(s_pad, block_s), B * H)](
         v, v8t, v_inv, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2), BLOCK_S=block_s,
         INTERPRET=interpret_mode(), **common)
-    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n)
+    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n, norm_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,27 +297,59 @@ def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
     v8 = (vw * v_inv[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     s_pad = triton.cdiv(S, V_PAD) * V_PAD
     v8t = torch.nn.functional.pad(v8.float().transpose(2, 3), (0, s_pad - S)).to(torch.float8_e4m3fn)
-    return Int8Inputs(q8.to(torch.int8), q_scale, k8.to(torch.int8).contiguous(), k_scale,
-                      v8t.contiguous(), v_scale, block_n)
+    q8, k8 = q8.to(torch.int8), k8.to(torch.int8).contiguous()
+    return Int8Inputs(q8, q_scale, k8, k_scale, v8t.contiguous(), v_scale, block_n,
+                      dequantized_norm_max(q8, q_scale, k8, k_scale, block_n).float())
 
 
-def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None) -> torch.Tensor:
+def dequantized_norm_max(q8, q_scale, k8, k_scale, block_n) -> torch.Tensor:
+    """float64 [2, B * H]: per head the max over tokens of ||q8 * q_scale||^2 and of
+    ||k8 * k_scale||^2 (``Int8Inputs.norm_max`` computed in float64)."""
+    S = q8.shape[2]
+    qd = q8.double() * q_scale.double()[..., None]
+    kd = k8.double() * k_scale.double().repeat_interleave(block_n, dim=-1)[..., :S, None]
+    return torch.stack([x.square().sum(-1).amax(-1).flatten() for x in (qd, kd)])
+
+
+def score_bound(norm_max: torch.Tensor, qk_scale: float):
+    """The attention kernel's bound per head (``hopper_fwd._score_bound``, here in torch):
+    (T, fixed, m) from ``norm_max`` [2, B * H]. Every score t = q . k * qk_scale (log2 units; q, k
+    the dequantized, smoothed rows) lies in [-T, T] (Cauchy-Schwarz, 1% margin); heads with T <= 80
+    (``fixed``) subtract the constant m = T - max(0, 2T - 96) instead of the running row max, so
+    every numerator 2^(t - m) lies in [2^-96, 2^64]."""
+    n = norm_max.float().reshape(2, -1)
+    t = (n[0] * n[1]).sqrt() * abs(float(qk_scale)) * 1.01
+    return t, t <= 80.0, t - (2.0 * t - 96.0).clamp_min(0.0)
+
+
+def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None, *,
+                                  fixed_max=False) -> torch.Tensor:
     """float32 attention over the dequantized 8-bit q, k, as the kernel computes it: P rounded to
     e4m3 (as p * 448 relative to the row max) against the FP8 V^T of ``t``, or, given ``v``
-    (the 16-bit V, [B, H, S, D]), P rounded to v's dtype against v. Query rows go in chunks of at
-    most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
+    (the 16-bit V, [B, H, S, D]), P rounded to v's dtype against v. ``fixed_max``: heads whose
+    score bound holds (``score_bound`` of ``t.norm_max``) take P relative to the fixed m instead
+    of the row max, as the kernel's fixed-max softmax (bf16 P only). Query rows go in chunks of
+    at most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
     B, H, S, D = t.q8.shape
     k = t.k8.float() * t.k_scale.repeat_interleave(t.block_n, dim=-1)[..., :S, None]
     if v is None:
         vf = t.v8t[..., :S].float().transpose(-1, -2) * t.v_scale[:, :, None, :]
     else:
         vf = v.float()
+    m_fixed = None
+    if fixed_max and v is not None and v.dtype == torch.bfloat16 and t.norm_max is not None:
+        _, fixed, m = score_bound(t.norm_max.to(t.q8.device), scale * LOG2E)
+        # natural-log units; NaN marks the running-max heads
+        m_fixed = torch.where(fixed, m.double() / LOG2E, math.nan).float().view(B, H, 1, 1)
     out = torch.empty((B, H, S, D), dtype=torch.float32, device=t.q8.device)
     rows = max(1, 2 ** 26 // (B * H * S))
     for r0 in range(0, S, rows):
         q = t.q8[:, :, r0:r0 + rows].float() * (t.q_scale[:, :, r0:r0 + rows, None] * scale)
         s = q @ k.transpose(-1, -2)
-        p = torch.exp(s - s.amax(-1, keepdim=True))
+        m = s.amax(-1, keepdim=True)
+        if m_fixed is not None:
+            m = torch.where(m_fixed.isnan(), m, m_fixed)
+        p = torch.exp(s - m)
         if v is None:
             p = p * P_SCALE
             pq = p.to(torch.float8_e4m3fn).float()
@@ -308,11 +360,13 @@ def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None
 
 
 def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                             eps=1e-6, scale=None, block_n=128, pv_fp8=False):
+                             eps=1e-6, scale=None, block_n=128, pv_fp8=False, fixed_max=True):
     """``rope3d_attention(..., precision="int8")`` emulated in float32: the pre-pass's
     quantization, then attention over the dequantized values, with P V in v's dtype (the shipped
     kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
-    config). Returns [B, S, H, D] in q's dtype."""
+    config). ``fixed_max``: bf16 P relative to the fixed max where the kernel takes it (its
+    default; False: the running max everywhere, the kernel's SCORE_BOUND=False). Returns
+    [B, S, H, D] in q's dtype."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
@@ -321,11 +375,12 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     if not pv_fp8:
         v16 = v.transpose(1, 2)
         v16 = v16 if v16.dtype in (torch.bfloat16, torch.float16) else v16.to(torch.bfloat16)
-    return int8_attention_from_quantized(t, scale, q.dtype, v16)
+    return int8_attention_from_quantized(t, scale, q.dtype, v16, fixed_max=fixed_max)
 
 
 LOG2_P_SCALE = math.log2(P_SCALE)
 
-__all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference",
+__all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference", "score_bound",
+           "dequantized_norm_max",
            "int8_attention_from_quantized", "int8_attention_reference", "INT8_MAX", "FP8_MAX",
            "P_SCALE", "LOG2_P_SCALE", "V_PAD"]
