@@ -8,6 +8,8 @@
 #   probe  the Hopper attention's next variants (ping-pong, q's LN + RoPE in the prologue, persistent
 #          grid, lazy row sums; benchmarks/experiments/hopper_attention_next.py) beside the shipped path
 #          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
+#   ncu    one profiled launch of the Hopper attention kernel at 5B (stall reasons per source line:
+#          the two warpgroup BAR.SYNCs per key block, issue 13's open question)
 #   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
 #   step   the 5B step through apply() beside diffusers eager and diffusers + FA3 + compiled blocks
 #   tests  GPU tests (TEST_FILES; default: the VAE's fused spatial-norm modulation (CUDA path switched
@@ -48,6 +50,12 @@ for part in $PARTS; do
         --variants "${STEP_VARIANTS:-eager,ours,fa3+compile,ours+compile}" \
         --deadline $(( $(date +%s) + ${STEP_S:-300} - 15 )) >"$RES/step.log" 2>&1
       echo "step rc=$?" >>"$RES/step.log" ;;
+    ncu)
+      timeout "${NCU_S:-150}" ncu --clock-control none -k regex:_hopper_attention_fwd_kernel --launch-skip 1 \
+        --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section InstructionStats --section SourceCounters \
+        python3 benchmarks/experiments/hopper_ncu_case.py >"$RES/ncu.log" 2>&1
+      echo "ncu rc=$?" >>"$RES/ncu.log" ;;
     tests)
       need_build
       COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \
