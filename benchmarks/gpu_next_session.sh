@@ -10,6 +10,8 @@
 #          and FA3 at 5B and head_dim 128 (hopper_bound_probe.py --next)
 #   ncu    one profiled launch of the Hopper attention kernel at 5B (stall reasons per source line:
 #          the two warpgroup BAR.SYNCs per key block, issue 13's open question)
+#   norm   the LN-modulate pre-pass's launch sweep (experiments/norm_sweep.py: rows per program, warps,
+#          column chunks; today one row in flight per SM)
 #   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
 #   step   the 5B step through apply() beside diffusers eager and diffusers + FA3 + compiled blocks
 #   tests  GPU tests (TEST_FILES; default: the VAE's fused spatial-norm modulation (CUDA path switched
@@ -56,6 +58,9 @@ for part in $PARTS; do
         --section SchedulerStats --section InstructionStats --section SourceCounters \
         python3 benchmarks/experiments/hopper_ncu_case.py >"$RES/ncu.log" 2>&1
       echo "ncu rc=$?" >>"$RES/ncu.log" ;;
+    norm)
+      timeout "${NORM_S:-90}" python3 benchmarks/experiments/norm_sweep.py --out "$RES/norm" >"$RES/norm.log" 2>&1
+      echo "norm rc=$?" >>"$RES/norm.log" ;;
     tests)
       need_build
       COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=1 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu \

@@ -102,6 +102,32 @@ def test_prepass_quantizes_h_per_token(interpret, text_len):
     assert rel_err(fp8.dequantize_rows(h_q, h_scale), fp8.dequantize_rows(q_ref, scale_ref)) < 5e-3
 
 
+@pytest.mark.parametrize("launch", [(2, 4, 0), (4, 4, 0), (8, 8, 0), (1, 4, 32), (4, 4, 64), (2, 4, 128)])
+@pytest.mark.parametrize("out", ["bf16", "e4m3", "int8"])
+def test_prepass_rows_per_program(interpret, monkeypatch, launch, out):
+    """The LN-modulate pre-pass with several rows per program and/or the row in column chunks
+    (``NORM_LAUNCH``; rows past the end and the last chunk's columns past hidden=96 masked) gives the
+    one-whole-row-per-program result: the same quantized values and scales (the chunked form falls back
+    to whole rows for them), bf16 within rounding."""
+    args, kwargs = make_case(2, 13, 96, 64, 5, seed=3)
+    x, mod = args["x"], args["modulation"]
+    B, S, Hd = x.shape
+    dtype = {"bf16": torch.bfloat16, "e4m3": E4M3, "int8": torch.int8}[out]
+    call = lambda: triton_fwd.modulated_norm_fwd(x.view(B * S, Hd), mod, kwargs["norm_weight"],  # noqa: E731
+                                                 kwargs["norm_bias"], 1e-5, S, 5, dtype)
+    want = call()
+    monkeypatch.setattr(triton_fwd, "NORM_LAUNCH", launch)
+    got = call()
+    if out == "bf16":
+        h, _ = modulated_norm_reference(x.float(), mod.float(), 5, kwargs["norm_weight"].float(),
+                                        kwargs["norm_bias"].float(), 1e-5)
+        assert rel_err(got.float(), h.view(B * S, Hd)) < 5e-3
+        assert rel_err(got.float(), want.float()) < 1e-6
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+        assert (got[0].float() != want[0].float()).float().mean() < 1e-3
+
+
 def test_bias_gelu_quant_rows(interpret):
     g = torch.Generator().manual_seed(3)
     y = (torch.randn(9, 200, generator=g) * 2).bfloat16()

@@ -108,37 +108,88 @@ def _quantize_row(v, mask, QUANT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, seq_len, text_len, hidden,
-                               eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANT: tl.constexpr,
-                               BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """h = LN(x) * (1 + scale_m) + shift_m for one token; with QUANT (QUANT_E4M3 / QUANT_INT8), h goes
-    out quantized with its row scale instead: the activation quantization of precision="fp8" / "int8"."""
-    row = tl.program_id(0).to(tl.int64)
-    sample = row // seq_len
-    is_text = (row - sample * seq_len) < text_len
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < hidden
-    x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / hidden
-    centered = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / hidden
-    y = centered / tl.sqrt(var + eps)
+def _modulate(y, row_ok, cols, col_ok, sample, is_text, mod_ptr, norm_w_ptr, norm_b_ptr, hidden,
+              HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):
+    """The normed rows ``y`` [R, C] (columns ``cols``) times the norm weight plus bias, modulated by each
+    token's modality: (1 + scale_m) and + shift_m."""
+    mask = row_ok[:, None] & col_ok[None, :]
     if HAS_NORM_W:
-        y = y * tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_NORM_B:
-        y = y + tl.load(norm_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(norm_b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.static_assert(SCALE_T - SHIFT_T == SCALE_V - SHIFT_V, "scale sits the same rows after shift")
     shift_row = tl.where(is_text, SHIFT_T, SHIFT_V)
-    mod_row = mod_ptr + sample * ROWS * hidden + shift_row * hidden
-    shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    mod_rows = (sample * ROWS + shift_row) * hidden
+    shift = tl.load(mod_ptr + mod_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mod_ptr + (mod_rows + (SCALE_V - SHIFT_V) * hidden)[:, None] + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
     h = y * (1.0 + scale) + shift
-    if QUANT != 0:
-        h_q, h_scale = _quantize_row(h, mask, QUANT, INTERPRET)
-        tl.store(h_scale_ptr + row, h_scale)
-        tl.store(h_ptr + row * hidden + cols, h_q, mask=mask)
+    return h
+
+
+@triton.jit
+def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, n_rows, seq_len, text_len,
+                               hidden, eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANT: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
+                               INTERPRET: tl.constexpr):
+    """h = LN(x) * (1 + scale_m) + shift_m for BLOCK_R tokens; with QUANT (QUANT_E4M3 / QUANT_INT8), h goes
+    out quantized with its row scale instead: the activation quantization of precision="fp8" / "int8".
+    CHUNK 0: each row whole in registers (BLOCK_H >= hidden). CHUNK > 0 (bf16/fp16 out only): the row in
+    CHUNK-column pieces, three passes (mean, centered variance, output; the re-reads hit L2), so that few
+    registers per row leave room for many rows in flight."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    sample = rows // seq_len
+    is_text = (rows - sample * seq_len) < text_len
+    if CHUNK == 0:
+        cols = tl.arange(0, BLOCK_H)
+        col_ok = cols < hidden
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * hidden + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / hidden
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(centered * centered, axis=1) / hidden
+        y = centered / tl.sqrt(var + eps)[:, None]
+        h = _modulate(y, row_ok, cols, col_ok, sample, is_text, mod_ptr, norm_w_ptr, norm_b_ptr, hidden,
+                      HAS_NORM_W, HAS_NORM_B)
+        if QUANT != 0:
+            h_scale = _row_scale(tl.max(tl.where(mask, tl.abs(h), 0.0), axis=1), QUANT)
+            if QUANT == 2:
+                h_q = _to_int8(h / h_scale[:, None], INTERPRET)
+            else:
+                h_q = _to_e4m3(h / h_scale[:, None], INTERPRET)
+            tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
+            tl.store(h_ptr + offs, h_q, mask=mask)
+        else:
+            tl.store(h_ptr + offs, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
     else:
-        tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.static_assert(QUANT == 0, "the chunked pre-pass writes bf16/fp16 h only")
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, hidden, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            mask = row_ok[:, None] & (cols < hidden)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x, axis=1)
+        mean = total / hidden
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, hidden, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            mask = row_ok[:, None] & (cols < hidden)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            centered = tl.where(mask, x - mean[:, None], 0.0)
+            total += tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(total / hidden + eps)
+        for c0 in range(0, hidden, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            col_ok = cols < hidden
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows[:, None] * hidden + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            h = _modulate(y, row_ok, cols, col_ok, sample, is_text, mod_ptr, norm_w_ptr, norm_b_ptr, hidden,
+                          HAS_NORM_W, HAS_NORM_B)
+            tl.store(h_ptr + offs, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -382,6 +433,11 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
     return out
 
 
+# (rows per program, warps, chunk columns or 0) of the LN-modulate pre-pass; None: one whole row per
+# program, hidden / 256 warps (4..16). benchmarks/experiments/norm_sweep.py times other launches.
+NORM_LAUNCH = None
+
+
 def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, text_len, out_dtype):
     """h = LN(x) * (1 + scale_m) + shift_m for x2d [B*S, hidden] (contiguous), in out_dtype.
     out_dtype ``torch.float8_e4m3fn`` / ``torch.int8``: returns (h quantized per row, its float32 row
@@ -392,12 +448,16 @@ def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, te
     h = torch.empty(rows, hidden, dtype=out_dtype, device=x2d.device)
     h_scale = torch.empty(rows, dtype=torch.float32, device=x2d.device) if quantize else h
     block = triton.next_power_of_2(hidden)
-    _modulated_norm_fwd_kernel[(rows,)](
+    block_r, num_warps, chunk = NORM_LAUNCH if NORM_LAUNCH is not None else (1, min(16, max(4, block // 256)), 0)
+    if quantize:
+        chunk = 0  # the row scale needs the whole row: the chunked form writes bf16/fp16 only
+    if interpret_mode():
+        num_warps = 4
+    _modulated_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
         x2d, modulation, norm_weight if norm_weight is not None else x2d,
-        norm_bias if norm_bias is not None else x2d, h, h_scale, seq_len, text_len, hidden, eps,
-        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANT=quant, BLOCK_H=block,
-        INTERPRET=interpret_mode(),
-        num_warps=4 if interpret_mode() else min(16, max(4, block // 256)))
+        norm_bias if norm_bias is not None else x2d, h, h_scale, rows, seq_len, text_len, hidden, eps,
+        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANT=quant, BLOCK_R=block_r,
+        BLOCK_H=block, CHUNK=chunk, INTERPRET=interpret_mode(), num_warps=num_warps)
     return (h, h_scale) if quantize else h
 
 
