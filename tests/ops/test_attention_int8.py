@@ -356,6 +356,45 @@ def test_int8_kernel_compiles_for_sm90a_offline(config, D, tmp_path):
     assert found == dict(s8=True, e4m3=True, tma=True, local=False), found
 
 
+_PREPASS_COMPILE_SCRIPT = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cogvideox_kernels.ops.attention.int8_prepass import _quant_int8_kernel
+names = ["x_ptr", "y_ptr", "scale_ptr", "mean_ptr", "norm_ptr", "rot_ptr", "S", "H", "text_len",
+         "stride_xb", "stride_xs", "stride_xh", "cos_ptr", "sin_ptr", "stride_cs", "weight_ptr",
+         "bias_ptr", "eps"]
+types = ["*bf16", "*i8", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "i32",
+         "i32", "*fp32", "*fp32", "i32", "*bf16", "*bf16", "fp32"]
+found = []
+for per_row, block_s in ((True, 64), (False, 128)):
+    ce = dict(HAS_NORM=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_ROPE=True, HAS_MEAN=not per_row,
+              ROTATE=True, PER_ROW=per_row, NORM_SQ=True, D=64, BLOCK_S=block_s, BLOCK_D=64)
+    sig = dict(zip(names, types)) | {n: "constexpr" for n in ce}
+    ptx = triton.compile(ASTSource(fn=_quant_int8_kernel, signature=sig, constexprs=ce),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    found.append(dict(mma=ptx.count("mma.sync") + ptx.count("wgmma.mma_async") >= 3,
+                      local=".local" in ptx))
+print(json.dumps(found))
+"""
+
+
+def test_rotating_prepass_compiles_for_sm90a_offline(tmp_path):
+    """The ROTATE pre-pass (a tf32x3 tl.dot, which the interpreter runs as exact float32) lowers
+    for sm_90a: three tensor-core products per tile (float32-accurate), no local memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _PREPASS_COMPILE_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [dict(mma=True, local=False)] * 2
+
+
 # ---------------------------------------------------------------------------------------- GPU
 def _on_hopper():
     return torch.cuda.is_available() and hopper_available("cuda")[0]
