@@ -48,9 +48,12 @@ SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 # 19.3-23.8 ms vs INT8 Q K^T + bf16 P V 14.2 ms (kernel), so the latter is the default; c7fe970
 # measured row sums on the tensor cores (ROWSUM_MMA, since removed) no faster. int8bound: the
 # softmax without a running max (SCORE_BOUND, default) against the running max it replaces;
-# 909eb62 measured 4 stages a little faster than 3 with it (the default since).
+# 909eb62 measured 4 stages a little faster than 3 with it (the default since). int8acc: the
+# pre-pass's rotation of q and k (ROTATE; the kernel is the same), off by default until measured.
 INT8_VARIANTS = {
-    "int8": dict(),
+    "int8": dict(ROTATE=False),
+    "int8_rot": dict(ROTATE=True),
+    "int8_rot_runmax": dict(ROTATE=True, SCORE_BOUND=False),
     "int8_runmax": dict(SCORE_BOUND=False),
     "int8_s3": dict(STAGES=3),
     "int8_runmax_s3": dict(SCORE_BOUND=False, STAGES=3),  # the default until 909eb62
@@ -179,9 +182,10 @@ def main(argv=None):
                lambda: ops.rope3d_attention_reference(q, k, v, **a, compute_dtype=torch.bfloat16))
         # float32 emulation of the 8-bit path (CPU; on a GPU only at small shapes: it is S x S)
         if not gpu or S <= 4096:
-            record("int8 emulation (fp32)",
-                   lambda: ops.rope3d_attention(q, k, v, **a, precision="int8",
-                                                backend="reference"))
+            from cogvideox_kernels.ops.attention.int8_prepass import int8_attention_reference
+            for rot in (False, True):
+                record("int8 emulation, rotated (fp32)" if rot else "int8 emulation (fp32)",
+                       lambda rot=rot: int8_attention_reference(q, k, v, **a, rotate=rot))
         if hopper:
             full = lambda: ops.rope3d_attention(q, k, v, **a, backend="hopper")  # noqa: E731
             record("bf16 (ours, hopper)", full, full=full if input_name == "model" else None)
@@ -209,8 +213,8 @@ def main(argv=None):
             qn, kn = inp["q_norm"] or (None, None), inp["k_norm"] or (None, None)
             norm_args = (inp["text_len"], inp["cos"], inp["sin"], qn[0], qn[1], kn[0], kn[1],
                          inp["q_norm"] is not None, inp["k_norm"] is not None, 1e-6)
-            prepass = lambda fp8_v=True, norms=True: quantize_int8_inputs(  # noqa: E731
-                q, k, v, *norm_args, fp8_v=fp8_v, norms=norms)
+            prepass = lambda fp8_v=True, norms=True, rotate=False: quantize_int8_inputs(  # noqa: E731
+                q, k, v, *norm_args, fp8_v=fp8_v, norms=norms, rotate=rotate)
             # which heads take the fixed-max softmax (score bound T <= 80)
             T, fixed, _ = score_bound(prepass(False).norm_max, inp["scale"] * LOG2E)
             row = dict(inputs=input_name, method="int8 score bound T per head",
@@ -219,10 +223,10 @@ def main(argv=None):
             results["rows"].append(row)
             log(f"{input_name:5s} {row['method']}: {row['note']}")
             if timing and input_name == "model":
-                for norms in (False, True):
+                for norms, rot in ((False, False), (True, False), (True, True)):
                     row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V)"
-                               + (" + norms" if norms else ""),
-                               ms=time_ms(lambda: prepass(False, norms), device))
+                               + (" + norms" if norms else "") + (" + rotation" if rot else ""),
+                               ms=time_ms(lambda: prepass(False, norms, rot), device))
                     results["rows"].append(row)
                     log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f}")
             for name in args.variants.split(","):
@@ -231,7 +235,7 @@ def main(argv=None):
                                                                 inp["scale"], config=cfg)
                 kernel = None
                 if timing and input_name == "model":  # as hopper_int8_attention_fwd calls it
-                    t8 = prepass(cfg["PV_FP8"], bound_applies(cfg, v.dtype))
+                    t8 = prepass(cfg["PV_FP8"], bound_applies(cfg, v.dtype), cfg["ROTATE"])
                     in_place = not cfg["PV_FP8"] and v_token_major_ok(v)
                     v_in = t8.v8t if cfg["PV_FP8"] else (v if in_place else qk_norm_rope_fwd(
                         v, 0, None, None, None, None, False, 1e-6).transpose(1, 2))

@@ -16,9 +16,12 @@ def test_attention_quality_script_cpu(tmp_path):
     rows = {(r["inputs"], r["method"]): r
             for r in json.loads((tmp_path / "attention_quality.json").read_text())["rows"]}
     assert set(rows) == {(i, m) for i in ("model", "hard")
-                         for m in ("bf16 reference (bf16 math)", "int8 emulation (fp32)")}
+                         for m in ("bf16 reference (bf16 math)", "int8 emulation (fp32)",
+                                   "int8 emulation, rotated (fp32)")}
     assert all("error" not in r for r in rows.values()), rows
     bf16, int8 = rows["model", "bf16 reference (bf16 math)"], rows["model", "int8 emulation (fp32)"]
     assert 1e-3 < bf16["rel"] < int8["rel"] < 3e-2 and int8["cos"] > 0.9995
     assert rows["hard", "int8 emulation (fp32)"]["rel"] > int8["rel"]  # the hard inputs are harder
+    # the pre-pass's rotation of q and k (ROTATE) makes the hard inputs' error smaller
+    assert rows["hard", "int8 emulation, rotated (fp32)"]["rel"] < 0.9 * rows["hard", "int8 emulation (fp32)"]["rel"]
     assert "| hard | int8 emulation (fp32) |" in (tmp_path / "attention_quality.md").read_text()

@@ -192,8 +192,8 @@ def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
 def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                               k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale,
                               *, config=None):
-    """Pre-pass (LayerNorm + RoPE, K smoothing, INT8 q/k, the dequantized rows' max norms per
-    head; FP8 V^T with PV_FP8) then the 8-bit kernel. 16-bit V is read in place when its layout
+    """Pre-pass (LayerNorm + RoPE, K smoothing, with ROTATE the rotation of q and k, INT8 q/k,
+    the dequantized rows' max norms per head; FP8 V^T with PV_FP8) then the 8-bit kernel. 16-bit V is read in place when its layout
     allows (the QKV slice), else copied head-major."""
     from .hopper_fwd import v_token_major_ok
     from .hopper_int8_fwd import bound_applies, hopper_int8_attention_core, resolve_config
@@ -207,7 +207,8 @@ def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm
         cos, sin = cos.contiguous(), sin.contiguous()
     t = quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                              k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
-                             block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"], norms=bounded)
+                             block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"], norms=bounded,
+                             rotate=bool(cfg["ROTATE"]))
     v_in, v_in_place = t.v8t, False
     if not cfg["PV_FP8"]:  # P V in 16 bits: V in place, or head-major in its own dtype
         v_in_place = v_token_major_ok(v)

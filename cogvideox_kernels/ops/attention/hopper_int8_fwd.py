@@ -334,9 +334,14 @@ def default_config(head_dim: int) -> dict:
     """NUM_WG consumer warpgroups of 64 rows, BLOCK_N keys per block (= the pre-pass's k-scale
     block), STAGES of the ring, the integer-trick s32 -> f32 conversion (MAGIC_CVT), P V in FP8
     (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL),
-    the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only)."""
+    the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only),
+    and the pre-pass's rotation of q and k (ROTATE: ``int8_prepass.rotation_matrix``; the kernel
+    is the same either way; default ``int8_prepass.rotate_default()``, off unless
+    COGVIDEOX_KERNELS_INT8_ROTATE=1, until an H200 run measures it)."""
+    from .int8_prepass import rotate_default
+
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
-                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True)
+                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True, ROTATE=rotate_default())
 
 
 def resolve_config(head_dim: int, config: dict | None) -> dict:

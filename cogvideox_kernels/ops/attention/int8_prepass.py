@@ -6,6 +6,13 @@ SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
 * **K smoothing**: k' = k - mean_s(k) per (b, h, channel), over all tokens after norm + RoPE.
   q k'^T differs from q k^T by a per-query-row constant, which softmax ignores; the mean takes out
   the channel offsets that would otherwise set the INT8 scale of every key.
+* **Rotation** (``rotate``, off by default until measured on a GPU): q and k' times one fixed
+  orthogonal D x D matrix R (a Hadamard matrix / sqrt(D) with fixed random row signs,
+  ``rotation_matrix``) before quantization. (q R)(k' R)^T = q k'^T, so the kernel is unchanged;
+  the rotation spreads a heavy-tailed row's few large channels (and the channel offsets that RoPE
+  moves with the position, which the smoothing cannot remove) over all channels, so amax / 127
+  is a finer step. On the hard inputs it takes the emulated error from ~2.9x to ~1.7x the bf16
+  path's (``benchmarks/results/int8_attention_notes.md``).
 * **q -> INT8** with one scale per token (a row of the score matrix: the kernel folds it into the
   softmax's per-row FFMA for free); **k' -> INT8** with one scale per block of ``block_n`` keys
   (the kernel's key block, so one scalar per Q K^T block). Scales are amax / 127, round to nearest.
@@ -23,7 +30,9 @@ tests check the maths without the Gluon kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,6 +48,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
 P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
 V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
+ROTATE_ENV = "COGVIDEOX_KERNELS_INT8_ROTATE"  # "1": rotate q and k by default (see above)
 _I8 = tl.constexpr(INT8_MAX)  # the same constants inside kernels
 _F8 = tl.constexpr(FP8_MAX)
 
@@ -87,14 +97,15 @@ def _column_stats_kernel(x_ptr, part_ptr, S, H, text_len, stride_xb, stride_xs, 
 
 
 @triton.jit
-def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, S, H, text_len, stride_xb,
-                       stride_xs, stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr, bias_ptr, eps,
-                       HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr,
-                       NORM_SQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, H, text_len,
+                       stride_xb, stride_xs, stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr,
+                       bias_ptr, eps, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr,
+                       ROTATE: tl.constexpr, PER_ROW: tl.constexpr, NORM_SQ: tl.constexpr,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """y[b, h, s] = round(x' / scale) as int8, x' = rope(norm(x)) (- mean[b, h] with HAS_MEAN),
-    head-major [B, H, S, D]; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
+    head-major [B, H, S, D]; ROTATE: x' times the orthogonal rot [D, D] (float32, row-major;
+    D == BLOCK_D) first; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
     BLOCK_S tokens (scale[b, h, block]). NORM_SQ: norm[b, h, program] = the largest
     ||y[b, h, s] * scale||^2 of the program's tokens (the dequantized rows the attention kernel
     multiplies: its score bound)."""
@@ -109,6 +120,9 @@ def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, S, H, text_l
     if HAS_MEAN:
         mean = tl.load(mean_ptr + pid_bh.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0)
         x = tl.where(row_mask[:, None] & d_mask[None, :], x - mean[None, :], 0.0)
+    if ROTATE:  # 3 TF32 products on the GPU: float32-accurate (one TF32 product rounds to 2^-11)
+        rot = tl.load(rot_ptr + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+        x = tl.dot(x, rot, input_precision="tf32x3")
     if PER_ROW:
         amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_S]
         inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
@@ -180,7 +194,8 @@ class Int8Inputs(NamedTuple):
     past S); v_scale: float32 [B, H, D]; block_n: the key block the k scales belong to;
     norm_max: float32 [2, B * H], per head the max over tokens of ||q8 * q_scale||^2 and of
     ||k8 * k_scale||^2 (the dequantized q and smoothed k: they bound every score the kernel
-    computes, ``score_bound``), or None.
+    computes, ``score_bound``), or None; rotated: q8 and k8 are the rotated q and smoothed k
+    (``rotation_matrix``; the kernel does not need to know).
     """
     q8: torch.Tensor
     q_scale: torch.Tensor
@@ -190,6 +205,35 @@ class Int8Inputs(NamedTuple):
     v_scale: Optional[torch.Tensor]
     block_n: int
     norm_max: Optional[torch.Tensor] = None
+    rotated: bool = False
+
+
+def rotate_default() -> bool:
+    """Whether the 8-bit path rotates q and k when the caller does not say: the environment
+    variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("1" on; unset or "0": off, today's default)."""
+    value = os.environ.get(ROTATE_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{ROTATE_ENV}={value!r}: use 1 (rotate q and k) or 0 (do not)")
+    return value == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_cpu(head_dim: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < head_dim:  # Sylvester: [[H, H], [H, -H]]
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(15)) * 2 - 1
+    return (signs.double()[:, None] * h / math.sqrt(head_dim)).float()
+
+
+def rotation_matrix(head_dim: int, device=None) -> torch.Tensor:
+    """The pre-pass's rotation R, float32 [head_dim, head_dim], orthogonal (R R^T = I): a
+    Sylvester Hadamard matrix / sqrt(head_dim) with fixed pseudo-random row signs (the signs
+    keep structured inputs from lining up with the Hadamard pattern). head_dim: a power of two,
+    16 or more (the kernel's head dims are 64 and 128)."""
+    if not isinstance(head_dim, int) or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim={head_dim}: the int8 rotation needs a power of two >= 16")
+    return _rotation_cpu(head_dim).to(device)
 
 
 def _norm_args(cos, weight, bias, apply_norm):
@@ -199,12 +243,14 @@ def _norm_args(cos, weight, bias, apply_norm):
 
 def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, *, block_n=128,
-                         block_s=None, fp8_v=True, norms=True) -> Int8Inputs:
+                         block_s=None, fp8_v=True, norms=True, rotate=False) -> Int8Inputs:
     """The 8-bit pre-pass (see the module docstring) of strided [B, S, H, D] q, k, v.
     ``fp8_v=False`` leaves V alone (v8t and v_scale None: the kernel's P V in 16 bits);
-    ``norms=False`` skips ``norm_max`` (None)."""
+    ``norms=False`` skips ``norm_max`` (None); ``rotate``: q and smoothed k times
+    ``rotation_matrix(D)`` before quantization."""
     B, S, H, D = q.shape
     dev = q.device
+    rot = rotation_matrix(D, dev) if rotate else None  # raises for head dims it cannot rotate
     block_d = max(16, triton.next_power_of_2(D))
     if block_s is None:
         block_s = 32 if interpret_mode() else 64
@@ -228,8 +274,8 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     # block_s tokens), reduced per head below
     k_norm = torch.empty((B * H, n_kblocks), dtype=torch.float32, device=dev) if norms else k_scale
     _quant_int8_kernel[(n_kblocks, B * H)](
-        k, k8, k_scale, k_mean, k_norm, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos,
-        sin, stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, PER_ROW=False,
+        k, k8, k_scale, k_mean, k_norm, rot if rotate else k_mean, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos,
+        sin, stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, ROTATE=rotate, PER_ROW=False,
         NORM_SQ=norms, BLOCK_S=block_n,
         **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
 
@@ -238,14 +284,15 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     q_scale = torch.empty((B, H, S), dtype=torch.float32, device=dev)
     q_norm = torch.empty((B * H, grid[0]), dtype=torch.float32, device=dev) if norms else q_scale
     _quant_int8_kernel[grid](
-        q, q8, q_scale, q_scale, q_norm, S, H, text_len, q.stride(0), q.stride(1), q.stride(2),
-        cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, PER_ROW=True,
+        q, q8, q_scale, q_scale, q_norm, rot if rotate else q_scale, S, H, text_len, q.stride(0), q.stride(1), q.stride(2),
+        cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, ROTATE=rotate,
+        PER_ROW=True,
         NORM_SQ=norms, BLOCK_S=block_s,
         **_norm_args(cos, q_norm_weight, q_norm_bias, apply_q_norm), **common)
     norm_max = torch.stack((q_norm.amax(1), k_norm.amax(1))) if norms else None
 
     if not fp8_v:
-        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, norm_max)
+        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, norm_max, rotate)
     # V: per-channel amax, then FP8 e4m3, transposed
     _column_stats_kernel[grid](
         v, part, S, H, 0, v.stride(0), v.stride(1), v.stride(2), None, None, 0, None, None, eps,
@@ -259,7 +306,7 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     _quant_fp8_t_kernel[(triton.cdiv(s_pad, block_s), B * H)](
         v, v8t, v_inv, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2), BLOCK_S=block_s,
         INTERPRET=interpret_mode(), **common)
-    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n, norm_max)
+    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n, norm_max, rotate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,19 +317,22 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                            eps=1e-6, block_n=128) -> Int8Inputs:
+                            eps=1e-6, block_n=128, rotate=False) -> Int8Inputs:
     """``quantize_int8_inputs`` in torch (float32): the same scales and 8-bit values up to the
-    rounding of values on a tie (and the last bit of the float32 norm/RoPE)."""
+    rounding of values on a tie (and the last bit of the float32 norm/RoPE and rotation)."""
     B, S, H, D = q.shape
+    rot = rotation_matrix(D, q.device) if rotate else None
     qw = qk_norm_rope_reference(q, text_len, cos, sin, q_norm, eps, torch.float32)
     kw = qk_norm_rope_reference(k, text_len, cos, sin, k_norm, eps, torch.float32)
     qw, kw, vw = (t.transpose(1, 2).float() for t in (qw, kw, v))  # [B, H, S, D]
+    kw = kw - kw.mean(2, keepdim=True)  # smoothing
+    if rotate:
+        qw, kw = qw @ rot, kw @ rot
 
     q_amax = qw.abs().amax(-1)
     q_scale = torch.where(q_amax > 0, q_amax / INT8_MAX, 1.0)
     q8 = _round_half_away(qw * torch.where(q_amax > 0, INT8_MAX / q_amax, 0.0)[..., None])
 
-    kw = kw - kw.mean(2, keepdim=True)
     n_blocks = triton.cdiv(S, block_n)
     pad = n_blocks * block_n - S
     kb = torch.nn.functional.pad(kw, (0, 0, 0, pad)).view(B, H, n_blocks, block_n, D)
@@ -299,7 +349,7 @@ def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
     v8t = torch.nn.functional.pad(v8.float().transpose(2, 3), (0, s_pad - S)).to(torch.float8_e4m3fn)
     q8, k8 = q8.to(torch.int8), k8.to(torch.int8).contiguous()
     return Int8Inputs(q8, q_scale, k8, k_scale, v8t.contiguous(), v_scale, block_n,
-                      dequantized_norm_max(q8, q_scale, k8, k_scale, block_n).float())
+                      dequantized_norm_max(q8, q_scale, k8, k_scale, block_n).float(), rotate)
 
 
 def dequantized_norm_max(q8, q_scale, k8, k_scale, block_n) -> torch.Tensor:
@@ -360,17 +410,20 @@ def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None
 
 
 def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                             eps=1e-6, scale=None, block_n=128, pv_fp8=False, fixed_max=True):
+                             eps=1e-6, scale=None, block_n=128, pv_fp8=False, fixed_max=True,
+                             rotate=None):
     """``rope3d_attention(..., precision="int8")`` emulated in float32: the pre-pass's
     quantization, then attention over the dequantized values, with P V in v's dtype (the shipped
     kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
     config). ``fixed_max``: bf16 P relative to the fixed max where the kernel takes it (its
-    default; False: the running max everywhere, the kernel's SCORE_BOUND=False). Returns
-    [B, S, H, D] in q's dtype."""
+    default; False: the running max everywhere, the kernel's SCORE_BOUND=False). ``rotate``: q
+    and smoothed k rotated before quantization (the kernel's ROTATE; None: ``rotate_default()``).
+    Returns [B, S, H, D] in q's dtype."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
-                                k_norm=k_norm, eps=eps, block_n=block_n)
+                                k_norm=k_norm, eps=eps, block_n=block_n,
+                                rotate=rotate_default() if rotate is None else bool(rotate))
     v16 = None
     if not pv_fp8:
         v16 = v.transpose(1, 2)
@@ -381,6 +434,7 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
 LOG2_P_SCALE = math.log2(P_SCALE)
 
 __all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference", "score_bound",
+           "rotation_matrix", "rotate_default", "ROTATE_ENV",
            "dequantized_norm_max",
            "int8_attention_from_quantized", "int8_attention_reference", "INT8_MAX", "FP8_MAX",
            "P_SCALE", "LOG2_P_SCALE", "V_PAD"]
