@@ -50,13 +50,15 @@ SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 # softmax without a running max (SCORE_BOUND, default) against the running max it replaces;
 # 909eb62 measured 4 stages a little faster than 3 with it (the default since). int8acc: the
 # pre-pass's rotation of q and k (ROTATE; the kernel is the same), off by default until measured.
-# int8k2: k as two INT8 parts (K_SPLIT: a second s8 Q K^T per key block), off until measured.
+# int8k2: k as two INT8 parts (K_SPLIT: a second s8 Q K^T per key block; "heads": only for the
+# heads that keep the running max), off until measured.
 INT8_VARIANTS = {
     "int8": dict(ROTATE=False, K_SPLIT=False),
     "int8_rot": dict(ROTATE=True, K_SPLIT=False),
     "int8_ksplit": dict(ROTATE=False, K_SPLIT=True),
     "int8_rot_ksplit": dict(ROTATE=True, K_SPLIT=True),
     "int8_rot_ksplit_s3": dict(ROTATE=True, K_SPLIT=True, STAGES=3),
+    "int8_rot_ksplit_heads": dict(ROTATE=True, K_SPLIT="heads"),  # two parts where T > 80 only
     "int8_rot_ksplit_runmax": dict(ROTATE=True, K_SPLIT=True, SCORE_BOUND=False),
     "int8_rot_runmax": dict(ROTATE=True, SCORE_BOUND=False),
     "int8_runmax": dict(SCORE_BOUND=False),

@@ -26,6 +26,8 @@ CASES = {  # name -> (config, head_dim)
     "k_split_s3": (dict(K_SPLIT=True, STAGES=3), 64),
     "k_split_runmax": (dict(K_SPLIT=True, SCORE_BOUND=False), 64),
     "k_split_d128": (dict(K_SPLIT=True), 128),  # 2 stages
+    "k_split_heads": (dict(K_SPLIT="heads"), 64),  # fixed-max loop without k_lo, running max with
+    "k_split_heads_d128": (dict(K_SPLIT="heads"), 128),
 }
 
 

@@ -147,6 +147,16 @@ def test_prepass_k_split_matches_torch(interpret, B, S, H, D, text_len, block_n,
     err1 = (dequantized_k(one, torch.float64) - kw).abs() / step
     assert err2.max() <= 2.0 ** -(K_LO_BITS + 1) + 1e-4, err2.max()
     assert err1.max() <= 0.5 + 1e-4 and (S == 1 or err1.mean() > 50 * err2.mean())
+    # "heads": the same two parts, the norms (score bound) of k8 alone, as without the split
+    heads = _prepass(case, block_n, rotate=rotate, k_split="heads")
+    assert heads.k_lo_heads and not got.k_lo_heads
+    assert torch.equal(heads.k8, got.k8) and torch.equal(heads.k8_lo, got.k8_lo)
+    torch.testing.assert_close(heads.norm_max, one.norm_max, rtol=0, atol=0)
+    want_heads = quantize_int8_reference(case["q"], case["k"], case["v"], block_n=block_n,
+                                         rotate=rotate, k_split="heads", **case_args(case))
+    torch.testing.assert_close(want_heads.norm_max, dequantized_norm_max(
+        want_heads.q8, want_heads.q_scale, want_heads.k8, want_heads.k_scale, block_n).float(),
+        rtol=0, atol=0)
 
 
 def test_rotation_matrix_and_switch(monkeypatch):
@@ -278,6 +288,29 @@ def test_emulation_k_split_meets_the_bars_on_hard_inputs():
     assert e[1] < 0.75 * e[0], e
 
 
+def test_emulation_k_split_heads():
+    """K_SPLIT="heads": the heads whose score bound holds (fixed max) multiply k8 alone, the others
+    k8 + k8_lo / 2^7; on the tight inputs (both kinds of heads in one call) each head equals the
+    one-part or the two-part emulation; on model-like inputs (every head bounded) it is the
+    one-part path, on the hard inputs (none bounded) the two-part path."""
+    case = _tight_case(1, 300, 64, TIGHT_TARGETS, seed=7)
+    t = quantize_int8_reference(case["q"], case["k"], case["v"], **case_args(case))
+    _, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.any() and (~fixed).any()
+    out = {mode: int8_attention_reference(**case, rotate=False, k_split=mode)
+           for mode in (False, True, "heads")}
+    for h, f in enumerate(fixed.tolist()):
+        torch.testing.assert_close(out["heads"][:, :, h], out[False if f else True][:, :, h],
+                                   rtol=0, atol=1e-6)
+    assert not torch.equal(out[True], out[False])
+    model = make_case(1, 300, 3, 64, 30, torch.bfloat16, seed=8)
+    hard = _hard_rope_case(300, 2, seed=9)
+    for c, same in ((model, False), (hard, True)):
+        a = int8_attention_reference(**c, rotate=True, k_split="heads")
+        torch.testing.assert_close(a, int8_attention_reference(**c, rotate=True, k_split=same),
+                                   rtol=0, atol=0)
+
+
 def test_k_split_switch_and_checks(monkeypatch):
     """COGVIDEOX_KERNELS_INT8_K_SPLIT picks K_SPLIT's default in the kernel config and the
     emulation (off when unset; a bad value is a clear error); the kernel's launcher refuses a
@@ -296,10 +329,21 @@ def test_k_split_switch_and_checks(monkeypatch):
     on = ops.rope3d_attention(**case, precision="int8")
     torch.testing.assert_close(on, int8_attention_reference(**case, k_split=True), rtol=0, atol=0)
     assert not torch.equal(on, off)
+    monkeypatch.setenv(K_SPLIT_ENV, "heads")
+    assert default_config(64)["K_SPLIT"] == "heads"
+    torch.testing.assert_close(ops.rope3d_attention(**case, precision="int8"),
+                               int8_attention_reference(**case, k_split="heads"), rtol=0, atol=0)
     monkeypatch.setenv(K_SPLIT_ENV, "2")
     with pytest.raises(ValueError, match=K_SPLIT_ENV):
         ops.rope3d_attention(**case, precision="int8")
     monkeypatch.delenv(K_SPLIT_ENV)
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import resolve_config
+    assert resolve_config(64, dict(K_SPLIT=1))["K_SPLIT"] is True
+    for bad in ("yes", 2, None):
+        with pytest.raises(ValueError, match="K_SPLIT="):
+            resolve_config(64, dict(K_SPLIT=bad))
+    with pytest.raises(ValueError, match="k_split="):
+        int8_attention_reference(**case, k_split="all")
 
     t = quantize_int8_reference(case["q"], case["k"], case["v"], k_split=True, **case_args(case))
     out = torch.empty(1, 40, 2, 64, dtype=torch.bfloat16)
@@ -460,7 +504,7 @@ _K_SPLIT_COMPILE_SCRIPT = r"""
 import json, re, sys
 from cogvideox_kernels.ops.attention.hopper_int8_fwd import compile_offline
 found = []
-for config in (dict(), dict(K_SPLIT=True)):
+for config in (dict(), dict(K_SPLIT=True), dict(K_SPLIT="heads")):
     c = compile_offline(config, int(sys.argv[1]))
     ptx = c.asm["ptx"]
     found.append(dict(s8=len(re.findall(r"wgmma\.mma_async[.a-z0-9]*\.s8\.s8", ptx)),
@@ -473,7 +517,8 @@ print(json.dumps(found))
 def test_k_split_kernel_compiles_for_sm90a_offline(D, tmp_path):
     """K_SPLIT lowers for sm_90a: twice the s8 wgmmas of the default kernel (q8 . k_hi and
     q8 . k_lo), no local memory, and the k_lo ring (STAGES x 128 keys x D bytes) on top of the
-    default's shared memory, within the 227 KB of an H100/H200 SM."""
+    default's shared memory, within the 227 KB of an H100/H200 SM; K_SPLIT="heads" in between
+    (two parts in the running-max loop only), with the same shared memory."""
     import json
     import os
     import subprocess
@@ -486,9 +531,10 @@ def test_k_split_kernel_compiles_for_sm90a_offline(D, tmp_path):
     run = subprocess.run([sys.executable, "-c", _K_SPLIT_COMPILE_SCRIPT, str(D)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    base, split = json.loads(run.stdout.strip().splitlines()[-1])
+    base, split, heads = json.loads(run.stdout.strip().splitlines()[-1])
     assert base["s8"] > 0 and split["s8"] == 2 * base["s8"], (base, split)
-    assert not base["local"] and not split["local"]
+    assert base["s8"] < heads["s8"] < split["s8"] and heads["shared"] == split["shared"], heads
+    assert not base["local"] and not split["local"] and not heads["local"]
     cfg = default_config(D)
     assert split["shared"] == base["shared"] + cfg["STAGES"] * cfg["BLOCK_N"] * D, (base, split)
     assert split["shared"] <= 227 * 1024
@@ -547,7 +593,7 @@ GPU_CONFIGS = [dict(), dict(ROTATE=True), dict(ROTATE=True, SCORE_BOUND=False),
                dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False),
                dict(K_SPLIT=True), dict(K_SPLIT=True, ROTATE=True),
                dict(K_SPLIT=True, SCORE_BOUND=False), dict(K_SPLIT=True, STAGES=3),
-               dict(K_SPLIT=True, NUM_WG=2)]
+               dict(K_SPLIT=True, NUM_WG=2), dict(K_SPLIT="heads")]
 
 
 def _kernel(case, config=None):
@@ -769,3 +815,26 @@ def test_gpu_int8_k_split_hard_inputs():
         wide[:, ::2] = case[name]
         other = _kernel(dict(case, **{name: wide[:, ::2]}), dict(ROTATE=True, K_SPLIT=True))
         torch.testing.assert_close(other, out, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_k_split_heads_mixed():
+    """K_SPLIT="heads" on the tight inputs (fixed-max heads without k_lo, running-max heads with
+    it, in one launch: the loader's two k paths) against its emulation and float64; on the hard
+    inputs (no head bounded) the same bits as K_SPLIT=True."""
+    case = _tight_case(2, 700, 64, TIGHT_TARGETS, seed=8, device="cuda")
+    t = _prepass(case, 128, k_split="heads")
+    _check_norm_max(t)
+    _, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.tolist() == [x <= 80 for x in TIGHT_TARGETS] * 2
+    out = _kernel(case, dict(K_SPLIT="heads", ROTATE=False))
+    emu = int8_attention_reference(**case, k_split="heads", rotate=False)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    e_out, e_emu = rel_err(out, ref), rel_err(emu, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+    hard = _hard_rope_case(1200, 4, seed=3, device="cuda")
+    a = _kernel(hard, dict(K_SPLIT="heads", ROTATE=True))
+    b = _kernel(hard, dict(K_SPLIT=True, ROTATE=True))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

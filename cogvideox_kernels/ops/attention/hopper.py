@@ -209,7 +209,7 @@ def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm
     t = quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                              k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
                              block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"], norms=bounded,
-                             rotate=bool(cfg["ROTATE"]), k_split=bool(cfg["K_SPLIT"]))
+                             rotate=bool(cfg["ROTATE"]), k_split=cfg["K_SPLIT"])
     v_in, v_in_place = t.v8t, False
     if not cfg["PV_FP8"]:  # P V in 16 bits: V in place, or head-major in its own dtype
         v_in_place = v_token_major_ok(v)

@@ -22,6 +22,8 @@ block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs
   barrier); the consumer waits for q8 . k_hi, shifts it by 7 bits and issues q8 . k_lo into the same
   s32 accumulator (|S| < 2^29 at D 128), 2^-7 goes into q's scale; s32 -> f32 by I2F (MAGIC_CVT
   needs |S| < 2^22). Twice the Q K^T tensor work and K bytes; off by default until measured.
+  ``K_SPLIT="heads"``: only heads that keep the running max (score bound T > 80, or no bound)
+  load and multiply k_lo; bounded heads run the one-part loop (with I2F).
 * ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
   exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
   (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
@@ -52,23 +54,25 @@ K_LO_W = gl.constexpr(2.0 ** -7)  # k_lo's weight (int8_prepass.K_LO_BITS)
 
 @gluon.jit
 def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                    PV_FP8: gl.constexpr, klo_desc, klo_bufs, K_SPLIT: gl.constexpr):
+                    PV_FP8: gl.constexpr, klo_desc, klo_bufs, K_SPLIT: gl.constexpr, split):
     """One warp: the Q tiles once, then K and V blocks into the ring (``hopper_fwd.load_tile``).
     V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view at (v_row, j * BLOCK_N),
     16-bit V as [BLOCK_N, D] boxes at (v_row + j * BLOCK_N, v_col) of its head-major or
-    token-major view. K_SPLIT: k_lo blocks too, into ``klo_bufs`` (``_load_tile_k_split``)."""
+    token-major view. K_SPLIT: k_lo blocks too, into ``klo_bufs``, where ``split`` (this head
+    uses them; ``_load_tile_k_split``)."""
     if K_SPLIT:
         _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S, PV_FP8,
-                           klo_desc, klo_bufs)
+                           klo_desc, klo_bufs, split)
     else:
         load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8)
 
 
 @gluon.jit
 def _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                       V_T: gl.constexpr, klo_desc, klo_bufs):
+                       V_T: gl.constexpr, klo_desc, klo_bufs, split):
     """``hopper_fwd.load_tile`` (one tile, ring from stage 0) with K's second INT8 part: block j's
-    k_hi and k_lo boxes land on the same ``k_ready`` barrier, in ``sm.k_bufs`` and ``klo_bufs``."""
+    k_hi and k_lo boxes land on the same ``k_ready`` barrier, in ``sm.k_bufs`` and ``klo_bufs``;
+    k_hi alone where not ``split`` (a constexpr True or the head's runtime flag)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
     for i in gl.static_range(sm.NUM_WG):
@@ -79,11 +83,14 @@ def _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, 
         stage = j % sm.STAGES
         mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
         k_bar = sm.k_ready.index(stage)
-        mbarrier.expect(k_bar, k_desc.block_type.nbytes + klo_desc.block_type.nbytes)
+        if split:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes + klo_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(klo_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
+                                            klo_bufs.index(stage))
+        else:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
                                         sm.k_bufs.index(stage))
-        tma.async_copy_global_to_shared(klo_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
-                                        klo_bufs.index(stage))
         v_bar = sm.v_ready.index(stage)
         mbarrier.expect(v_bar, v_desc.block_type.nbytes)
         if V_T:
@@ -205,7 +212,10 @@ def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
                    MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr,
                    klo_bufs, K_SPLIT: gl.constexpr):
     """All key blocks for one warpgroup's rows: the unnormalised O and the row sums. m_i: the
-    running max's start (-inf per row) or, FIXED, the head's fixed bound (a scalar)."""
+    running max's start (-inf per row) or, FIXED, the head's fixed bound (a scalar). K_SPLIT: k
+    as two INT8 parts (S counts k in steps of 2^-7 of its scale)."""
+    if K_SPLIT:
+        q_scale = q_scale * K_LO_W
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     BLOCK_N: gl.constexpr = sm.BLOCK_N
@@ -276,10 +286,11 @@ def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
 def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
                         fixed, m_fixed, WG: gl.constexpr, PV_FP8: gl.constexpr,
                         MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr,
-                        klo_bufs, K_SPLIT: gl.constexpr):
+                        klo_bufs, K_SPLIT: gl.constexpr, K_SPLIT_HEADS: gl.constexpr):
     """One warpgroup: 64 query rows against all keys; stores its rows of the output. BOUNDED and
     ``fixed`` (this head's score bound holds, ``hopper_fwd._score_bound``): the softmax against
-    the fixed ``m_fixed``, else with a running row max."""
+    the fixed ``m_fixed``, else with a running row max. K_SPLIT_HEADS: k's second part only in
+    the running-max loop."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     s_layout: gl.constexpr = mma_layout(sm.BLOCK_N, 32)
@@ -291,15 +302,17 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
 
     rows = q_start + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
     q_scale = gl.load(qs_ptr + rows, mask=rows < S, other=1.0) * qk_scale
-    if K_SPLIT:  # S counts k in steps of 2^-7 of k's scale
-        q_scale = q_scale * K_LO_W
     q_smem = sm.q_bufs.index(WG)
     mbarrier.wait(sm.q_bar, 0)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
     if BOUNDED:
         if fixed:
-            acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
-                                      TWO_LEVEL, True, klo_bufs, K_SPLIT)
+            if K_SPLIT_HEADS:
+                acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8,
+                                          MAGIC_CVT, TWO_LEVEL, True, klo_bufs, False)
+            else:
+                acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8,
+                                          MAGIC_CVT, TWO_LEVEL, True, klo_bufs, K_SPLIT)
         else:
             acc, l_i = _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
                                       TWO_LEVEL, False, klo_bufs, K_SPLIT)
@@ -323,7 +336,8 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
                                       TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr,
                                       V_TOKEN_MAJOR: gl.constexpr,
                                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                                      klo_desc=None, K_SPLIT: gl.constexpr = False):
+                                      klo_desc=None, K_SPLIT: gl.constexpr = False,
+                                      K_SPLIT_HEADS: gl.constexpr = False):
     """out[b, rows, h] = softmax(q k^T * scale) v from 8-bit q, k (and v) for NUM_WG * 64 query
     rows of one (b, h). Descriptors: q, k over int8 [B*H*S, D]; v over float8 [B*H*D, S_pad]
     (V^T, PV_FP8), 16-bit [B*H*S, D] or (V_TOKEN_MAJOR) V's token-major [B*S, H*D] view.
@@ -331,7 +345,8 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
     qk_scale = sm_scale * log2(e). BOUNDED: norm_ptr holds the max squared row norms of the
     dequantized q and smoothed k per head ([2, BH]); heads whose bound holds run the fixed-max
     softmax (``hopper_fwd._score_bound``), the others the running max. K_SPLIT: klo_desc over k's
-    second INT8 part (as k_desc); None (a constexpr: not a kernel parameter) otherwise."""
+    second INT8 part (as k_desc); None (a constexpr: not a kernel parameter) otherwise.
+    K_SPLIT_HEADS: only heads without the fixed max use it."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -366,34 +381,39 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
         klo_bufs = gl.allocate_shared_memory(klo_desc.dtype, [STAGES, BLOCK_N, HEAD_D],
                                              klo_desc.layout)
         klo_tma = klo_desc
+        if K_SPLIT_HEADS and BOUNDED:
+            split = fixed == 0  # the loader brings k_lo for the running-max heads only
+        else:
+            split = gl.constexpr(True)
     else:  # constexprs: no argument for the partitions
         klo_bufs = gl.constexpr(0)
         klo_tma = gl.constexpr(0)
+        split = gl.constexpr(False)
     if NUM_WG == 2:
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED, klo_bufs, K_SPLIT)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED, klo_bufs, K_SPLIT)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                               PV_FP8, klo_tma, klo_bufs, K_SPLIT)),
+                               PV_FP8, klo_tma, klo_bufs, K_SPLIT, split)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED, klo_bufs, K_SPLIT)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED, klo_bufs, K_SPLIT)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED, klo_bufs, K_SPLIT)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                               PV_FP8, klo_tma, klo_bufs, K_SPLIT)),
+                               PV_FP8, klo_tma, klo_bufs, K_SPLIT, split)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
@@ -408,8 +428,9 @@ def default_config(head_dim: int) -> dict:
     and the pre-pass's rotation of q and k (ROTATE: ``int8_prepass.rotation_matrix``; the kernel
     is the same either way; default ``int8_prepass.rotate_default()``, off unless
     COGVIDEOX_KERNELS_INT8_ROTATE=1, until an H200 run measures it), k as two INT8 parts
-    (K_SPLIT: a second s8 Q K^T per key block; MAGIC_CVT does not apply to it; default
-    ``int8_prepass.k_split_default()``, off unless COGVIDEOX_KERNELS_INT8_K_SPLIT=1)."""
+    (K_SPLIT: a second s8 Q K^T per key block; False, True or "heads": only for the heads that
+    keep the running max; MAGIC_CVT does not apply to it; default
+    ``int8_prepass.k_split_default()``, off unless COGVIDEOX_KERNELS_INT8_K_SPLIT=1 / heads)."""
     from .int8_prepass import k_split_default, rotate_default
 
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
@@ -425,6 +446,9 @@ def resolve_config(head_dim: int, config: dict | None) -> dict:
                          f"{sorted(default_config(head_dim))}")
     if cfg["NUM_WG"] not in (2, 3):
         raise ValueError(f"NUM_WG={cfg['NUM_WG']}: the kernel takes 2 or 3 consumer warpgroups")
+    from .int8_prepass import k_split_mode
+
+    cfg["K_SPLIT"] = k_split_mode(cfg["K_SPLIT"], "K_SPLIT")
     return cfg
 
 
@@ -443,6 +467,8 @@ def _constexprs(cfg: dict, bounded: bool, v_token_major: bool = False) -> dict:
                LOADER_REGS=loader_regs)
     if cfg["K_SPLIT"]:  # (absent otherwise: the default kernel's signature stays as it was)
         out["K_SPLIT"] = True
+        if cfg["K_SPLIT"] == "heads":
+            out["K_SPLIT_HEADS"] = True
     return out
 
 
@@ -467,7 +493,9 @@ def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale:
     [B, S, H, D] with stride 1 in D (written and returned). ``norm_max``: float32 [2, B * H], the
     max squared row norms of the dequantized q and smoothed k (``Int8Inputs.norm_max``); with it
     (and ``bound_applies``) heads whose score bound holds skip the running max. ``k8_lo``: k's
-    second INT8 part (int8, as k8; ``Int8Inputs.k8_lo``), needed by and only by K_SPLIT.
+    second INT8 part (int8, as k8; ``Int8Inputs.k8_lo``), needed by and only by K_SPLIT; with
+    K_SPLIT="heads" norm_max must be k8's alone (the pre-pass's ``k_split="heads"``), else the
+    two-part k's.
     """
     B, H, S, D = q8.shape
     cfg = resolve_config(D, config)
