@@ -50,9 +50,16 @@ SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 # softmax without a running max (SCORE_BOUND, default) against the running max it replaces;
 # 909eb62 measured 4 stages a little faster than 3 with it (the default since). int8acc: the
 # pre-pass's rotation of q and k (ROTATE; the kernel is the same), off by default until measured.
+# int8k2: k as two INT8 parts (K_SPLIT: a second s8 Q K^T per key block; "heads": only for the
+# heads that keep the running max), off until measured.
 INT8_VARIANTS = {
-    "int8": dict(ROTATE=False),
-    "int8_rot": dict(ROTATE=True),
+    "int8": dict(ROTATE=False, K_SPLIT=False),
+    "int8_rot": dict(ROTATE=True, K_SPLIT=False),
+    "int8_ksplit": dict(ROTATE=False, K_SPLIT=True),
+    "int8_rot_ksplit": dict(ROTATE=True, K_SPLIT=True),
+    "int8_rot_ksplit_s3": dict(ROTATE=True, K_SPLIT=True, STAGES=3),
+    "int8_rot_ksplit_heads": dict(ROTATE=True, K_SPLIT="heads"),  # two parts where T > 80 only
+    "int8_rot_ksplit_runmax": dict(ROTATE=True, K_SPLIT=True, SCORE_BOUND=False),
     "int8_rot_runmax": dict(ROTATE=True, SCORE_BOUND=False),
     "int8_runmax": dict(SCORE_BOUND=False),
     "int8_s3": dict(STAGES=3),
@@ -183,9 +190,10 @@ def main(argv=None):
         # float32 emulation of the 8-bit path (CPU; on a GPU only at small shapes: it is S x S)
         if not gpu or S <= 4096:
             from cogvideox_kernels.ops.attention.int8_prepass import int8_attention_reference
-            for rot in (False, True):
-                record("int8 emulation, rotated (fp32)" if rot else "int8 emulation (fp32)",
-                       lambda rot=rot: int8_attention_reference(q, k, v, **a, rotate=rot))
+            for rot, ks in ((False, False), (True, False), (False, True), (True, True)):
+                record("int8 emulation" + (", rotated" if rot else "") + (", k split" if ks else "")
+                       + " (fp32)", lambda rot=rot, ks=ks: int8_attention_reference(
+                           q, k, v, **a, rotate=rot, k_split=ks))
         if hopper:
             full = lambda: ops.rope3d_attention(q, k, v, **a, backend="hopper")  # noqa: E731
             record("bf16 (ours, hopper)", full, full=full if input_name == "model" else None)
@@ -213,8 +221,9 @@ def main(argv=None):
             qn, kn = inp["q_norm"] or (None, None), inp["k_norm"] or (None, None)
             norm_args = (inp["text_len"], inp["cos"], inp["sin"], qn[0], qn[1], kn[0], kn[1],
                          inp["q_norm"] is not None, inp["k_norm"] is not None, 1e-6)
-            prepass = lambda fp8_v=True, norms=True, rotate=False: quantize_int8_inputs(  # noqa: E731
-                q, k, v, *norm_args, fp8_v=fp8_v, norms=norms, rotate=rotate)
+            prepass = lambda fp8_v=True, norms=True, rotate=False, k_split=False: (  # noqa: E731
+                quantize_int8_inputs(q, k, v, *norm_args, fp8_v=fp8_v, norms=norms, rotate=rotate,
+                                     k_split=k_split))
             # which heads take the fixed-max softmax (score bound T <= 80)
             T, fixed, _ = score_bound(prepass(False).norm_max, inp["scale"] * LOG2E)
             row = dict(inputs=input_name, method="int8 score bound T per head",
@@ -223,10 +232,12 @@ def main(argv=None):
             results["rows"].append(row)
             log(f"{input_name:5s} {row['method']}: {row['note']}")
             if timing and input_name == "model":
-                for norms, rot in ((False, False), (True, False), (True, True)):
+                for norms, rot, ks in ((False, False, False), (True, False, False),
+                                       (True, True, False), (True, True, True)):
                     row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V)"
-                               + (" + norms" if norms else "") + (" + rotation" if rot else ""),
-                               ms=time_ms(lambda: prepass(False, norms, rot), device))
+                               + (" + norms" if norms else "") + (" + rotation" if rot else "")
+                               + (" + k split" if ks else ""),
+                               ms=time_ms(lambda: prepass(False, norms, rot, ks), device))
                     results["rows"].append(row)
                     log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f}")
             for name in args.variants.split(","):
@@ -235,7 +246,8 @@ def main(argv=None):
                                                                 inp["scale"], config=cfg)
                 kernel = None
                 if timing and input_name == "model":  # as hopper_int8_attention_fwd calls it
-                    t8 = prepass(cfg["PV_FP8"], bound_applies(cfg, v.dtype), cfg["ROTATE"])
+                    t8 = prepass(cfg["PV_FP8"], bound_applies(cfg, v.dtype), cfg["ROTATE"],
+                                 cfg["K_SPLIT"])
                     in_place = not cfg["PV_FP8"] and v_token_major_ok(v)
                     v_in = t8.v8t if cfg["PV_FP8"] else (v if in_place else qk_norm_rope_fwd(
                         v, 0, None, None, None, None, False, 1e-6).transpose(1, 2))
@@ -243,7 +255,8 @@ def main(argv=None):
                     kernel = lambda t8=t8, v_in=v_in, out=out, cfg=cfg, ip=in_place: (  # noqa: E731
                         hopper_int8_attention_core(t8.q8, t8.q_scale, t8.k8, t8.k_scale, v_in,
                                                    t8.v_scale, out, inp["scale"], cfg,
-                                                   t8.norm_max, v_token_major=ip))
+                                                   t8.norm_max, v_token_major=ip,
+                                                   k8_lo=t8.k8_lo))
                 record(name, run, full=run if input_name == "model" else None, kernel=kernel,
                        note=json.dumps(INT8_VARIANTS[name]))
         del inp, ref

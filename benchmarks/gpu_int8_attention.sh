@@ -5,6 +5,10 @@
 # in $OUT. Rotation of q and k (int8acc), old vs new in one call:
 #   COMMIT=<sha> BENCH_ARGS="--variants int8,int8_rot,int8_runmax,int8_rot_runmax" \
 #     bash benchmarks/gpu_int8_attention.sh
+# k as two INT8 parts (int8k2: K_SPLIT) against today's kernel, its GPU tests only (-k k_split):
+#   COMMIT=<sha> TEST_S=170 BENCH_S=270 PYTEST_ARGS="-k k_split" \
+#     BENCH_ARGS="--variants int8,int8_rot_ksplit,int8_rot_ksplit_heads,int8_rot,int8_rot_ksplit_s3" \
+#     bash benchmarks/gpu_int8_attention.sh
 #   COMMIT=<sha> [EXTRA_TESTS="tests/ops/test_attention_hopper.py"] bash benchmarks/gpu_int8_attention.sh
 # (EXTRA_TESTS: more test files/options for the same pytest call; a -k expression needs quoting
 # inside it, e.g. EXTRA_TESTS="-k \"not kernel_configs\"" does not survive word splitting: list files)

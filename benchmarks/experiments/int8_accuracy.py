@@ -53,6 +53,22 @@ def quant(x, group_rows, group_cols):
     return y.view(B, H, -1, D)[:, :, :S]
 
 
+def quant_split(x, group_rows, group_cols, lo_bits=7):
+    """k as two INT8 parts sharing one scale (the kernel's K_SPLIT): hi = round(x / s),
+    lo = round((x / s - hi) * 2^lo_bits) (|lo| <= 2^(lo_bits - 1)); dequantized s (hi + lo / 2^lo_bits)."""
+    B, H, S, D = x.shape
+    gr = group_rows or S
+    gc = group_cols or D
+    pad = (-S) % gr
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, -1, gr, D // gc, gc)
+    amax = xp.abs().amax((3, 5), keepdim=True)
+    sc = torch.where(amax > 0, amax / 127, 1.0).float().double()
+    y = xp / sc
+    hi = rnd(y).clamp(-127, 127)
+    lo = rnd((y - hi) * 2 ** lo_bits).clamp(-127, 127)
+    return ((hi + lo / 2 ** lo_bits) * sc).view(B, H, -1, D)[:, :, :S]
+
+
 def emulate(inp, *, q_quant=(1, 0), k_quant=(128, 0), p_round=True, rotate=None, qk16=False,
             block_mean=0, k_split=False):
     """float64 attention out [B, S, H, D] from the quantized q, k (None: no quantization)."""
@@ -83,7 +99,11 @@ def emulate(inp, *, q_quant=(1, 0), k_quant=(128, 0), p_round=True, rotate=None,
     if k_quant is not None:
         hi = quant(kw, *k_quant)
         # k_split: k as two INT8 terms (hi + the residual's own INT8), i.e. two s8 GEMMs
-        kw = hi + quant(kw - hi, *k_quant) if k_split else hi
+        if k_split == "pow2":
+            hi = quant_split(kw, *k_quant)
+        elif k_split == "pow2_6":
+            hi = quant_split(kw, *k_quant, lo_bits=6)
+        kw = hi + quant(kw - hi, *k_quant) if k_split is True else hi
     s = (qw @ kw.transpose(-1, -2) + bias) * inp["scale"]
     p = torch.exp(s - s.amax(-1, keepdim=True))
     pq = p.to(torch.bfloat16).double() if p_round else p
@@ -133,6 +153,10 @@ def main():
         ("shipped rotation + k per key", dict(rotate=Hship, k_quant=(1, 0))),
         ("k as two INT8 terms (hi + lo, two s8 GEMMs)", dict(k_split=True)),
         ("shipped rotation + k as two INT8 terms", dict(rotate=Hship, k_split=True)),
+        ("k as two INT8 parts, one scale: hi + lo / 2^7 (K_SPLIT)", dict(k_split="pow2")),
+        ("shipped rotation + k as hi + lo / 2^7 (ROTATE + K_SPLIT)", dict(rotate=Hship, k_split="pow2")),
+        ("shipped rotation + k as hi + lo / 2^6", dict(rotate=Hship, k_split="pow2_6")),
+        ("shipped rotation, k exact", dict(rotate=Hship, k_quant=None)),
         ("Hadamard+signs, q exact", dict(rotate=Hs, q_quant=None)),
         ("Hadamard+signs, k exact", dict(rotate=Hs, k_quant=None)),
         ("Hadamard+signs + k per key", dict(rotate=Hs, k_quant=(1, 0))),

@@ -13,13 +13,15 @@ import torch
 
 from cogvideox_kernels import ops
 from cogvideox_kernels.ops.attention.hopper import hopper_available
-from cogvideox_kernels.ops.attention.int8_prepass import (FP8_MAX, LOG2E, ROTATE_ENV, Int8Inputs,
-                                                          dequantized_norm_max,
+from cogvideox_kernels.ops.attention.int8_prepass import (FP8_MAX, K_LO_BITS, K_SPLIT_ENV, LOG2E,
+                                                          ROTATE_ENV, Int8Inputs,
+                                                          dequantized_k, dequantized_norm_max,
                                                           int8_attention_reference,
                                                           quantize_int8_inputs,
                                                           quantize_int8_reference,
                                                           rotation_matrix, score_bound)
-from cogvideox_kernels.ops.attention.reference import rope3d_attention_reference
+from cogvideox_kernels.ops.attention.reference import (qk_norm_rope_reference,
+                                                       rope3d_attention_reference)
 
 from test_attention_hopper import case_args, make_case, rel_err
 
@@ -29,19 +31,20 @@ def cosine(out, ref):
                                                  dim=0).item()
 
 
-def _prepass(case, block_n, rotate=False):
+def _prepass(case, block_n, rotate=False, k_split=False):
     qn = case["q_norm"] or (None, None)
     kn = case["k_norm"] or (None, None)
     return quantize_int8_inputs(case["q"], case["k"], case["v"], case["text_len"], case["cos"],
                                 case["sin"], qn[0], qn[1], kn[0], kn[1], case["q_norm"] is not None,
-                                case["k_norm"] is not None, 1e-6, block_n=block_n, rotate=rotate)
+                                case["k_norm"] is not None, 1e-6, block_n=block_n, rotate=rotate,
+                                k_split=k_split)
 
 
 def _check_norm_max(t: Int8Inputs):
     """The pre-pass's per-head max squared norms of the dequantized q and smoothed k rows equal a
     float64 computation from its own 8-bit values and scales (float32 rounding only)."""
     assert t.norm_max.dtype == torch.float32 and t.norm_max.shape == (2, t.q8.shape[0] * t.q8.shape[1])
-    want = dequantized_norm_max(t.q8, t.q_scale, t.k8, t.k_scale, t.block_n)
+    want = dequantized_norm_max(t.q8, t.q_scale, t.k8, t.k_scale, t.block_n, t.k8_lo)
     torch.testing.assert_close(t.norm_max.double(), want, rtol=1e-6, atol=0)
 
 
@@ -51,6 +54,13 @@ def _check_same_quantization(got: Int8Inputs, want: Int8Inputs, S):
     for name in ("q8", "k8"):  # values may differ by one step where x / scale sits on a tie
         diff = (getattr(got, name).int() - getattr(want, name).int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, name
+    assert (got.k8_lo is None) == (want.k8_lo is None)
+    if got.k8_lo is not None:  # k in steps of 2^-7: k8 * 2^7 + k8_lo = round(k / scale * 2^7)
+        assert got.k8_lo.dtype == torch.int8 and got.k8_lo.shape == got.k8.shape
+        assert got.k8_lo.abs().max() <= 2 ** (K_LO_BITS - 1)
+        fine = [t.k8.int() * 2 ** K_LO_BITS + t.k8_lo.int() for t in (got, want)]
+        diff = (fine[0] - fine[1]).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 2e-2, diff.float().mean()
     v_got, v_want = got.v8t.float(), want.v8t.float()
     assert torch.isfinite(v_got).all() and (v_got[..., S:] == 0).all()  # padding written, zero
     # one e4m3 step: 2^-3 relative for normals, 2^-9 absolute below 2^-6
@@ -106,6 +116,47 @@ def test_prepass_rotated_matches_torch_quantization(interpret, B, S, H, D, text_
     k_deq = got.k8.double() * got.k_scale.double().repeat_interleave(block_n, -1)[..., :S, None]
     k_plain = plain.k8.double() * plain.k_scale.double().repeat_interleave(block_n, -1)[..., :S, None]
     assert (k_deq @ R.T - k_plain).abs().max() <= 1.5 * (got.k_scale.max() + plain.k_scale.max())
+
+
+@pytest.mark.parametrize("B,S,H,D,text_len,block_n,rotate", [
+    (1, 70, 3, 64, 5, 32, False),
+    (2, 41, 2, 128, 0, 64, True),   # D 128, S not a multiple of the block, text_len 0, rotated
+    (1, 1, 1, 64, 0, 32, True),     # S = 1
+])
+def test_prepass_k_split_matches_torch(interpret, B, S, H, D, text_len, block_n, rotate):
+    """k_split: the pre-pass writes k's second INT8 part beside k8 (k8 itself unchanged), equal to
+    the torch emulation's, and k_scale * (k8 + k8_lo / 2^7) is the smoothed (rotated) k within
+    2^-8 of a step (k8 alone: within half a step, and much further on average); the norms it
+    writes for the score bound are those of the two-part k."""
+    case = make_case(B, S, H, D, text_len, torch.bfloat16, seed=S + D + 2)
+    got = _prepass(case, block_n, rotate=rotate, k_split=True)
+    want = quantize_int8_reference(case["q"], case["k"], case["v"], block_n=block_n,
+                                   rotate=rotate, k_split=True, **case_args(case))
+    _check_same_quantization(got, want, S)
+    _check_norm_max(got)
+    one = _prepass(case, block_n, rotate=rotate)
+    assert one.k8_lo is None and torch.equal(one.k8, got.k8) and torch.equal(one.k_scale, got.k_scale)
+    # the float64 smoothed k the parts approximate (torch's normed, rotated-by-RoPE k - its mean)
+    kw = qk_norm_rope_reference(case["k"], case["text_len"], case["cos"], case["sin"],
+                                case["k_norm"], 1e-6, torch.float32).transpose(1, 2).double()
+    kw = kw - kw.mean(2, keepdim=True)
+    if rotate:
+        kw = kw @ rotation_matrix(D).double()
+    step = got.k_scale.double().repeat_interleave(block_n, -1)[..., :S, None]
+    err2 = (dequantized_k(got, torch.float64) - kw).abs() / step
+    err1 = (dequantized_k(one, torch.float64) - kw).abs() / step
+    assert err2.max() <= 2.0 ** -(K_LO_BITS + 1) + 1e-4, err2.max()
+    assert err1.max() <= 0.5 + 1e-4 and (S == 1 or err1.mean() > 50 * err2.mean())
+    # "heads": the same two parts, the norms (score bound) of k8 alone, as without the split
+    heads = _prepass(case, block_n, rotate=rotate, k_split="heads")
+    assert heads.k_lo_heads and not got.k_lo_heads
+    assert torch.equal(heads.k8, got.k8) and torch.equal(heads.k8_lo, got.k8_lo)
+    torch.testing.assert_close(heads.norm_max, one.norm_max, rtol=0, atol=0)
+    want_heads = quantize_int8_reference(case["q"], case["k"], case["v"], block_n=block_n,
+                                         rotate=rotate, k_split="heads", **case_args(case))
+    torch.testing.assert_close(want_heads.norm_max, dequantized_norm_max(
+        want_heads.q8, want_heads.q_scale, want_heads.k8, want_heads.k_scale, block_n).float(),
+        rtol=0, atol=0)
 
 
 def test_rotation_matrix_and_switch(monkeypatch):
@@ -212,6 +263,99 @@ def test_emulation_rotation_error_on_hard_inputs():
     ref = rope3d_attention_reference(**model, compute_dtype=torch.float64)
     e = [rel_err(int8_attention_reference(**model, rotate=r), ref) for r in (False, True)]
     assert e[1] <= 1.02 * e[0] and e[1] < 1.3e-2, e
+
+
+def test_emulation_k_split_meets_the_bars_on_hard_inputs():
+    """K_SPLIT + ROTATE in the emulation against float64 on the hard inputs: error <= 3x the bf16
+    path's and cosine >= 0.9995 (issue 15's bars; 2.40x and 0.99972 at this seed), which ROTATE
+    alone misses (4.6x, 0.9990) and K_SPLIT alone too (4.4x: q's INT8 share stays); on model-like
+    inputs K_SPLIT lowers the error as well (1.17e-2 -> 7.0e-3 with ROTATE)."""
+    torch.manual_seed(2)
+    case = _hard_rope_case(700, 4, seed=2)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    e_bf16 = rel_err(rope3d_attention_reference(**case, compute_dtype=torch.bfloat16), ref)
+    out = {(r, s): int8_attention_reference(**case, rotate=r, k_split=s)
+           for r in (False, True) for s in (False, True)}
+    err = {key: rel_err(o, ref) / e_bf16 for key, o in out.items()}
+    cos = {key: cosine(o, ref) for key, o in out.items()}
+    assert err[True, True] <= 3.0 and cos[True, True] >= 0.9995, (err, cos)
+    assert err[True, False] > 3.0 and cos[True, False] < 0.9995, (err, cos)  # the bar can fail
+    assert err[False, True] < 0.9 * err[False, False], err
+
+    model = make_case(1, 700, 4, 64, 60, torch.bfloat16, seed=4)
+    ref = rope3d_attention_reference(**model, compute_dtype=torch.float64)
+    e = [rel_err(int8_attention_reference(**model, rotate=True, k_split=s), ref) for s in (False, True)]
+    assert e[1] < 0.75 * e[0], e
+
+
+def test_emulation_k_split_heads():
+    """K_SPLIT="heads": the heads whose score bound holds (fixed max) multiply k8 alone, the others
+    k8 + k8_lo / 2^7; on the tight inputs (both kinds of heads in one call) each head equals the
+    one-part or the two-part emulation; on model-like inputs (every head bounded) it is the
+    one-part path, on the hard inputs (none bounded) the two-part path."""
+    case = _tight_case(1, 300, 64, TIGHT_TARGETS, seed=7)
+    t = quantize_int8_reference(case["q"], case["k"], case["v"], **case_args(case))
+    _, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.any() and (~fixed).any()
+    out = {mode: int8_attention_reference(**case, rotate=False, k_split=mode)
+           for mode in (False, True, "heads")}
+    for h, f in enumerate(fixed.tolist()):
+        torch.testing.assert_close(out["heads"][:, :, h], out[False if f else True][:, :, h],
+                                   rtol=0, atol=1e-6)
+    assert not torch.equal(out[True], out[False])
+    model = make_case(1, 300, 3, 64, 30, torch.bfloat16, seed=8)
+    hard = _hard_rope_case(300, 2, seed=9)
+    for c, same in ((model, False), (hard, True)):
+        a = int8_attention_reference(**c, rotate=True, k_split="heads")
+        torch.testing.assert_close(a, int8_attention_reference(**c, rotate=True, k_split=same),
+                                   rtol=0, atol=0)
+
+
+def test_k_split_switch_and_checks(monkeypatch):
+    """COGVIDEOX_KERNELS_INT8_K_SPLIT picks K_SPLIT's default in the kernel config and the
+    emulation (off when unset; a bad value is a clear error); the kernel's launcher refuses a
+    K_SPLIT call without k's second part and a second part without K_SPLIT."""
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import (default_config,
+                                                                 hopper_int8_attention_core)
+
+    case = make_case(1, 40, 2, 64, 6, torch.float32, seed=13)
+    monkeypatch.delenv(K_SPLIT_ENV, raising=False)
+    monkeypatch.delenv(ROTATE_ENV, raising=False)
+    assert default_config(64)["K_SPLIT"] is False
+    off = ops.rope3d_attention(**case, precision="int8")
+    torch.testing.assert_close(off, int8_attention_reference(**case, k_split=False), rtol=0, atol=0)
+    monkeypatch.setenv(K_SPLIT_ENV, "1")
+    assert default_config(64)["K_SPLIT"] is True and default_config(128)["K_SPLIT"] is True
+    on = ops.rope3d_attention(**case, precision="int8")
+    torch.testing.assert_close(on, int8_attention_reference(**case, k_split=True), rtol=0, atol=0)
+    assert not torch.equal(on, off)
+    monkeypatch.setenv(K_SPLIT_ENV, "heads")
+    assert default_config(64)["K_SPLIT"] == "heads"
+    torch.testing.assert_close(ops.rope3d_attention(**case, precision="int8"),
+                               int8_attention_reference(**case, k_split="heads"), rtol=0, atol=0)
+    monkeypatch.setenv(K_SPLIT_ENV, "2")
+    with pytest.raises(ValueError, match=K_SPLIT_ENV):
+        ops.rope3d_attention(**case, precision="int8")
+    monkeypatch.delenv(K_SPLIT_ENV)
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import resolve_config
+    assert resolve_config(64, dict(K_SPLIT=1))["K_SPLIT"] is True
+    for bad in ("yes", 2, None):
+        with pytest.raises(ValueError, match="K_SPLIT="):
+            resolve_config(64, dict(K_SPLIT=bad))
+    with pytest.raises(ValueError, match="k_split="):
+        int8_attention_reference(**case, k_split="all")
+
+    t = quantize_int8_reference(case["q"], case["k"], case["v"], k_split=True, **case_args(case))
+    out = torch.empty(1, 40, 2, 64, dtype=torch.bfloat16)
+    v = case["v"].to(torch.bfloat16).transpose(1, 2).contiguous()
+    args = (t.q8, t.q_scale, t.k8, t.k_scale, v, None, out, 0.125)
+    with pytest.raises(ValueError, match="k8_lo"):
+        hopper_int8_attention_core(*args, dict(K_SPLIT=True), t.norm_max)
+    with pytest.raises(ValueError, match="k8_lo"):
+        hopper_int8_attention_core(*args, dict(K_SPLIT=False), t.norm_max, k8_lo=t.k8_lo)
+    with pytest.raises(ValueError, match="k8_lo"):
+        hopper_int8_attention_core(*args, dict(K_SPLIT=True), t.norm_max,
+                                   k8_lo=t.k8_lo[:, :, :20])
 
 
 def _tight_case(B, S, D, targets, seed, device="cpu"):
@@ -356,6 +500,46 @@ def test_int8_kernel_compiles_for_sm90a_offline(config, D, tmp_path):
     assert found == dict(s8=True, e4m3=True, tma=True, local=False), found
 
 
+_K_SPLIT_COMPILE_SCRIPT = r"""
+import json, re, sys
+from cogvideox_kernels.ops.attention.hopper_int8_fwd import compile_offline
+found = []
+for config in (dict(), dict(K_SPLIT=True), dict(K_SPLIT="heads")):
+    c = compile_offline(config, int(sys.argv[1]))
+    ptx = c.asm["ptx"]
+    found.append(dict(s8=len(re.findall(r"wgmma\.mma_async[.a-z0-9]*\.s8\.s8", ptx)),
+                      local=".local" in ptx, shared=c.metadata.shared))
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("D", [64, pytest.param(128, marks=pytest.mark.slow)])
+def test_k_split_kernel_compiles_for_sm90a_offline(D, tmp_path):
+    """K_SPLIT lowers for sm_90a: twice the s8 wgmmas of the default kernel (q8 . k_hi and
+    q8 . k_lo), no local memory, and the k_lo ring (STAGES x 128 keys x D bytes) on top of the
+    default's shared memory, within the 227 KB of an H100/H200 SM; K_SPLIT="heads" in between
+    (two parts in the running-max loop only), with the same shared memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import default_config
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _K_SPLIT_COMPILE_SCRIPT, str(D)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    base, split, heads = json.loads(run.stdout.strip().splitlines()[-1])
+    assert base["s8"] > 0 and split["s8"] == 2 * base["s8"], (base, split)
+    assert base["s8"] < heads["s8"] < split["s8"] and heads["shared"] == split["shared"], heads
+    assert not base["local"] and not split["local"] and not heads["local"]
+    cfg = default_config(D)
+    assert split["shared"] == base["shared"] + cfg["STAGES"] * cfg["BLOCK_N"] * D, (base, split)
+    assert split["shared"] <= 227 * 1024
+
+
 _PREPASS_COMPILE_SCRIPT = """
 import json, triton
 from triton.backends.compiler import GPUTarget
@@ -363,13 +547,14 @@ from triton.compiler import ASTSource
 from cogvideox_kernels.ops.attention.int8_prepass import _quant_int8_kernel
 names = ["x_ptr", "y_ptr", "scale_ptr", "mean_ptr", "norm_ptr", "rot_ptr", "S", "H", "text_len",
          "stride_xb", "stride_xs", "stride_xh", "cos_ptr", "sin_ptr", "stride_cs", "weight_ptr",
-         "bias_ptr", "eps"]
+         "bias_ptr", "eps", "lo_ptr"]
 types = ["*bf16", "*i8", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "i32",
-         "i32", "*fp32", "*fp32", "i32", "*bf16", "*bf16", "fp32"]
+         "i32", "*fp32", "*fp32", "i32", "*bf16", "*bf16", "fp32", "*i8"]
 found = []
 for per_row, block_s in ((True, 64), (False, 128)):
     ce = dict(HAS_NORM=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_ROPE=True, HAS_MEAN=not per_row,
-              ROTATE=True, PER_ROW=per_row, NORM_SQ=True, D=64, BLOCK_S=block_s, BLOCK_D=64)
+              ROTATE=True, PER_ROW=per_row, NORM_SQ=True, D=64, BLOCK_S=block_s, BLOCK_D=64,
+              SPLIT=not per_row, LO_BITS=7)
     sig = dict(zip(names, types)) | {n: "constexpr" for n in ce}
     ptx = triton.compile(ASTSource(fn=_quant_int8_kernel, signature=sig, constexprs=ce),
                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
@@ -381,7 +566,8 @@ print(json.dumps(found))
 
 def test_rotating_prepass_compiles_for_sm90a_offline(tmp_path):
     """The ROTATE pre-pass (a tf32x3 tl.dot, which the interpreter runs as exact float32) lowers
-    for sm_90a: three tensor-core products per tile (float32-accurate), no local memory."""
+    for sm_90a: three tensor-core products per tile (float32-accurate), no local memory (k's
+    launch with k_split's second INT8 part)."""
     import json
     import os
     import subprocess
@@ -404,7 +590,10 @@ gpu_hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H1
 GPU_CONFIGS = [dict(), dict(ROTATE=True), dict(ROTATE=True, SCORE_BOUND=False),
                dict(SCORE_BOUND=False), dict(MAGIC_CVT=False), dict(STAGES=3),
                dict(NUM_WG=2), dict(TWO_LEVEL=True), dict(PV_FP8=True),
-               dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False)]
+               dict(PV_FP8=True, TWO_LEVEL=True, MAGIC_CVT=False),
+               dict(K_SPLIT=True), dict(K_SPLIT=True, ROTATE=True),
+               dict(K_SPLIT=True, SCORE_BOUND=False), dict(K_SPLIT=True, STAGES=3),
+               dict(K_SPLIT=True, NUM_WG=2), dict(K_SPLIT="heads")]
 
 
 def _kernel(case, config=None):
@@ -448,8 +637,10 @@ def test_gpu_int8_configs(config):
     ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
     emu = int8_attention_reference(**case, pv_fp8=config.get("PV_FP8", False),
                                    fixed_max=config.get("SCORE_BOUND", True),
-                                   rotate=config.get("ROTATE", False))
-    out = _kernel(case, dict(config, ROTATE=config.get("ROTATE", False)))
+                                   rotate=config.get("ROTATE", False),
+                                   k_split=config.get("K_SPLIT", False))
+    out = _kernel(case, dict(config, ROTATE=config.get("ROTATE", False),
+                             K_SPLIT=config.get("K_SPLIT", False)))
     e_emu, e_out = rel_err(emu, ref), rel_err(out, ref)
     assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
     # FP8 P: kernel (exp2.approx) and emulation (exp) land on different sides of e4m3 rounding
@@ -485,17 +676,19 @@ def test_gpu_int8_compile_fullgraph():
 
 @pytest.mark.gpu
 @gpu_hopper
+@pytest.mark.parametrize("k_split", [False, True], ids=["one_part", "k_split"])
 @pytest.mark.parametrize("norm_gain", [1.0, 2.0, 6.0])
-def test_gpu_int8_score_bound_paths(norm_gain):
+def test_gpu_int8_score_bound_paths(norm_gain, k_split):
     """The fixed-max softmax (default) and the running max (SCORE_BOUND=False) each match their
     emulation and float64; norm weights x norm_gain move the heads' bound T from ~16 (gain 1) to
     ~62 (gain 2: numerators up to 2^28) and > 80 (gain 6: the bounded kernel falls back to the
-    running max, the same numbers)."""
+    running max, the same numbers). k_split: the same with K_SPLIT (bound from the two-part k's
+    norms, s32 -> f32 by I2F)."""
     case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=12, device="cuda")
     (qw, qb), (kw, kb) = case["q_norm"], case["k_norm"]
     case = dict(case, q_norm=((qw.float() * norm_gain).to(qw.dtype), qb),
                 k_norm=((kw.float() * norm_gain).to(kw.dtype), kb))
-    T, fixed, _ = score_bound(_prepass(case, 128).norm_max, 64 ** -0.5 * LOG2E)
+    T, fixed, _ = score_bound(_prepass(case, 128, k_split=k_split).norm_max, 64 ** -0.5 * LOG2E)
     if norm_gain == 1.0:
         assert fixed.all() and (T <= 48).all(), T
     if norm_gain == 2.0:
@@ -505,8 +698,8 @@ def test_gpu_int8_score_bound_paths(norm_gain):
     ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
     outs = {}
     for bound in (True, False):
-        emu = int8_attention_reference(**case, fixed_max=bound)
-        outs[bound] = _kernel(case, dict(SCORE_BOUND=bound))
+        emu = int8_attention_reference(**case, fixed_max=bound, rotate=False, k_split=k_split)
+        outs[bound] = _kernel(case, dict(SCORE_BOUND=bound, ROTATE=False, K_SPLIT=k_split))
         e_out, e_emu = rel_err(outs[bound], ref), rel_err(emu, ref)
         assert e_out <= 1.25 * e_emu + 2e-3, (bound, e_out, e_emu)
         assert rel_err(outs[bound], emu) <= 2e-2
@@ -569,3 +762,79 @@ def test_gpu_int8_rotation_hard_inputs(rotate):
     assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
     assert rel_err(outs[rotate], emu) <= 3e-2
     assert rel_err(outs[True], ref) < rel_err(outs[False], ref)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("B,S,H,D,text_len,dtype", [
+    (1, 1, 1, 64, 0, torch.bfloat16),
+    (2, 37, 3, 64, 5, torch.bfloat16),
+    (2, 333, 3, 64, 333, torch.bfloat16),
+    (1, 1000, 7, 128, 17, torch.bfloat16),
+    (2, 517, 3, 64, 26, torch.float16),
+])
+def test_gpu_int8_k_split_odd_shapes(B, S, H, D, text_len, dtype):
+    """K_SPLIT (k as two INT8 parts) against its emulation and float64 at odd shapes, D 128
+    (2 stages + the k_lo ring) and fp16 (running max)."""
+    case = make_case(B, S, H, D, text_len, dtype, seed=S + D + H + 1, device="cuda")
+    out = _kernel(case, dict(K_SPLIT=True, ROTATE=False))
+    emu = int8_attention_reference(**case, k_split=True, rotate=False)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    assert out.shape == case["q"].shape and out.dtype == dtype and out.is_contiguous()
+    e_out, e_emu = rel_err(out, ref), rel_err(emu, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_k_split_hard_inputs():
+    """ROTATE + K_SPLIT on the hard inputs (offset K through RoPE, heavy-tailed q, V outliers):
+    the pre-pass's k8 / k8_lo equal torch's; the kernel matches its emulation and float64 and
+    meets issue 15's bars against our bf16 kernel on the same inputs (error <= 3x, cosine >=
+    0.9995; emulation vs the bf16 reference: 2.2x, 0.99971), where ROTATE alone does not
+    (emulation 4.2x, 0.99893); non-contiguous q/k/v give the same bits."""
+    case = _hard_rope_case(1200, 4, seed=3, device="cuda")
+    t = _prepass(case, 128, rotate=True, k_split=True)
+    want = quantize_int8_reference(case["q"], case["k"], case["v"], rotate=True, k_split=True,
+                                   **case_args(case))
+    _check_same_quantization(t, want, 1200)
+    _check_norm_max(t)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    bf16 = ops.rope3d_attention(**case, backend="hopper")
+    out = _kernel(case, dict(ROTATE=True, K_SPLIT=True))
+    rot_only = _kernel(case, dict(ROTATE=True, K_SPLIT=False))
+    emu = int8_attention_reference(**case, rotate=True, k_split=True)
+    e_out, e_emu, e_bf16 = rel_err(out, ref), rel_err(emu, ref), rel_err(bf16, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+    assert e_out <= 3 * e_bf16 and cosine(out, ref) >= 0.9995, (e_out, e_bf16, cosine(out, ref))
+    assert rel_err(rot_only, ref) > 1.5 * e_out, (rel_err(rot_only, ref), e_out)
+    for name in ("q", "k", "v"):
+        wide = torch.zeros(1, 2400, 4, 64, dtype=torch.bfloat16, device="cuda")
+        wide[:, ::2] = case[name]
+        other = _kernel(dict(case, **{name: wide[:, ::2]}), dict(ROTATE=True, K_SPLIT=True))
+        torch.testing.assert_close(other, out, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+def test_gpu_int8_k_split_heads_mixed():
+    """K_SPLIT="heads" on the tight inputs (fixed-max heads without k_lo, running-max heads with
+    it, in one launch: the loader's two k paths) against its emulation and float64; on the hard
+    inputs (no head bounded) the same bits as K_SPLIT=True."""
+    case = _tight_case(2, 700, 64, TIGHT_TARGETS, seed=8, device="cuda")
+    t = _prepass(case, 128, k_split="heads")
+    _check_norm_max(t)
+    _, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
+    assert fixed.tolist() == [x <= 80 for x in TIGHT_TARGETS] * 2
+    out = _kernel(case, dict(K_SPLIT="heads", ROTATE=False))
+    emu = int8_attention_reference(**case, k_split="heads", rotate=False)
+    ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
+    e_out, e_emu = rel_err(out, ref), rel_err(emu, ref)
+    assert e_out <= 1.25 * e_emu + 2e-3, (e_out, e_emu)
+    assert rel_err(out, emu) <= 2e-2
+    hard = _hard_rope_case(1200, 4, seed=3, device="cuda")
+    a = _kernel(hard, dict(K_SPLIT="heads", ROTATE=True))
+    b = _kernel(hard, dict(K_SPLIT=True, ROTATE=True))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

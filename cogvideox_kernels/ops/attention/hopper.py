@@ -192,9 +192,10 @@ def rope3d_attention_hopper(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
 def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                               k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps, scale,
                               *, config=None):
-    """Pre-pass (LayerNorm + RoPE, K smoothing, with ROTATE the rotation of q and k, INT8 q/k,
-    the dequantized rows' max norms per head; FP8 V^T with PV_FP8) then the 8-bit kernel. 16-bit V is read in place when its layout
-    allows (the QKV slice), else copied head-major."""
+    """Pre-pass (LayerNorm + RoPE, K smoothing, with ROTATE the rotation of q and k, INT8 q/k
+    (with K_SPLIT k's second INT8 part), the dequantized rows' max norms per head; FP8 V^T with
+    PV_FP8) then the 8-bit kernel. 16-bit V is read in place when its layout allows (the QKV
+    slice), else copied head-major."""
     from .hopper_fwd import v_token_major_ok
     from .hopper_int8_fwd import bound_applies, hopper_int8_attention_core, resolve_config
     from .int8_prepass import quantize_int8_inputs
@@ -208,7 +209,7 @@ def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm
     t = quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias,
                              k_norm_weight, k_norm_bias, apply_q_norm, apply_k_norm, eps,
                              block_n=cfg["BLOCK_N"], fp8_v=cfg["PV_FP8"], norms=bounded,
-                             rotate=bool(cfg["ROTATE"]))
+                             rotate=bool(cfg["ROTATE"]), k_split=cfg["K_SPLIT"])
     v_in, v_in_place = t.v8t, False
     if not cfg["PV_FP8"]:  # P V in 16 bits: V in place, or head-major in its own dtype
         v_in_place = v_token_major_ok(v)
@@ -216,7 +217,8 @@ def hopper_int8_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm
                                                      eps).transpose(1, 2)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     return hopper_int8_attention_core(t.q8, t.q_scale, t.k8, t.k_scale, v_in, t.v_scale, out,
-                                      scale, cfg, t.norm_max, v_token_major=v_in_place)
+                                      scale, cfg, t.norm_max, v_token_major=v_in_place,
+                                      k8_lo=t.k8_lo)
 
 
 @torch.library.custom_op("cogvideox_kernels::rope3d_attention_hopper_int8", mutates_args=())

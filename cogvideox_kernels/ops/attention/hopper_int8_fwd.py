@@ -17,6 +17,13 @@ block j is done with P V) on the operands of ``int8_prepass.quantize_int8_inputs
   fixed m (no row max, alpha or O rescale: 365 instead of 490 SASS instructions per key block),
   the others keep the running max in the same launch. bf16 P only (fp16 and e4m3 P lack the
   exponent range).
+* ``K_SPLIT``: k as two INT8 parts on one scale (``int8_prepass``'s ``k_split``: k ~= s (k_hi +
+  k_lo / 2^7), a 15-bit k). The loader brings k_lo tiles beside k_hi's (own ring buffers, the same
+  barrier); the consumer waits for q8 . k_hi, shifts it by 7 bits and issues q8 . k_lo into the same
+  s32 accumulator (|S| < 2^29 at D 128), 2^-7 goes into q's scale; s32 -> f32 by I2F (MAGIC_CVT
+  needs |S| < 2^22). Twice the Q K^T tensor work and K bytes; off by default until measured.
+  ``K_SPLIT="heads"``: only heads that keep the running max (score bound T > 80, or no bound)
+  load and multiply k_lo; bounded heads run the one-part loop (with I2F).
 * ``PV_FP8``: SageAttention2's FP8 P V (P as e4m3 ``p * 448``, the factor folded into the
   exponent; V^T per-channel FP8, K-major; V's scale in the epilogue), one- or two-level
   (``TWO_LEVEL``: each block into a fresh float32 accumulator, added to O with the rescale in one
@@ -42,16 +49,65 @@ from .hopper_fwd import (LOG2E, _mask_tail, _registers, _score_bound, alloc_shar
 LOG2_P_SCALE = gl.constexpr(math.log2(448.0))  # P is stored as p * 448 in e4m3 (its max)
 MAGIC = gl.constexpr(0x4B400000)  # float32 bits of 12582912 = 1.5 * 2^23
 MAGIC_F = gl.constexpr(12582912.0)
+K_LO_W = gl.constexpr(2.0 ** -7)  # k_lo's weight (int8_prepass.K_LO_BITS)
 
 
 @gluon.jit
 def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                    PV_FP8: gl.constexpr):
+                    PV_FP8: gl.constexpr, klo_desc, klo_bufs, K_SPLIT: gl.constexpr, split):
     """One warp: the Q tiles once, then K and V blocks into the ring (``hopper_fwd.load_tile``).
     V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view at (v_row, j * BLOCK_N),
     16-bit V as [BLOCK_N, D] boxes at (v_row + j * BLOCK_N, v_col) of its head-major or
-    token-major view."""
-    load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8)
+    token-major view. K_SPLIT: k_lo blocks too, into ``klo_bufs``, where ``split`` (this head
+    uses them; ``_load_tile_k_split``)."""
+    if K_SPLIT:
+        _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S, PV_FP8,
+                           klo_desc, klo_bufs, split)
+    else:
+        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8)
+
+
+@gluon.jit
+def _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
+                       V_T: gl.constexpr, klo_desc, klo_bufs, split):
+    """``hopper_fwd.load_tile`` (one tile, ring from stage 0) with K's second INT8 part: block j's
+    k_hi and k_lo boxes land on the same ``k_ready`` barrier, in ``sm.k_bufs`` and ``klo_bufs``;
+    k_hi alone where not ``split`` (a constexpr True or the head's runtime flag)."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
+    for i in gl.static_range(sm.NUM_WG):
+        tma.async_copy_global_to_shared(q_desc, [row_q + i * BLOCK_M, 0], sm.q_bar,
+                                        sm.q_bufs.index(i))
+    n_blocks = gl.cdiv(S, sm.BLOCK_N)
+    for j in range(n_blocks):
+        stage = j % sm.STAGES
+        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
+        k_bar = sm.k_ready.index(stage)
+        if split:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes + klo_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(klo_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
+                                            klo_bufs.index(stage))
+        else:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
+                                        sm.k_bufs.index(stage))
+        v_bar = sm.v_ready.index(stage)
+        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
+        if V_T:
+            tma.async_copy_global_to_shared(v_desc, [v_row, v_col + j * sm.BLOCK_N], v_bar,
+                                            sm.v_bufs.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
+                                            sm.v_bufs.index(stage))
+
+
+@gluon.jit
+def _add_k_lo(s, q_smem, klo_buf):
+    """K_SPLIT: S = (q8 . k_hi) * 2^7 + q8 . k_lo, issued (async) into the one s32 accumulator
+    once q8 . k_hi (``s``, in flight, the newest wgmma group) is done. |S| <= D 127 (127 * 2^7 + 64)
+    < 2^29 at D 128."""
+    s = warpgroup_mma_wait(0, deps=(s,))
+    return warpgroup_mma(q_smem, klo_buf.permute((1, 0)), s << 7, use_acc=True, is_async=True)
 
 
 @gluon.jit
@@ -107,16 +163,20 @@ def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: 
 @gluon.jit
 def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_scale, ks_ptr, S,
                   MASK: gl.constexpr, PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
-                  TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr):
+                  TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr, klo_bufs,
+                  K_SPLIT: gl.constexpr):
     """Key block j >= 1: issue S_j = Q K_j^T, issue O_{j-1} = P_{j-1} V_{j-1}, softmax of S_j
     while P V runs. TWO_LEVEL: P V into a fresh accumulator, then O = O * alpha_{j-1} + O_{j-1}
     (one FFMA per element, as the bf16 kernel's rescale); else P V accumulates into O (rescaled
-    by alpha_j afterwards), as in the bf16 kernel. FIXED: no rescale (alpha is 1)."""
+    by alpha_j afterwards), as in the bf16 kernel. FIXED: no rescale (alpha is 1). K_SPLIT: S_j
+    in two dependent wgmmas (``_add_k_lo``), both before P_{j-1} V_{j-1} is issued."""
     stage = j % sm.STAGES
     prev = (j - 1) % sm.STAGES
     mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
     s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
+    if K_SPLIT:
+        s = _add_k_lo(s, q_smem, klo_bufs.index(stage))
     if TWO_LEVEL:
         pv = warpgroup_mma(p_op, _v_operand(sm, prev, PV_FP8), o_zero, use_acc=False,
                            is_async=True)
@@ -149,9 +209,13 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op, s_zero, o_zero, q_s
 
 @gluon.jit
 def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
-                   MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr):
+                   MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, FIXED: gl.constexpr,
+                   klo_bufs, K_SPLIT: gl.constexpr):
     """All key blocks for one warpgroup's rows: the unnormalised O and the row sums. m_i: the
-    running max's start (-inf per row) or, FIXED, the head's fixed bound (a scalar)."""
+    running max's start (-inf per row) or, FIXED, the head's fixed bound (a scalar). K_SPLIT: k
+    as two INT8 parts (S counts k in steps of 2^-7 of its scale)."""
+    if K_SPLIT:
+        q_scale = q_scale * K_LO_W
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     BLOCK_N: gl.constexpr = sm.BLOCK_N
@@ -178,6 +242,8 @@ def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
     mbarrier.wait(sm.k_ready.index(0), 0)
     s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
+    if K_SPLIT:
+        s = _add_k_lo(s, q_smem, klo_bufs.index(0))
     k_scale = gl.load(ks_ptr)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, q_scale * k_scale, 0, S, True, MAGIC_CVT,
@@ -189,11 +255,13 @@ def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
     for j in range(1, n_blocks - 1):
         acc, m_i, l_i, alpha, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, alpha, p_op,
                                                    s_zero, o_zero, q_scale, ks_ptr, S, False,
-                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED)
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED, klo_bufs,
+                                                   K_SPLIT)
     if n_blocks > 1:
         acc, m_i, l_i, alpha, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, alpha,
                                                    p_op, s_zero, o_zero, q_scale, ks_ptr, S, True,
-                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED)
+                                                   PV_FP8, MAGIC_CVT, TWO_LEVEL, FIXED, klo_bufs,
+                                                   K_SPLIT)
 
     # ---- the last block's P V
     last = (n_blocks - 1) % sm.STAGES
@@ -217,10 +285,12 @@ def _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8: gl.constexpr,
 @gluon.jit
 def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os, qk_scale,
                         fixed, m_fixed, WG: gl.constexpr, PV_FP8: gl.constexpr,
-                        MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr):
+                        MAGIC_CVT: gl.constexpr, TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr,
+                        klo_bufs, K_SPLIT: gl.constexpr, K_SPLIT_HEADS: gl.constexpr):
     """One warpgroup: 64 query rows against all keys; stores its rows of the output. BOUNDED and
     ``fixed`` (this head's score bound holds, ``hopper_fwd._score_bound``): the softmax against
-    the fixed ``m_fixed``, else with a running row max."""
+    the fixed ``m_fixed``, else with a running row max. K_SPLIT_HEADS: k's second part only in
+    the running-max loop."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     s_layout: gl.constexpr = mma_layout(sm.BLOCK_N, 32)
@@ -237,14 +307,18 @@ def _consumer_partition(sm, o_ptr, qs_ptr, ks_ptr, vs_ptr, q_start, S, stride_os
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
     if BOUNDED:
         if fixed:
-            acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
-                                      TWO_LEVEL, True)
+            if K_SPLIT_HEADS:
+                acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8,
+                                          MAGIC_CVT, TWO_LEVEL, True, klo_bufs, False)
+            else:
+                acc, l_i = _consumer_loop(sm, q_smem, m_fixed, q_scale, ks_ptr, S, PV_FP8,
+                                          MAGIC_CVT, TWO_LEVEL, True, klo_bufs, K_SPLIT)
         else:
             acc, l_i = _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
-                                      TWO_LEVEL, False)
+                                      TWO_LEVEL, False, klo_bufs, K_SPLIT)
     else:
         acc, l_i = _consumer_loop(sm, q_smem, m_i, q_scale, ks_ptr, S, PV_FP8, MAGIC_CVT,
-                                  TWO_LEVEL, False)
+                                  TWO_LEVEL, False, klo_bufs, K_SPLIT)
 
     # ---- epilogue: O / l (times V's per-channel scale); rows past S are not stored
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -261,14 +335,18 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
                                       PV_FP8: gl.constexpr, MAGIC_CVT: gl.constexpr,
                                       TWO_LEVEL: gl.constexpr, BOUNDED: gl.constexpr,
                                       V_TOKEN_MAJOR: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                                      CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                                      klo_desc=None, K_SPLIT: gl.constexpr = False,
+                                      K_SPLIT_HEADS: gl.constexpr = False):
     """out[b, rows, h] = softmax(q k^T * scale) v from 8-bit q, k (and v) for NUM_WG * 64 query
     rows of one (b, h). Descriptors: q, k over int8 [B*H*S, D]; v over float8 [B*H*D, S_pad]
     (V^T, PV_FP8), 16-bit [B*H*S, D] or (V_TOKEN_MAJOR) V's token-major [B*S, H*D] view.
     qs: q scales [B*H*S]; ks: k scales [B*H, n_blocks]; vs: v scales [B*H, D];
     qk_scale = sm_scale * log2(e). BOUNDED: norm_ptr holds the max squared row norms of the
     dequantized q and smoothed k per head ([2, BH]); heads whose bound holds run the fixed-max
-    softmax (``hopper_fwd._score_bound``), the others the running max."""
+    softmax (``hopper_fwd._score_bound``), the others the running max. K_SPLIT: klo_desc over k's
+    second INT8 part (as k_desc); None (a constexpr: not a kernel parameter) otherwise.
+    K_SPLIT_HEADS: only heads without the fixed max use it."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -299,31 +377,43 @@ def _hopper_int8_attention_fwd_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs
         m_fixed = qk_scale * 0.0
 
     sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES, PV_FP8)
+    if K_SPLIT:
+        klo_bufs = gl.allocate_shared_memory(klo_desc.dtype, [STAGES, BLOCK_N, HEAD_D],
+                                             klo_desc.layout)
+        klo_tma = klo_desc
+        if K_SPLIT_HEADS and BOUNDED:
+            split = fixed == 0  # the loader brings k_lo for the running-max heads only
+        else:
+            split = gl.constexpr(True)
+    else:  # constexprs: no argument for the partitions
+        klo_bufs = gl.constexpr(0)
+        klo_tma = gl.constexpr(0)
+        split = gl.constexpr(False)
     if NUM_WG == 2:
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                               PV_FP8)),
+                               PV_FP8, klo_tma, klo_bufs, K_SPLIT, split)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 0, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 1, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_consumer_partition, (sm, o_base, qs_base, ks_base, vs_base, q_start, S, stride_os,
                                    qk_scale, fixed, m_fixed, 2, PV_FP8, MAGIC_CVT, TWO_LEVEL,
-                                   BOUNDED)),
+                                   BOUNDED, klo_bufs, K_SPLIT, K_SPLIT_HEADS)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                               PV_FP8)),
+                               PV_FP8, klo_tma, klo_bufs, K_SPLIT, split)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
@@ -337,11 +427,15 @@ def default_config(head_dim: int) -> dict:
     the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only),
     and the pre-pass's rotation of q and k (ROTATE: ``int8_prepass.rotation_matrix``; the kernel
     is the same either way; default ``int8_prepass.rotate_default()``, off unless
-    COGVIDEOX_KERNELS_INT8_ROTATE=1, until an H200 run measures it)."""
-    from .int8_prepass import rotate_default
+    COGVIDEOX_KERNELS_INT8_ROTATE=1, until an H200 run measures it), k as two INT8 parts
+    (K_SPLIT: a second s8 Q K^T per key block; False, True or "heads": only for the heads that
+    keep the running max; MAGIC_CVT does not apply to it; default
+    ``int8_prepass.k_split_default()``, off unless COGVIDEOX_KERNELS_INT8_K_SPLIT=1 / heads)."""
+    from .int8_prepass import k_split_default, rotate_default
 
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
-                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True, ROTATE=rotate_default())
+                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True, ROTATE=rotate_default(),
+                K_SPLIT=k_split_default())
 
 
 def resolve_config(head_dim: int, config: dict | None) -> dict:
@@ -352,6 +446,9 @@ def resolve_config(head_dim: int, config: dict | None) -> dict:
                          f"{sorted(default_config(head_dim))}")
     if cfg["NUM_WG"] not in (2, 3):
         raise ValueError(f"NUM_WG={cfg['NUM_WG']}: the kernel takes 2 or 3 consumer warpgroups")
+    from .int8_prepass import k_split_mode
+
+    cfg["K_SPLIT"] = k_split_mode(cfg["K_SPLIT"], "K_SPLIT")
     return cfg
 
 
@@ -363,10 +460,16 @@ def bound_applies(cfg: dict, v_dtype: torch.dtype) -> bool:
 
 def _constexprs(cfg: dict, bounded: bool, v_token_major: bool = False) -> dict:
     consumer_regs, loader_regs = _registers(cfg["NUM_WG"])
-    return dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
-                MAGIC_CVT=bool(cfg["MAGIC_CVT"]), TWO_LEVEL=bool(cfg["TWO_LEVEL"]),
-                BOUNDED=bool(bounded), V_TOKEN_MAJOR=bool(v_token_major),
-                CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+    out = dict(NUM_WG=cfg["NUM_WG"], STAGES=cfg["STAGES"], PV_FP8=bool(cfg["PV_FP8"]),
+               MAGIC_CVT=bool(cfg["MAGIC_CVT"]) and not cfg["K_SPLIT"],  # |S| < 2^22 only
+               TWO_LEVEL=bool(cfg["TWO_LEVEL"]), BOUNDED=bool(bounded),
+               V_TOKEN_MAJOR=bool(v_token_major), CONSUMER_REGS=consumer_regs,
+               LOADER_REGS=loader_regs)
+    if cfg["K_SPLIT"]:  # (absent otherwise: the default kernel's signature stays as it was)
+        out["K_SPLIT"] = True
+        if cfg["K_SPLIT"] == "heads":
+            out["K_SPLIT_HEADS"] = True
+    return out
 
 
 def _nvmma(block, dtype):
@@ -379,7 +482,8 @@ _GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv,
 
 def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale: float,
                                config: dict | None = None, norm_max: torch.Tensor | None = None,
-                               *, v_token_major: bool = False) -> torch.Tensor:
+                               *, v_token_major: bool = False,
+                               k8_lo: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v from the pre-pass's tensors (``int8_prepass.Int8Inputs``).
 
     q8, k8: int8 [B, H, S, D] contiguous; q_scale [B, H, S], k_scale [B, H, cdiv(S, BLOCK_N)],
@@ -388,10 +492,21 @@ def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale:
     (H, D) dims merge (``hopper_fwd.v_token_major_ok``: the QKV slice, read in place); out:
     [B, S, H, D] with stride 1 in D (written and returned). ``norm_max``: float32 [2, B * H], the
     max squared row norms of the dequantized q and smoothed k (``Int8Inputs.norm_max``); with it
-    (and ``bound_applies``) heads whose score bound holds skip the running max.
+    (and ``bound_applies``) heads whose score bound holds skip the running max. ``k8_lo``: k's
+    second INT8 part (int8, as k8; ``Int8Inputs.k8_lo``), needed by and only by K_SPLIT; with
+    K_SPLIT="heads" norm_max must be k8's alone (the pre-pass's ``k_split="heads"``), else the
+    two-part k's.
     """
     B, H, S, D = q8.shape
     cfg = resolve_config(D, config)
+    if bool(cfg["K_SPLIT"]) != (k8_lo is not None):
+        raise ValueError(f"k8_lo: K_SPLIT={cfg['K_SPLIT']} needs k's second INT8 part exactly when "
+                         f"on (the pre-pass's k_split=True); got "
+                         f"{'None' if k8_lo is None else 'a tensor'}")
+    if k8_lo is not None and (k8_lo.dtype != torch.int8 or k8_lo.shape != k8.shape
+                              or not k8_lo.is_contiguous()):
+        raise ValueError(f"k8_lo must be a contiguous int8 tensor shaped like k8 "
+                         f"{tuple(k8.shape)}; got {k8_lo.dtype} {tuple(k8_lo.shape)}")
     if k_scale.shape[-1] != triton.cdiv(S, cfg["BLOCK_N"]):
         raise ValueError(f"k_scale has {k_scale.shape[-1]} blocks; BLOCK_N={cfg['BLOCK_N']} "
                          f"needs {triton.cdiv(S, cfg['BLOCK_N'])}")
@@ -399,6 +514,8 @@ def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale:
     q_desc = TensorDescriptor(q8, [rows, D], [D, 1], [64, D], _nvmma([64, D], gl.int8))
     k_desc = TensorDescriptor(k8, [rows, D], [D, 1], [cfg["BLOCK_N"], D],
                               _nvmma([cfg["BLOCK_N"], D], gl.int8))
+    klo_desc = None if k8_lo is None else TensorDescriptor(
+        k8_lo, [rows, D], [D, 1], [cfg["BLOCK_N"], D], _nvmma([cfg["BLOCK_N"], D], gl.int8))
     if cfg["PV_FP8"]:
         if v.dtype != torch.float8_e4m3fn or v_scale is None or v_token_major:
             raise ValueError(f"PV_FP8 needs V^T in float8_e4m3fn and v_scale; v is {v.dtype}"
@@ -434,7 +551,7 @@ def hopper_int8_attention_core(q8, q_scale, k8, k_scale, v, v_scale, out, scale:
         q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, out,
         norm_max if bounded else q_scale, S, H, B * H, out.stride(0), out.stride(1),
         out.stride(2), float(scale) * LOG2E, **_constexprs(cfg, bounded, v_token_major),
-        num_warps=4)
+        **({} if klo_desc is None else dict(klo_desc=klo_desc)), num_warps=4)
     return out
 
 
@@ -462,6 +579,8 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, out_dtype: s
                  "qk_scale": "fp32"}
     v_dtype = torch.bfloat16 if out_dtype == "bf16" else torch.float16
     constexprs = _constexprs(cfg, bound_applies(cfg, v_dtype), v_token_major)
+    if cfg["K_SPLIT"]:
+        signature["klo_desc"] = desc_type("i8", [N, D], gl.int8)
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(_hopper_int8_attention_fwd_kernel, signature=signature,
                          constexprs=constexprs)

@@ -16,6 +16,16 @@ SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
 * **q -> INT8** with one scale per token (a row of the score matrix: the kernel folds it into the
   softmax's per-row FFMA for free); **k' -> INT8** with one scale per block of ``block_n`` keys
   (the kernel's key block, so one scalar per Q K^T block). Scales are amax / 127, round to nearest.
+* **k as two INT8 parts** (``k_split``, off by default until measured on a GPU): beside
+  k_hi = round(k' / s) the pre-pass writes k_lo = round((k' / s - k_hi) * 2^7) (|k_lo| <= 64, same
+  scale s, same layout), so k' ~= s (k_hi + k_lo / 2^7) = s / 2^7 round(k' / s * 2^7): a 15-bit k.
+  The kernel's K_SPLIT runs a second s8 Q K^T per key block (q8 . k_lo into the same s32
+  accumulator after shifting q8 . k_hi by 7 bits). K's INT8 rounding is most of the error on the
+  hard inputs; with the rotation this brings it from ~2.9x to ~1.1x the bf16 path's
+  (``benchmarks/results/int8_attention_notes.md``). ``k_split="heads"``: only the heads whose
+  score bound does not hold (T > 80, ``score_bound``: those that keep the running max, where K's
+  rounding error, which grows with T, matters) use k_lo; the others multiply k_hi alone, so the
+  norms (and the bound) are k_hi's, as without the split.
 * **v -> FP8 e4m3** (``fp8_v``, for the kernel's PV_FP8 config) with one scale per (b, h, channel)
   (amax / 448), stored transposed ``[B, H, D, S_pad]`` (S padded to 16 with zeros): FP8 wgmma
   needs both operands K-major, and for P V the reduction runs over keys. The shipped kernel keeps
@@ -49,6 +59,9 @@ LOG2E = 1.4426950408889634
 P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
 V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
 ROTATE_ENV = "COGVIDEOX_KERNELS_INT8_ROTATE"  # "1": rotate q and k by default (see above)
+K_SPLIT_ENV = "COGVIDEOX_KERNELS_INT8_K_SPLIT"  # "1" / "heads": k as two INT8 parts (see above)
+K_SPLIT_MODES = (False, True, "heads")
+K_LO_BITS = 7  # k_lo's weight is 2^-K_LO_BITS of k_hi's (|k_lo| <= 2^(K_LO_BITS - 1))
 _I8 = tl.constexpr(INT8_MAX)  # the same constants inside kernels
 _F8 = tl.constexpr(FP8_MAX)
 
@@ -99,16 +112,20 @@ def _column_stats_kernel(x_ptr, part_ptr, S, H, text_len, stride_xb, stride_xs, 
 @triton.jit
 def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, H, text_len,
                        stride_xb, stride_xs, stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr,
-                       bias_ptr, eps, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       bias_ptr, eps, lo_ptr, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr,
                        ROTATE: tl.constexpr, PER_ROW: tl.constexpr, NORM_SQ: tl.constexpr,
-                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                       SPLIT: tl.constexpr = False, LO_BITS: tl.constexpr = 7,
+                       LO_NORM: tl.constexpr = True):
     """y[b, h, s] = round(x' / scale) as int8, x' = rope(norm(x)) (- mean[b, h] with HAS_MEAN),
     head-major [B, H, S, D]; ROTATE: x' times the orthogonal rot [D, D] (float32, row-major;
     D == BLOCK_D) first; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
     BLOCK_S tokens (scale[b, h, block]). NORM_SQ: norm[b, h, program] = the largest
     ||y[b, h, s] * scale||^2 of the program's tokens (the dequantized rows the attention kernel
-    multiplies: its score bound)."""
+    multiplies: its score bound). SPLIT: also lo[b, h, s] = round((x' / scale - y) * 2^LO_BITS)
+    as int8 (the second INT8 part, same layout; with LO_NORM the norms are those of
+    (y + lo / 2^LO_BITS) * scale)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, tokens = _tile(x_ptr, pid_s, pid_bh, S, H, text_len, stride_xb, stride_xs, stride_xh,
@@ -136,14 +153,23 @@ def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, 
         y = x * inv
         scale = tl.where(amax > 0, amax / _I8, 1.0)
         tl.store(scale_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s, scale)
+    yr = y
     y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero
+    if SPLIT:  # yr - y is exact (|.| <= 1/2) and so is its product by 2^LO_BITS
+        r = (yr - y.to(tl.float32)) * (1 << LO_BITS)
+        lo = tl.where(r >= 0, r + 0.5, r - 0.5).to(tl.int8)
     if NORM_SQ:  # sums of squared int8 values are exact in float32 (D * 127^2 < 2^24)
         yf = y.to(tl.float32)
+        if SPLIT and LO_NORM:  # (float32 rounding of the sum: ~1e-7 relative, inside the margin)
+            yf = yf + lo.to(tl.float32) * (1.0 / (1 << LO_BITS))
         n2 = tl.sum(yf * yf, axis=1) * (scale * scale)  # rows past S are zero
         tl.store(norm_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s, tl.max(n2, axis=0))
     rows = pid_bh.to(tl.int64) * S + tokens
     tl.store(y_ptr + rows[:, None] * D + offs_d[None, :], y,
              mask=row_mask[:, None] & d_mask[None, :])
+    if SPLIT:
+        tl.store(lo_ptr + rows[:, None] * D + offs_d[None, :], lo,
+                 mask=row_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -195,7 +221,10 @@ class Int8Inputs(NamedTuple):
     norm_max: float32 [2, B * H], per head the max over tokens of ||q8 * q_scale||^2 and of
     ||k8 * k_scale||^2 (the dequantized q and smoothed k: they bound every score the kernel
     computes, ``score_bound``), or None; rotated: q8 and k8 are the rotated q and smoothed k
-    (``rotation_matrix``; the kernel does not need to know).
+    (``rotation_matrix``; the kernel does not need to know); k8_lo: k's second INT8 part
+    (``k_split``; int8 [B, H, S, D], k ~= k_scale * (k8 + k8_lo / 2^K_LO_BITS)) or None;
+    k_lo_heads: k8_lo is for the heads whose score bound does not hold only (``k_split="heads"``:
+    norm_max is then k8's, as without k8_lo).
     """
     q8: torch.Tensor
     q_scale: torch.Tensor
@@ -206,15 +235,44 @@ class Int8Inputs(NamedTuple):
     block_n: int
     norm_max: Optional[torch.Tensor] = None
     rotated: bool = False
+    k8_lo: Optional[torch.Tensor] = None
+    k_lo_heads: bool = False
+
+
+def _env_switch(name: str, what: str) -> bool:
+    value = os.environ.get(name, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{name}={value!r}: use 1 ({what}) or 0 (do not)")
+    return value == "1"
 
 
 def rotate_default() -> bool:
     """Whether the 8-bit path rotates q and k when the caller does not say: the environment
     variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("1" on; unset or "0": off, today's default)."""
-    value = os.environ.get(ROTATE_ENV, "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{ROTATE_ENV}={value!r}: use 1 (rotate q and k) or 0 (do not)")
-    return value == "1"
+    return _env_switch(ROTATE_ENV, "rotate q and k")
+
+
+def k_split_mode(value, name="k_split"):
+    """``value`` as one of ``K_SPLIT_MODES`` (False: k in one INT8 part; True: two parts for every
+    head; "heads": two parts for the heads that keep the running max); 0 / 1 are False / True."""
+    if isinstance(value, str):
+        if value == "heads":
+            return value
+    elif value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name}={value!r}: use False (k in one INT8 part), True (two parts for every "
+                     f"head) or 'heads' (two parts where the score bound does not hold)")
+
+
+def k_split_default():
+    """How the 8-bit path stores k when the caller does not say (the kernel's K_SPLIT):
+    ``COGVIDEOX_KERNELS_INT8_K_SPLIT`` "1" (two INT8 parts, every head), "heads" (two parts for
+    the heads that keep the running max), unset or "0": one part (today's default)."""
+    value = os.environ.get(K_SPLIT_ENV, "0").strip()
+    if value not in ("0", "1", "", "heads"):
+        raise ValueError(f"{K_SPLIT_ENV}={value!r}: use 1 (k as two INT8 parts), heads (two parts "
+                         f"for the heads without a score bound) or 0 (one part)")
+    return "heads" if value == "heads" else value == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,11 +301,14 @@ def _norm_args(cos, weight, bias, apply_norm):
 
 def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, *, block_n=128,
-                         block_s=None, fp8_v=True, norms=True, rotate=False) -> Int8Inputs:
+                         block_s=None, fp8_v=True, norms=True, rotate=False,
+                         k_split=False) -> Int8Inputs:
     """The 8-bit pre-pass (see the module docstring) of strided [B, S, H, D] q, k, v.
     ``fp8_v=False`` leaves V alone (v8t and v_scale None: the kernel's P V in 16 bits);
     ``norms=False`` skips ``norm_max`` (None); ``rotate``: q and smoothed k times
-    ``rotation_matrix(D)`` before quantization."""
+    ``rotation_matrix(D)`` before quantization; ``k_split`` (``K_SPLIT_MODES``): also k's second
+    INT8 part (``Int8Inputs.k8_lo``; with "heads" the norms stay k8's)."""
+    k_split = k_split_mode(k_split)
     B, S, H, D = q.shape
     dev = q.device
     rot = rotation_matrix(D, dev) if rotate else None  # raises for head dims it cannot rotate
@@ -273,10 +334,12 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     # per program: the largest squared norm of its dequantized rows (k: per key block, q: per
     # block_s tokens), reduced per head below
     k_norm = torch.empty((B * H, n_kblocks), dtype=torch.float32, device=dev) if norms else k_scale
+    k8_lo = torch.empty((B, H, S, D), dtype=torch.int8, device=dev) if k_split else None
     _quant_int8_kernel[(n_kblocks, B * H)](
         k, k8, k_scale, k_mean, k_norm, rot if rotate else k_mean, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos,
-        sin, stride_cs, k_norm_weight, k_norm_bias, eps, HAS_MEAN=True, ROTATE=rotate, PER_ROW=False,
-        NORM_SQ=norms, BLOCK_S=block_n,
+        sin, stride_cs, k_norm_weight, k_norm_bias, eps, k8_lo if k_split else k8, HAS_MEAN=True,
+        ROTATE=rotate, PER_ROW=False, NORM_SQ=norms, BLOCK_S=block_n, SPLIT=bool(k_split),
+        LO_BITS=K_LO_BITS, LO_NORM=k_split is True,
         **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
 
     # Q: INT8 per token
@@ -285,14 +348,15 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     q_norm = torch.empty((B * H, grid[0]), dtype=torch.float32, device=dev) if norms else q_scale
     _quant_int8_kernel[grid](
         q, q8, q_scale, q_scale, q_norm, rot if rotate else q_scale, S, H, text_len, q.stride(0), q.stride(1), q.stride(2),
-        cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, HAS_MEAN=False, ROTATE=rotate,
+        cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, q8, HAS_MEAN=False, ROTATE=rotate,
         PER_ROW=True,
         NORM_SQ=norms, BLOCK_S=block_s,
         **_norm_args(cos, q_norm_weight, q_norm_bias, apply_q_norm), **common)
     norm_max = torch.stack((q_norm.amax(1), k_norm.amax(1))) if norms else None
 
     if not fp8_v:
-        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, norm_max, rotate)
+        return Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, norm_max, rotate, k8_lo,
+                          k_split == "heads")
     # V: per-channel amax, then FP8 e4m3, transposed
     _column_stats_kernel[grid](
         v, part, S, H, 0, v.stride(0), v.stride(1), v.stride(2), None, None, 0, None, None, eps,
@@ -306,7 +370,8 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     _quant_fp8_t_kernel[(triton.cdiv(s_pad, block_s), B * H)](
         v, v8t, v_inv, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2), BLOCK_S=block_s,
         INTERPRET=interpret_mode(), **common)
-    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n, norm_max, rotate)
+    return Int8Inputs(q8, q_scale, k8, k_scale, v8t, v_scale, block_n, norm_max, rotate, k8_lo,
+                      k_split == "heads")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +382,10 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
-                            eps=1e-6, block_n=128, rotate=False) -> Int8Inputs:
+                            eps=1e-6, block_n=128, rotate=False, k_split=False) -> Int8Inputs:
     """``quantize_int8_inputs`` in torch (float32): the same scales and 8-bit values up to the
     rounding of values on a tie (and the last bit of the float32 norm/RoPE and rotation)."""
+    k_split = k_split_mode(k_split)
     B, S, H, D = q.shape
     rot = rotation_matrix(D, q.device) if rotate else None
     qw = qk_norm_rope_reference(q, text_len, cos, sin, q_norm, eps, torch.float32)
@@ -339,7 +405,13 @@ def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
     k_amax = kb.abs().amax((-1, -2))
     k_scale = torch.where(k_amax > 0, k_amax / INT8_MAX, 1.0)
     k_inv = torch.where(k_amax > 0, INT8_MAX / k_amax, 0.0)
-    k8 = _round_half_away(kb * k_inv[..., None, None]).view(B, H, -1, D)[:, :, :S]
+    ky = kb * k_inv[..., None, None]
+    k8 = _round_half_away(ky)
+    k8_lo = None
+    if k_split:  # the second part: what k8 rounded off, in steps of 2^-K_LO_BITS
+        k8_lo = _round_half_away((ky - k8) * 2.0 ** K_LO_BITS).view(B, H, -1, D)[:, :, :S]
+        k8_lo = k8_lo.to(torch.int8).contiguous()
+    k8 = k8.view(B, H, -1, D)[:, :, :S]
 
     v_amax = vw.abs().amax(2)
     v_scale = v_amax / FP8_MAX
@@ -349,15 +421,27 @@ def quantize_int8_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=Non
     v8t = torch.nn.functional.pad(v8.float().transpose(2, 3), (0, s_pad - S)).to(torch.float8_e4m3fn)
     q8, k8 = q8.to(torch.int8), k8.to(torch.int8).contiguous()
     return Int8Inputs(q8, q_scale, k8, k_scale, v8t.contiguous(), v_scale, block_n,
-                      dequantized_norm_max(q8, q_scale, k8, k_scale, block_n).float(), rotate)
+                      dequantized_norm_max(q8, q_scale, k8, k_scale, block_n,
+                                           k8_lo if k_split is True else None).float(),
+                      rotate, k8_lo, k_split == "heads")
 
 
-def dequantized_norm_max(q8, q_scale, k8, k_scale, block_n) -> torch.Tensor:
+def dequantized_k(t: Int8Inputs, dtype=torch.float32) -> torch.Tensor:
+    """The smoothed k the kernel multiplies, [B, H, S, D]: k_scale * (k8 (+ k8_lo / 2^7))."""
+    S = t.k8.shape[2]
+    k = t.k8.to(dtype)
+    if t.k8_lo is not None:
+        k = k + t.k8_lo.to(dtype) * 2.0 ** -K_LO_BITS
+    return k * t.k_scale.to(dtype).repeat_interleave(t.block_n, dim=-1)[..., :S, None]
+
+
+def dequantized_norm_max(q8, q_scale, k8, k_scale, block_n, k8_lo=None) -> torch.Tensor:
     """float64 [2, B * H]: per head the max over tokens of ||q8 * q_scale||^2 and of
-    ||k8 * k_scale||^2 (``Int8Inputs.norm_max`` computed in float64)."""
-    S = q8.shape[2]
+    ||k8 * k_scale||^2 (with k8_lo: of ||(k8 + k8_lo / 2^7) * k_scale||^2; ``Int8Inputs.norm_max``
+    computed in float64)."""
     qd = q8.double() * q_scale.double()[..., None]
-    kd = k8.double() * k_scale.double().repeat_interleave(block_n, dim=-1)[..., :S, None]
+    kd = dequantized_k(Int8Inputs(q8, q_scale, k8, k_scale, None, None, block_n, k8_lo=k8_lo),
+                       torch.float64)
     return torch.stack([x.square().sum(-1).amax(-1).flatten() for x in (qd, kd)])
 
 
@@ -378,10 +462,11 @@ def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None
     e4m3 (as p * 448 relative to the row max) against the FP8 V^T of ``t``, or, given ``v``
     (the 16-bit V, [B, H, S, D]), P rounded to v's dtype against v. ``fixed_max``: heads whose
     score bound holds (``score_bound`` of ``t.norm_max``) take P relative to the fixed m instead
-    of the row max, as the kernel's fixed-max softmax (bf16 P only). Query rows go in chunks of
-    at most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
+    of the row max, as the kernel's fixed-max softmax (bf16 P only). k: k8 + k8_lo / 2^7 where
+    ``t`` has k8_lo, except (``t.k_lo_heads``) on those fixed-max heads: k8 alone. Query rows go
+    in chunks of at most ~64M scores. Returns [B, S, H, D] in ``out_dtype``."""
     B, H, S, D = t.q8.shape
-    k = t.k8.float() * t.k_scale.repeat_interleave(t.block_n, dim=-1)[..., :S, None]
+    k = dequantized_k(t)
     if v is None:
         vf = t.v8t[..., :S].float().transpose(-1, -2) * t.v_scale[:, :, None, :]
     else:
@@ -391,6 +476,8 @@ def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None
         _, fixed, m = score_bound(t.norm_max.to(t.q8.device), scale * LOG2E)
         # natural-log units; NaN marks the running-max heads
         m_fixed = torch.where(fixed, m.double() / LOG2E, math.nan).float().view(B, H, 1, 1)
+        if t.k8_lo is not None and t.k_lo_heads:
+            k = torch.where(m_fixed.isnan(), k, dequantized_k(t._replace(k8_lo=None)))
     out = torch.empty((B, H, S, D), dtype=torch.float32, device=t.q8.device)
     rows = max(1, 2 ** 26 // (B * H * S))
     for r0 in range(0, S, rows):
@@ -411,19 +498,22 @@ def int8_attention_from_quantized(t: Int8Inputs, scale: float, out_dtype, v=None
 
 def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=None, k_norm=None,
                              eps=1e-6, scale=None, block_n=128, pv_fp8=False, fixed_max=True,
-                             rotate=None):
+                             rotate=None, k_split=None):
     """``rope3d_attention(..., precision="int8")`` emulated in float32: the pre-pass's
     quantization, then attention over the dequantized values, with P V in v's dtype (the shipped
     kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
     config). ``fixed_max``: bf16 P relative to the fixed max where the kernel takes it (its
     default; False: the running max everywhere, the kernel's SCORE_BOUND=False). ``rotate``: q
     and smoothed k rotated before quantization (the kernel's ROTATE; None: ``rotate_default()``).
+    ``k_split``: k as two INT8 parts (the kernel's K_SPLIT, ``K_SPLIT_MODES``; None:
+    ``k_split_default()``).
     Returns [B, S, H, D] in q's dtype."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
                                 k_norm=k_norm, eps=eps, block_n=block_n,
-                                rotate=rotate_default() if rotate is None else bool(rotate))
+                                rotate=rotate_default() if rotate is None else bool(rotate),
+                                k_split=k_split_default() if k_split is None else k_split)
     v16 = None
     if not pv_fp8:
         v16 = v.transpose(1, 2)
@@ -434,7 +524,8 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
 LOG2_P_SCALE = math.log2(P_SCALE)
 
 __all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference", "score_bound",
-           "rotation_matrix", "rotate_default", "ROTATE_ENV",
-           "dequantized_norm_max",
+           "rotation_matrix", "rotate_default", "ROTATE_ENV", "k_split_default", "K_SPLIT_ENV",
+           "K_SPLIT_MODES", "k_split_mode",
+           "K_LO_BITS", "dequantized_norm_max", "dequantized_k",
            "int8_attention_from_quantized", "int8_attention_reference", "INT8_MAX", "FP8_MAX",
            "P_SCALE", "LOG2_P_SCALE", "V_PAD"]
