@@ -274,8 +274,8 @@ def sm90_ptx_checks():
     for quant, qtype in ((triton_fwd.QUANT_E4M3, "*fp8e4nv"), (triton_fwd.QUANT_INT8, "*i8")):
         ptx = _compile_sm90(triton_fwd._modulated_norm_fwd_kernel, {
             "x_ptr": "*bf16", "mod_ptr": "*bf16", "norm_w_ptr": "*bf16", "norm_b_ptr": "*bf16", "h_ptr": qtype,
-            "h_scale_ptr": "*fp32", "n_rows": "i32", "seq_len": "i32", "text_len": "i32", "hidden": "i32",
-            "eps": "fp32"},
+            "h_scale_ptr": "*fp32", "seq_len": "i32", "text_len": "i32", "hidden": "i32", "eps": "fp32",
+            "n_rows": "i32"},
             dict(HAS_NORM_W=True, HAS_NORM_B=True, QUANT=quant, BLOCK_R=1, BLOCK_H=4096, CHUNK=0, INTERPRET=False),
             num_warps=16)
         ptx += _compile_sm90(fp8._bias_gelu_quant_fwd_kernel, {

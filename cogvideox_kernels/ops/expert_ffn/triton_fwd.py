@@ -128,8 +128,8 @@ def _modulate(y, row_ok, cols, col_ok, sample, is_text, mod_ptr, norm_w_ptr, nor
 
 
 @triton.jit
-def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, n_rows, seq_len, text_len,
-                               hidden, eps, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANT: tl.constexpr,
+def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_scale_ptr, seq_len, text_len,
+                               hidden, eps, n_rows, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, QUANT: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
                                INTERPRET: tl.constexpr):
     """h = LN(x) * (1 + scale_m) + shift_m for BLOCK_R tokens; with QUANT (QUANT_E4M3 / QUANT_INT8), h goes
@@ -137,6 +137,33 @@ def _modulated_norm_fwd_kernel(x_ptr, mod_ptr, norm_w_ptr, norm_b_ptr, h_ptr, h_
     CHUNK 0: each row whole in registers (BLOCK_H >= hidden). CHUNK > 0 (bf16/fp16 out only): the row in
     CHUNK-column pieces, three passes (mean, centered variance, output; the re-reads hit L2), so that few
     registers per row leave room for many rows in flight."""
+    if BLOCK_R == 1 and CHUNK == 0:  # the default launch, as it was measured (1-D: 64 registers at 16 warps)
+        row = tl.program_id(0).to(tl.int64)
+        sample = row // seq_len
+        is_text = (row - sample * seq_len) < text_len
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < hidden
+        x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / hidden
+        centered = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centered * centered, axis=0) / hidden
+        y = centered / tl.sqrt(var + eps)
+        if HAS_NORM_W:
+            y = y * tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM_B:
+            y = y + tl.load(norm_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        shift_row = tl.where(is_text, SHIFT_T, SHIFT_V)
+        mod_row = mod_ptr + sample * ROWS * hidden + shift_row * hidden
+        shift = tl.load(mod_row + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(mod_row + (SCALE_V - SHIFT_V) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        h = y * (1.0 + scale) + shift
+        if QUANT != 0:
+            h_q, h_scale = _quantize_row(h, mask, QUANT, INTERPRET)
+            tl.store(h_scale_ptr + row, h_scale)
+            tl.store(h_ptr + row * hidden + cols, h_q, mask=mask)
+        else:
+            tl.store(h_ptr + row * hidden + cols, store_cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        return
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     sample = rows // seq_len
@@ -455,7 +482,7 @@ def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, te
         num_warps = 4
     _modulated_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
         x2d, modulation, norm_weight if norm_weight is not None else x2d,
-        norm_bias if norm_bias is not None else x2d, h, h_scale, rows, seq_len, text_len, hidden, eps,
+        norm_bias if norm_bias is not None else x2d, h, h_scale, seq_len, text_len, hidden, eps, rows,
         HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, QUANT=quant, BLOCK_R=block_r,
         BLOCK_H=block, CHUNK=chunk, INTERPRET=interpret_mode(), num_warps=num_warps)
     return (h, h_scale) if quantize else h
