@@ -11,7 +11,7 @@
 #   ncu    one profiled launch of the Hopper attention kernel at 5B (stall reasons per source line:
 #          the two warpgroup BAR.SYNCs per key block, issue 13's open question)
 #   norm   the LN-modulate pre-pass's launch sweep (experiments/norm_sweep.py: rows per program, warps,
-#          column chunks; today one row in flight per SM)
+#          column chunks; today two rows in flight per SM)
 #   prepass  the attention pre-pass piece by piece and its launch config (experiments/prepass_sweep.py)
 #   step   the 5B step through apply() beside diffusers eager and diffusers + FA3 + compiled blocks
 #   tests  GPU tests (TEST_FILES; default: the VAE's fused spatial-norm modulation (CUDA path switched

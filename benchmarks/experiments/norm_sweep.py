@@ -1,6 +1,6 @@
 """H200 probe: the LN-modulate pre-pass (``expert_ffn.triton_fwd.modulated_norm_fwd``: norm1 of the fused
 attention half and norm2 of the expert FFN, 84 calls per 5B step) at the 5B shape, today's launch (one whole
-row per program, 16 warps: 66 registers, one CTA = one row in flight per SM) against rows per program x warps
+row per program, 16 warps: 64 registers, two CTAs = two rows in flight per SM) against rows per program x warps
 x column chunks (``NORM_LAUNCH``). Each launch's output is checked against a float32 reference and the
 default launch's before it is timed; GB/s counts x read + h written.
 
