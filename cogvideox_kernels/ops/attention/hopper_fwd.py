@@ -121,12 +121,14 @@ def alloc_shared(q_desc, k_desc, v_desc, NUM_WG: gl.constexpr, STAGES: gl.conste
 
 @gluon.jit
 def load_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, k_row, v_row, v_col, S, base,
-              V_T: gl.constexpr = False):
+              V_T: gl.constexpr = False, klo_desc=None, klo_bufs=None, split=False):
     """The loader warp's work for one tile: the NUM_WG Q boxes at (q_row + i * BLOCK_M, q_col),
     then K and V blocks into the ring (K and V on separate barriers, so Q K^T can start before V
     has landed). K block j is the box at (k_row + j * BLOCK_N, 0); V block j at
     (v_row + j * BLOCK_N, v_col), or with V_T (V^T tiles) at (v_row, v_col + j * BLOCK_N).
-    ``base``: ring blocks loaded before this tile (stage and phase continue from there)."""
+    ``base``: ring blocks loaded before this tile (stage and phase continue from there).
+    ``klo_desc`` (the INT8 kernel's K_SPLIT): K's second part too, block j into ``klo_bufs`` on
+    the same barrier as K's, where ``split`` (a constexpr or the head's runtime flag)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
     for i in gl.static_range(sm.NUM_WG):
@@ -138,7 +140,14 @@ def load_tile(sm, q_desc, k_desc, v_desc, q_row, q_col, k_row, v_row, v_col, S, 
         stage = c % sm.STAGES
         mbarrier.wait(sm.kv_empty.index(stage), ((c // sm.STAGES) & 1) ^ 1)
         k_bar = sm.k_ready.index(stage)
-        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+        if klo_desc is None:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+        elif split:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes + klo_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(klo_desc, [k_row + j * sm.BLOCK_N, 0], k_bar,
+                                            klo_bufs.index(stage))
+        else:
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_row + j * sm.BLOCK_N, 0], k_bar,
                                         sm.k_bufs.index(stage))
         v_bar = sm.v_ready.index(stage)

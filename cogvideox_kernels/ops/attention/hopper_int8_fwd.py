@@ -59,46 +59,12 @@ def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
     V^T (PV_FP8) is read as [D, BLOCK_N] boxes of the [B*H*D, S_pad] view at (v_row, j * BLOCK_N),
     16-bit V as [BLOCK_N, D] boxes at (v_row + j * BLOCK_N, v_col) of its head-major or
     token-major view. K_SPLIT: k_lo blocks too, into ``klo_bufs``, where ``split`` (this head
-    uses them; ``_load_tile_k_split``)."""
+    uses them)."""
     if K_SPLIT:
-        _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S, PV_FP8,
-                           klo_desc, klo_bufs, split)
+        load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8,
+                  klo_desc, klo_bufs, split)
     else:
         load_tile(sm, q_desc, k_desc, v_desc, row_q, 0, row_kv, v_row, v_col, S, 0, PV_FP8)
-
-
-@gluon.jit
-def _load_tile_k_split(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S,
-                       V_T: gl.constexpr, klo_desc, klo_bufs, split):
-    """``hopper_fwd.load_tile`` (one tile, ring from stage 0) with K's second INT8 part: block j's
-    k_hi and k_lo boxes land on the same ``k_ready`` barrier, in ``sm.k_bufs`` and ``klo_bufs``;
-    k_hi alone where not ``split`` (a constexpr True or the head's runtime flag)."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(sm.q_bar, sm.NUM_WG * q_desc.block_type.nbytes)
-    for i in gl.static_range(sm.NUM_WG):
-        tma.async_copy_global_to_shared(q_desc, [row_q + i * BLOCK_M, 0], sm.q_bar,
-                                        sm.q_bufs.index(i))
-    n_blocks = gl.cdiv(S, sm.BLOCK_N)
-    for j in range(n_blocks):
-        stage = j % sm.STAGES
-        mbarrier.wait(sm.kv_empty.index(stage), ((j // sm.STAGES) & 1) ^ 1)
-        k_bar = sm.k_ready.index(stage)
-        if split:
-            mbarrier.expect(k_bar, k_desc.block_type.nbytes + klo_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(klo_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
-                                            klo_bufs.index(stage))
-        else:
-            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row_kv + j * sm.BLOCK_N, 0], k_bar,
-                                        sm.k_bufs.index(stage))
-        v_bar = sm.v_ready.index(stage)
-        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        if V_T:
-            tma.async_copy_global_to_shared(v_desc, [v_row, v_col + j * sm.BLOCK_N], v_bar,
-                                            sm.v_bufs.index(stage))
-        else:
-            tma.async_copy_global_to_shared(v_desc, [v_row + j * sm.BLOCK_N, v_col], v_bar,
-                                            sm.v_bufs.index(stage))
 
 
 @gluon.jit
