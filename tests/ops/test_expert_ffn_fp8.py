@@ -287,3 +287,32 @@ def test_fp8_weight_update_and_compile(device, request):
     flipped = half_block(args["x"], args["modulation"])
     torch.testing.assert_close(flipped - args["x"], -(eager - args["x"]), rtol=0.05, atol=0.05)
     torch.testing.assert_close(compiled(args["x"], args["modulation"]), flipped, rtol=0, atol=0)
+
+
+def test_prepass_default_launch():
+    """The measured defaults: chunked rows for bf16 out at hidden >= 2048, whole rows when quantizing
+    (the row scale needs the whole row) and for narrow rows; NORM_LAUNCH overrides."""
+    assert triton_fwd.norm_launch(3072, False) == (4, 4, 1024)
+    assert triton_fwd.norm_launch(3072, True) == (1, 16, 0)
+    assert triton_fwd.norm_launch(1920, False) == (1, 8, 0)
+    assert triton_fwd.norm_launch(96, False) == (1, 4, 0)
+
+
+@pytest.mark.parametrize("out", ["bf16", "int8"])
+def test_prepass_wide_rows_default(interpret, out):
+    """hidden 2176 (> 2048, not a multiple of the 1024-column chunk: the last chunk masked) through the
+    default launch: bf16 out against the float32 reference; int8 out (whole rows) dequantizes to it."""
+    args, kwargs = make_case(2, 5, 2176, 64, 2, seed=5)
+    x, mod = args["x"], args["modulation"]
+    B, S, Hd = x.shape
+    h, _ = modulated_norm_reference(x.float(), mod.float(), 2, kwargs["norm_weight"].float(),
+                                    kwargs["norm_bias"].float(), 1e-5)
+    h = h.view(B * S, Hd)
+    if out == "bf16":
+        got = triton_fwd.modulated_norm_fwd(x.view(B * S, Hd), mod, kwargs["norm_weight"], kwargs["norm_bias"],
+                                            1e-5, S, 2, torch.bfloat16)
+        assert rel_err(got.float(), h) < 5e-3
+    else:
+        q, scale = triton_fwd.modulated_norm_fwd(x.view(B * S, Hd), mod, kwargs["norm_weight"],
+                                                 kwargs["norm_bias"], 1e-5, S, 2, torch.int8)
+        assert rel_err(q.float() * scale[:, None], h) < 2e-2

@@ -460,9 +460,22 @@ def grouped_gemm_fwd(a, weight, bias, out, *, epilogue, group_rows=None, row_ind
     return out
 
 
-# (rows per program, warps, chunk columns or 0) of the LN-modulate pre-pass; None: one whole row per
-# program, hidden / 256 warps (4..16). benchmarks/experiments/norm_sweep.py times other launches.
+# (rows per program, warps, chunk columns or 0) of the LN-modulate pre-pass; None: the measured default
+# (norm_launch). benchmarks/experiments/norm_sweep.py times other launches.
 NORM_LAUNCH = None
+
+
+def norm_launch(hidden: int, quantize: bool) -> tuple[int, int, int]:
+    """The LN-modulate pre-pass launch. bf16/fp16 out at hidden >= 2048: four rows per program in
+    1024-column chunks with 4 warps (H200, 5B shape, 485a03c: 0.143 ms = 3.06 TB/s against 0.221 ms =
+    1.98 TB/s for one whole row per program with 16 warps; benchmarks/results/h200_s5/). Quantized out
+    (the row scale needs the whole row) and narrower rows keep one whole row per program, hidden / 256
+    warps (4..16)."""
+    if NORM_LAUNCH is not None:
+        return NORM_LAUNCH
+    if not quantize and hidden >= 2048:
+        return (4, 4, 1024)
+    return (1, min(16, max(4, triton.next_power_of_2(hidden) // 256)), 0)
 
 
 def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, text_len, out_dtype):
@@ -475,7 +488,7 @@ def modulated_norm_fwd(x2d, modulation, norm_weight, norm_bias, eps, seq_len, te
     h = torch.empty(rows, hidden, dtype=out_dtype, device=x2d.device)
     h_scale = torch.empty(rows, dtype=torch.float32, device=x2d.device) if quantize else h
     block = triton.next_power_of_2(hidden)
-    block_r, num_warps, chunk = NORM_LAUNCH if NORM_LAUNCH is not None else (1, min(16, max(4, block // 256)), 0)
+    block_r, num_warps, chunk = norm_launch(hidden, quantize)
     if quantize:
         chunk = 0  # the row scale needs the whole row: the chunked form writes bf16/fp16 only
     if interpret_mode():
