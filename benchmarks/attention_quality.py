@@ -240,6 +240,25 @@ def main(argv=None):
                                ms=time_ms(lambda: prepass(False, norms, rot, ks), device))
                     results["rows"].append(row)
                     log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f}")
+                # the rotation as it was before 2026-12-01's session 5 (a float32 matrix per program,
+                # 3 TF32 products; int8_prepass.ROT_MODE 0) against the shipped one (mode 1)
+                from cogvideox_kernels.ops.attention import int8_prepass
+                shipped, int8_prepass.ROT_MODE = int8_prepass.ROT_MODE, 0
+                try:
+                    a, b = prepass(False, True, True, True), None
+                    int8_prepass.ROT_MODE = shipped
+                    b = prepass(False, True, True, True)
+                    same = {n: (getattr(a, n).int() - getattr(b, n).int()).abs().max().item()
+                            for n in ("q8", "k8", "k8_lo")}
+                    int8_prepass.ROT_MODE = 0
+                    row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V) + norms + rotation "
+                               "+ k split, ROT_MODE 0 (float32 matrix, tf32x3)",
+                               ms=time_ms(lambda: prepass(False, True, True, True), device),
+                               note=f"max |int8 difference| vs ROT_MODE {shipped}: {same}")
+                    results["rows"].append(row)
+                    log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f} {row['note']}")
+                finally:
+                    int8_prepass.ROT_MODE = shipped
             for name in args.variants.split(","):
                 cfg = resolve_config(D, INT8_VARIANTS[name])
                 run = lambda cfg=cfg: hopper_int8_attention_fwd(q, k, v, *norm_args,  # noqa: E731

@@ -176,7 +176,7 @@ def test_rotation_matrix_and_switch(monkeypatch):
             rotation_matrix(bad)
 
     case = make_case(1, 40, 2, 64, 6, torch.float32, seed=13)
-    monkeypatch.delenv(ROTATE_ENV, raising=False)
+    monkeypatch.setenv(ROTATE_ENV, "0")
     assert default_config(64)["ROTATE"] is False
     off = ops.rope3d_attention(**case, precision="int8")
     torch.testing.assert_close(off, int8_attention_reference(**case, rotate=False), rtol=0, atol=0)
@@ -185,6 +185,9 @@ def test_rotation_matrix_and_switch(monkeypatch):
     on = ops.rope3d_attention(**case, precision="int8")
     torch.testing.assert_close(on, int8_attention_reference(**case, rotate=True), rtol=0, atol=0)
     assert not torch.equal(on, off)
+    monkeypatch.delenv(ROTATE_ENV)  # unset: on (the default)
+    assert default_config(64)["ROTATE"] is True
+    torch.testing.assert_close(ops.rope3d_attention(**case, precision="int8"), on, rtol=0, atol=0)
     monkeypatch.setenv(ROTATE_ENV, "yes")
     with pytest.raises(ValueError, match=ROTATE_ENV):
         ops.rope3d_attention(**case, precision="int8")
@@ -313,7 +316,7 @@ def test_emulation_k_split_heads():
 
 def test_k_split_switch_and_checks(monkeypatch):
     """COGVIDEOX_KERNELS_INT8_K_SPLIT picks K_SPLIT's default in the kernel config and the
-    emulation (off when unset; a bad value is a clear error); the kernel's launcher refuses a
+    emulation ("heads" when unset; a bad value is a clear error); the kernel's launcher refuses a
     K_SPLIT call without k's second part and a second part without K_SPLIT."""
     from cogvideox_kernels.ops.attention.hopper_int8_fwd import (default_config,
                                                                  hopper_int8_attention_core)
@@ -321,6 +324,8 @@ def test_k_split_switch_and_checks(monkeypatch):
     case = make_case(1, 40, 2, 64, 6, torch.float32, seed=13)
     monkeypatch.delenv(K_SPLIT_ENV, raising=False)
     monkeypatch.delenv(ROTATE_ENV, raising=False)
+    assert default_config(64)["K_SPLIT"] == "heads"  # unset: the default
+    monkeypatch.setenv(K_SPLIT_ENV, "0")
     assert default_config(64)["K_SPLIT"] is False
     off = ops.rope3d_attention(**case, precision="int8")
     torch.testing.assert_close(off, int8_attention_reference(**case, k_split=False), rtol=0, atol=0)
@@ -429,8 +434,9 @@ def test_emulation_fixed_max_matches_running_max(kind):
     T, fixed, _ = score_bound(t.norm_max, 64 ** -0.5 * LOG2E)
     assert fixed.all() if kind == "model" else (fixed.any() and (~fixed).any() and (T[fixed] > 48).any())
     ref = rope3d_attention_reference(**case, compute_dtype=torch.float64)
-    out_fixed = int8_attention_reference(**case)
-    out_run = int8_attention_reference(**case, fixed_max=False)
+    # k in one part for both (the default "heads" would give the running max k's second part)
+    out_fixed = int8_attention_reference(**case, k_split=False)
+    out_run = int8_attention_reference(**case, fixed_max=False, k_split=False)
     e_fixed, e_run = rel_err(out_fixed, ref), rel_err(out_run, ref)
     assert e_fixed <= 1.1 * e_run + 1e-3, (e_fixed, e_run)
     assert rel_err(out_fixed, out_run) <= 5e-3
@@ -504,7 +510,7 @@ _K_SPLIT_COMPILE_SCRIPT = r"""
 import json, re, sys
 from cogvideox_kernels.ops.attention.hopper_int8_fwd import compile_offline
 found = []
-for config in (dict(), dict(K_SPLIT=True), dict(K_SPLIT="heads")):
+for config in (dict(K_SPLIT=False), dict(K_SPLIT=True), dict(K_SPLIT="heads")):
     c = compile_offline(config, int(sys.argv[1]))
     ptx = c.asm["ptx"]
     found.append(dict(s8=len(re.findall(r"wgmma\.mma_async[.a-z0-9]*\.s8\.s8", ptx)),

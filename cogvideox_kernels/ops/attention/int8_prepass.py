@@ -6,7 +6,7 @@ SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
 * **K smoothing**: k' = k - mean_s(k) per (b, h, channel), over all tokens after norm + RoPE.
   q k'^T differs from q k^T by a per-query-row constant, which softmax ignores; the mean takes out
   the channel offsets that would otherwise set the INT8 scale of every key.
-* **Rotation** (``rotate``, off by default until measured on a GPU): q and k' times one fixed
+* **Rotation** (``rotate``, on by default): q and k' times one fixed
   orthogonal D x D matrix R (a Hadamard matrix / sqrt(D) with fixed random row signs,
   ``rotation_matrix``) before quantization. (q R)(k' R)^T = q k'^T, so the kernel is unchanged;
   the rotation spreads a heavy-tailed row's few large channels (and the channel offsets that RoPE
@@ -16,7 +16,7 @@ SageAttention2's recipe for Q K^T, fused with our QK LayerNorm + RoPE3D pre-pass
 * **q -> INT8** with one scale per token (a row of the score matrix: the kernel folds it into the
   softmax's per-row FFMA for free); **k' -> INT8** with one scale per block of ``block_n`` keys
   (the kernel's key block, so one scalar per Q K^T block). Scales are amax / 127, round to nearest.
-* **k as two INT8 parts** (``k_split``, off by default until measured on a GPU): beside
+* **k as two INT8 parts** (``k_split``, "heads" by default): beside
   k_hi = round(k' / s) the pre-pass writes k_lo = round((k' / s - k_hi) * 2^7) (|k_lo| <= 64, same
   scale s, same layout), so k' ~= s (k_hi + k_lo / 2^7) = s / 2^7 round(k' / s * 2^7): a 15-bit k.
   The kernel's K_SPLIT runs a second s8 Q K^T per key block (q8 . k_lo into the same s32
@@ -58,6 +58,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
 P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
 V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
+# how the pre-pass kernel rotates (``_rotate``): 1 = Hadamard entries from indices, two bf16 products
+ROT_MODE = 1
 ROTATE_ENV = "COGVIDEOX_KERNELS_INT8_ROTATE"  # "1": rotate q and k by default (see above)
 K_SPLIT_ENV = "COGVIDEOX_KERNELS_INT8_K_SPLIT"  # "1" / "heads": k as two INT8 parts (see above)
 K_SPLIT_MODES = (False, True, "heads")
@@ -110,6 +112,40 @@ def _column_stats_kernel(x_ptr, part_ptr, S, H, text_len, stride_xb, stride_xs, 
 
 
 @triton.jit
+def _rotate(x, rot_ptr, offs_d, BLOCK_D: tl.constexpr, ROT_MODE: tl.constexpr):
+    """x [rows, BLOCK_D] float32 times the rotation R = diag(signs) H / sqrt(BLOCK_D).
+    ROT_MODE 1 (2 under the interpreter, float32 products of the same bf16 values): rot_ptr holds
+    the signs [BLOCK_D]; H's +-1 entries come from the indices
+    (H[i, j] = (-1)^popcount(i & j), Sylvester order) and x * signs goes through three bf16 products
+    (x = hi + mid + lo, all bf16: 24 bits; the +-1 products are exact and accumulate in float32,
+    smallest first): float32-accurate without loading a matrix per program. ROT_MODE 0: rot_ptr holds R (float32,
+    row-major), 3 TF32 products."""
+    if ROT_MODE == 0:
+        rot = tl.load(rot_ptr + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+        return tl.dot(x, rot, input_precision="tf32x3")
+    xs = x * tl.load(rot_ptr + offs_d)[None, :]
+    par = offs_d[:, None] & offs_d[None, :]
+    par = par ^ (par >> 4)
+    par = par ^ (par >> 2)
+    par = par ^ (par >> 1)  # bit 0: the parity of i & j (head dims up to 256)
+    had = (1.0 - 2.0 * (par & 1).to(tl.float32)).to(tl.bfloat16)  # (the interpreter mangles int -> bf16)
+    hi = xs.to(tl.bfloat16)
+    rest = xs - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    if ROT_MODE == 2:  # the interpreter (its bf16 tl.dot is wrong): the same exact products in float32
+        hi, mid, lo, had = hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32), had.to(tl.float32)
+        acc = tl.dot(lo, had, input_precision="ieee")
+        acc = tl.dot(mid, had, acc, input_precision="ieee")
+        acc = tl.dot(hi, had, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(lo, had, out_dtype=tl.float32)
+        acc = tl.dot(mid, had, acc, out_dtype=tl.float32)
+        acc = tl.dot(hi, had, acc, out_dtype=tl.float32)
+    return acc * (1.0 / tl.sqrt(tl.full([], BLOCK_D, tl.float32)))
+
+
+@triton.jit
 def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, H, text_len,
                        stride_xb, stride_xs, stride_xh, cos_ptr, sin_ptr, stride_cs, weight_ptr,
                        bias_ptr, eps, lo_ptr, HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -117,7 +153,7 @@ def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, 
                        ROTATE: tl.constexpr, PER_ROW: tl.constexpr, NORM_SQ: tl.constexpr,
                        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        SPLIT: tl.constexpr = False, LO_BITS: tl.constexpr = 7,
-                       LO_NORM: tl.constexpr = True):
+                       LO_NORM: tl.constexpr = True, ROT_MODE: tl.constexpr = 1):
     """y[b, h, s] = round(x' / scale) as int8, x' = rope(norm(x)) (- mean[b, h] with HAS_MEAN),
     head-major [B, H, S, D]; ROTATE: x' times the orthogonal rot [D, D] (float32, row-major;
     D == BLOCK_D) first; scale = amax / 127 per token (PER_ROW, scale[b, h, s]) or per
@@ -137,9 +173,8 @@ def _quant_int8_kernel(x_ptr, y_ptr, scale_ptr, mean_ptr, norm_ptr, rot_ptr, S, 
     if HAS_MEAN:
         mean = tl.load(mean_ptr + pid_bh.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0)
         x = tl.where(row_mask[:, None] & d_mask[None, :], x - mean[None, :], 0.0)
-    if ROTATE:  # 3 TF32 products on the GPU: float32-accurate (one TF32 product rounds to 2^-11)
-        rot = tl.load(rot_ptr + offs_d[:, None] * BLOCK_D + offs_d[None, :])
-        x = tl.dot(x, rot, input_precision="tf32x3")
+    if ROTATE:
+        x = _rotate(x, rot_ptr, offs_d, BLOCK_D, ROT_MODE)
     if PER_ROW:
         amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_S]
         inv = tl.where(amax > 0, _I8 / tl.maximum(amax, 1e-30), 0.0)
@@ -239,17 +274,18 @@ class Int8Inputs(NamedTuple):
     k_lo_heads: bool = False
 
 
-def _env_switch(name: str, what: str) -> bool:
-    value = os.environ.get(name, "0").strip()
+def _env_switch(name: str, what: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip()
     if value not in ("0", "1", ""):
         raise ValueError(f"{name}={value!r}: use 1 ({what}) or 0 (do not)")
-    return value == "1"
+    return default if value == "" else value == "1"
 
 
 def rotate_default() -> bool:
     """Whether the 8-bit path rotates q and k when the caller does not say: the environment
-    variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("1" on; unset or "0": off, today's default)."""
-    return _env_switch(ROTATE_ENV, "rotate q and k")
+    variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("0" off; unset or "1": on, the default since the
+    H200 measurement in ``benchmarks/results/int8_attention_notes.md``)."""
+    return _env_switch(ROTATE_ENV, "rotate q and k", True)
 
 
 def k_split_mode(value, name="k_split"):
@@ -267,8 +303,9 @@ def k_split_mode(value, name="k_split"):
 def k_split_default():
     """How the 8-bit path stores k when the caller does not say (the kernel's K_SPLIT):
     ``COGVIDEOX_KERNELS_INT8_K_SPLIT`` "1" (two INT8 parts, every head), "heads" (two parts for
-    the heads that keep the running max), unset or "0": one part (today's default)."""
-    value = os.environ.get(K_SPLIT_ENV, "0").strip()
+    the heads that keep the running max; also when unset: the default since the H200 measurement),
+    "0": one part."""
+    value = os.environ.get(K_SPLIT_ENV, "heads").strip() or "heads"
     if value not in ("0", "1", "", "heads"):
         raise ValueError(f"{K_SPLIT_ENV}={value!r}: use 1 (k as two INT8 parts), heads (two parts "
                          f"for the heads without a score bound) or 0 (one part)")
@@ -276,12 +313,23 @@ def k_split_default():
 
 
 @functools.lru_cache(maxsize=None)
+def _signs_cpu(head_dim: int) -> torch.Tensor:
+    return (torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(15)) * 2 - 1).float()
+
+
+@functools.lru_cache(maxsize=None)
 def _rotation_cpu(head_dim: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < head_dim:  # Sylvester: [[H, H], [H, -H]]
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(15)) * 2 - 1
-    return (signs.double()[:, None] * h / math.sqrt(head_dim)).float()
+    return (_signs_cpu(head_dim).double()[:, None] * h / math.sqrt(head_dim)).float()
+
+
+def rotation_signs(head_dim: int, device=None) -> torch.Tensor:
+    """The row signs of ``rotation_matrix`` (float32 [head_dim], +-1): what the pre-pass kernel
+    reads (it builds the Hadamard entries from their indices)."""
+    rotation_matrix(head_dim)  # validates head_dim
+    return _signs_cpu(head_dim).to(device)
 
 
 def rotation_matrix(head_dim: int, device=None) -> torch.Tensor:
@@ -312,6 +360,9 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     B, S, H, D = q.shape
     dev = q.device
     rot = rotation_matrix(D, dev) if rotate else None  # raises for head dims it cannot rotate
+    rot_mode = 2 if ROT_MODE == 1 and interpret_mode() else ROT_MODE
+    if rotate and ROT_MODE == 1:
+        rot = rotation_signs(D, dev)
     block_d = max(16, triton.next_power_of_2(D))
     if block_s is None:
         block_s = 32 if interpret_mode() else 64
@@ -338,7 +389,7 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     _quant_int8_kernel[(n_kblocks, B * H)](
         k, k8, k_scale, k_mean, k_norm, rot if rotate else k_mean, S, H, text_len, k.stride(0), k.stride(1), k.stride(2), cos,
         sin, stride_cs, k_norm_weight, k_norm_bias, eps, k8_lo if k_split else k8, HAS_MEAN=True,
-        ROTATE=rotate, PER_ROW=False, NORM_SQ=norms, BLOCK_S=block_n, SPLIT=bool(k_split),
+        ROTATE=rotate, ROT_MODE=rot_mode, PER_ROW=False, NORM_SQ=norms, BLOCK_S=block_n, SPLIT=bool(k_split),
         LO_BITS=K_LO_BITS, LO_NORM=k_split is True,
         **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
 
@@ -349,7 +400,7 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     _quant_int8_kernel[grid](
         q, q8, q_scale, q_scale, q_norm, rot if rotate else q_scale, S, H, text_len, q.stride(0), q.stride(1), q.stride(2),
         cos, sin, stride_cs, q_norm_weight, q_norm_bias, eps, q8, HAS_MEAN=False, ROTATE=rotate,
-        PER_ROW=True,
+        ROT_MODE=rot_mode, PER_ROW=True,
         NORM_SQ=norms, BLOCK_S=block_s,
         **_norm_args(cos, q_norm_weight, q_norm_bias, apply_q_norm), **common)
     norm_max = torch.stack((q_norm.amax(1), k_norm.amax(1))) if norms else None
