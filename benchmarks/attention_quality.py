@@ -53,6 +53,7 @@ SHAPES["small"] = dict(B=1, H=2, S=650, D=64, text_len=50, grid=(2, 15, 20))
 # int8k2: k as two INT8 parts (K_SPLIT: a second s8 Q K^T per key block; "heads": only for the
 # heads that keep the running max), off until measured.
 INT8_VARIANTS = {
+    "int8_default": dict(),  # the shipped defaults (since d4f7878: rotation + k split for the heads over the bound)
     "int8": dict(ROTATE=False, K_SPLIT=False),
     "int8_rot": dict(ROTATE=True, K_SPLIT=False),
     "int8_ksplit": dict(ROTATE=False, K_SPLIT=True),

@@ -44,7 +44,9 @@ def _check_norm_max(t: Int8Inputs):
     """The pre-pass's per-head max squared norms of the dequantized q and smoothed k rows equal a
     float64 computation from its own 8-bit values and scales (float32 rounding only)."""
     assert t.norm_max.dtype == torch.float32 and t.norm_max.shape == (2, t.q8.shape[0] * t.q8.shape[1])
-    want = dequantized_norm_max(t.q8, t.q_scale, t.k8, t.k_scale, t.block_n, t.k8_lo)
+    # k_split="heads": the norms (and the bound) are k_hi's alone, by design
+    want = dequantized_norm_max(t.q8, t.q_scale, t.k8, t.k_scale, t.block_n,
+                                None if t.k_lo_heads else t.k8_lo)
     torch.testing.assert_close(t.norm_max.double(), want, rtol=1e-6, atol=0)
 
 
