@@ -16,6 +16,7 @@ import contextlib
 import csv
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -175,7 +176,11 @@ def fa3_sdpa():
 FUSED_HALF = "ours (fused attention half)"
 UNFUSED_HALF = "ours (unfused attention half)"
 HALF_SETTING = {FUSED_HALF: True, UNFUSED_HALF: False}
+# apply() with the shared FFN's GEMMs on another path (expert_ffn's COGVIDEOX_KERNELS_FFN_SHARED for the
+# variant: "triton" fuses bias + gate + residual into GEMM2's epilogue, no separate pass); not in the defaults
+FFN_PATH_VARIANTS = {"ours (ffn triton)": "triton", "ours (ffn cublaslt)": "cublaslt"}
 STEP_VARIANTS = ("eager", "compiled", "ours", UNFUSED_HALF, "ours+compile", "fa3+compile")
+KNOWN_EXTRA = (FUSED_HALF, *FFN_PATH_VARIANTS)  # accepted by --variants, not run by default
 
 
 def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, profile: bool = True):
@@ -207,11 +212,14 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
         with torch.no_grad():
             return model(**inputs)[0]
 
+    from cogvideox_kernels.ops.expert_ffn.triton_fwd import SHARED_PATH_ENV as ffn_env
+
+    ffn_saved = os.environ.get(ffn_env)
     results = {}
     eager_out = None
     for variant in variants:
         need = {"eager": 15, "compiled": 90, "ours": 20, FUSED_HALF: 20, UNFUSED_HALF: 20, "ours+compile": 80,
-                "fa3+compile": 90}[variant]
+                "fa3+compile": 90, **{v: 20 for v in FFN_PATH_VARIANTS}}[variant]
         if rec.left_s() < need:
             rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
             continue
@@ -230,6 +238,9 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
             if variant.startswith("ours"):
                 integration.apply(model, vae=False)
                 integration_state.FUSED_ATTENTION_HALF = HALF_SETTING.get(variant, fused_default)
+            if variant in FFN_PATH_VARIANTS:
+                os.environ[ffn_env] = FFN_PATH_VARIANTS[variant]
+                note = f"{ffn_env}={FFN_PATH_VARIANTS[variant]}"
             if variant in ("ours", FUSED_HALF, UNFUSED_HALF):  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
                 backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
@@ -254,6 +265,10 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
             integration_state.FUSED_ATTENTION_HALF = fused_default
+            if ffn_saved is None:
+                os.environ.pop(ffn_env, None)
+            else:
+                os.environ[ffn_env] = ffn_saved
             if "compile" in variant:
                 uncompile_blocks(model)
             integration.remove(model)
@@ -533,10 +548,14 @@ def main(argv=None):
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {SECTIONS} (default: all, in that order)")
     parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
-                        help=f"comma-separated subset of the step section's {STEP_VARIANTS}, in the order to run")
+                        help=f"comma-separated subset of the step section's {STEP_VARIANTS + KNOWN_EXTRA}, "
+                             "in the order to run")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     variants = tuple(s.strip() for s in args.variants.split(",") if s.strip())
+    unknown = [v for v in variants if v not in STEP_VARIANTS + KNOWN_EXTRA]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {STEP_VARIANTS + KNOWN_EXTRA}")
     rows = run_step_bench(args.preset, args.out, deadline=args.deadline, sections=sections, variants=variants)
     print(f"{len(rows)} rows written to {args.out}")
 

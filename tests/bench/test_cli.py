@@ -192,3 +192,14 @@ def test_attention_plot_joins_only_points_of_one_head_layout(tmp_path, monkeypat
     lines = fig.axes[0].get_lines()
     assert sorted(len(line.get_xdata()) for line in lines) == [1, 1, 2, 2]  # B1 H2 D40 never joins B2 H48 D64
     assert all("D40" in line.get_label() for line in lines if len(line.get_xdata()) == 1)
+
+
+def test_step_bench_rejects_unknown_variants():
+    """bench_step's --variants: a name outside the step section's variants is a usage error naming it
+    (not a KeyError after the float32 reference has been built); the FFN-path variants are known."""
+    from cogvideox_kernels.bench import step
+
+    with pytest.raises(SystemExit):
+        step.main(["--variants", "ours,bogus", "--out", "unused"])
+    assert set(step.FFN_PATH_VARIANTS.values()) <= {"triton", "cublaslt", "cublas"}
+    assert all(v in step.KNOWN_EXTRA for v in step.FFN_PATH_VARIANTS)
