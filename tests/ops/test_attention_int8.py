@@ -195,6 +195,26 @@ def test_rotation_matrix_and_switch(monkeypatch):
         ops.rope3d_attention(**case, precision="int8")
 
 
+@pytest.mark.parametrize("D", [8, 96])
+def test_default_rotation_skips_head_dims_it_cannot_rotate(monkeypatch, D):
+    """The rotation is on by default, but only where a rotation matrix exists (head dims that are
+    powers of two >= 16): precision="int8" at head_dim 8 or 96 quantizes unrotated instead of
+    raising; asking for the rotation there is a clear error."""
+    from cogvideox_kernels.ops.attention.hopper_int8_fwd import default_config
+    from cogvideox_kernels.ops.attention.int8_prepass import can_rotate, rotate_default
+
+    monkeypatch.delenv(ROTATE_ENV, raising=False)
+    assert not can_rotate(D) and can_rotate(64) and can_rotate(128)
+    assert rotate_default(D) is False and rotate_default(64) is True and default_config(D)["ROTATE"] is False
+    case = make_case(1, 21, 2, D, 4, torch.float32, seed=21)
+    got = ops.rope3d_attention(**case, precision="int8", backend="reference")
+    want = int8_attention_reference(**case, rotate=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rel_err(got, rope3d_attention_reference(**case)) < 5e-2
+    with pytest.raises(ValueError, match=f"head_dim={D}"):
+        int8_attention_reference(**case, rotate=True)
+
+
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 def test_prepass_non_contiguous_inputs(interpret, name):
     case = make_case(2, 45, 3, 64, 7, torch.bfloat16, seed=4)

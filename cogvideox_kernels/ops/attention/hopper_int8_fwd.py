@@ -392,7 +392,7 @@ def default_config(head_dim: int) -> dict:
     (PV_FP8; measured slower and less accurate, off) and its two-level accumulation (TWO_LEVEL),
     the softmax without a running max where the score bound allows (SCORE_BOUND; bf16 P only),
     and the pre-pass's rotation of q and k (ROTATE: ``int8_prepass.rotation_matrix``; the kernel
-    is the same either way; default ``int8_prepass.rotate_default()``: on unless
+    is the same either way; default ``int8_prepass.rotate_default(head_dim)``: on unless
     COGVIDEOX_KERNELS_INT8_ROTATE=0), k as two INT8 parts (K_SPLIT: a second s8 Q K^T per key
     block; False, True or "heads": only for the heads that keep the running max; MAGIC_CVT does
     not apply to it; default ``int8_prepass.k_split_default()``: "heads" unless
@@ -400,7 +400,7 @@ def default_config(head_dim: int) -> dict:
     from .int8_prepass import k_split_default, rotate_default
 
     return dict(NUM_WG=3, BLOCK_N=128, STAGES=4 if head_dim <= 64 else 2, PV_FP8=False,
-                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True, ROTATE=rotate_default(),
+                MAGIC_CVT=True, TWO_LEVEL=False, SCORE_BOUND=True, ROTATE=rotate_default(head_dim),
                 K_SPLIT=k_split_default())
 
 

@@ -281,11 +281,18 @@ def _env_switch(name: str, what: str, default: bool) -> bool:
     return default if value == "" else value == "1"
 
 
-def rotate_default() -> bool:
+def can_rotate(head_dim) -> bool:
+    """Whether ``rotation_matrix`` exists for this head dim (a power of two, 16 or more)."""
+    return isinstance(head_dim, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def rotate_default(head_dim=None) -> bool:
     """Whether the 8-bit path rotates q and k when the caller does not say: the environment
     variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("0" off; unset or "1": on, the default since the
-    H200 measurement in ``benchmarks/results/int8_attention_notes.md``)."""
-    return _env_switch(ROTATE_ENV, "rotate q and k", True)
+    H200 measurement in ``benchmarks/results/int8_attention_notes.md``), for head dims that can be
+    rotated (``can_rotate``; others quantize unrotated unless ``rotate=True`` asks, which raises)."""
+    on = _env_switch(ROTATE_ENV, "rotate q and k", True)
+    return on and (head_dim is None or can_rotate(head_dim))
 
 
 def k_split_mode(value, name="k_split"):
@@ -337,7 +344,7 @@ def rotation_matrix(head_dim: int, device=None) -> torch.Tensor:
     Sylvester Hadamard matrix / sqrt(head_dim) with fixed pseudo-random row signs (the signs
     keep structured inputs from lining up with the Hadamard pattern). head_dim: a power of two,
     16 or more (the kernel's head dims are 64 and 128)."""
-    if not isinstance(head_dim, int) or head_dim < 16 or head_dim & (head_dim - 1):
+    if not can_rotate(head_dim):
         raise ValueError(f"head_dim={head_dim}: the int8 rotation needs a power of two >= 16")
     return _rotation_cpu(head_dim).to(device)
 
@@ -555,7 +562,7 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     kernel; float32 inputs: P and V in bf16) or, ``pv_fp8``, in FP8 e4m3 (the PV_FP8 kernel
     config). ``fixed_max``: bf16 P relative to the fixed max where the kernel takes it (its
     default; False: the running max everywhere, the kernel's SCORE_BOUND=False). ``rotate``: q
-    and smoothed k rotated before quantization (the kernel's ROTATE; None: ``rotate_default()``).
+    and smoothed k rotated before quantization (the kernel's ROTATE; None: ``rotate_default(D)``).
     ``k_split``: k as two INT8 parts (the kernel's K_SPLIT, ``K_SPLIT_MODES``; None:
     ``k_split_default()``).
     Returns [B, S, H, D] in q's dtype."""
@@ -563,7 +570,7 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
     scale = D ** -0.5 if scale is None else float(scale)
     t = quantize_int8_reference(q, k, v, text_len=text_len, cos=cos, sin=sin, q_norm=q_norm,
                                 k_norm=k_norm, eps=eps, block_n=block_n,
-                                rotate=rotate_default() if rotate is None else bool(rotate),
+                                rotate=rotate_default(D) if rotate is None else bool(rotate),
                                 k_split=k_split_default() if k_split is None else k_split)
     v16 = None
     if not pv_fp8:
@@ -575,7 +582,7 @@ def int8_attention_reference(q, k, v, *, text_len, cos=None, sin=None, q_norm=No
 LOG2_P_SCALE = math.log2(P_SCALE)
 
 __all__ = ["Int8Inputs", "quantize_int8_inputs", "quantize_int8_reference", "score_bound",
-           "rotation_matrix", "rotate_default", "ROTATE_ENV", "k_split_default", "K_SPLIT_ENV",
+           "rotation_matrix", "can_rotate", "rotate_default", "ROTATE_ENV", "k_split_default", "K_SPLIT_ENV",
            "K_SPLIT_MODES", "k_split_mode",
            "K_LO_BITS", "dequantized_norm_max", "dequantized_k",
            "int8_attention_from_quantized", "int8_attention_reference", "INT8_MAX", "FP8_MAX",
