@@ -21,7 +21,8 @@ EPILOGUE_BIAS (0) is the same GEMM with a plain bias epilogue into a token-major
 writes), to separate GEMM speed from the epilogue's cost.
 
 Run the GPU probe (H200, ~3 minutes): ``PYTHONPATH=$PWD python3 benchmarks/experiments/qk_gemm_epilogue.py
---out $OUT``; ``--offline`` compiles every config for sm_90a without a GPU and prints registers / spills.
+--out $OUT``; ``--offline`` compiles every config for sm_90a without a GPU and prints registers / spills;
+``--dry-run`` (with TRITON_INTERPRET=1) runs the probe's code on CPU at a tiny shape.
 CPU checks: tests/experiments/test_qk_gemm_epilogue.py (interpreter).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -398,6 +400,7 @@ def main():
     ap.add_argument("--offline", action="store_true", help="compile for sm_90a (no GPU) and print registers")
     ap.add_argument("--dry-run", action="store_true",
                     help="the probe's code path on CPU at a tiny shape (TRITON_INTERPRET=1; numbers meaningless)")
+    ap.add_argument("--deadline", type=float, default=240.0, help="seconds; later configs are skipped")
     args = ap.parse_args()
     if args.offline:
         offline_report()
@@ -496,8 +499,12 @@ def main():
         log(f"{name:44s} {ms:7.4f} ms" + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if "addmm" in name else ""))
     base, base_gemm = rows[-1]["ms"], rows[0]["ms"]
     plain_ref = h.double() @ w.double().T + b.double()
+    start = time.time()
     for cfg in configs:
         tag = _tag(cfg)
+        if time.time() - start > args.deadline:
+            log(f"{tag}: skipped (deadline {args.deadline:.0f} s)")
+            continue
         try:
             yb = fused_one(cfg).view(2, B, H, S, D)
             err_b = rel_err(yb, ref)
