@@ -260,6 +260,15 @@ def main(argv=None):
                     log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f} {row['note']}")
                 finally:
                     int8_prepass.ROT_MODE = shipped
+                # k's quantizing pass with 8 warps (no register spills offline) against the default
+                shipped_w, int8_prepass.K_WARPS = int8_prepass.K_WARPS, 8
+                try:
+                    row = dict(inputs=input_name, method="int8 pre-pass alone (q, k; no V) + norms + rotation "
+                               "+ k split, K_WARPS 8", ms=time_ms(lambda: prepass(False, True, True, True), device))
+                    results["rows"].append(row)
+                    log(f"{input_name:5s} {row['method']}   ms {row['ms']:.3f}")
+                finally:
+                    int8_prepass.K_WARPS = shipped_w
             for name in args.variants.split(","):
                 cfg = resolve_config(D, INT8_VARIANTS[name])
                 run = lambda cfg=cfg: hopper_int8_attention_fwd(q, k, v, *norm_args,  # noqa: E731

@@ -58,8 +58,12 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
 P_SCALE = FP8_MAX  # softmax probabilities p in [0, 1] are stored as p * 448 in e4m3
 V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
-# how the pre-pass kernel rotates (``_rotate``): 1 = Hadamard entries from indices, two bf16 products
+# how the pre-pass kernel rotates (``_rotate``): 1 = Hadamard entries from indices, three bf16 products
 ROT_MODE = 1
+# warps of k's quantizing pass (block_n = 128 tokens per program). Offline sm_90a SASS (4895424): with 4 it
+# spills ~540 STL / ~590 LDL per thread (rotation or not), with 8 16-41 (0 without the k split); not yet
+# timed on a GPU (attention_quality.py's pre-pass rows time 8 beside it), so 4 stays the default.
+K_WARPS = 4
 ROTATE_ENV = "COGVIDEOX_KERNELS_INT8_ROTATE"  # "1": rotate q and k by default (see above)
 K_SPLIT_ENV = "COGVIDEOX_KERNELS_INT8_K_SPLIT"  # "1" / "heads": k as two INT8 parts (see above)
 K_SPLIT_MODES = (False, True, "heads")
@@ -398,7 +402,8 @@ def quantize_int8_inputs(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
         sin, stride_cs, k_norm_weight, k_norm_bias, eps, k8_lo if k_split else k8, HAS_MEAN=True,
         ROTATE=rotate, ROT_MODE=rot_mode, PER_ROW=False, NORM_SQ=norms, BLOCK_S=block_n, SPLIT=bool(k_split),
         LO_BITS=K_LO_BITS, LO_NORM=k_split is True,
-        **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm), **common)
+        **_norm_args(cos, k_norm_weight, k_norm_bias, apply_k_norm),
+        **dict(common, num_warps=4 if interpret_mode() else K_WARPS))
 
     # Q: INT8 per token
     q8 = torch.empty((B, H, S, D), dtype=torch.int8, device=dev)
