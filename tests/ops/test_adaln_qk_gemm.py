@@ -156,3 +156,13 @@ def test_bad_arguments():
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             run({**inp, **change})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_custom_op_fake_matches(interpret, fused):
+    """The fake implementation (what torch.compile traces with) gives the real outputs' shapes, dtypes, strides."""
+    inp = make_inputs(B=2, S=21, text_len=5, fused=fused, seed=10)
+    args = (inp["x"], inp["modulation"], inp["weights"], inp["biases"], inp["text_len"], inp["norm_weight"],
+            inp["norm_bias"], inp["eps"], inp["num_heads"], inp["qk_norm_weight"], inp["qk_norm_bias"], inp["qk_eps"],
+            inp["cos"], inp["sin"])
+    torch.library.opcheck(qk_gemm.adaln_qk_gemm_op, args, test_utils=("test_schema", "test_faketensor"))
