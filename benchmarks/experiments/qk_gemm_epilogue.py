@@ -70,7 +70,7 @@ def rel_err(out, ref):
 
 
 # ----------------------------------------------------------------------------------------------- offline check
-def compile_offline(config=None, epilogue=EPILOGUE_NORM_ROPE, rope=True):
+def compile_offline(config=None, epilogue=EPILOGUE_NORM_ROPE, rope=True, head_dim=64):
     """Compile the kernel for sm_90a without a GPU; returns the CompiledKernel (asm: ttgir, ptx, cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -81,7 +81,7 @@ def compile_offline(config=None, epilogue=EPILOGUE_NORM_ROPE, rope=True):
            "M": "i32", "N": "i32", "K": "i32", "S": "i32", "H": "i32", "B": "i32", "text_len": "i32",
            "eps": "fp32", "stride_cs": "i32", "num_programs": "i32"}
     constexprs = dict(EPILOGUE=epilogue, HAS_BIAS=True, HAS_LN_W=True, HAS_LN_B=True, HAS_ROPE=rope,
-                      NORM_MAX=epilogue == EPILOGUE_NORM_ROPE, D=64, BLOCK_M=cfg["BLOCK_M"],
+                      NORM_MAX=epilogue == EPILOGUE_NORM_ROPE, D=head_dim, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                       WARP_SPECIALIZE=cfg["warp_specialize"], FLATTEN=cfg["flatten"], INTERPRET=False)
     # what the launch at the 5B shape specializes: pointers, M, N, K, S, H, stride_cs divisible by 16

@@ -159,8 +159,13 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=2, num_warp
                         num_programs=3, warp_specialize=False, flatten=False)
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4,
                   num_programs=None, warp_specialize=False, flatten=False)
-def _config(config):
-    cfg = dict(INTERPRET_CONFIG if interpret_mode() else GPU_CONFIG)
+# head_dim 128: the 128 x 128 tile's epilogue (one head of 128 columns) spills offline (255 registers + 148 B);
+# 64 x 128 with 8 warps does not (196 registers). Untimed: the probe times head_dim 64 only.
+GPU_CONFIG_D128 = dict(GPU_CONFIG, BLOCK_M=64)
+
+
+def _config(config, head_dim=64):
+    cfg = dict(INTERPRET_CONFIG if interpret_mode() else GPU_CONFIG_D128 if head_dim == 128 else GPU_CONFIG)
     cfg.update(config or {})
     return cfg
 
@@ -223,7 +228,7 @@ def qk_gemm_fwd(h, weight, bias, *, seq_len, num_heads, head_dim=64, text_len=0,
         raise ValueError(f"qk_gemm_fwd: text_len={text_len!r} must be an int in [0, seq_len={S}]")
     if epilogue not in (EPILOGUE_BIAS, EPILOGUE_NORM_ROPE):
         raise ValueError(f"qk_gemm_fwd: epilogue={epilogue!r}; supported: EPILOGUE_BIAS (0), EPILOGUE_NORM_ROPE (1)")
-    cfg = _config(config)
+    cfg = _config(config, head_dim)
     D, H = head_dim, num_heads
     if not isinstance(D, int) or D < 16 or D & (D - 1):
         raise ValueError(f"qk_gemm_fwd: head_dim={D!r} must be a power of two >= 16")
