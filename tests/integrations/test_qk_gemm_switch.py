@@ -235,8 +235,8 @@ def test_gpu_switch_on_vs_off(fused_qkv, monkeypatch):
     model.cuda().eval()
     with torch.no_grad():
         ref = reference(**_gpu_inputs(reference, torch.float32))[0].float()
-    integration.apply(model)
     model.to(torch.bfloat16)
+    integration.apply(model)
     inputs = _gpu_inputs(model, torch.bfloat16)
     with torch.no_grad():
         monkeypatch.setattr(state, "QK_GEMM_EPILOGUE", False)

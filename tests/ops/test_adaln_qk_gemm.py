@@ -166,3 +166,45 @@ def test_custom_op_fake_matches(interpret, fused):
             inp["norm_bias"], inp["eps"], inp["num_heads"], inp["qk_norm_weight"], inp["qk_norm_bias"], inp["qk_eps"],
             inp["cos"], inp["sin"])
     torch.library.opcheck(qk_gemm.adaln_qk_gemm_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_front_and_attention_against_float64(D):
+    """On the H200 (compiled GEMM, bf16 wgmma): the front at a 5B-like shape (48 x 64 or 24 x 128 heads, hidden
+    3072, 226 text + 2 x 30 x 45 video tokens, B 2) against float64, no worse than today's path; then the Hopper
+    kernel on its output against float32 attention on the float64 q/k/v, within 1.25x today's
+    ``rope3d_attention(backend="hopper")`` on the same inputs (and the 1e-2 floor)."""
+    from cogvideox_kernels.ops.attention.hopper import hopper_available
+
+    ok, why = hopper_available("cuda")
+    if not ok:
+        pytest.skip(why)
+    H = 3072 // D
+    inp = make_inputs(B=2, S=226 + 2 * 30 * 45, text_len=226, H=H, D=D, hidden=3072, seed=20)
+    inp = {k: (v.cuda() if torch.is_tensor(v) else [t.cuda() for t in v] if isinstance(v, list) else v)
+           for k, v in inp.items()}
+    qk, norm_max, v = run(inp)
+    rest = {k: val for k, val in inp.items() if k not in ("x", "modulation", "weights", "biases")}
+    ref_qk, ref_v = qk_gemm.adaln_qk_gemm_reference(inp["x"], inp["modulation"], inp["weights"], inp["biases"],
+                                                    **rest)
+    today_qk, today_v = todays_path(inp)
+    err, err_today = rel_err(qk, ref_qk), rel_err(today_qk, ref_qk)
+    assert err <= 1.02 * err_today and err < 1e-2, (err, err_today)
+    assert rel_err(v, ref_v) <= 1.01 * rel_err(today_v, ref_v)  # the same pre-pass and cuBLAS GEMM as today
+    torch.testing.assert_close(norm_max.double(), qk_gemm.norm_max_of(qk), rtol=1e-5, atol=0)
+    # the attention on the GEMM's output vs float32 attention of the float64 inputs
+    B, S = inp["x"].shape[:2]
+    q32, k32 = ref_qk[0].float(), ref_qk[1].float()
+    v32 = ref_v.view(B, S, H, D).transpose(1, 2).float()
+    ref_out = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32).transpose(1, 2)
+    out = qk_gemm.hopper_attention_headmajor(qk, norm_max, v)
+    qkv = ops.adaln_linear(inp["x"], inp["modulation"], inp["weights"], inp["biases"], text_len=inp["text_len"],
+                           norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"], eps=inp["eps"], backend="triton")
+    today = ops.rope3d_attention(*(t.view(B, S, H, D) for t in qkv.unbind(0)), text_len=inp["text_len"],
+                                 cos=inp["cos"], sin=inp["sin"], q_norm=tuple(t[0] for t in (inp["qk_norm_weight"],
+                                                                                             inp["qk_norm_bias"])),
+                                 k_norm=tuple(t[1] for t in (inp["qk_norm_weight"], inp["qk_norm_bias"])),
+                                 eps=inp["qk_eps"], backend="hopper")
+    att_err, att_today = rel_err(out, ref_out), rel_err(today, ref_out)
+    assert att_err <= max(1e-2, 1.25 * att_today), (att_err, att_today)
