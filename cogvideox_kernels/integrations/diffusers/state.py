@@ -40,6 +40,25 @@ PRECISION_MODES = {
 FUSED_ATTENTION_HALF_ENV = "COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF"
 FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "1").strip() != "0"
 
+# Inside the fused attention half, where the attention runs the Hopper kernel in bf16 (attention.py
+# ``_qk_gemm_epilogue_applies`` lists the conditions): q and k through one GEMM whose epilogue is the
+# attention's pre-pass (QK-LayerNorm, RoPE, head-major store, norm maxima; ops/adaln_linear/qk_gemm.py)
+# instead of addmm + ``qk_norm_rope_fwd``. Off by default (issue 13's experiment, not yet timed on a GPU);
+# on with the environment variable set to 1 at import, or by setting this attribute (read at every call).
+QK_GEMM_EPILOGUE_ENV = "COGVIDEOX_KERNELS_QK_GEMM_EPILOGUE"
+
+
+def parse_switch(name: str, value: str) -> bool:
+    """An on/off environment variable: "1"/"0" (surrounding spaces ignored; empty means "0"); anything else
+    is a ValueError that names the variable."""
+    value = value.strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: set it to 1 (on) or 0 (off), or unset it")
+    return value == "1"
+
+
+QK_GEMM_EPILOGUE = parse_switch(QK_GEMM_EPILOGUE_ENV, os.environ.get(QK_GEMM_EPILOGUE_ENV, "0"))
+
 
 def op_precision(precision: str, op: str) -> str:
     """The ``precision=`` that ``op`` gets under ``apply(..., precision=precision)``; a ValueError
