@@ -15,6 +15,21 @@ import torch
 BACKEND_ENV = "COGVIDEOX_KERNELS_BACKEND"
 
 
+def parse_switch(name: str, value: str) -> bool:
+    """An on/off environment variable's value: "1"/"0" (surrounding spaces ignored; empty means "0"); anything
+    else is a ValueError that names the variable."""
+    value = value.strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: set it to 1 (on) or 0 (off), or unset it")
+    return value == "1"
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """``parse_switch`` of the environment variable ``name``, ``default`` where it is unset or empty."""
+    value = os.environ.get(name, "")
+    return default if not value.strip() else parse_switch(name, value)
+
+
 def interpret_mode() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

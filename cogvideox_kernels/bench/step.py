@@ -193,8 +193,8 @@ HALF_SETTING = {FUSED_HALF: True, UNFUSED_HALF: False}
 # apply() with the shared FFN's GEMMs on another path (expert_ffn's COGVIDEOX_KERNELS_FFN_SHARED for the
 # variant: "triton" fuses bias + gate + residual into GEMM2's epilogue, no separate pass); not in the defaults
 FFN_PATH_VARIANTS = {"ours (ffn triton)": "triton", "ours (ffn cublaslt)": "cublaslt"}
-# apply() with q/k through the GEMM whose epilogue is the attention's pre-pass (state.QK_GEMM_EPILOGUE, env
-# COGVIDEOX_KERNELS_QK_GEMM_EPILOGUE=1 for the variant only; issue 13's experiment); not in the defaults
+# apply() with q/k through the GEMM whose epilogue is the attention's pre-pass (state.QK_GEMM_EPILOGUE on for
+# the variant only; issue 13's experiment); not in the defaults
 QK_EPILOGUE = "ours (qk gemm epilogue)"
 STEP_VARIANTS = ("eager", "compiled", "ours", UNFUSED_HALF, "ours+compile", "fa3+compile")
 KNOWN_EXTRA = (FUSED_HALF, *FFN_PATH_VARIANTS, QK_EPILOGUE)  # accepted by --variants, not run by default
@@ -206,7 +206,7 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
     from cogvideox_kernels.ops import registry
 
     fused_default = integration_state.FUSED_ATTENTION_HALF
-    qk_default, qk_env = integration_state.QK_GEMM_EPILOGUE, integration_state.QK_GEMM_EPILOGUE_ENV
+    qk_default = integration_state.QK_GEMM_EPILOGUE
     section = f"step_{preset}"
     # float32 reference (true fp32 GEMMs), once, then the same weights in bf16
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -232,7 +232,7 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
 
     from cogvideox_kernels.ops.expert_ffn.triton_fwd import SHARED_PATH_ENV as ffn_env
 
-    ffn_saved, qk_saved = os.environ.get(ffn_env), os.environ.get(qk_env)
+    ffn_saved = os.environ.get(ffn_env)
     results = {}
     eager_out = ours_out = None
     for variant in variants:
@@ -259,10 +259,9 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
             if variant in FFN_PATH_VARIANTS:
                 os.environ[ffn_env] = FFN_PATH_VARIANTS[variant]
                 note = f"{ffn_env}={FFN_PATH_VARIANTS[variant]}"
-            if variant == QK_EPILOGUE:
-                os.environ[qk_env] = "1"
+            if variant == QK_EPILOGUE:  # (the attribute is read at every call; its env var only at import)
                 integration_state.QK_GEMM_EPILOGUE = True
-                note = f"{qk_env}=1; qk gemm calls per step {count_qk_gemm_calls(model, inputs)}"
+                note = f"QK_GEMM_EPILOGUE on; qk gemm calls per step {count_qk_gemm_calls(model, inputs)}"
             if variant in ("ours", FUSED_HALF, UNFUSED_HALF):  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
                 backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
@@ -292,11 +291,10 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
             torch.nn.functional.scaled_dot_product_attention = sdpa
             integration_state.FUSED_ATTENTION_HALF = fused_default
             integration_state.QK_GEMM_EPILOGUE = qk_default
-            for env, saved in ((ffn_env, ffn_saved), (qk_env, qk_saved)):
-                if saved is None:
-                    os.environ.pop(env, None)
-                else:
-                    os.environ[env] = saved
+            if ffn_saved is None:
+                os.environ.pop(ffn_env, None)
+            else:
+                os.environ[ffn_env] = ffn_saved
             if "compile" in variant:
                 uncompile_blocks(model)
             integration.remove(model)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import types
 
+from ..._backend import env_switch, parse_switch  # noqa: F401  (parse_switch: state.parse_switch)
+
 STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..., "cp_plan": ...}
 
 # ``apply(..., precision=)``: what each patched op runs with, by mode. The one place that maps the
@@ -46,18 +48,7 @@ FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "1").strip() != 
 # instead of addmm + ``qk_norm_rope_fwd``. Off by default (issue 13's experiment, not yet timed on a GPU);
 # on with the environment variable set to 1 at import, or by setting this attribute (read at every call).
 QK_GEMM_EPILOGUE_ENV = "COGVIDEOX_KERNELS_QK_GEMM_EPILOGUE"
-
-
-def parse_switch(name: str, value: str) -> bool:
-    """An on/off environment variable: "1"/"0" (surrounding spaces ignored; empty means "0"); anything else
-    is a ValueError that names the variable."""
-    value = value.strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{name}={value!r}: set it to 1 (on) or 0 (off), or unset it")
-    return value == "1"
-
-
-QK_GEMM_EPILOGUE = parse_switch(QK_GEMM_EPILOGUE_ENV, os.environ.get(QK_GEMM_EPILOGUE_ENV, "0"))
+QK_GEMM_EPILOGUE = env_switch(QK_GEMM_EPILOGUE_ENV, False)
 
 
 def op_precision(precision: str, op: str) -> str:

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._backend import env_switch
 from .._triton_utils import interpret_mode
 from .reference import qk_norm_rope_reference
 from .triton_fwd import _norm_rope_tile
@@ -278,13 +279,6 @@ class Int8Inputs(NamedTuple):
     k_lo_heads: bool = False
 
 
-def _env_switch(name: str, what: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{name}={value!r}: use 1 ({what}) or 0 (do not)")
-    return default if value == "" else value == "1"
-
-
 def can_rotate(head_dim) -> bool:
     """Whether ``rotation_matrix`` exists for this head dim (a power of two, 16 or more)."""
     return isinstance(head_dim, int) and head_dim >= 16 and not head_dim & (head_dim - 1)
@@ -295,7 +289,7 @@ def rotate_default(head_dim=None) -> bool:
     variable ``COGVIDEOX_KERNELS_INT8_ROTATE`` ("0" off; unset or "1": on, the default since the
     H200 measurement in ``benchmarks/results/int8_attention_notes.md``), for head dims that can be
     rotated (``can_rotate``; others quantize unrotated unless ``rotate=True`` asks, which raises)."""
-    on = _env_switch(ROTATE_ENV, "rotate q and k", True)
+    on = env_switch(ROTATE_ENV, True)
     return on and (head_dim is None or can_rotate(head_dim))
 
 
