@@ -55,9 +55,14 @@ for part in $PARTS; do
     ncu)
       timeout "${NCU_S:-150}" ncu --clock-control none -k regex:_hopper_attention_fwd_kernel --launch-skip 1 \
         --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-        --section SchedulerStats --section InstructionStats --section SourceCounters \
-        python3 benchmarks/experiments/hopper_ncu_case.py >"$RES/ncu.log" 2>&1
-      echo "ncu rc=$?" >>"$RES/ncu.log" ;;
+        --section SchedulerStats --section InstructionStats --section SourceCounters --import-source yes \
+        -o "$RES/ncu_rep" python3 benchmarks/experiments/hopper_ncu_case.py >"$RES/ncu.log" 2>&1
+      echo "ncu rc=$?" >>"$RES/ncu.log"
+      ncu -i "$RES/ncu_rep.ncu-rep" --page details >>"$RES/ncu.log" 2>&1
+      # stall reasons per SASS line (what the section summaries do not say)
+      ncu -i "$RES/ncu_rep.ncu-rep" --page source --csv --print-source sass >"$RES/ncu_source_sass.csv" 2>&1 ||
+        ncu -i "$RES/ncu_rep.ncu-rep" --page source --csv >"$RES/ncu_source_sass.csv" 2>&1
+      echo "ncu source rows: $(wc -l <"$RES/ncu_source_sass.csv")" >>"$RES/ncu.log" ;;
     norm)
       timeout "${NORM_S:-90}" python3 benchmarks/experiments/norm_sweep.py --out "$RES/norm" >"$RES/norm.log" 2>&1
       echo "norm rc=$?" >>"$RES/norm.log" ;;
