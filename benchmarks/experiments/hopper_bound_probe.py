@@ -87,6 +87,19 @@ def run_shape(name, results, log):
         del qc, kc, vc, out
 
     qt, kt, vt = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+    # q with scale * log2(e) folded in by the pre-pass (hopper.PRESCALE_Q): 2^score straight from
+    # the accumulator for the bounded heads
+    norm_sq_p = torch.empty((B, S, H), dtype=torch.float32, device="cuda")
+    qp = qk_norm_rope_fwd(inp["q"], inp["text_len"], inp["cos"], inp["sin"], qn[0], qn[1], True,
+                          eps, norm_sq=norm_sq_p, out_scale=scale * LOG2E).transpose(1, 2)
+    nm_p = torch.stack([norm_sq_p.amax(dim=1).reshape(B * H), norm_max[1]]).contiguous()
+    out = torch.full((B, S, H, D), float("nan"), dtype=qh.dtype, device="cuda")
+    hopper_attention_core(qp, kt, vt, out, scale, None, nm_p, q_prescaled=True)
+    torch.cuda.synchronize()
+    ms = time_ms(lambda: hopper_attention_core(qp, kt, vt, out, scale, None, nm_p, q_prescaled=True),
+                 "cuda", rep_ms=rep)
+    record("kernel default bound, q prescaled", ms, rel_error(out, ref, rows), prescaled=True)
+    del qp, out
     for cfg in KERNEL_CONFIGS[D]:
         full_cfg = {**default_config(D), **cfg}
         for bounded in ((True, False) if not cfg else (True,)):
@@ -105,7 +118,8 @@ def run_shape(name, results, log):
             record(f"kernel {tag} {'bound' if bounded else 'running-max'}", ms, err,
                    config=full_cfg, bounded=bounded)
     del out
-    for cfg in [None, dict(SCORE_BOUND=False)] + [c for c in KERNEL_CONFIGS[D] if c]:
+    for cfg in ([None, dict(PRESCALE_Q=False), dict(SCORE_BOUND=False)]
+                + [c for c in KERNEL_CONFIGS[D] if c]):
         bounded = (cfg or {}).get("SCORE_BOUND", True)
 
         def full():

@@ -338,13 +338,15 @@ def _score_bound_t(q, k, case):
 
 @pytest.mark.gpu
 @gpu_hopper
-@pytest.mark.parametrize("norm_gain", [1.0, 2.4, 2.6, 6.0])
-def test_gpu_score_bound_paths(norm_gain):
-    """The fixed-max softmax (heads whose Cauchy-Schwarz score bound T is <= 80) and the
-    running-max softmax (SCORE_BOUND off, or T > 80) give the same result, within the kernel's own
-    error of a float64 attention on the rounded pre-pass values. The norm weights are scaled by
-    norm_gain: gain 1 gives T ~ 13 (numerators <= 1), ~2.4 T in (48, 80] (numerators up to 2^e,
-    e > 0), large gains T > 80 (peaky scores; the fixed max would underflow, so the running max)."""
+@pytest.mark.parametrize("prescale", [True, False])
+@pytest.mark.parametrize("norm_gain", [1.0, 2.1, 2.4, 2.6, 6.0])
+def test_gpu_score_bound_paths(norm_gain, prescale):
+    """The fixed-max softmax (heads whose Cauchy-Schwarz score bound T is <= 80, or <= 64 with q
+    prescaled: no shift) and the running-max softmax (SCORE_BOUND off, or T over the limit) give
+    the same result, within the kernel's own error of a float64 attention on the rounded pre-pass
+    values. The norm weights are scaled by norm_gain: gain 1 gives T ~ 13, ~2.1 T in (48, 64]
+    (prescaled: numerators up to 2^T unshifted), ~2.4 T in (64, 80] (shifted: numerators up to 2^e;
+    prescaled: the running max), large gains T > 80 (the running max)."""
     from cogvideox_kernels.ops.attention.hopper import hopper_attention_fwd
 
     case = make_case(2, 1111, 3, 64, 11, torch.bfloat16, seed=12, device="cuda")
@@ -354,13 +356,16 @@ def test_gpu_score_bound_paths(norm_gain):
     t = _score_bound_t(case["q"], case["k"], case)
     if norm_gain == 1.0:
         assert t.max() <= 48
+    if norm_gain == 2.1:
+        assert (t > 48).any() and t.max() <= 64, t
     if norm_gain == 6.0:
         assert t.min() > 80
     outs = {}
     for bound_on in (True, False):
         outs[bound_on] = hopper_attention_fwd(
             case["q"], case["k"], case["v"], 11, case["cos"], case["sin"], qw, qb, kw, kb, True,
-            True, 1e-6, 0.125, config=None if bound_on else dict(SCORE_BOUND=False))
+            True, 1e-6, 0.125,
+            config=dict(PRESCALE_Q=prescale) if bound_on else dict(SCORE_BOUND=False))
     ref = _rounded_input_reference(case["q"], case["k"], case["v"], case, torch.bfloat16, 0.125)
     assert rel_err(outs[True], ref) <= 1e-2
     assert rel_err(outs[False], ref) <= 1e-2

@@ -156,6 +156,31 @@ def test_pre_pass_head_rows_norm_max_interpreter(interpret):
                          head_rows=False)
 
 
+def test_pre_pass_out_scale_interpreter(interpret):
+    """out_scale (the Hopper path's q with scale * log2(e) folded in): y = out_scale * rope(ln(x))
+    against the float64 reference, in bf16 and float32, with the norm maxima of the scaled y; a
+    wrong scale (or none) fails it."""
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    scale = 0.125 * 1.4426950408889634
+    for dtype in (torch.float32, torch.bfloat16):
+        c = make_case(2, 45, 3, 64, 5, dtype, seed=31)
+        q = c["q"]  # a strided view of a QKV tensor
+        assert not q.is_contiguous()
+        want = qk_norm_rope_reference(q, 5, c["cos"], c["sin"], c["q_norm"], 1e-6, torch.float64)
+        want = want * scale
+        norm_max = torch.zeros(2 * 3)
+        got = qk_norm_rope_fwd(q, 5, c["cos"], c["sin"], *c["q_norm"], True, 1e-6,
+                               norm_max=norm_max, out_scale=scale)
+        budget = 1e-6 if dtype == torch.float32 else 8e-3
+        assert rel_err(got, want) <= budget
+        plain = qk_norm_rope_fwd(q, 5, c["cos"], c["sin"], *c["q_norm"], True, 1e-6)
+        assert rel_err(plain, want) > 0.5   # the scale really is applied
+        expect_max = got.double().pow(2).sum(-1).amax(dim=1).reshape(-1)
+        torch.testing.assert_close(norm_max.double(), expect_max, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=0)
+
+
 def test_compile_fullgraph_interpreter(interpret):
     """The custom op and the dispatcher trace into one graph (CPU tensors, interpreter)."""
     c = make_case(1, 20, 2, 64, 3, torch.float32, seed=19)

@@ -16,6 +16,8 @@ import torch
 
 from .reference import check_attention_inputs
 
+LOG2E = 1.4426950408889634
+
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 2 ** 31 - 1  # TMA coordinates are int32: B * H * S rows of the head-major view
@@ -109,13 +111,18 @@ def hopper_supports(q, k, v, *args, **kwargs) -> bool:
 # The pre-pass's launch for this path (programs over tokens of one head, so that the per-head
 # max row norm is one atomic per program; ``benchmarks/experiments/prepass_sweep.py``).
 PREPASS_CONFIG = dict(head_rows=True, block_r=64, num_warps=4)
+# bf16 with the score bound: the pre-pass writes q * scale * log2(e), so the kernel's bounded heads
+# take P = 2^(q.k) straight from the accumulator (one FFMA per score less; ``hopper_fwd``'s
+# PRESCALED). Config key ``PRESCALE_Q`` overrides it (benchmarks).
+PRESCALE_Q = True
 
 
 def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                          k_norm_bias, apply_q_norm, apply_k_norm, eps, scale, *, config=None):
     """Pre-pass (LayerNorm + RoPE, head-major q/k/v, max row norms of q and k per head) then the
     Gluon attention kernel. ``config``: kernel config keys (``hopper_fwd.default_config``) plus
-    ``SCORE_BOUND`` (default True; False: every head keeps the running-max softmax)."""
+    ``SCORE_BOUND`` (default True; False: every head keeps the running-max softmax) and
+    ``PRESCALE_Q`` (default ``PRESCALE_Q``; with the bound only)."""
     from .hopper_fwd import hopper_attention_core, v_token_major_ok
     from .triton_fwd import qk_norm_rope_fwd
 
@@ -127,11 +134,13 @@ def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     norm_max = None
     if config.pop("SCORE_BOUND", True) and q.dtype == torch.bfloat16:
         norm_max = torch.zeros((2, B * H), dtype=torch.float32, device=q.device)
+    prescale = bool(config.pop("PRESCALE_Q", PRESCALE_Q)) and norm_max is not None
     if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
         cos, sin = cos.contiguous(), sin.contiguous()  # the pre-pass indexes both with cos's stride
     pre = dict(PREPASS_CONFIG)
     qh = qk_norm_rope_fwd(q, text_len, cos, sin, q_norm_weight, q_norm_bias, apply_q_norm, eps,
-                          norm_max=None if norm_max is None else norm_max[0], **pre)
+                          norm_max=None if norm_max is None else norm_max[0],
+                          out_scale=scale * LOG2E if prescale else None, **pre)
     kh = qk_norm_rope_fwd(k, text_len, cos, sin, k_norm_weight, k_norm_bias, apply_k_norm, eps,
                           norm_max=None if norm_max is None else norm_max[1], **pre)
     # V is read in place when its layout allows (the model's QKV slice does), else copied head-major
@@ -141,7 +150,8 @@ def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     # the pre-pass returns [B, S, H, D] views of [B, H, S, D] storage
     return hopper_attention_core(qh.transpose(1, 2), kh.transpose(1, 2), vh, out, scale,
-                                 config or None, norm_max, v_token_major=v_in_place)
+                                 config or None, norm_max, v_token_major=v_in_place,
+                                 q_prescaled=prescale)
 
 
 @torch.library.custom_op("cogvideox_kernels::rope3d_attention_hopper", mutates_args=())

@@ -168,20 +168,30 @@ def _load_partition(sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S):
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.constexpr):
+def _softmax_step(s, m_i, l_i, qk_scale, n0, S, MASK: gl.constexpr, FIXED: gl.constexpr,
+                  PRESCALED: gl.constexpr):
     """Softmax numerators of one key block: P (fp32), the row max and row sum after it, and
     alpha = 2^(m_old - m_new) for the accumulator. MASK: the last block (keys past S -> -inf).
     FIXED: m_i is a fixed scalar that bounds every score of the head (``_score_bound``), so there
-    is no running max, alpha is 1 and the accumulator is never rescaled."""
+    is no running max, alpha is 1 and the accumulator is never rescaled. PRESCALED: q holds
+    q * scale * log2(e), so s is already in log2 units (qk_scale unused), and FIXED needs no shift
+    (m_i = 0): P = 2^s straight from the accumulator, one MUFU.EX2 per score and no FFMA."""
     if MASK:
         s = _mask_tail(s, n0, S)
     if FIXED:
-        p = gl.exp2(s * qk_scale - m_i)
+        if PRESCALED:
+            p = gl.exp2(s)
+        else:
+            p = gl.exp2(s * qk_scale - m_i)
         l_i = l_i + row_partial_sums(p)
         alpha = m_i
     else:
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
+        if PRESCALED:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            p = gl.exp2(s - m_new[:, None])
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
         row_sum = gl.sum(p, axis=1)
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + row_sum
@@ -201,7 +211,7 @@ def row_partial_sums(p):
 
 @gluon.jit
 def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK: gl.constexpr,
-                  FIXED: gl.constexpr):
+                  FIXED: gl.constexpr, PRESCALED: gl.constexpr):
     """Key block j >= 1: issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1}, wait for S_j only,
     softmax of S_j while P V runs on the tensor cores, wait for P V, rescale O by alpha_j (not
     with FIXED)."""
@@ -212,7 +222,8 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK:
                       is_async=True)
     acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)  # V_{j-1}: waited for
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S_j is done, P V may run on
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK, FIXED)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, j * sm.BLOCK_N, S, MASK, FIXED,
+                                       PRESCALED)
     # Wait for V_j (the next step's P V operand) here, between the softmax and the P V wait: the
     # mbarrier poll loop ends a basic block. Within one block ptxas (12.8 and 13.0) hoists the
     # wgmma wait above the softmax, which then runs after P V instead of under it.
@@ -226,7 +237,7 @@ def _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale, S, MASK:
 
 
 @gluon.jit
-def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
+def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr, PRESCALED: gl.constexpr = False):
     """All key blocks for one warpgroup's rows: returns the unnormalised O and the row sums."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
@@ -249,17 +260,17 @@ def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
     s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, 0, S, True, FIXED)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, 0, S, True, FIXED, PRESCALED)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     # ---- full blocks 1 .. n-2 (no branch inside the loop), then the last block (masked)
     for j in range(1, n_blocks - 1):
         acc, m_i, l_i, p_op = _attend_block(j, sm, q_smem, acc, m_i, l_i, p_op, s_zero, qk_scale,
-                                            S, False, FIXED)
+                                            S, False, FIXED, PRESCALED)
     if n_blocks > 1:
         acc, m_i, l_i, p_op = _attend_block(n_blocks - 1, sm, q_smem, acc, m_i, l_i, p_op, s_zero,
-                                            qk_scale, S, True, FIXED)
+                                            qk_scale, S, True, FIXED, PRESCALED)
 
     # ---- the last block's P V
     last = (n_blocks - 1) % sm.STAGES
@@ -273,7 +284,7 @@ def _consumer_loop(sm, q_smem, m_i, qk_scale, S, FIXED: gl.constexpr):
 
 @gluon.jit
 def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, fixed, m_fixed,
-                        WG: gl.constexpr):
+                        WG: gl.constexpr, PRESCALED: gl.constexpr):
     """One warpgroup: BLOCK_M query rows (64 or 128) against all keys; stores its rows of the
     output. ``fixed``: run the softmax against the fixed bound ``m_fixed`` (see
     ``_score_bound``), else with a running row max."""
@@ -288,10 +299,10 @@ def _consumer_partition(sm, o_ptr, q_start, S, stride_os, qk_scale, fixed, m_fix
     q_smem = sm.q_bufs.index(WG)
     mbarrier.wait(sm.q_bar, 0)
     if fixed:
-        acc, l_i = _consumer_loop(sm, q_smem, m_fixed, qk_scale, S, True)
+        acc, l_i = _consumer_loop(sm, q_smem, m_fixed, qk_scale, S, True, PRESCALED)
     else:
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False)
+        acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False, PRESCALED)
 
     # ---- epilogue: O / l; rows past S are not stored
     store_rows(acc / gl.convert_layout(l_i, orow_layout)[:, None], o_ptr, q_start + WG * BLOCK_M,
@@ -314,26 +325,33 @@ def store_rows(out, o_ptr, row0, S, stride_os):
 
 
 @gluon.jit
-def _score_bound(norm_ptr, pid_bh, BH, qk_scale):
+def _score_bound(norm_ptr, pid_bh, BH, qk_scale, PRESCALED: gl.constexpr = False):
     """(fixed, m) for one (b, h) from the pre-pass's max squared row norms of q and k.
 
     Every score t = (q . k) * qk_scale (log2 units) lies in [-T, T] with T = |qk_scale| *
     max||q|| * max||k|| (Cauchy-Schwarz; 1% margin for the bf16 rounding and fp32 sums). With
     m = T - e, e = max(0, 2T - 96), every numerator 2^(t - m) lies in [2^-96, 2^e]: no overflow and
     no underflow, so a fixed m gives the same softmax as a running max. Taken when T <= 80
-    (e <= 64); otherwise (or for inf/nan norms) the kernel runs the running-max softmax."""
+    (e <= 64); otherwise (or for inf/nan norms) the kernel runs the running-max softmax.
+    PRESCALED (q holds q * scale * log2(e), so T = max||q|| * max||k||): no shift, m = 0, so every
+    numerator 2^t lies in [2^-T, 2^T]; taken when T <= 64 (the same largest numerator, 2^64, as the
+    shifted form at T = 80)."""
     qn = gl.load(norm_ptr + pid_bh)
     kn = gl.load(norm_ptr + BH + pid_bh)
-    t = gl.sqrt(qn * kn) * gl.abs(qk_scale) * 1.01
-    e = gl.maximum(2.0 * t - 96.0, 0.0)
-    return t <= 80.0, t - e
+    if PRESCALED:
+        t = gl.sqrt(qn * kn) * 1.01
+        return t <= 64.0, t * 0.0
+    else:
+        t = gl.sqrt(qn * kn) * gl.abs(qk_scale) * 1.01
+        e = gl.maximum(2.0 * t - 96.0, 0.0)
+        return t <= 80.0, t - e
 
 
 @gluon.jit
 def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob,
                                  stride_os, stride_oh, qk_scale, NUM_WG: gl.constexpr,
                                  STAGES: gl.constexpr, BOUNDED: gl.constexpr,
-                                 V_TOKEN_MAJOR: gl.constexpr,
+                                 V_TOKEN_MAJOR: gl.constexpr, PRESCALED: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """out[b, rows, h] = softmax(q k^T * scale) v for NUM_WG * BLOCK_M query rows of one (b, h).
 
@@ -342,7 +360,8 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
     past the end): their scores are masked, their outputs not stored. BOUNDED: norm_ptr holds the
     pre-pass's max squared row norms ([2, BH]: q then k), see ``_score_bound``. V_TOKEN_MAJOR:
     v_desc is over V's token-major [B*S, H*D] view (a strided input read in place) instead of the
-    head-major [B*H*S, D] storage.
+    head-major [B*H*S, D] storage. PRESCALED: q holds q * scale * log2(e) (qk_scale unused) and
+    bounded heads run without a shift (``_softmax_step``, ``_score_bound``).
     """
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
@@ -361,7 +380,7 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
         v_col = 0
     o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     if BOUNDED:
-        fixed, m_fixed = _score_bound(norm_ptr, pid_bh, BH, qk_scale)
+        fixed, m_fixed = _score_bound(norm_ptr, pid_bh, BH, qk_scale, PRESCALED)
     else:
         fixed = pid_bh < 0  # False, as a runtime value like the bounded case's
         m_fixed = qk_scale * 0.0
@@ -370,16 +389,21 @@ def _hopper_attention_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, 
     # worker arguments are spelled out per call (tuple arithmetic would drop their constexpr-ness)
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0,
+                                  PRESCALED)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1,
+                                  PRESCALED)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(NUM_WG == 3, "NUM_WG is 2 or 3")
         gl.warp_specialize([
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1)),
-            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 2)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 0,
+                                  PRESCALED)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 1,
+                                  PRESCALED)),
+            (_consumer_partition, (sm, o_base, q_start, S, stride_os, qk_scale, fixed, m_fixed, 2,
+                                  PRESCALED)),
             (_load_partition, (sm, q_desc, k_desc, v_desc, row_q, row_kv, v_row, v_col, S)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
@@ -426,7 +450,7 @@ def v_token_major_ok(v: torch.Tensor) -> bool:
 def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, out: torch.Tensor,
                           scale: float, config: dict | None = None,
                           norm_max: torch.Tensor | None = None, *,
-                          v_token_major: bool = False) -> torch.Tensor:
+                          v_token_major: bool = False, q_prescaled: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v on head-major inputs.
 
     qh, kh: [B, H, S, D] contiguous (bf16/fp16, D 64 or 128); vh: the same, or with
@@ -436,6 +460,8 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
     float32 [2, B * H], the max over s of ||qh[b, h, s]||^2 and of ||kh[b, h, s]||^2 (the
     pre-pass writes them); with it, heads whose scores are bounded closely enough run the softmax
     without a running max (``_score_bound``); without it every head keeps the running max.
+    ``q_prescaled``: qh holds q * scale * log2(e) (and norm_max its norms); ``scale`` is then not
+    applied again, and bounded heads take 2^score straight from the accumulator (no shift).
     """
     B, H, S, D = qh.shape
     cfg = {**default_config(D), **(config or {})}
@@ -472,14 +498,16 @@ def hopper_attention_core(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, 
     grid = (triton.cdiv(S, cfg["BLOCK_M"] * cfg["NUM_WG"]), B * H)
     _hopper_attention_fwd_kernel[grid](
         desc(qh, cfg["BLOCK_M"]), desc(kh, cfg["BLOCK_N"]), v_desc, out,
-        norm_max, S, H, B * H, out.stride(0), out.stride(1), out.stride(2), float(scale) * LOG2E,
-        BOUNDED=norm_max is not None, V_TOKEN_MAJOR=v_token_major, **_launch_args(cfg),
+        norm_max, S, H, B * H, out.stride(0), out.stride(1), out.stride(2),
+        1.0 if q_prescaled else float(scale) * LOG2E,
+        BOUNDED=norm_max is not None, V_TOKEN_MAJOR=v_token_major, PRESCALED=bool(q_prescaled),
+        **_launch_args(cfg),
         num_warps=4)
     return out
 
 
 def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str = "bf16",
-                    bounded: bool = True):
+                    bounded: bool = True, prescaled: bool | None = None):
     """Compile the kernel for sm_90a without a GPU (to read its PTX/SASS, registers, spills).
     Needs ``TRITON_INTERPRET`` unset: Gluon does not build under the interpreter."""
     from triton.backends.compiler import GPUTarget
@@ -487,6 +515,8 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str =
 
     cfg = {**default_config(head_dim), **(config or {})}
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    if prescaled is None:  # what hopper_attention_fwd launches (hopper.PRESCALE_Q)
+        prescaled = bounded and dtype == "bf16"
 
     def desc_type(box):
         layout = gl.NVMMASharedLayout.get_default_for([box, head_dim], gdt)
@@ -496,7 +526,8 @@ def compile_offline(config: dict | None = None, head_dim: int = 64, dtype: str =
                  "v_desc": desc_type(cfg["BLOCK_N"]), "o_ptr": f"*{dtype}", "norm_ptr": "*fp32",
                  "S": "i32", "H": "i32", "BH": "i32", "stride_ob": "i32", "stride_os": "i32",
                  "stride_oh": "i32", "qk_scale": "fp32"}
-    constexprs = {**_launch_args(cfg), "BOUNDED": bounded, "V_TOKEN_MAJOR": False}
+    constexprs = {**_launch_args(cfg), "BOUNDED": bounded, "V_TOKEN_MAJOR": False,
+                  "PRESCALED": prescaled}
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(_hopper_attention_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

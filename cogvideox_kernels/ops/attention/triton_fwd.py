@@ -80,13 +80,15 @@ def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
                              HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, D: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                              NORM_SQ: tl.constexpr, NORM_MAX: tl.constexpr, HEAD_ROWS: tl.constexpr,
-                             INTERPRET: tl.constexpr):
+                             INTERPRET: tl.constexpr, out_scale=1.0, HAS_OUT_SCALE: tl.constexpr = False):
     """Pre-pass: y[b, s, h] = rope(layernorm(x[b, s, h])). Rows run over (s, h) of one sample,
     so neighbouring rows are neighbouring heads in memory; with HEAD_ROWS over BLOCK_R tokens of
     one (b, h) (program axis 1), so the head-major writes of a program are one contiguous run.
     NORM_SQ: also norm_sq[b, s, h] = ||y[b, s, h]||^2 (float32, contiguous [B, S, H]).
     NORM_MAX (needs HEAD_ROWS): norm_max[b * H + h] = max over s of ||y[b, s, h]||^2, by one
-    atomic max per program into a zeroed float32 [B * H] (the Hopper kernel's score bound)."""
+    atomic max per program into a zeroed float32 [B * H] (the Hopper kernel's score bound).
+    HAS_OUT_SCALE: y is multiplied by out_scale (float32) before its store and its norms (the Hopper
+    kernel's q with the softmax scale * log2(e) folded in)."""
     pid_r = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     if HEAD_ROWS:
@@ -107,6 +109,8 @@ def _qk_norm_rope_fwd_kernel(x_ptr, y_ptr, S, H, text_len,
     y = _norm_rope_tile(x_ptr, x_rows, tokens, row_mask, offs_d, D, text_len, cos_ptr, sin_ptr,
                         stride_cs, weight_ptr, bias_ptr, eps, HAS_NORM, HAS_WEIGHT, HAS_BIAS,
                         HAS_ROPE)
+    if HAS_OUT_SCALE:
+        y = y * out_scale
     y_rows = b * stride_yb + tokens.to(tl.int64) * stride_ys + heads * stride_yh
     mask = row_mask[:, None] & (offs_d < D)[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_d[None, :],
@@ -268,14 +272,17 @@ def _s_bucket(S: int) -> int:
 # launchers
 # ----------------------------------------------------------------------------------------------
 def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, head_major=True,
-                     block_r=None, norm_sq=None, norm_max=None, head_rows=None, num_warps=None):
+                     block_r=None, norm_sq=None, norm_max=None, head_rows=None, num_warps=None,
+                     out_scale=None):
     """Pre-pass: rope(layernorm(x)) (either part optional; neither = a copy) of a strided
     [B, S, H, D] x. Returns a [B, S, H, D] view of x's dtype whose storage is [B, H, S, D]
     (``head_major``, what the attention kernel reads fastest) or [B, S, H, D].
     ``norm_sq``: a float32 [B, S, H] contiguous tensor that receives ||y[b, s, h]||^2 (of the
     float32 values before the cast). ``norm_max``: a zeroed float32 [B * H] contiguous tensor that
     receives max over s of ||y[b, s, h]||^2 (the Hopper kernel bounds its scores with it); it
-    implies ``head_rows`` (programs over tokens of one head instead of (token, head) rows)."""
+    implies ``head_rows`` (programs over tokens of one head instead of (token, head) rows).
+    ``out_scale``: a float; y = out_scale * rope(layernorm(x)) (multiplied in float32 before the
+    cast and the norms)."""
     B, S, H, D = x.shape
     if head_major:
         y = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device).transpose(1, 2)
@@ -303,7 +310,8 @@ def qk_norm_rope_fwd(x, text_len, cos, sin, weight, bias, apply_norm, eps, *, he
         norm_max, NORM_SQ=norm_sq is not None, NORM_MAX=norm_max is not None,
         HEAD_ROWS=head_rows, HAS_NORM=apply_norm, HAS_WEIGHT=apply_norm and weight is not None,
         HAS_BIAS=apply_norm and bias is not None, HAS_ROPE=has_rope, D=D, BLOCK_R=block_r,
-        BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=num_warps)
+        BLOCK_D=block_d, INTERPRET=interpret_mode(), num_warps=num_warps,
+        out_scale=1.0 if out_scale is None else float(out_scale), HAS_OUT_SCALE=out_scale is not None)
     return y
 
 
