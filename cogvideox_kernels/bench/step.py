@@ -155,20 +155,6 @@ def count_kernel_calls(model, inputs):
     return seen
 
 
-def count_qk_gemm_calls(model, inputs) -> int:
-    """How many times one patched step runs q/k through the qk_gemm epilogue (0: the switch did not apply)."""
-    from cogvideox_kernels.ops.adaln_linear import qk_gemm
-
-    real, seen = qk_gemm.adaln_qk_gemm, []
-    qk_gemm.adaln_qk_gemm = lambda *a, **kw: seen.append(1) or real(*a, **kw)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        qk_gemm.adaln_qk_gemm = real
-    return len(seen)
-
-
 def fa3_sdpa():
     """``F.scaled_dot_product_attention`` on FlashAttention-3's forward (the ``fa3-fwd`` wheel), for
     the "diffusers + FA3 + compiled blocks" baseline; None where FA3 is not importable."""
@@ -193,11 +179,8 @@ HALF_SETTING = {FUSED_HALF: True, UNFUSED_HALF: False}
 # apply() with the shared FFN's GEMMs on another path (expert_ffn's COGVIDEOX_KERNELS_FFN_SHARED for the
 # variant: "triton" fuses bias + gate + residual into GEMM2's epilogue, no separate pass); not in the defaults
 FFN_PATH_VARIANTS = {"ours (ffn triton)": "triton", "ours (ffn cublaslt)": "cublaslt"}
-# apply() with q/k through the GEMM whose epilogue is the attention's pre-pass (state.QK_GEMM_EPILOGUE on for
-# the variant only; issue 13's experiment); not in the defaults
-QK_EPILOGUE = "ours (qk gemm epilogue)"
 STEP_VARIANTS = ("eager", "compiled", "ours", UNFUSED_HALF, "ours+compile", "fa3+compile")
-KNOWN_EXTRA = (FUSED_HALF, *FFN_PATH_VARIANTS, QK_EPILOGUE)  # accepted by --variants, not run by default
+KNOWN_EXTRA = (FUSED_HALF, *FFN_PATH_VARIANTS)  # accepted by --variants, not run by default
 
 
 def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, profile: bool = True):
@@ -206,7 +189,6 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
     from cogvideox_kernels.ops import registry
 
     fused_default = integration_state.FUSED_ATTENTION_HALF
-    qk_default = integration_state.QK_GEMM_EPILOGUE
     section = f"step_{preset}"
     # float32 reference (true fp32 GEMMs), once, then the same weights in bf16
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -234,10 +216,10 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
 
     ffn_saved = os.environ.get(ffn_env)
     results = {}
-    eager_out = ours_out = None
+    eager_out = None
     for variant in variants:
         need = {"eager": 15, "compiled": 90, "ours": 20, FUSED_HALF: 20, UNFUSED_HALF: 20, "ours+compile": 80,
-                "fa3+compile": 90, **{v: 20 for v in FFN_PATH_VARIANTS}, QK_EPILOGUE: 25}[variant]
+                "fa3+compile": 90, **{v: 20 for v in FFN_PATH_VARIANTS}}[variant]
         if rec.left_s() < need:
             rec.add(section=section, preset=preset, variant=variant, status="skipped", note="out of time")
             continue
@@ -259,9 +241,6 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
             if variant in FFN_PATH_VARIANTS:
                 os.environ[ffn_env] = FFN_PATH_VARIANTS[variant]
                 note = f"{ffn_env}={FFN_PATH_VARIANTS[variant]}"
-            if variant == QK_EPILOGUE:  # (the attribute is read at every call; its env var only at import)
-                integration_state.QK_GEMM_EPILOGUE = True
-                note = f"QK_GEMM_EPILOGUE on; qk gemm calls per step {count_qk_gemm_calls(model, inputs)}"
             if variant in ("ours", FUSED_HALF, UNFUSED_HALF):  # proves the step goes through our ops (and warms them up)
                 calls = count_kernel_calls(model, inputs)
                 backend_attn = registry.auto_choice("rope3d_attention", DEVICE)
@@ -275,10 +254,6 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
                 eager_out = out.clone()
             elif eager_out is not None:  # how far apart two bf16 paths are, next to their error vs fp32
                 note = f"{note}; rel diff vs eager bf16 {rel_err(out.float(), eager_out.float()):.3e}".lstrip("; ")
-            if variant == "ours" and QK_EPILOGUE in variants:
-                ours_out = out.clone()
-            elif variant == QK_EPILOGUE and ours_out is not None:  # the step with the switch off, same run
-                note = f"{note}; rel diff vs ours {rel_err(out.float(), ours_out.float()):.3e}"
             rec.add(section=section, preset=preset, variant=variant, ms=round(ms, 1), rel_err_vs_fp32=f"{err:.3e}",
                     peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), first_call_s=round(first_s, 1),
                     status="ok", note=note)
@@ -290,7 +265,6 @@ def transformer_section(rec: Recorder, preset: str, variants=STEP_VARIANTS, prof
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
             integration_state.FUSED_ATTENTION_HALF = fused_default
-            integration_state.QK_GEMM_EPILOGUE = qk_default
             if ffn_saved is None:
                 os.environ.pop(ffn_env, None)
             else:

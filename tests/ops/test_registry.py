@@ -176,3 +176,32 @@ def test_meta_tensors_propagate_shapes_and_kernels_say_why_not():
     x, mod = torch.randn(1, 5, 8, device="meta"), torch.randn(1, 6, 8, device="meta")
     w1, w2 = torch.randn(2, 16, 8, device="meta"), torch.randn(2, 8, 16, device="meta")
     assert ops.expert_ffn(x, mod, w1, None, w2, None, text_len=2, num_text_experts=1).shape == x.shape
+
+
+@pytest.mark.parametrize("value,expect", [("1", True), (" 1 ", True), ("0", False), (" 0", False), ("", None),
+                                          ("  ", None), (None, None)])
+def test_env_switch_values(monkeypatch, value, expect):
+    """_backend.env_switch (the on/off environment variables, e.g. COGVIDEOX_KERNELS_INT8_ROTATE): "1"/"0" with
+    spaces ignored; unset or empty gives the default."""
+    from cogvideox_kernels._backend import env_switch, parse_switch
+
+    name = "COGVIDEOX_KERNELS_TEST_SWITCH"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    for default in (False, True):
+        assert env_switch(name, default) is (default if expect is None else expect)
+    if value is not None:
+        assert parse_switch(name, value) is bool(expect)
+
+
+@pytest.mark.parametrize("value", ["2", "true", "on", "yes", "-1"])
+def test_env_switch_bad_value_names_the_variable(monkeypatch, value):
+    from cogvideox_kernels._backend import env_switch, parse_switch
+
+    name = "COGVIDEOX_KERNELS_TEST_SWITCH"
+    monkeypatch.setenv(name, value)
+    for call in (lambda: env_switch(name, False), lambda: parse_switch(name, value)):
+        with pytest.raises(ValueError, match=f"{name}='{value}'"):
+            call()

@@ -8,8 +8,7 @@ import torch
 
 from ...parallel import sequence_split_sizes
 from ...ops import registry
-from ...ops.adaln_linear import qk_gemm as _qk
-from . import state, weights
+from . import weights
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
 
@@ -172,28 +171,6 @@ def join_tokens(encoder_hidden_states, hidden_states):
     return torch.cat([enc, hid], dim=1)
 
 
-def _qk_gemm_epilogue_applies(processor, tokens, heads, head_dim, text_len, cos, sin, norms) -> bool:
-    """Whether the fused half may run q/k through ``qk_gemm`` (``state.QK_GEMM_EPILOGUE``): the attention would
-    run the Hopper kernel (what ``rope3d_attention`` resolves to for these inputs and the processor's backend),
-    exact precision, bf16 tokens, head_dim 64 or 128, a LayerNorm QK-norm with q's and k's affine parts alike.
-    (Context parallelism, LoRA and hooks on the projections never reach here: ``fused_attention_half``.)"""
-    if (processor.precision != "bf16" or tokens.dtype != torch.bfloat16 or head_dim not in (64, 128)
-            or norms["q_norm"] is None or norms["k_norm"] is None):
-        return False
-    (qw, qb), (kw, kb) = norms["q_norm"], norms["k_norm"]
-    if (qw is None) != (kw is None) or (qb is None) != (kb is None):
-        return False
-    batch, seq, _ = tokens.shape
-    probe = tokens.new_empty(head_dim).expand(batch, seq, heads, head_dim)  # q/k/v's shape, dtype, device
-    try:
-        chosen = registry.resolve("rope3d_attention", processor.backend, q=probe, k=probe, v=probe, text_len=text_len,
-                                  cos=cos, sin=sin, q_norm=norms["q_norm"], k_norm=norms["k_norm"], eps=norms["eps"],
-                                  scale=None, precision=processor.precision)
-    except ValueError:
-        return False  # the attention call itself raises it, on today's path
-    return chosen == "hopper"
-
-
 def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs):
     """The attention half of a ``CogVideoXBlock`` (norm1 + attn1 + gates + residual) as three ops over
     ``[text ; video]``: ``adaln_linear`` (norm1's LN-modulate pre-pass + the to_q/to_k/to_v GEMMs),
@@ -202,10 +179,7 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
     where anything is not ours or not plain (the caller runs diffusers' norm1 and ``attn1``): a
     processor that is not our unfallen one, hooks on attn1 or its submodules that weights.py does not
     know (PyramidAttentionBroadcast, FasterCache), LoRA variants, context parallelism, attention kwargs,
-    anything ``CogVideoXKernelAttnProcessor`` itself would not cover. With ``state.QK_GEMM_EPILOGUE`` on (off by
-    default) and the attention on the Hopper kernel (``_qk_gemm_epilogue_applies``), the front is
-    ``qk_gemm.adaln_qk_gemm`` (q and k head-major, normed and rotated by the GEMM's epilogue) and the attention
-    ``qk_gemm.hopper_attention_headmajor``."""
+    anything ``CogVideoXKernelAttnProcessor`` itself would not cover."""
     attn = block.attn1
     processor = attn.processor
     if type(processor) is not CogVideoXKernelAttnProcessor or attention_kwargs:
@@ -243,19 +217,6 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
         backend = registry.backend_for("adaln_linear", processor.backend)
         norm_args = dict(text_len=text_len, norm_weight=norm[0], norm_bias=norm[1], eps=norm1.norm.eps,
                          backend=backend)
-        if state.QK_GEMM_EPILOGUE and _qk_gemm_epilogue_applies(processor, tokens, attn.heads, head_dim, text_len,
-                                                                cos, sin, norms):
-            # q, k through the GEMM with the attention's pre-pass in its epilogue, v by addmm, then the Hopper
-            # kernel on them (its own pre-pass skipped)
-            (qw, qb), (kw, kb) = norms["q_norm"], norms["k_norm"]
-            qk, norm_max, v = _qk.adaln_qk_gemm(
-                tokens, modulation, [w for w, _ in projections], [b for _, b in projections], text_len=text_len,
-                norm_weight=norm[0], norm_bias=norm[1], eps=norm1.norm.eps, num_heads=attn.heads,
-                qk_norm_weight=None if qw is None else torch.stack([qw, kw]),
-                qk_norm_bias=None if qb is None else torch.stack([qb, kb]), qk_eps=norms["eps"], cos=cos, sin=sin)
-            out = _qk.hopper_attention_headmajor(qk, norm_max, v)
-            return _ops.gated_linear(tokens, out.reshape(batch, seq, attn.heads * head_dim), out_proj[0],
-                                     out_proj[1], modulation, text_len=text_len, backend=backend)
         if processor.fused:  # one to_qkv Linear: [B, S, 3 * inner]
             qkv = _ops.adaln_linear(tokens, modulation, *projections[0], **norm_args)
             q, k, v = qkv.view(batch, seq, 3, attn.heads, head_dim).unbind(2)

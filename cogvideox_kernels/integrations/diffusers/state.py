@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import types
 
-from ..._backend import env_switch, parse_switch  # noqa: F401  (parse_switch: state.parse_switch)
-
 STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..., "cp_plan": ...}
 
 # ``apply(..., precision=)``: what each patched op runs with, by mode. The one place that maps the
@@ -41,14 +39,6 @@ PRECISION_MODES = {
 # setting this attribute (read at every call).
 FUSED_ATTENTION_HALF_ENV = "COGVIDEOX_KERNELS_FUSED_ATTENTION_HALF"
 FUSED_ATTENTION_HALF = os.environ.get(FUSED_ATTENTION_HALF_ENV, "1").strip() != "0"
-
-# Inside the fused attention half, where the attention runs the Hopper kernel in bf16 (attention.py
-# ``_qk_gemm_epilogue_applies`` lists the conditions): q and k through one GEMM whose epilogue is the
-# attention's pre-pass (QK-LayerNorm, RoPE, head-major store, norm maxima; ops/adaln_linear/qk_gemm.py)
-# instead of addmm + ``qk_norm_rope_fwd``. Off by default (issue 13's experiment, not yet timed on a GPU);
-# on with the environment variable set to 1 at import, or by setting this attribute (read at every call).
-QK_GEMM_EPILOGUE_ENV = "COGVIDEOX_KERNELS_QK_GEMM_EPILOGUE"
-QK_GEMM_EPILOGUE = env_switch(QK_GEMM_EPILOGUE_ENV, False)
 
 
 def op_precision(precision: str, op: str) -> str:
