@@ -17,6 +17,14 @@ shipped ``cogvideox_kernels/ops/attention/hopper_fwd.py``; what differs:
   from their norms (tighter than the per-head one). Saves the q pre-pass (~0.17 ms at 5B). Always
   with QK LayerNorm (weight and bias) and RoPE on, the 5B/1.5-5B configuration; heads whose bound
   exceeds 80 take the shipped running-max loop.
+* ``ROWSUM_MMA`` (its own kernel, ``_rowsum_kernel``: the shipped launch with q prescaled by
+  scale * log2(e), head dims 64 and 128): the bounded heads' softmax row sums come from the tensor
+  cores, L += P x ones, P being the same bf16 register operand as P V's and ones an [8, BLOCK_N]
+  bf16 tile in shared memory (K contiguous, 128-byte swizzle, fed transposed as K is in Q K^T),
+  into a [64, 8] fp32 accumulator whose 8 columns all hold the row sum. Issued right after each
+  P V wgmma and waited with it; the loop loses its 64 FADD per block (D 64) and gains one
+  64x8xBLOCK_N wgmma. The sums are then over the bf16-rounded P that P V multiplies. Without
+  ROWSUM_MMA the kernel runs the shipped loop (a control for the probe).
 """
 import torch
 import triton
@@ -26,8 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _mask_tail,
-                                                        _registers, alloc_shared, default_config, load_tile,
+from cogvideox_kernels.ops.attention.hopper_fwd import (LOG2E, _consumer_loop, _load_partition,
+                                                        _mask_tail, _registers, _score_bound,
+                                                        alloc_shared, default_config, load_tile,
                                                         mma_layout, row_partial_sums, store_rows,
                                                         v_token_major_ok)
 
@@ -346,12 +355,21 @@ def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, sca
 
 
 def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, pingpong=False,
-                   qfuse=False, persist=False, lazy_sum=False, stages=None, check_bound=True):
+                   qfuse=False, persist=False, lazy_sum=False, stages=None, check_bound=True,
+                   rowsum_mma=None):
     """The full path (k pre-pass with norms, q pre-pass unless qfuse, V in place) for bf16 q/k/v
     [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on. ``check_bound``: with
-    persist, first check on the host that every head takes the fixed-max loop (time it without)."""
+    persist, first check on the host that every head takes the fixed-max loop (time it without).
+    ``rowsum_mma`` True / False: the shipped full path (q prescaled) on ``_rowsum_kernel`` with /
+    without the tensor-core row sums (not combined with the other options)."""
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
+    if rowsum_mma is not None:
+        if pingpong or qfuse or persist or lazy_sum:
+            raise ValueError("rowsum_mma: runs on its own kernel, without pingpong, qfuse, "
+                             "persist or lazy_sum")
+        return attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale,
+                                rowsum_mma=rowsum_mma, stages=stages)
     B, S, H, D = q.shape
     assert q.dtype == torch.bfloat16 and v_token_major_ok(v) and (not qfuse or v_token_major_ok(q))
     sq = torch.empty((2, B, S, H), dtype=torch.float32, device=q.device)
@@ -385,7 +403,216 @@ VARIANTS = {"lazy_sum": dict(lazy_sum=True),
             "pingpong+lazy_sum": dict(pingpong=True, lazy_sum=True),
             "qfuse+lazy_sum": dict(qfuse=True, lazy_sum=True),
             "persist+pingpong+lazy_sum": dict(persist=True, pingpong=True, lazy_sum=True),
-            "persist+lazy_sum stages3": dict(persist=True, lazy_sum=True, stages=3)}
+            "persist+lazy_sum stages3": dict(persist=True, lazy_sum=True, stages=3),
+            # the shipped full path on _rowsum_kernel: the control (shipped loop, the same SASS
+            # loop as hopper_fwd's) and the MMA sums. Offline sm_90a (ptxas 13.0, f81f912): fixed-
+            # max loop D64 223 -> 174 instructions (FADD 64 -> 0, HGMMA 12 -> 20, MUFU 64), D128
+            # 148 -> 121 (FADD 32 -> 0, HGMMA 12 -> 16); shared memory +2 / +1 KB; no local
+            # memory; not run on a GPU yet (hopper_rowsum_check.py: parity on small shapes).
+            "prescaled control": dict(rowsum_mma=False),
+            "prescaled rowsum_mma": dict(rowsum_mma=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# ROWSUM_MMA: the row sums of the bounded (prescaled, fixed-max) heads on the tensor cores
+# ---------------------------------------------------------------------------------------------
+@gluon.jit
+def _issue_rowsum(p_op, ones, l_acc):
+    """Start L += P x ones (async): P the bf16 register operand of P V, ones the [8, BLOCK_N]
+    shared tile fed as a K-major [BLOCK_N, 8] B (as K is in Q K^T); every column of the [64, 8]
+    fp32 accumulator gets the row sums."""
+    lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout,
+                                                  k_width=2)
+    return warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones.permute((1, 0)), l_acc,
+                         is_async=True)
+
+
+@gluon.jit
+def _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, MASK: gl.constexpr):
+    """Key block j >= 1 of the prescaled fixed-max loop (the shipped ``_attend_block`` with FIXED
+    and PRESCALED): issue S_j, P_{j-1} V_{j-1} and L += P_{j-1} x ones, wait for S_j only (3
+    groups in flight, they retire in order), P_j = 2^S_j while the other two run, then wait for
+    both. The V_j mbarrier wait sits between the softmax and the wgmma wait, as in the shipped
+    loop (it ends the basic block, so ptxas cannot hoist the wait above the exp2s)."""
+    stage = j % sm.STAGES
+    prev = (j - 1) % sm.STAGES
+    mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)
+    l_acc = _issue_rowsum(p_op, ones, l_acc)
+    s = warpgroup_mma_wait(2, deps=(s,))
+    if MASK:
+        s = _mask_tail(s, j * sm.BLOCK_N, S)
+    p = gl.exp2(s)
+    mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
+    acc, l_acc = warpgroup_mma_wait(0, deps=(acc, l_acc))
+    mbarrier.arrive(sm.kv_empty.index(prev))
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    return acc, l_acc, p_op
+
+
+@gluon.jit
+def _rowsum_loop(sm, ones, q_smem, S):
+    """All key blocks of one warpgroup, prescaled fixed-max softmax (P = 2^S), row sums by MMA:
+    returns the unnormalised O and l (column 0 of the [64, 8] row-sum accumulator) in the layout
+    the shipped ``_consumer_loop`` returns it."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    dtype: gl.constexpr = sm.q_bufs.dtype
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
+    l_layout: gl.constexpr = mma_layout(8)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    l_acc = gl.zeros([BLOCK_M, 8], gl.float32, layout=l_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    n_blocks = gl.cdiv(S, BLOCK_N)
+
+    mbarrier.wait(sm.k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p = gl.exp2(_mask_tail(s, 0, S))
+    mbarrier.wait(sm.v_ready.index(0), 0)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for j in range(1, n_blocks - 1):
+        acc, l_acc, p_op = _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, False)
+    if n_blocks > 1:
+        acc, l_acc, p_op = _rowsum_block(n_blocks - 1, sm, ones, q_smem, acc, l_acc, p_op, s_zero,
+                                         S, True)
+    last = (n_blocks - 1) % sm.STAGES
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
+    l_acc = _issue_rowsum(p_op, ones, l_acc)
+    acc, l_acc = warpgroup_mma_wait(0, deps=(acc, l_acc))
+    mbarrier.arrive(sm.kv_empty.index(last))
+    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, l_layout))
+    l_i = gl.sum(gl.where((cols == 0)[None, :], l_acc, 0.0), axis=1)  # column 0, exactly
+    return acc, gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
+def _rowsum_consumer(sm, ones, o_ptr, q_start, S, stride_os, qk_scale, fixed, WG: gl.constexpr,
+                     ROWSUM_MMA: gl.constexpr):
+    """The shipped ``_consumer_partition`` with PRESCALED; bounded heads take ``_rowsum_loop``
+    when ROWSUM_MMA, running-max heads the shipped loop."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    s_layout: gl.constexpr = mma_layout(sm.BLOCK_N)
+    q_smem = sm.q_bufs.index(WG)
+    mbarrier.wait(sm.q_bar, 0)
+    if fixed:
+        if ROWSUM_MMA:
+            acc, l_i = _rowsum_loop(sm, ones, q_smem, S)
+        else:
+            acc, l_i = _consumer_loop(sm, q_smem, qk_scale * 0.0, qk_scale, S, True, True)
+    else:
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc, l_i = _consumer_loop(sm, q_smem, m_i, qk_scale, S, False, True)
+    store_rows(acc / gl.convert_layout(l_i, gl.SliceLayout(1, mma_layout(HEAD_D)))[:, None],
+               o_ptr, q_start + WG * BLOCK_M, S, stride_os)
+
+
+@gluon.jit
+def _rowsum_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob, stride_os,
+                   stride_oh, qk_scale, STAGES: gl.constexpr, ROWSUM_MMA: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """The shipped ``_hopper_attention_fwd_kernel`` with NUM_WG 3, BOUNDED, PRESCALED and V
+    token-major; with ROWSUM_MMA the CTA's [8, BLOCK_N] ones tile is written here, by the default
+    warps before the partitions start, and fenced for the async proxy (wgmma reads it)."""
+    NUM_WG: gl.constexpr = 3
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start = pid_m * (BLOCK_M * NUM_WG)
+    row_kv = pid_bh * S
+    o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    fixed, m_fixed = _score_bound(norm_ptr, pid_bh, BH, qk_scale, True)
+    sm = alloc_shared(q_desc, k_desc, v_desc, NUM_WG, STAGES)
+    if ROWSUM_MMA:
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N],
+                                                                         q_desc.dtype)
+        TPW_N: gl.constexpr = BLOCK_N // 8
+        fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [4, 1], [1, 0])
+        ones = gl.allocate_shared_memory(q_desc.dtype, [8, BLOCK_N], ones_layout,
+                                         gl.full([8, BLOCK_N], 1.0, q_desc.dtype,
+                                                 layout=fill_layout))
+        fence_async_shared()  # generic-proxy stores, read by wgmma (async proxy)
+    else:
+        ones = sm.q_bar  # unused
+    gl.warp_specialize([
+        (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 0,
+                            ROWSUM_MMA)),
+        (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 1,
+                            ROWSUM_MMA)),
+        (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 2,
+                            ROWSUM_MMA)),
+        (_load_partition, (sm, q_desc, k_desc, v_desc, row_kv + q_start, row_kv, b * S,
+                           h * HEAD_D, S)),
+    ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+def attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, rowsum_mma=True,
+                     stages=None):
+    """The shipped full path (``hopper.hopper_attention_fwd`` with its defaults: pre-pass with
+    per-head max norms, q prescaled, V read in place) on ``_rowsum_kernel``."""
+    from cogvideox_kernels.ops.attention.hopper import PREPASS_CONFIG
+    from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
+
+    B, S, H, D = q.shape
+    if q.dtype != torch.bfloat16 or D not in (64, 128):
+        raise ValueError(f"q: attention_rowsum takes bf16 with head_dim 64 or 128, got {q.dtype}, "
+                         f"head_dim {D}")
+    if not v_token_major_ok(v):
+        raise ValueError(f"v: must be readable in place ([B*S, H*D] view), strides {v.stride()}")
+    cfg = default_config(D)
+    stages = stages or cfg["STAGES"]
+    norm_max = torch.zeros((2, B * H), dtype=torch.float32, device=q.device)
+    qh = qk_norm_rope_fwd(q, text_len, cos, sin, *q_norm, True, eps, norm_max=norm_max[0],
+                          out_scale=scale * LOG2E, **PREPASS_CONFIG)
+    kh = qk_norm_rope_fwd(k, text_len, cos, sin, *k_norm, True, eps, norm_max=norm_max[1],
+                          **PREPASS_CONFIG)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    lay = lambda box: gl.NVMMASharedLayout.get_default_for([box, D], gl.bfloat16)  # noqa: E731
+    bn = cfg["BLOCK_N"]
+    # the pre-pass returns [B, S, H, D] views of [B, H, S, D] storage
+    q_desc = TensorDescriptor(qh.transpose(1, 2), [B * H * S, D], [D, 1], [64, D], lay(64))
+    k_desc = TensorDescriptor(kh.transpose(1, 2), [B * H * S, D], [D, 1], [bn, D], lay(bn))
+    v_desc = TensorDescriptor(v, [B * S, H * D], [v.stride(1), 1], [bn, D], lay(bn))
+    consumer_regs, loader_regs = _registers(3)
+    grid = (triton.cdiv(S, 192), B * H)
+    _rowsum_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, out.stride(0),
+                         out.stride(1), out.stride(2), 1.0, STAGES=stages,
+                         ROWSUM_MMA=bool(rowsum_mma), CONSUMER_REGS=consumer_regs,
+                         LOADER_REGS=loader_regs, num_warps=4)
+    return out
+
+
+def compile_rowsum_offline(head_dim=64, rowsum_mma=True, stages=None):
+    """``_rowsum_kernel`` for sm_90a without a GPU (TRITON_INTERPRET unset)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc_type(box):
+        layout = gl.NVMMASharedLayout.get_default_for([box, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{box}, {head_dim}],{layout!r}>"
+
+    cfg = default_config(head_dim)
+    consumer_regs, loader_regs = _registers(3)
+    sig = {"q_desc": desc_type(64), "k_desc": desc_type(cfg["BLOCK_N"]),
+           "v_desc": desc_type(cfg["BLOCK_N"]), "o_ptr": "*bf16", "norm_ptr": "*fp32", "S": "i32",
+           "H": "i32", "BH": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
+           "qk_scale": "fp32"}
+    constexprs = dict(STAGES=stages or cfg["STAGES"], ROWSUM_MMA=rowsum_mma,
+                      CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+    sig.update({n: "constexpr" for n in constexprs})
+    src = GluonASTSource(_rowsum_kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def compile_offline(pingpong, qfuse, head_dim=64, stages=4, persist=False, lazy_sum=False):
@@ -419,6 +646,15 @@ if __name__ == "__main__":
     from hopper_same_sass import main_loops
 
     for name, kw in {"base": {}, **VARIANTS}.items():
+        if "rowsum_mma" in kw:
+            for d in (64, 128):
+                c = compile_rowsum_offline(d, kw["rowsum_mma"])
+                loops = main_loops(c)
+                counts = [dict(collections.Counter(o.split(".")[0] for o in body).most_common(6))
+                          for body in loops]
+                print(f"{name} D{d}: smem {c.metadata.shared} B, main loops "
+                      f"{[len(x) for x in loops]} {counts[:1]}")
+            continue
         c = compile_offline(kw.get("pingpong", False), kw.get("qfuse", False),
                             persist=kw.get("persist", False), lazy_sum=kw.get("lazy_sum", False))
         loops = main_loops(c)

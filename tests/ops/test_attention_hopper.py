@@ -164,7 +164,8 @@ def test_core_rejects_bad_v_and_fp16_bound():
 def test_next_experiments_still_compile(tmp_path):
     """benchmarks/experiments/hopper_attention_next.py builds on this module's internals
     (alloc_shared, mma_layout, store_rows, _consumer_loop, ...): it must keep compiling for sm_90a
-    so the next GPU probe can run it (all of its options at once)."""
+    so the next GPU probe can run it (all of its options at once; and the ROWSUM_MMA kernel, whose
+    64x8 row-sum wgmma must be there)."""
     import json
     import os
     import subprocess
@@ -172,16 +173,18 @@ def test_next_experiments_still_compile(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ("import json, sys; sys.path.insert(0, 'benchmarks/experiments'); "
-              "from hopper_attention_next import compile_offline; "
+              "from hopper_attention_next import compile_offline, compile_rowsum_offline; "
               "ptx = compile_offline(True, True, persist=True, lazy_sum=True).asm['ptx']; "
-              "print(json.dumps(dict(wgmma='wgmma.mma_async' in ptx, local='.local' in ptx)))")
+              "ptx += compile_rowsum_offline(64).asm['ptx']; "
+              "print(json.dumps(dict(wgmma='wgmma.mma_async' in ptx, local='.local' in ptx, "
+              "n8='wgmma.mma_async.sync.aligned.m64n8k16' in ptx)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=root, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == dict(wgmma=True, local=False)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == dict(wgmma=True, local=False, n8=True)
 
 
 # ---------------------------------------------------------------------------------------- GPU
