@@ -62,9 +62,9 @@ V_PAD = 16  # V^T rows padded to 16 keys: TMA strides are multiples of 16 bytes
 # how the pre-pass kernel rotates (``_rotate``): 1 = Hadamard entries from indices, three bf16 products
 ROT_MODE = 1
 # warps of k's quantizing pass (block_n = 128 tokens per program). Offline sm_90a SASS (4895424): with 4 it
-# spills ~540 STL / ~590 LDL per thread (rotation or not), with 8 16-41 (0 without the k split); not yet
-# timed on a GPU (attention_quality.py's pre-pass rows time 8 beside it), so 4 stays the default.
-K_WARPS = 4
+# spills ~540 STL / ~590 LDL per thread (rotation or not), with 8 16-41 (0 without the k split). H200
+# (cf372be, attention_quality.py): pre-pass with rotation + k split 1.177 ms with 8 warps vs 1.248 with 4.
+K_WARPS = 8
 ROTATE_ENV = "COGVIDEOX_KERNELS_INT8_ROTATE"  # "1": rotate q and k by default (see above)
 K_SPLIT_ENV = "COGVIDEOX_KERNELS_INT8_K_SPLIT"  # "1" / "heads": k as two INT8 parts (see above)
 K_SPLIT_MODES = (False, True, "heads")
