@@ -4,7 +4,7 @@ GPU (<= 90 s on an H200): y [35552, 12288] bf16 with a bias; for int8 and e4m3 t
 (``config="row"``) and a handful of chunked configs (rows per program, chunk, warps), checks each
 against the one-row kernel bit for bit, prints ms and TB/s per config and the best, writes JSON to --out.
 
-    python3 benchmarks/experiments/gelu_quant_sweep.py --out $OUT
+    PYTHONPATH=$PWD python3 benchmarks/experiments/gelu_quant_sweep.py --out $OUT
 
 ``--offline``: compile every config for sm_90a without a GPU and print ptxas registers / spills.
 """
