@@ -144,6 +144,67 @@ def test_bias_gelu_quant_rows(interpret):
     torch.testing.assert_close(scale2, fp8.quantize_rows(F.gelu(y.float(), approximate="tanh"))[1], rtol=1e-5, atol=0)
 
 
+def _gelu_quant_reference(y, bias, out_dtype):
+    """float64 gelu_tanh(y + bias), its row scales and values quantized from float64."""
+    v = y.double() + (0 if bias is None else bias.double())
+    v = 0.5 * v * (1 + torch.tanh(0.7978845608028654 * (v + 0.044715 * v ** 3)))
+    qmax = 127.0 if out_dtype == torch.int8 else 448.0
+    amax = v.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    x = v / scale[:, None]
+    q = torch.round(x).clamp(-127, 127).to(torch.int8) if out_dtype == torch.int8 else x.float().to(E4M3)
+    return v, q, scale
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int8, E4M3], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("rows,N,config", [(9, 200, (4, 64, 4)), (5, 256, (2, 128, 2)), (3, 100, None),
+                                           (6, 96, (1, 32, 1))])
+def test_bias_gelu_quant_chunked_launch(interpret, monkeypatch, out_dtype, bias, rows, N, config):
+    """The chunked kernel (rows per program, column chunks; rows and N off the blocks) gives the one-row
+    kernel's bits, and both match float64; outputs poisoned (int8: -128, which the kernel never writes)."""
+    empty = torch.empty
+
+    def poisoned_empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(-128) if t.dtype == torch.int8 else t
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    g = torch.Generator().manual_seed(rows * N)
+    y = (torch.randn(rows, N, generator=g) * torch.linspace(0.5, 6, rows)[:, None]).bfloat16()
+    b = (torch.randn(N, generator=g) * 0.3).bfloat16() if bias else None
+    y[1] = -b if bias else 0  # gelu(0) = 0: an all-zero row, scale 1
+    y[rows - 1, N - 1] = 40.0  # the row's max in the last (partial) chunk
+    old = fp8.bias_gelu_quant_fwd(y, b, out_dtype, config="row")
+    new = fp8.bias_gelu_quant_fwd(y, b, out_dtype, config=config)
+    for q, scale in (old, new):
+        assert q.dtype == out_dtype and not scale.isnan().any()
+        if out_dtype == torch.int8:
+            assert (q != -128).all()
+        else:
+            assert not q.float().isnan().any()
+    assert torch.equal(new[0].view(torch.uint8), old[0].view(torch.uint8))
+    assert torch.equal(new[1], old[1])
+    v, q_ref, scale_ref = _gelu_quant_reference(y, b, out_dtype)
+    q, scale = new
+    torch.testing.assert_close(scale.double(), scale_ref, rtol=1e-5, atol=0)
+    assert scale[1] == 1 and not q[1].float().any()
+    assert (q.float() != q_ref.float()).float().mean() < 0.01  # float32 vs float64 at rounding midpoints
+    # one quantization step (int8: the outlier row has coarse steps); a broken kernel is off by O(1)
+    assert rel_err(q.double() * scale.double()[:, None], v) < (2e-2 if out_dtype == torch.int8 else 4e-2)
+
+
+def test_bias_gelu_quant_checks_arguments():
+    y = torch.randn(4, 64).bfloat16()
+    with pytest.raises(ValueError, match="y must be a contiguous"):
+        fp8.bias_gelu_quant_fwd(y.t(), None)
+    with pytest.raises(ValueError, match="y must be a contiguous"):
+        fp8.bias_gelu_quant_fwd(y[:, ::2], None)
+    with pytest.raises(ValueError, match="bias must be"):
+        fp8.bias_gelu_quant_fwd(y, torch.zeros(32).bfloat16())
+    with pytest.raises(ValueError, match="out_dtype"):
+        fp8.bias_gelu_quant_fwd(y, None, torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------ the op
 @pytest.mark.parametrize("text_len,biases", [(0, True), (5, True), (37, True), (9, False)])
 def test_fp8_triton_matches_its_emulation(interpret, text_len, biases):

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import interpret_mode
-from .triton_fwd import QUANT_OF, _gelu_tanh, _quantize_row, gate_residual_fwd, modulated_norm_fwd
+from .triton_fwd import (QUANT_OF, _gelu_tanh, _quantize_row, _row_scale, _to_e4m3, _to_int8, gate_residual_fwd,
+                         modulated_norm_fwd)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -128,16 +129,78 @@ def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: 
     tl.store(q_ptr + row * N + cols, q, mask=mask)
 
 
-def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3):
+@triton.jit
+def _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr,
+                EVICT: tl.constexpr):
+    """(gelu_tanh(y + b1) of columns c0 .. c0 + CHUNK of ``rows`` (0 where masked off), their offsets, the mask):
+    the same float32 operations as the one-row kernel, so both give the same bits."""
+    cols = c0 + tl.arange(0, CHUNK)
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(mask, _gelu_tanh(v), 0.0), offs, mask
+
+
+@triton.jit
+def _bias_gelu_quant_rows_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, n_rows, N, HAS_BIAS: tl.constexpr,
+                                     QUANT: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
+                                     INTERPRET: tl.constexpr):
+    """BLOCK_R rows of GEMM1's output per program, in column chunks: a first pass takes each row's max |gelu|,
+    a second re-reads the rows (L2-hot: the first pass asks to keep them, the second lets them go),
+    recomputes GELU and stores it quantized. Same bits as ``_bias_gelu_quant_fwd_kernel`` (max is exact
+    in any order; scale and quotient are the same float32 operations)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, N, CHUNK):
+        g, offs, mask = _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS, CHUNK, "evict_last")
+        amax = tl.maximum(amax, tl.max(tl.abs(g), axis=1))
+    scale = _row_scale(amax, QUANT)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    for c0 in range(0, N, CHUNK):
+        g, offs, mask = _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS, CHUNK, "evict_first")
+        if QUANT == 2:
+            q = _to_int8(g / scale[:, None], INTERPRET)
+        else:
+            q = _to_e4m3(g / scale[:, None], INTERPRET)
+        tl.store(q_ptr + offs, q, mask=mask)
+
+
+# (rows per program, columns per chunk, warps) of the chunked launch; "row" is the one-row kernel.
+# Offline choice (the GPU sweep, benchmarks/experiments/gelu_quant_sweep.py, decides):
+# one row per program and 8 warps: ~8 resident programs per SM keep ~8 x 24 KB rows in flight per SM (~25 MB
+# over 132 SMs, re-read from the 50 MB L2) with 16 elements per thread per load.
+GELU_QUANT_CONFIG = (1, 4096, 8)
+
+
+def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
     """(gelu_tanh(y + bias) quantized per row to out_dtype (e4m3, or int8 for int8.py), float32 row
-    scales) for y [rows, N] contiguous."""
+    scales) for y [rows, N] contiguous. ``config``: (rows per program, chunk, warps) of the chunked kernel
+    (default ``GELU_QUANT_CONFIG``) or ``"row"``: the one-row-per-program kernel (same bits)."""
+    if y.dim() != 2 or not y.is_contiguous():
+        raise ValueError(f"bias_gelu_quant_fwd: y must be a contiguous 2-D tensor, got shape {tuple(y.shape)} "
+                         f"strides {y.stride()}")
     rows, N = y.shape
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
+        raise ValueError(f"bias_gelu_quant_fwd: bias must be contiguous of shape ({N},), got {tuple(bias.shape)}")
+    if out_dtype not in QUANT_OF:
+        raise ValueError(f"bias_gelu_quant_fwd: out_dtype must be one of {list(QUANT_OF)}, got {out_dtype}")
     q = torch.empty(rows, N, dtype=out_dtype, device=y.device)
     scale = torch.empty(rows, dtype=torch.float32, device=y.device)
-    block = triton.next_power_of_2(N)
-    _bias_gelu_quant_fwd_kernel[(rows,)](y, bias if bias is not None else y, q, scale, N, HAS_BIAS=bias is not None,
-                                         QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
-                                         num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
+    b = bias if bias is not None else y
+    if config == "row":
+        block = triton.next_power_of_2(N)
+        _bias_gelu_quant_fwd_kernel[(rows,)](y, b, q, scale, N, HAS_BIAS=bias is not None,
+                                             QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
+                                             num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
+        return q, scale
+    block_r, chunk, num_warps = GELU_QUANT_CONFIG if config is None else config
+    _bias_gelu_quant_rows_fwd_kernel[(triton.cdiv(rows, block_r),)](
+        y, b, q, scale, rows, N, HAS_BIAS=bias is not None, QUANT=QUANT_OF[out_dtype], BLOCK_R=block_r,
+        CHUNK=chunk, INTERPRET=interpret_mode(), num_warps=num_warps)
     return q, scale
 
 

@@ -1,0 +1,105 @@
+"""b1 + GELU + per-row quantize pass of the 8-bit FFN (issue 15): the one-row launch vs the chunked one.
+
+GPU (<= 90 s on an H200): y [35552, 12288] bf16 with a bias; for int8 and e4m3 times the one-row kernel
+(``config="row"``) and a handful of chunked configs (rows per program, chunk, warps), checks each
+against the one-row kernel bit for bit, prints ms and TB/s per config and the best, writes JSON to --out.
+
+    PYTHONPATH=$PWD python3 benchmarks/experiments/gelu_quant_sweep.py --out $OUT
+
+``--offline``: compile every config for sm_90a without a GPU and print ptxas registers / spills.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import torch
+import triton
+
+from cogvideox_kernels.ops.expert_ffn import fp8
+from cogvideox_kernels.ops.expert_ffn.triton_fwd import QUANT_OF
+
+ROWS, N = 35552, 12288  # the 5B FFN: 2 x 17776 tokens, inner 4 x 3072
+# offline (sm_90a, ptxas): no spills in any; 31-64 registers (4 x 1024 w4 the most)
+CONFIGS = [(1, 4096, 8), (1, 2048, 4), (1, 4096, 4), (2, 2048, 8), (4, 1024, 4), (2, 1024, 4), (1, 4096, 16)]
+DTYPES = {"int8": torch.int8, "e4m3": fp8.E4M3}
+
+
+def compile_offline(config, out_dtype):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_r, chunk, warps = config
+    qtype = "*i8" if out_dtype == torch.int8 else "*fp8e4nv"
+    sig = {"y_ptr": "*bf16", "bias_ptr": "*bf16", "q_ptr": qtype, "scale_ptr": "*fp32", "n_rows": "i32", "N": "i32"}
+    constexprs = dict(HAS_BIAS=True, QUANT=QUANT_OF[out_dtype], BLOCK_R=block_r, CHUNK=chunk, INTERPRET=False)
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
+    sig.update({k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(fn=fp8._bias_gelu_quant_rows_fwd_kernel, signature=sig, constexprs=constexprs,
+                                    attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+def ptxas_usage(ptx: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run(["ptxas", "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    lines = [ln.split("info    : ")[-1] for ln in run.stderr.splitlines() if "registers" in ln or "spill" in ln]
+    return "; ".join(lines) if run.returncode == 0 else run.stderr[-500:]
+
+
+def offline_report():
+    for name, dt in DTYPES.items():
+        for cfg in CONFIGS:
+            print(f"{name} {cfg}{' (default)' if cfg == fp8.GELU_QUANT_CONFIG else ''}: "
+                  f"{ptxas_usage(compile_offline(cfg, dt).asm['ptx'])}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gelu_quant_out")
+    ap.add_argument("--offline", action="store_true")
+    args = ap.parse_args()
+    if args.offline:
+        return offline_report()
+    t0 = time.time()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    y = (torch.randn(ROWS, N, device=dev, generator=g) * 2).bfloat16()
+    bias = (torch.randn(N, device=dev, generator=g) * 0.1).bfloat16()
+    moved = ROWS * N * 3 + N * 2 + ROWS * 4  # bf16 in, 8-bit out, bias, scales
+    results = {"gpu": torch.cuda.get_device_name(), "shape": [ROWS, N], "default": list(fp8.GELU_QUANT_CONFIG),
+               "runs": []}
+    for name, dt in DTYPES.items():
+        ref_q, ref_s = fp8.bias_gelu_quant_fwd(y, bias, dt, config="row")
+        ref_q = ref_q.view(torch.uint8)
+        best = None
+        for cfg in ["row"] + CONFIGS:
+            q, s = fp8.bias_gelu_quant_fwd(y, bias, dt, config=cfg)
+            same = bool(torch.equal(q.view(torch.uint8), ref_q) and torch.equal(s, ref_s))
+            del q, s
+            ms = triton.testing.do_bench(lambda: fp8.bias_gelu_quant_fwd(y, bias, dt, config=cfg), warmup=10, rep=150)
+            tbs = moved / ms / 1e9
+            tag = "row (one row per program)" if cfg == "row" else f"rows {cfg[0]} chunk {cfg[1]} warps {cfg[2]}"
+            print(f"{name:5s} {tag:32s} {ms:.4f} ms {tbs:.2f} TB/s bits {'same' if same else 'DIFFER'}", flush=True)
+            results["runs"].append(dict(dtype=name, config=cfg, ms=ms, tb_s=tbs, bit_identical=same))
+            if cfg != "row" and same and (best is None or ms < best[1]):
+                best = (cfg, ms)
+        print(f"{name}: best {best}", flush=True)
+        results[f"best_{name}"] = best
+    results["seconds"] = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gelu_quant_sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}/gelu_quant_sweep.json ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
