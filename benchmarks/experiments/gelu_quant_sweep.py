@@ -25,7 +25,9 @@ from cogvideox_kernels.ops.expert_ffn.triton_fwd import QUANT_OF
 
 ROWS, N = 35552, 12288  # the 5B FFN: 2 x 17776 tokens, inner 4 x 3072
 # offline (sm_90a, ptxas): no spills in any; 31-64 registers (4 x 1024 w4 the most)
-CONFIGS = [(1, 4096, 8), (1, 2048, 4), (1, 4096, 4), (2, 2048, 8), (4, 1024, 4), (2, 1024, 4), (1, 4096, 16)]
+# H200 (1168a00): none beat the one-row kernel (int8 0.870 best vs 0.874, e4m3 0.745 vs 0.630): the pass is
+# compute-bound (two IEEE divides and an F2I per element), hence "row_fast"
+CONFIGS = [(4, 1024, 4)]
 DTYPES = {"int8": torch.int8, "e4m3": fp8.E4M3}
 
 
@@ -75,19 +77,26 @@ def main():
     y = (torch.randn(ROWS, N, device=dev, generator=g) * 2).bfloat16()
     bias = (torch.randn(N, device=dev, generator=g) * 0.1).bfloat16()
     moved = ROWS * N * 3 + N * 2 + ROWS * 4  # bf16 in, 8-bit out, bias, scales
-    results = {"gpu": torch.cuda.get_device_name(), "shape": [ROWS, N], "default": list(fp8.GELU_QUANT_CONFIG),
+    results = {"gpu": torch.cuda.get_device_name(), "shape": [ROWS, N], "default": fp8.GELU_QUANT_CONFIG,
                "runs": []}
     for name, dt in DTYPES.items():
         ref_q, ref_s = fp8.bias_gelu_quant_fwd(y, bias, dt, config="row")
         ref_q = ref_q.view(torch.uint8)
         best = None
-        for cfg in ["row"] + CONFIGS:
+        for cfg in ["row", "row_fast"] + CONFIGS:
             q, s = fp8.bias_gelu_quant_fwd(y, bias, dt, config=cfg)
             same = bool(torch.equal(q.view(torch.uint8), ref_q) and torch.equal(s, ref_s))
+            if not same:  # how far: share of values that differ, largest dequantized difference vs the row kernel's
+                deq = q.float() * s[:, None]
+                ref_deq = ref_q.view(dt).float() * ref_s[:, None]
+                frac = (q.view(torch.uint8) != ref_q).float().mean().item()
+                rel = ((deq - ref_deq).norm() / ref_deq.norm()).item()
+                print(f"      {cfg}: {frac:.2e} of values differ, rel diff of dequantized {rel:.2e}", flush=True)
+                del deq, ref_deq
             del q, s
             ms = triton.testing.do_bench(lambda: fp8.bias_gelu_quant_fwd(y, bias, dt, config=cfg), warmup=10, rep=150)
             tbs = moved / ms / 1e9
-            tag = "row (one row per program)" if cfg == "row" else f"rows {cfg[0]} chunk {cfg[1]} warps {cfg[2]}"
+            tag = cfg if isinstance(cfg, str) else f"rows {cfg[0]} chunk {cfg[1]} warps {cfg[2]}"
             print(f"{name:5s} {tag:32s} {ms:.4f} ms {tbs:.2f} TB/s bits {'same' if same else 'DIFFER'}", flush=True)
             results["runs"].append(dict(dtype=name, config=cfg, ms=ms, tb_s=tbs, bit_identical=same))
             if cfg != "row" and same and (best is None or ms < best[1]):

@@ -113,18 +113,38 @@ WEIGHTS = WeightCache()
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _gelu_tanh_fast(v):
+    """gelu_tanh with an approximate division (MUFU.RCP + FMUL instead of an IEEE divide); the
+    denominator is clamped to 1e30 so it stays in the approximate divide's range (v < -9 gives ~0)."""
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return tl.fdiv(v, 1.0 + tl.minimum(tl.exp(-2.0 * u), 1e30), ieee_rounding=False)
+
+
+@triton.jit
 def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
-                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, FAST: tl.constexpr = False):
     """One row of GEMM1's output: gelu_tanh(y + b1) -> e4m3 or int8 (QUANT) with the row's scale
-    (GEMM2's A operand)."""
+    (GEMM2's A operand). FAST: the pass is compute-bound with two IEEE divides and an F2I per element
+    (H200: int8 0.87 ms = 1.5 TB/s); FAST takes GELU's divide approximate, multiplies by the row's
+    reciprocal scale and rounds to int8 by the 1.5 * 2^23 add (round to nearest even, as rint) instead."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     v = tl.load(y_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v = v + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.where(mask, _gelu_tanh(v), 0.0)
-    q, scale = _quantize_row(v, mask, QUANT, INTERPRET)
+    if FAST:
+        v = tl.where(mask, _gelu_tanh_fast(v), 0.0)
+        scale = _row_scale(tl.max(tl.abs(v), axis=0), QUANT)
+        x = v * (1.0 / scale)
+        if QUANT == 2:
+            x = tl.clamp(x, -127.0, 127.0) + 12582912.0  # the low bits now hold round(x), two's complement
+            q = (x.to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+        else:
+            q = _to_e4m3(x, INTERPRET)
+    else:
+        v = tl.where(mask, _gelu_tanh(v), 0.0)
+        q, scale = _quantize_row(v, mask, QUANT, INTERPRET)
     tl.store(scale_ptr + row, scale)
     tl.store(q_ptr + row * N + cols, q, mask=mask)
 
@@ -173,7 +193,7 @@ def _bias_gelu_quant_rows_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, n_rows, 
 # Offline choice (the GPU sweep, benchmarks/experiments/gelu_quant_sweep.py, decides):
 # one row per program and 8 warps: ~8 resident programs per SM keep ~8 x 24 KB rows in flight per SM (~25 MB
 # over 132 SMs, re-read from the 50 MB L2) with 16 elements per thread per load.
-GELU_QUANT_CONFIG = (1, 4096, 8)
+GELU_QUANT_CONFIG = "row_fast"
 
 
 def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
@@ -191,13 +211,15 @@ def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
     q = torch.empty(rows, N, dtype=out_dtype, device=y.device)
     scale = torch.empty(rows, dtype=torch.float32, device=y.device)
     b = bias if bias is not None else y
-    if config == "row":
+    config = GELU_QUANT_CONFIG if config is None else config
+    if config in ("row", "row_fast"):
         block = triton.next_power_of_2(N)
         _bias_gelu_quant_fwd_kernel[(rows,)](y, b, q, scale, N, HAS_BIAS=bias is not None,
                                              QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
+                                             FAST=config == "row_fast",
                                              num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
         return q, scale
-    block_r, chunk, num_warps = GELU_QUANT_CONFIG if config is None else config
+    block_r, chunk, num_warps = config
     _bias_gelu_quant_rows_fwd_kernel[(triton.cdiv(rows, block_r),)](
         y, b, q, scale, rows, N, HAS_BIAS=bias is not None, QUANT=QUANT_OF[out_dtype], BLOCK_R=block_r,
         CHUNK=chunk, INTERPRET=interpret_mode(), num_warps=num_warps)
