@@ -158,11 +158,12 @@ def _gelu_quant_reference(y, bias, out_dtype):
 
 @pytest.mark.parametrize("out_dtype", [torch.int8, E4M3], ids=["int8", "e4m3"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("rows,N,config", [(9, 200, (4, 64, 4)), (5, 256, (2, 128, 2)), (3, 100, None),
-                                           (6, 96, (1, 32, 1))])
-def test_bias_gelu_quant_chunked_launch(interpret, monkeypatch, out_dtype, bias, rows, N, config):
-    """The chunked kernel (rows per program, column chunks; rows and N off the blocks) gives the one-row
-    kernel's bits, and both match float64; outputs poisoned (int8: -128, which the kernel never writes)."""
+@pytest.mark.parametrize("config", ["row", "row_fast"])
+@pytest.mark.parametrize("rows,N", [(9, 200), (3, 100), (6, 96)])
+def test_bias_gelu_quant_launches(interpret, monkeypatch, out_dtype, bias, config, rows, N):
+    """Both launches of the pass ("row" and its FAST form) against float64 (N off the power of 2, an all-zero
+    row, an outlier in the last column, large negative inputs where GELU's denominator is clamped);
+    outputs poisoned (int8: -128, which the kernel never writes)."""
     empty = torch.empty
 
     def poisoned_empty(*a, **k):
@@ -173,24 +174,25 @@ def test_bias_gelu_quant_chunked_launch(interpret, monkeypatch, out_dtype, bias,
     y = (torch.randn(rows, N, generator=g) * torch.linspace(0.5, 6, rows)[:, None]).bfloat16()
     b = (torch.randn(N, generator=g) * 0.3).bfloat16() if bias else None
     y[1] = -b if bias else 0  # gelu(0) = 0: an all-zero row, scale 1
-    y[rows - 1, N - 1] = 40.0  # the row's max in the last (partial) chunk
-    old = fp8.bias_gelu_quant_fwd(y, b, out_dtype, config="row")
-    new = fp8.bias_gelu_quant_fwd(y, b, out_dtype, config=config)
-    for q, scale in (old, new):
-        assert q.dtype == out_dtype and not scale.isnan().any()
-        if out_dtype == torch.int8:
-            assert (q != -128).all()
-        else:
-            assert not q.float().isnan().any()
-    assert torch.equal(new[0].view(torch.uint8), old[0].view(torch.uint8))
-    assert torch.equal(new[1], old[1])
+    y[rows - 1, N - 1] = 40.0  # the row's max in the last column
+    y[rows - 1, 0] = -200.0    # gelu ~ 0: exp overflows, the denominator is clamped (FAST)
+    q, scale = fp8.bias_gelu_quant_fwd(y, b, out_dtype, config=config)
+    assert q.dtype == out_dtype and not scale.isnan().any()
+    if out_dtype == torch.int8:
+        assert (q != -128).all()
+    else:
+        assert not q.float().isnan().any()
     v, q_ref, scale_ref = _gelu_quant_reference(y, b, out_dtype)
-    q, scale = new
     torch.testing.assert_close(scale.double(), scale_ref, rtol=1e-5, atol=0)
     assert scale[1] == 1 and not q[1].float().any()
     assert (q.float() != q_ref.float()).float().mean() < 0.01  # float32 vs float64 at rounding midpoints
     # one quantization step (int8: the outlier row has coarse steps); a broken kernel is off by O(1)
     assert rel_err(q.double() * scale.double()[:, None], v) < (2e-2 if out_dtype == torch.int8 else 4e-2)
+
+
+def test_bias_gelu_quant_unknown_launch():
+    with pytest.raises(ValueError, match="config must be one of"):
+        fp8.bias_gelu_quant_fwd(torch.randn(4, 64).bfloat16(), None, torch.int8, config=(1, 64, 4))
 
 
 def test_bias_gelu_quant_checks_arguments():

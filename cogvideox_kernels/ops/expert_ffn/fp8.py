@@ -149,57 +149,18 @@ def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: 
     tl.store(q_ptr + row * N + cols, q, mask=mask)
 
 
-@triton.jit
-def _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr,
-                EVICT: tl.constexpr):
-    """(gelu_tanh(y + b1) of columns c0 .. c0 + CHUNK of ``rows`` (0 where masked off), their offsets, the mask):
-    the same float32 operations as the one-row kernel, so both give the same bits."""
-    cols = c0 + tl.arange(0, CHUNK)
-    col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-    v = tl.load(y_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
-    if HAS_BIAS:
-        v = v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(mask, _gelu_tanh(v), 0.0), offs, mask
-
-
-@triton.jit
-def _bias_gelu_quant_rows_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, n_rows, N, HAS_BIAS: tl.constexpr,
-                                     QUANT: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
-                                     INTERPRET: tl.constexpr):
-    """BLOCK_R rows of GEMM1's output per program, in column chunks: a first pass takes each row's max |gelu|,
-    a second re-reads the rows (L2-hot: the first pass asks to keep them, the second lets them go),
-    recomputes GELU and stores it quantized. Same bits as ``_bias_gelu_quant_fwd_kernel`` (max is exact
-    in any order; scale and quotient are the same float32 operations)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, N, CHUNK):
-        g, offs, mask = _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS, CHUNK, "evict_last")
-        amax = tl.maximum(amax, tl.max(tl.abs(g), axis=1))
-    scale = _row_scale(amax, QUANT)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    for c0 in range(0, N, CHUNK):
-        g, offs, mask = _gelu_chunk(y_ptr, bias_ptr, rows, row_ok, c0, N, HAS_BIAS, CHUNK, "evict_first")
-        if QUANT == 2:
-            q = _to_int8(g / scale[:, None], INTERPRET)
-        else:
-            q = _to_e4m3(g / scale[:, None], INTERPRET)
-        tl.store(q_ptr + offs, q, mask=mask)
-
-
-# (rows per program, columns per chunk, warps) of the chunked launch; "row" is the one-row kernel.
-# Offline choice (the GPU sweep, benchmarks/experiments/gelu_quant_sweep.py, decides):
-# one row per program and 8 warps: ~8 resident programs per SM keep ~8 x 24 KB rows in flight per SM (~25 MB
-# over 132 SMs, re-read from the 50 MB L2) with 16 elements per thread per load.
-GELU_QUANT_CONFIG = "row_fast"
+# The pass's launch: "row" (one row per program, IEEE GELU divide and scale division, rint: the measured
+# path) or "row_fast" (``_bias_gelu_quant_fwd_kernel``'s FAST: not yet timed on a GPU). A chunked launch (rows
+# per program, column chunks) did not pay on the H200 (1168a00: int8 0.870 vs 0.874 ms, e4m3 0.745 vs 0.630;
+# the pass is compute-bound) and lives in benchmarks/experiments/gelu_quant_sweep.py.
+GELU_QUANT_CONFIG = "row"
+GELU_QUANT_LAUNCHES = ("row", "row_fast")
 
 
 def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
     """(gelu_tanh(y + bias) quantized per row to out_dtype (e4m3, or int8 for int8.py), float32 row
-    scales) for y [rows, N] contiguous. ``config``: (rows per program, chunk, warps) of the chunked kernel
-    (default ``GELU_QUANT_CONFIG``) or ``"row"``: the one-row-per-program kernel (same bits)."""
+    scales) for y [rows, N] contiguous.
+    ``config``: one of ``GELU_QUANT_LAUNCHES`` (default ``GELU_QUANT_CONFIG``)."""
     if y.dim() != 2 or not y.is_contiguous():
         raise ValueError(f"bias_gelu_quant_fwd: y must be a contiguous 2-D tensor, got shape {tuple(y.shape)} "
                          f"strides {y.stride()}")
@@ -212,17 +173,13 @@ def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
     scale = torch.empty(rows, dtype=torch.float32, device=y.device)
     b = bias if bias is not None else y
     config = GELU_QUANT_CONFIG if config is None else config
-    if config in ("row", "row_fast"):
-        block = triton.next_power_of_2(N)
-        _bias_gelu_quant_fwd_kernel[(rows,)](y, b, q, scale, N, HAS_BIAS=bias is not None,
-                                             QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
-                                             FAST=config == "row_fast",
-                                             num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
-        return q, scale
-    block_r, chunk, num_warps = config
-    _bias_gelu_quant_rows_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        y, b, q, scale, rows, N, HAS_BIAS=bias is not None, QUANT=QUANT_OF[out_dtype], BLOCK_R=block_r,
-        CHUNK=chunk, INTERPRET=interpret_mode(), num_warps=num_warps)
+    if config not in GELU_QUANT_LAUNCHES:
+        raise ValueError(f"bias_gelu_quant_fwd: config must be one of {GELU_QUANT_LAUNCHES}, got {config!r}")
+    block = triton.next_power_of_2(N)
+    _bias_gelu_quant_fwd_kernel[(rows,)](y, b, q, scale, N, HAS_BIAS=bias is not None,
+                                         QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
+                                         FAST=config == "row_fast",
+                                         num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
     return q, scale
 
 
