@@ -484,7 +484,8 @@ def _halves(x):
 def _unhalves(a, b):
     """The inverse of ``_halves`` (a, b: equal layouts, possibly spelled differently: a split's
     slice layout vs a reshape's linear one, so b is converted, a no-op)."""
-    return gl.join(a, gl.convert_layout(b, a.type.layout)).permute((0, 2, 1)).reshape([a.shape[0], 2 * a.shape[1]])
+    ab = gl.join(a, gl.convert_layout(b, a.type.layout))
+    return ab.permute((0, 2, 1)).reshape([a.shape[0], 2 * a.shape[1]])
 
 
 @gluon.jit
@@ -521,7 +522,8 @@ def _exp2_mixed(s, POLY: gl.constexpr, CLAMP: gl.constexpr):
 def _poly_block(j, sm, q_smem, acc, l_i, p_op, s_zero, S, POLY: gl.constexpr,
                 MASK: gl.constexpr):
     """Key block j >= 1 of the prescaled fixed-max loop: the shipped ``_attend_block`` (FIXED,
-    PRESCALED) with P = 2^S by ``_exp2_mixed``; row sums (per-thread partials, FADD) over all of P."""
+    PRESCALED) with P = 2^S by ``_exp2_mixed``; row sums (per-thread partials, FADD) over all
+    of P."""
     stage = j % sm.STAGES
     prev = (j - 1) % sm.STAGES
     mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)

@@ -1,6 +1,7 @@
-"""CPU check of the FMA-pipe exp2 of benchmarks/experiments/hopper_attention_next.py (``_exp2_poly``,
-the POLY variants of the Hopper attention's fixed-max loop): its exact instruction sequence emulated
-in float32 (FMNMX, 3 FADD, 3 FFMA, one integer add of round(x) << 23), against 2^x in float64.
+"""CPU check of the FMA-pipe exp2 of benchmarks/experiments/hopper_attention_next.py
+(``_exp2_poly``, the POLY variants of the Hopper attention's fixed-max loop): its exact instruction
+sequence emulated in float32 (FMNMX, 3 FADD, 3 FFMA, one integer add of round(x) << 23), against
+2^x in float64.
 
 The FFMAs are emulated as a float64 multiply-add rounded once to float32: the float32 x float32
 product is exact in float64, so only the add may round twice (at most 1 float32 ulp, rare).
