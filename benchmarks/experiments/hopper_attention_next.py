@@ -25,6 +25,11 @@ shipped ``cogvideox_kernels/ops/attention/hopper_fwd.py``; what differs:
   P V wgmma and waited with it; the loop loses its 64 FADD per block (D 64) and gains one
   64x8xBLOCK_N wgmma. The sums are then over the bf16-rounded P that P V multiplies. Without
   ROWSUM_MMA the kernel runs the shipped loop (a control for the probe).
+* ``POLY`` (on ``_rowsum_kernel``, with or without ROWSUM_MMA; issues 13/15): POLY eighths of the
+  bounded heads' exponentials (the left POLY/8 of each accumulator tile's columns, split off in
+  registers) as 2^round(x) * p(x - round(x)), p a degree-3 polynomial (``_exp2_poly``, relative
+  error 1.01e-4; tests/experiments/test_poly_exp2.py), on the FMA pipe; the rest on MUFU.EX2;
+  the row sums over all. POLY 0 compiles to the shipped loop (SASS compared offline).
 """
 import torch
 import triton
@@ -356,12 +361,13 @@ def _launch(q_src, kh, v, out, norm_max, S, text_len, cos, sin, qw, qb, eps, sca
 
 def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, pingpong=False,
                    qfuse=False, persist=False, lazy_sum=False, stages=None, check_bound=True,
-                   rowsum_mma=None):
+                   rowsum_mma=None, poly=0):
     """The full path (k pre-pass with norms, q pre-pass unless qfuse, V in place) for bf16 q/k/v
     [B, S, H, D] strided views with QK LayerNorm (weight, bias) and RoPE on. ``check_bound``: with
     persist, first check on the host that every head takes the fixed-max loop (time it without).
     ``rowsum_mma`` True / False: the shipped full path (q prescaled) on ``_rowsum_kernel`` with /
-    without the tensor-core row sums (not combined with the other options)."""
+    without the tensor-core row sums (not combined with the other options); ``poly`` (eighths of
+    the exponentials on the FMA pipe) only with it."""
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
     if rowsum_mma is not None:
@@ -369,7 +375,9 @@ def attention_next(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, p
             raise ValueError("rowsum_mma: runs on its own kernel, without pingpong, qfuse, "
                              "persist or lazy_sum")
         return attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale,
-                                rowsum_mma=rowsum_mma, stages=stages)
+                                rowsum_mma=rowsum_mma, stages=stages, poly=poly)
+    if poly:
+        raise ValueError("poly: only with rowsum_mma=True / False (the prescaled kernel)")
     B, S, H, D = q.shape
     assert q.dtype == torch.bfloat16 and v_token_major_ok(v) and (not qfuse or v_token_major_ok(q))
     sq = torch.empty((2, B, S, H), dtype=torch.float32, device=q.device)
@@ -410,7 +418,164 @@ VARIANTS = {"lazy_sum": dict(lazy_sum=True),
             # 148 -> 121 (FADD 32 -> 0, HGMMA 12 -> 16); shared memory +2 / +1 KB; no local
             # memory; not run on a GPU yet (hopper_rowsum_check.py: parity on small shapes).
             "prescaled control": dict(rowsum_mma=False),
-            "prescaled rowsum_mma": dict(rowsum_mma=True)}
+            "prescaled rowsum_mma": dict(rowsum_mma=True),
+            # POLY (issues 13/15): poly eighths of the bounded heads' exponentials by _exp2_poly
+            # (FMA pipe), the rest on MUFU. Offline sm_90a (ptxas 13.0), fixed-max loop per key
+            # block and warp, instructions (MUFU / FFMA / FADD): D64 control 223 (64/0/64), 1/8
+            # 271 (56/24/88), 1/4 319 (48/48/112), 3/8 367 (40/72/136), 1/2 415 (32/96/160); with
+            # rowsum_mma 174 (64/0/0), 1/4 270 (48/48/48), 3/8 318 (40/72/72). D128 (BLOCK_N 64)
+            # control 148 (32/0/32), 1/8 172, 1/4 196, 3/8 220. Each polynomial exp2 = 3 FADD +
+            # 3 FFMA + 1 IMAD/LEA in place of 1 MUFU (+6 issue slots). No local memory; the P V
+            # wgmma wait stays after the last exponential. Per SM sub-partition and round of 3
+            # warpgroups (one key block each, D64): tensor 1536 cycles (2048 bf16 FMA/clk/SM),
+            # XU 3 x 8 x MUFU = 1536 - 192 k, issue 3 x loop = 669 + 144 k (k eighths): XU =
+            # issue at k = 2.6; 1/4: 1152 / 957, 3/8: 960 / 1101; with rowsum_mma 3/8: 960 / 954.
+            # D128 is already tensor-bound (XU 768, issue 444 of 1536): expect nothing there.
+            "prescaled poly 1/8": dict(rowsum_mma=False, poly=1),
+            "prescaled poly 1/4": dict(rowsum_mma=False, poly=2),
+            "prescaled poly 3/8": dict(rowsum_mma=False, poly=3),
+            "prescaled poly 1/2": dict(rowsum_mma=False, poly=4),
+            "prescaled rowsum_mma poly 1/4": dict(rowsum_mma=True, poly=2),
+            "prescaled rowsum_mma poly 3/8": dict(rowsum_mma=True, poly=3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# POLY: a share of the bounded heads' exponentials on the FMA pipe (issues 13/15)
+# ---------------------------------------------------------------------------------------------
+# 2^x = 2^j * p(f), j = round(x) (the 1.5 * 2^23 add: round-to-nearest-even into the low mantissa
+# bits), f = x - j in [-0.5, 0.5], p(f) = 1 + f (C1 + f (C2 + f C3)): minimax relative error on
+# [-0.5, 0.5] with p(0) = 1 exactly (a float64 linear programme on 4001 points, coefficients rounded
+# to float32): 1.01e-4, against bf16's 2^-9 rounding of P. p(0) = 1 makes 2^j exact at integers and
+# turns x = -127 (where -inf is clamped to, masked blocks only) into the bit pattern 0: +0.0.
+# (Degree 4, 1 more FFMA: 0.693124, 0.240241, 0.0559075, 0.00958433, 2.8e-6.)
+POLY_COEFFS = (0.6932829022407532, 0.24221095442771912, 0.055008936673402786)  # C1, C2, C3
+POLY_MAGIC = 12582912.0  # 1.5 * 2^23
+_C1 = gl.constexpr(POLY_COEFFS[0])
+_C2 = gl.constexpr(POLY_COEFFS[1])
+_C3 = gl.constexpr(POLY_COEFFS[2])
+_MAGIC = gl.constexpr(POLY_MAGIC)
+
+
+@gluon.jit
+def _exp2_poly(x, CLAMP: gl.constexpr):
+    """2^x by FADD/FFMA and one integer add (no MUFU), for x in [-126, 126]; CLAMP: also -inf -> 0
+    (x clamped to -127 first: j = -127, f = 0, p = 1.0 = 127 << 23, so the sum is 0)."""
+    if CLAMP:
+        x = gl.maximum(x, -127.0)
+    shifted = x + _MAGIC
+    f = x - (shifted - _MAGIC)
+    p = f * _C3 + _C2
+    p = p * f + _C1
+    p = p * f + 1.0
+    bits = p.to(gl.int32, bitcast=True) + (shifted.to(gl.int32, bitcast=True) << 23)
+    return bits.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _halves(x):
+    """Columns [0, N/2) and [N/2, N) of a [64, N] wgmma accumulator tile, without data movement:
+    the top column bit is a register bit in that layout (each thread holds 2 adjacent columns of
+    every 8), so reshape + permute + split only renames registers."""
+    a, b = gl.split(x.reshape([x.shape[0], 2, x.shape[1] // 2]).permute((0, 2, 1)))
+    return a, b
+
+
+@gluon.jit
+def _unhalves(a, b):
+    """The inverse of ``_halves`` (a, b: equal layouts, possibly spelled differently: a split's
+    slice layout vs a reshape's linear one, so b is converted, a no-op)."""
+    ab = gl.join(a, gl.convert_layout(b, a.type.layout))
+    return ab.permute((0, 2, 1)).reshape([a.shape[0], 2 * a.shape[1]])
+
+
+@gluon.jit
+def _exp2_mixed(s, POLY: gl.constexpr, CLAMP: gl.constexpr):
+    """2^s of a [64, N] accumulator tile with POLY eighths of its columns (0..4: column chunks of
+    N/8 from the left, i.e. POLY/8 of every thread's registers) by ``_exp2_poly`` and the rest by
+    MUFU.EX2 (gl.exp2). CLAMP: s may hold -inf (masked blocks)."""
+    if POLY == 0:
+        p = gl.exp2(s)
+    else:
+        h0, h1 = _halves(s)
+        if POLY == 4:
+            h0 = _exp2_poly(h0, CLAMP)
+        else:
+            q0, q1 = _halves(h0)
+            if POLY == 1:
+                e0, e1 = _halves(q0)
+                q0 = _unhalves(_exp2_poly(e0, CLAMP), gl.exp2(e1))
+                q1 = gl.exp2(q1)
+            elif POLY == 2:
+                q0 = _exp2_poly(q0, CLAMP)
+                q1 = gl.exp2(q1)
+            else:
+                gl.static_assert(POLY == 3, "POLY: 0..4 eighths")
+                q0 = _exp2_poly(q0, CLAMP)
+                e0, e1 = _halves(q1)
+                q1 = _unhalves(_exp2_poly(e0, CLAMP), gl.exp2(e1))
+            h0 = _unhalves(q0, q1)
+        p = gl.convert_layout(_unhalves(h0, gl.exp2(h1)), s.type.layout)
+    return p
+
+
+@gluon.jit
+def _poly_block(j, sm, q_smem, acc, l_i, p_op, s_zero, S, POLY: gl.constexpr,
+                MASK: gl.constexpr):
+    """Key block j >= 1 of the prescaled fixed-max loop: the shipped ``_attend_block`` (FIXED,
+    PRESCALED) with P = 2^S by ``_exp2_mixed``; row sums (per-thread partials, FADD) over all
+    of P."""
+    stage = j % sm.STAGES
+    prev = (j - 1) % sm.STAGES
+    mbarrier.wait(sm.k_ready.index(stage), (j // sm.STAGES) & 1)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(prev), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s,))
+    if MASK:
+        s = _mask_tail(s, j * sm.BLOCK_N, S)
+    p = _exp2_mixed(s, POLY, MASK)
+    l_i = l_i + row_partial_sums(p)
+    mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)  # ends the basic block (ptxas)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(sm.kv_empty.index(prev))
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    return acc, l_i, p_op
+
+
+@gluon.jit
+def _poly_loop(sm, q_smem, S, POLY: gl.constexpr):
+    """The shipped ``_consumer_loop`` (FIXED, PRESCALED) with ``_poly_block``. Forced with POLY 0
+    it compiled (offline, D64 and D128) to the shipped loop's SASS, instruction for instruction."""
+    BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
+    HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
+    dtype: gl.constexpr = sm.q_bufs.dtype
+    BLOCK_N: gl.constexpr = sm.BLOCK_N
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    l_i = row_partial_sums(s_zero)
+    n_blocks = gl.cdiv(S, BLOCK_N)
+
+    mbarrier.wait(sm.k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p = _exp2_mixed(_mask_tail(s, 0, S), POLY, True)
+    l_i = l_i + row_partial_sums(p)
+    mbarrier.wait(sm.v_ready.index(0), 0)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for j in range(1, n_blocks - 1):
+        acc, l_i, p_op = _poly_block(j, sm, q_smem, acc, l_i, p_op, s_zero, S, POLY, False)
+    if n_blocks > 1:
+        acc, l_i, p_op = _poly_block(n_blocks - 1, sm, q_smem, acc, l_i, p_op, s_zero, S, POLY,
+                                     True)
+    last = (n_blocks - 1) % sm.STAGES
+    acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(sm.kv_empty.index(last))
+    return acc, gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +593,8 @@ def _issue_rowsum(p_op, ones, l_acc):
 
 
 @gluon.jit
-def _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, MASK: gl.constexpr):
+def _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, POLY: gl.constexpr,
+                  MASK: gl.constexpr):
     """Key block j >= 1 of the prescaled fixed-max loop (the shipped ``_attend_block`` with FIXED
     and PRESCALED): issue S_j, P_{j-1} V_{j-1} and L += P_{j-1} x ones, wait for S_j only (3
     groups in flight, they retire in order), P_j = 2^S_j while the other two run, then wait for
@@ -444,7 +610,7 @@ def _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, MASK: gl.con
     s = warpgroup_mma_wait(2, deps=(s,))
     if MASK:
         s = _mask_tail(s, j * sm.BLOCK_N, S)
-    p = gl.exp2(s)
+    p = _exp2_mixed(s, POLY, MASK)
     mbarrier.wait(sm.v_ready.index(stage), (j // sm.STAGES) & 1)
     acc, l_acc = warpgroup_mma_wait(0, deps=(acc, l_acc))
     mbarrier.arrive(sm.kv_empty.index(prev))
@@ -453,7 +619,7 @@ def _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, MASK: gl.con
 
 
 @gluon.jit
-def _rowsum_loop(sm, ones, q_smem, S):
+def _rowsum_loop(sm, ones, q_smem, S, POLY: gl.constexpr):
     """All key blocks of one warpgroup, prescaled fixed-max softmax (P = 2^S), row sums by MMA:
     returns the unnormalised O and l (column 0 of the [64, 8] row-sum accumulator) in the layout
     the shipped ``_consumer_loop`` returns it."""
@@ -474,14 +640,15 @@ def _rowsum_loop(sm, ones, q_smem, S):
     s = warpgroup_mma(q_smem, sm.k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p = gl.exp2(_mask_tail(s, 0, S))
+    p = _exp2_mixed(_mask_tail(s, 0, S), POLY, True)
     mbarrier.wait(sm.v_ready.index(0), 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks - 1):
-        acc, l_acc, p_op = _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, False)
+        acc, l_acc, p_op = _rowsum_block(j, sm, ones, q_smem, acc, l_acc, p_op, s_zero, S, POLY,
+                                         False)
     if n_blocks > 1:
         acc, l_acc, p_op = _rowsum_block(n_blocks - 1, sm, ones, q_smem, acc, l_acc, p_op, s_zero,
-                                         S, True)
+                                         S, POLY, True)
     last = (n_blocks - 1) % sm.STAGES
     acc = warpgroup_mma(p_op, sm.v_bufs.index(last), acc, is_async=True)
     l_acc = _issue_rowsum(p_op, ones, l_acc)
@@ -494,9 +661,10 @@ def _rowsum_loop(sm, ones, q_smem, S):
 
 @gluon.jit
 def _rowsum_consumer(sm, ones, o_ptr, q_start, S, stride_os, qk_scale, fixed, WG: gl.constexpr,
-                     ROWSUM_MMA: gl.constexpr):
+                     ROWSUM_MMA: gl.constexpr, POLY: gl.constexpr):
     """The shipped ``_consumer_partition`` with PRESCALED; bounded heads take ``_rowsum_loop``
-    when ROWSUM_MMA, running-max heads the shipped loop."""
+    when ROWSUM_MMA, else ``_poly_loop`` when POLY (eighths of the exponentials on the FMA pipe),
+    else the shipped loop; running-max heads the shipped loop."""
     BLOCK_M: gl.constexpr = sm.q_bufs.type.shape[1]
     HEAD_D: gl.constexpr = sm.q_bufs.type.shape[2]
     s_layout: gl.constexpr = mma_layout(sm.BLOCK_N)
@@ -504,7 +672,9 @@ def _rowsum_consumer(sm, ones, o_ptr, q_start, S, stride_os, qk_scale, fixed, WG
     mbarrier.wait(sm.q_bar, 0)
     if fixed:
         if ROWSUM_MMA:
-            acc, l_i = _rowsum_loop(sm, ones, q_smem, S)
+            acc, l_i = _rowsum_loop(sm, ones, q_smem, S, POLY)
+        elif POLY > 0:
+            acc, l_i = _poly_loop(sm, q_smem, S, POLY)
         else:
             acc, l_i = _consumer_loop(sm, q_smem, qk_scale * 0.0, qk_scale, S, True, True)
     else:
@@ -517,7 +687,7 @@ def _rowsum_consumer(sm, ones, o_ptr, q_start, S, stride_os, qk_scale, fixed, WG
 @gluon.jit
 def _rowsum_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob, stride_os,
                    stride_oh, qk_scale, STAGES: gl.constexpr, ROWSUM_MMA: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                   POLY: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """The shipped ``_hopper_attention_fwd_kernel`` with NUM_WG 3, BOUNDED, PRESCALED and V
     token-major; with ROWSUM_MMA the CTA's [8, BLOCK_N] ones tile is written here, by the default
     warps before the partitions start, and fenced for the async proxy (wgmma reads it)."""
@@ -547,20 +717,21 @@ def _rowsum_kernel(q_desc, k_desc, v_desc, o_ptr, norm_ptr, S, H, BH, stride_ob,
         ones = sm.q_bar  # unused
     gl.warp_specialize([
         (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 0,
-                            ROWSUM_MMA)),
+                            ROWSUM_MMA, POLY)),
         (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 1,
-                            ROWSUM_MMA)),
+                            ROWSUM_MMA, POLY)),
         (_rowsum_consumer, (sm, ones, o_base, q_start, S, stride_os, qk_scale, fixed, 2,
-                            ROWSUM_MMA)),
+                            ROWSUM_MMA, POLY)),
         (_load_partition, (sm, q_desc, k_desc, v_desc, row_kv + q_start, row_kv, b * S,
                            h * HEAD_D, S)),
     ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
 def attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *, rowsum_mma=True,
-                     stages=None):
+                     stages=None, poly=0):
     """The shipped full path (``hopper.hopper_attention_fwd`` with its defaults: pre-pass with
-    per-head max norms, q prescaled, V read in place) on ``_rowsum_kernel``."""
+    per-head max norms, q prescaled, V read in place) on ``_rowsum_kernel``; ``poly``: eighths
+    (0..4) of the bounded heads' exponentials by ``_exp2_poly``."""
     from cogvideox_kernels.ops.attention.hopper import PREPASS_CONFIG
     from cogvideox_kernels.ops.attention.triton_fwd import qk_norm_rope_fwd
 
@@ -570,6 +741,8 @@ def attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *,
                          f"head_dim {D}")
     if not v_token_major_ok(v):
         raise ValueError(f"v: must be readable in place ([B*S, H*D] view), strides {v.stride()}")
+    if poly not in (0, 1, 2, 3, 4):
+        raise ValueError(f"poly: eighths of the exponentials on the FMA pipe, 0..4, got {poly!r}")
     cfg = default_config(D)
     stages = stages or cfg["STAGES"]
     norm_max = torch.zeros((2, B * H), dtype=torch.float32, device=q.device)
@@ -588,12 +761,12 @@ def attention_rowsum(q, k, v, text_len, cos, sin, q_norm, k_norm, eps, scale, *,
     grid = (triton.cdiv(S, 192), B * H)
     _rowsum_kernel[grid](q_desc, k_desc, v_desc, out, norm_max, S, H, B * H, out.stride(0),
                          out.stride(1), out.stride(2), 1.0, STAGES=stages,
-                         ROWSUM_MMA=bool(rowsum_mma), CONSUMER_REGS=consumer_regs,
+                         ROWSUM_MMA=bool(rowsum_mma), POLY=int(poly), CONSUMER_REGS=consumer_regs,
                          LOADER_REGS=loader_regs, num_warps=4)
     return out
 
 
-def compile_rowsum_offline(head_dim=64, rowsum_mma=True, stages=None):
+def compile_rowsum_offline(head_dim=64, rowsum_mma=True, stages=None, poly=0):
     """``_rowsum_kernel`` for sm_90a without a GPU (TRITON_INTERPRET unset)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -608,7 +781,7 @@ def compile_rowsum_offline(head_dim=64, rowsum_mma=True, stages=None):
            "v_desc": desc_type(cfg["BLOCK_N"]), "o_ptr": "*bf16", "norm_ptr": "*fp32", "S": "i32",
            "H": "i32", "BH": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32",
            "qk_scale": "fp32"}
-    constexprs = dict(STAGES=stages or cfg["STAGES"], ROWSUM_MMA=rowsum_mma,
+    constexprs = dict(STAGES=stages or cfg["STAGES"], ROWSUM_MMA=rowsum_mma, POLY=poly,
                       CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
     sig.update({n: "constexpr" for n in constexprs})
     src = GluonASTSource(_rowsum_kernel, signature=sig, constexprs=constexprs)
@@ -648,7 +821,7 @@ if __name__ == "__main__":
     for name, kw in {"base": {}, **VARIANTS}.items():
         if "rowsum_mma" in kw:
             for d in (64, 128):
-                c = compile_rowsum_offline(d, kw["rowsum_mma"])
+                c = compile_rowsum_offline(d, kw["rowsum_mma"], poly=kw.get("poly", 0))
                 loops = main_loops(c)
                 counts = [dict(collections.Counter(o.split(".")[0] for o in body).most_common(6))
                           for body in loops]

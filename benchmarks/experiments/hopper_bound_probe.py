@@ -2,6 +2,7 @@
 softmax and FA3, in one process. Needs an H100/H200 and (for FA3) the fa3-fwd wheel.
 
     PYTHONPATH=$PWD python3 benchmarks/experiments/hopper_bound_probe.py --out DIR [--next]
+        [--next-only "prescaled control,prescaled poly"]
 
 Per shape (5B, 1.5-5B, head_dim 128): q, k, v are strided views of a bf16 QKV tensor with QK
 LayerNorm + RoPE3D on (``bench_attention.make_inputs``). Rows: FA3 alone on the normed contiguous
@@ -139,6 +140,8 @@ def run_shape(name, results, log):
         import hopper_attention_next as nx
 
         for vname, kw in {"next base": {}, **{f"next {k}": v for k, v in nx.VARIANTS.items()}}.items():
+            if NEXT_ONLY and not any(sub in vname for sub in NEXT_ONLY):
+                continue
             def run_next(check=False):
                 return nx.attention_next(inp["q"], inp["k"], inp["v"], inp["text_len"], inp["cos"],
                                          inp["sin"], qn, kn, eps, scale, check_bound=check, **kw)
@@ -155,6 +158,7 @@ def run_shape(name, results, log):
 
 
 NEXT = False
+NEXT_ONLY: list[str] = []
 
 
 def main():
@@ -163,9 +167,13 @@ def main():
     ap.add_argument("--shapes", default="5b,d128")
     ap.add_argument("--next", action="store_true",
                     help="also time hopper_attention_next.py's variants (ping-pong, fused q prologue)")
+    ap.add_argument("--next-only", default="",
+                    help="with --next: only the variants whose name contains one of these "
+                         "comma-separated strings")
     args = ap.parse_args()
-    global NEXT
+    global NEXT, NEXT_ONLY
     NEXT = args.next
+    NEXT_ONLY = [x for x in args.next_only.split(",") if x]
     sys.path.insert(0, HERE)
     os.makedirs(args.out, exist_ok=True)
     lines, results = [], []

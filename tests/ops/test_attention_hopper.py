@@ -164,8 +164,9 @@ def test_core_rejects_bad_v_and_fp16_bound():
 def test_next_experiments_still_compile(tmp_path):
     """benchmarks/experiments/hopper_attention_next.py builds on this module's internals
     (alloc_shared, mma_layout, store_rows, _consumer_loop, ...): it must keep compiling for sm_90a
-    so the next GPU probe can run it (all of its options at once; and the ROWSUM_MMA kernel, whose
-    64x8 row-sum wgmma must be there)."""
+    so the next GPU probe can run it (all of its options at once; the ROWSUM_MMA kernel, whose
+    64x8 row-sum wgmma must be there; its POLY 3/8 variant, whose polynomial exp2 must be there:
+    the 1.5 * 2^23 rounding constant beside the remaining ex2.approx)."""
     import json
     import os
     import subprocess
@@ -176,15 +177,19 @@ def test_next_experiments_still_compile(tmp_path):
               "from hopper_attention_next import compile_offline, compile_rowsum_offline; "
               "ptx = compile_offline(True, True, persist=True, lazy_sum=True).asm['ptx']; "
               "ptx += compile_rowsum_offline(64).asm['ptx']; "
-              "print(json.dumps(dict(wgmma='wgmma.mma_async' in ptx, local='.local' in ptx, "
-              "n8='wgmma.mma_async.sync.aligned.m64n8k16' in ptx)))")
+              "poly = compile_rowsum_offline(64, False, poly=3).asm['ptx']; "
+              "print(json.dumps(dict(wgmma='wgmma.mma_async' in ptx, local='.local' in ptx + poly, "
+              "n8='wgmma.mma_async.sync.aligned.m64n8k16' in ptx, "
+              "poly='0f4B400000' in poly and 'ex2.approx' in poly, "
+              "no_poly='0f4B400000' not in ptx)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=root, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == dict(wgmma=True, local=False, n8=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == dict(wgmma=True, local=False, n8=True,
+                                                                   poly=True, no_poly=True)
 
 
 # ---------------------------------------------------------------------------------------- GPU
