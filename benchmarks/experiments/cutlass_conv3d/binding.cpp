@@ -14,9 +14,10 @@ void check_bf16_cuda(const torch::Tensor& t, const char* name, int64_t dim) {
 }
 
 // x: [N, C, D, H, W] with channel stride 1 (e.g. channels_last_3d, or a frame slice of one);
-// w: [K, C, T, R, S] with channel stride 1; bias: [K]. Returns y [N, K, Z, P, Q] in channels_last_3d.
-torch::Tensor conv3d_fprop(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
-                           std::vector<int64_t> padding, int64_t config, int64_t stream) {
+// w: [K, C, T, R, S] with channel stride 1; bias: [K]. Returns y [N, K, Z, P, Q] in channels_last_3d
+// (written into `out` when given: it must be exactly that, e.g. NaN-filled by a test).
+torch::Tensor conv3d_fprop(torch::Tensor x, torch::Tensor w, torch::Tensor bias, std::vector<int64_t> padding,
+                           int64_t config, int64_t stream, std::optional<torch::Tensor> out) {
   check_bf16_cuda(x, "x", 5);
   check_bf16_cuda(w, "weight", 5);
   check_bf16_cuda(bias, "bias", 1);
@@ -33,7 +34,7 @@ torch::Tensor conv3d_fprop(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
     TORCH_CHECK_VALUE(x.stride(d) % 8 == 0 || d == 1, "x strides must be multiples of 8 elements, got ", x.strides());
     TORCH_CHECK_VALUE(w.stride(d) % 8 == 0 || d == 1, "weight strides must be multiples of 8 elements, got ", w.strides());
   }
-  for (const auto* t : {&x, &w, &bias})
+  for (const torch::Tensor* t : {&x, &w, &bias})
     TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "x, weight and bias must be 16-byte aligned");
   TORCH_CHECK_VALUE(x.size(1) % 8 == 0 && w.size(0) % 8 == 0, "channel counts must be multiples of 8, got C ",
                     x.size(1), ", K ", w.size(0));
@@ -49,7 +50,17 @@ torch::Tensor conv3d_fprop(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
   for (int i = 0; i < 5; ++i) { p.x_stride[i] = x.stride(order[i]); p.w_stride[i] = w.stride(order[i]); }
   const int64_t z = p.d + 2 * p.pad_d - p.t + 1, pp = p.h + 2 * p.pad_h - p.r + 1, q = p.w_ + 2 * p.pad_w - p.s + 1;
   TORCH_CHECK_VALUE(z > 0 && pp > 0 && q > 0, "empty output for x ", x.sizes(), " weight ", w.sizes());
-  auto y = torch::empty({p.n, p.k, z, pp, q}, x.options().memory_format(torch::MemoryFormat::ChannelsLast3d));
+  torch::Tensor y;
+  if (out.has_value()) {
+    y = *out;
+    check_bf16_cuda(y, "out", 5);
+    TORCH_CHECK_VALUE(y.sizes() == torch::IntArrayRef({p.n, p.k, z, pp, q}) &&
+                          y.is_contiguous(torch::MemoryFormat::ChannelsLast3d),
+                      "out must be a channels_last_3d [", p.n, ", ", p.k, ", ", z, ", ", pp, ", ", q, "] tensor, got ",
+                      y.sizes(), " strides ", y.strides());
+  } else {
+    y = torch::empty({p.n, p.k, z, pp, q}, x.options().memory_format(torch::MemoryFormat::ChannelsLast3d));
+  }
   p.x = x.data_ptr(); p.w = w.data_ptr(); p.bias = bias.data_ptr(); p.y = y.data_ptr();
 
   std::string err = cutlass_conv3d::run(static_cast<int>(config), p, reinterpret_cast<void*>(stream));
@@ -68,6 +79,7 @@ std::vector<std::string> configs() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3d_fprop", &conv3d_fprop, "CUTLASS sm90 implicit-GEMM conv3d fprop (bf16, bias)",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("padding"), py::arg("config"), py::arg("stream"));
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("padding"), py::arg("config"), py::arg("stream"),
+        py::arg("out") = py::none());
   m.def("configs", &configs);
 }
