@@ -27,6 +27,11 @@ cache chain; only the kernel's rounding points are shared with the unchunked cal
 ``weights.py`` (their hooks run; a LoRA'd or quantized conv is not read). The new conv caches come
 back in diffusers' dict format, so diffusers' frame-batch loop carries them either way.
 
+``COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS`` (read once at import; e.g. ``256,512`` or ``256+``, see
+``ops/vae_conv/cudnn_route.parse_cudnn_channels``; unset: off) runs the convs whose input channels it names on
+``vae_conv3d``'s ``"cudnn"`` backend (our activation pass + cuDNN's conv) instead of the block's kernel
+backend, where that backend can run the call (else the block's backend, as when unset).
+
 diffusers' forward runs instead whenever anything is not exactly what the op computes: autograd,
 ``temb`` given, dropout active, a non-SiLU activation, a norm or conv that is not the plain diffusers
 module (LoRA, quantized, a forward replaced), hooks we do not know, weights whose dtype differs from
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 
 from ...ops import registry
 from ...ops.vae_conv import spatial_norm_index, vae_group_norm_coef
+from ...ops.vae_conv.cudnn_route import channels_match, cudnn_channels_from_env
 from ...ops.vae_conv.native import fused_modulation_cuda
 from . import state, weights
 from .vae import KernelConvForward, conv_shape_supported
@@ -172,6 +178,18 @@ def _call_ok(block, inputs, temb, zq, conv_cache) -> bool:
 
 
 # --------------------------------------------------------------------------------- forward
+
+
+CUDNN_CHANNELS = cudnn_channels_from_env()  # in-channel ranges whose convs take backend "cudnn" (default none)
+
+
+def _conv_backend(backend, x, w):
+    """``"cudnn"`` for a conv of x with w when CUDNN_CHANNELS names its input channels and that backend runs
+    these inputs; else ``backend`` (the block's)."""
+    if (not CUDNN_CHANNELS or backend == "reference" or not channels_match(CUDNN_CHANNELS, x.shape[1])
+            or registry.availability("vae_conv3d", x.device)["cudnn"] is not None):
+        return backend
+    return "cudnn" if registry.why_unsupported("vae_conv3d", "cudnn", x=x, weight=w) is None else backend
 
 
 CHUNK_ABOVE = 512 << 20  # a decoder frame batch larger than this runs in frame chunks ...
@@ -308,6 +326,7 @@ class KernelResnetForward:
                 norm_args = dict(num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
                                  eps=float(group_norm.eps))
             conv_cache = cache.get(key.replace("norm", "conv"))
+            backend = _conv_backend(self.backend, x, w)
             for t0, t1 in ranges:
                 part = (lambda t: t[:, :, t0:t1]) if chunked else (lambda t: t)
                 mod = {}
@@ -326,7 +345,7 @@ class KernelResnetForward:
                     mod = dict(scale=scale, shift=shift)
                 res = None if residual is None else residual(t0, t1)
                 out, conv_cache = _ops.vae_conv3d(part(x), weight=w, bias=b, silu=True, cache=conv_cache, residual=res,
-                                                  out=part(y) if chunked else None, backend=self.backend,
+                                                  out=part(y) if chunked else None, backend=backend,
                                                   **norm_args, **mod)  # (frame slices: read / written in place)
                 del mod, res
                 if not chunked:

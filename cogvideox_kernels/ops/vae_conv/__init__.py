@@ -16,6 +16,11 @@ registry.register_backend("vae_conv3d", "cuda", run="cogvideox_kernels.ops.vae_c
                           available=registry.extension_cuda)
 registry.register_backend("vae_conv3d", "cpp", run="cogvideox_kernels.ops.vae_conv.native:vae_conv3d_cpp",
                           available=registry.extension_cpp)
+# our Triton activation pass + cuDNN's conv (cudnn_route.py): only when named, never by "auto"
+# (or for the VAE's ResNet convs through COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS, see integrations/diffusers/resnet.py)
+registry.register_backend("vae_conv3d", "cudnn", run="cogvideox_kernels.ops.vae_conv.cudnn_route:vae_conv3d_cudnn",
+                          supports="cogvideox_kernels.ops.vae_conv.cudnn_route:cudnn_supports",
+                          available=registry.triton_device, auto_devices=())
 
 
 def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
@@ -46,7 +51,9 @@ def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bia
     backend form scale / shift first (``modulation_from_zq``) and run the kernel on them instead.
 
     backend: ``"auto"`` (CUDA kernel for GPU tensors it covers, C++ path for CPU tensors, else the
-    reference), ``"cuda"``, ``"cpp"``, ``"reference"``.
+    reference), ``"cuda"``, ``"cpp"``, ``"reference"``, or ``"cudnn"`` (never picked by ``auto``: a Triton
+    activation pass writing the padded activation channels-last, then cuDNN's conv3d and the residual add;
+    bf16/fp16 on a GPU, CPU tensors under ``TRITON_INTERPRET=1``; see cudnn_route.py).
     """
     return registry.dispatch("vae_conv3d", backend, x=x, weight=weight, bias=bias, num_groups=num_groups,
                              norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, scale=scale, shift=shift,
