@@ -217,9 +217,10 @@ def _run(out, x, weight, bias, coef, scale, shift, cache, residual, silu, pad_mo
     """Steps 2-4 (module doc): y into ``out`` (None: a new contiguous tensor); returns (y, new_cache)."""
     kh, kw = weight.shape[3:]
     index = modulation.get("zq_index")
-    if index is not None and index.device != x.device:  # T + H + W ints, pinned: ordered on the stream, no sync
-        index = index.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else index.to(x.device)
-        modulation = dict(modulation, zq_index=index)
+    if index is not None:  # (read as T + H + W consecutive ints)
+        if index.device != x.device:  # pinned: a copy ordered on the stream, no host sync
+            index = index.contiguous().pin_memory().to(x.device, non_blocking=True)
+        modulation = dict(modulation, zq_index=index.contiguous())
     act, new_cache = act_cl_fwd(x, coef, silu=silu, kt=weight.shape[2], cache=cache, pad_mode=pad_mode, scale=scale,
                                 shift=shift, **modulation)
     y = F.conv3d(act, channels_last_weight(weight), bias, padding=(0, kh // 2, kw // 2))
