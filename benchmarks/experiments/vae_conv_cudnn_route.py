@@ -5,7 +5,7 @@ The route (``route``) computes the fused op's function (``vae_conv3d``: GroupNor
 
 1. statistics: ``vae_group_norm_coef`` (the CUDA statistics pass on a GPU; float64 reference on a CPU), or a
    given ``norm_coef``;
-2. ``act_cl_fwd`` (the Triton kernel below): reads x NCDHW and the coefficients, writes act(x) rounded once to
+2. ``act_cl_fwd`` (the shipped Triton pass, ops/vae_conv/cudnn_route.py): reads x NCDHW and the coefficients, writes act(x) rounded once to
    x's dtype with the kt-1 front frames before it (the cache as given, else act(x)'s frame 0 repeated, else
    zeros) channels-last: memory [B, T+kt-1, H, W, C] = a channels_last_3d [B, C, T+kt-1, H, W] tensor; it also
    writes the new cache (the last kt-1 padded frames, NCDHW, like the fused op);
@@ -17,7 +17,8 @@ The route (``route``) computes the fused op's function (``vae_conv3d``: GroupNor
 GPU benchmark (<= 2 min on an H200; bf16, GroupNorm 32 + SiLU, 2 cache frames, residual, bias), at
 [1,128,6,480,720], [1,256,6,240,360], [1,512,6,60,90], in one process, times (``bench.common.time_ms``):
  (a) ``a_fused``: ``vae_conv3d(..., backend="cuda")``, today's fused op;
- (b) ``b_route_nc`` / ``b_route_cl``: the route with the output converted to NCDHW / left channels-last
+ (b) ``b_route_nc`` / ``b_route_cl``: the route with the output converted to NCDHW (= the shipped op with the
+     fastest block config) / left channels-last
      (``b_route_cl_rescl``: also the residual already channels-last, the best case of an all-channels-last chain);
  (c) ``c_cudnn_conv``: cuDNN's conv alone on a ready channels-last padded input (the floor of (b));
 plus the route's parts (statistics, activation pass with the fastest of a few block configs, the adds),
@@ -29,7 +30,14 @@ speedup over (a)), per-kernel profiler times of (b), and an estimate of what the
 81x768x1360 decode (ResNet convs of the 5B decoder by level, each at the measured rate of the shape with its
 input channels), and writes JSON to --out.
 
-    PYTHONPATH=$PWD python3 benchmarks/experiments/vae_conv_cudnn_route.py --out $OUT
+The activation pass, ``act_cl_fwd`` and the channels-last weight are the shipped ones
+(cogvideox_kernels/ops/vae_conv/cudnn_route.py, ``vae_conv3d``'s backend "cudnn"); rows ``b_cudnn_op`` (the op as
+shipped, its default block config) and ``b_cudnn_op_zq`` / ``a_fused_zq`` (the decoder's form: the spatial norm's
+modulation from a 16-channel zq) time it. ``--decode`` then times ``apply(vae)``'s decode with
+``COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS`` off and on (``--decode-channels``, default ``256+``) by running
+benchmarks/bench_vae_decode.py once each (``--decode-large``: also 81x768x1360).
+
+    PYTHONPATH=$PWD python3 benchmarks/experiments/vae_conv_cudnn_route.py --out $OUT [--decode [--decode-large]]
     python benchmarks/experiments/vae_conv_cudnn_route.py --offline   # sm_90a compile + ptxas, no GPU
 """
 from __future__ import annotations
@@ -41,14 +49,17 @@ import math
 import os
 import sys
 
+import subprocess
+
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
-from cogvideox_kernels.ops._triton_utils import interpret_mode, store_cast
 from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, vae_conv3d, vae_conv3d_flops,
                                             vae_group_norm_coef)
+from cogvideox_kernels.ops.vae_conv import cudnn_route
+from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _vae_act_cl_fwd_kernel, act_cl_fwd,
+                                                        channels_last_weight)
 
 SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90)]
 SMOKE_SHAPES = [(1, 64, 3, 8, 12)]  # --smoke: CPU (TRITON_INTERPRET=1, the C++ path as (a)): checks the script runs
@@ -58,101 +69,26 @@ ACT_CONFIGS = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8)]  # (BLOCK_
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
-def _act_tile(x_ptr, coef_ptr, b, c, p, mask, t, C, sxb, sxc, sxt, HAS_COEF: tl.constexpr, SILU: tl.constexpr):
-    """act(x[b, c, t, p]) in float32: GroupNorm-apply v * a + d (coef [B, C, 2]), then SiLU."""
-    v = tl.load(x_ptr + b * sxb + c[:, None] * sxc + t.to(tl.int64) * sxt + p[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    if HAS_COEF:
-        c_ok = c < C
-        a = tl.load(coef_ptr + (b * C + c) * 2, mask=c_ok, other=0.0)
-        d = tl.load(coef_ptr + (b * C + c) * 2 + 1, mask=c_ok, other=0.0)
-        v = v * a[:, None] + d[:, None]
-    if SILU:
-        v = v / (1.0 + tl.exp(-v))
-    return v
-
-
-@triton.jit
-def _act_cl_fwd_kernel(x_ptr, cache_ptr, coef_ptr, act_ptr, new_cache_ptr, C, T, HW,
-                       sxb, sxc, sxt, scb, scc, sct,
-                       NF: tl.constexpr, HAS_CACHE: tl.constexpr, ZERO_FRONT: tl.constexpr,
-                       HAS_COEF: tl.constexpr, SILU: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
-    """One program: BLOCK_C channels x BLOCK_P pixels of padded frame ``fp`` of batch element ``b``. Padded
-    frames 0..NF-1 are the front (cache as given / act(x) frame 0 / zeros), NF.. are act(x) frames 0..T-1.
-    Reads along pixels (NCDHW planes, each dense), writes along channels (act: [B, T+NF, H*W, C]);
-    padded frames >= T also go to the new cache [B, C, NF, H*W]."""
-    pid_f = tl.program_id(2)
-    TP = T + NF
-    b = (pid_f // TP).to(tl.int64)
-    fp = pid_f % TP
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (c < C)[:, None] & (p < HW)[None, :]
-    if HAS_CACHE:
-        if fp < NF:  # a front frame: the cache's frame fp, as given (already activated)
-            v = tl.load(cache_ptr + b * scb + c[:, None] * scc + fp.to(tl.int64) * sct + p[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-        else:
-            v = _act_tile(x_ptr, coef_ptr, b, c, p, mask, fp - NF, C, sxb, sxc, sxt, HAS_COEF, SILU)
-    else:  # x's frame fp - NF, or frame 0 for a front frame (replicated; zeroed below for ZERO_FRONT)
-        v = _act_tile(x_ptr, coef_ptr, b, c, p, mask, tl.maximum(fp - NF, 0), C, sxb, sxc, sxt, HAS_COEF, SILU)
-        if ZERO_FRONT:
-            v = tl.where(fp < NF, 0.0, v)
-    out = store_cast(v, act_ptr.dtype.element_ty, INTERPRET)
-    row = (b * TP + fp) * HW + p  # channels-last pixel rows of act
-    tl.store(act_ptr + row[None, :] * C + c[:, None], out, mask=mask)
-    if fp >= T:  # padded frames T .. T+NF-1 are the new cache's frames 0 .. NF-1
-        nc = ((b * C + c[:, None]) * NF + (fp - T)) * HW + p[None, :]
-        tl.store(new_cache_ptr + nc, out, mask=mask)
-
-
-def _plane_dense(t):
-    """A [B, C, T, H, W] tensor whose (H, W) planes are dense (row stride W, unit column stride): the kernel
-    reads it through its (b, c, t) strides; anything else is copied."""
-    return t.stride(4) == 1 and (t.shape[3] == 1 or t.stride(3) == t.shape[4])
-
-
-def act_cl_fwd(x, coef, *, silu, kt, cache=None, pad_mode="replicate", config=(64, 64, 4)):
-    """(act_cl [B, C, T+kt-1, H, W] channels_last_3d, new_cache [B, C, kt-1, H, W] contiguous): the route's
-    activation pass. ``coef`` float32 [B, C, 2] (norm(v) = v * a + d) or None (no norm)."""
-    B, C, T, H, W = x.shape
-    nf = kt - 1
-    x = x if _plane_dense(x) else x.contiguous()
-    if cache is not None:
-        cache = cache if _plane_dense(cache) else cache.contiguous()
-    if coef is not None:
-        coef = coef.contiguous()
-    act = torch.empty((B, T + nf, H, W, C), dtype=x.dtype, device=x.device).permute(0, 4, 1, 2, 3)
-    new_cache = torch.empty((B, C, nf, H, W), dtype=x.dtype, device=x.device)
-    bp, bc, warps = config
-    cs = cache.stride()[:3] if cache is not None else (0, 0, 0)
-    grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B * (T + nf))
-    _act_cl_fwd_kernel[grid](x, cache if cache is not None else x, coef if coef is not None else x, act, new_cache,
-                             C, T, H * W, *x.stride()[:3], *cs, NF=nf, HAS_CACHE=cache is not None,
-                             ZERO_FRONT=pad_mode == "zeros", HAS_COEF=coef is not None, SILU=silu,
-                             BLOCK_P=bp, BLOCK_C=bc, INTERPRET=interpret_mode(),
-                             num_warps=warps)
-    return act, new_cache
-
-
-def channels_last_weight(weight):
-    """The conv weight in channels_last_3d (in a model: once per weight, like the fused op's packed weight)."""
-    return weight.contiguous(memory_format=torch.channels_last_3d)
-
-
 def route(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6, silu=False, cache=None,
           pad_mode="replicate", residual=None, norm_coef=None, out_layout="nc", weight_cl=None, config=(64, 64, 4)):
-    """``(y, new_cache)`` as ``vae_conv3d`` returns them, by statistics + ``act_cl_fwd`` + ``F.conv3d`` on the
-    channels-last padded activation + the residual add. ``out_layout``: "nc" (y contiguous NCDHW) or "cl"
-    (y channels_last_3d). ``weight_cl``: ``channels_last_weight(weight)`` made beforehand (else made here)."""
+    """``(y, new_cache)`` as ``vae_conv3d`` returns them. ``out_layout="nc"``: the shipped backend,
+    ``vae_conv3d(..., backend="cudnn")`` (y contiguous NCDHW) with the activation pass's block ``config``;
+    ``"cl"``: its steps (statistics, ``act_cl_fwd``, ``F.conv3d``) with y left channels_last_3d and the residual
+    added in place (``weight_cl``: ``channels_last_weight(weight)`` made beforehand, else the cached one)."""
     check_vae_conv_inputs(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias,
                           eps=eps, silu=silu, cache=cache, pad_mode=pad_mode, residual=residual, norm_coef=norm_coef)
     if x.dtype not in ACT_DTYPES:
         raise ValueError(f"route: x has dtype {x.dtype}; the activation pass takes float32, bfloat16 or float16")
     if out_layout not in ("nc", "cl"):
         raise ValueError(f"route: out_layout={out_layout!r}; choose 'nc' (contiguous NCDHW) or 'cl' (channels_last_3d)")
+    if out_layout == "nc":
+        saved, cudnn_route.ACT_CONFIG = cudnn_route.ACT_CONFIG, config
+        try:
+            return vae_conv3d(x, weight, bias, num_groups=num_groups, norm_weight=norm_weight, norm_bias=norm_bias,
+                              eps=eps, silu=silu, cache=cache, pad_mode=pad_mode, residual=residual,
+                              norm_coef=norm_coef, backend="cudnn")
+        finally:
+            cudnn_route.ACT_CONFIG = saved
     kt, kh, kw = weight.shape[2:]
     coef = norm_coef
     if num_groups:
@@ -160,19 +96,14 @@ def route(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=Non
     act, new_cache = act_cl_fwd(x, coef, silu=silu, kt=kt, cache=cache, pad_mode=pad_mode, config=config)
     w = channels_last_weight(weight) if weight_cl is None else weight_cl
     y = F.conv3d(act, w, bias, padding=(0, kh // 2, kw // 2))
-    if out_layout == "cl":
-        y = y.contiguous(memory_format=torch.channels_last_3d)  # (a no-op where the conv already gave that)
-        return (y if residual is None else y.add_(residual)), new_cache
-    if residual is None:
-        return y.contiguous(), new_cache
-    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    return torch.add(y, residual, out=out), new_cache
+    y = y.contiguous(memory_format=torch.channels_last_3d)  # (a no-op where the conv already gave that)
+    return (y if residual is None else y.add_(residual)), new_cache
 
 
-def compile_offline(config, has_cache=True, dtype="bf16"):
-    """The activation pass compiled for sm_90a without a GPU (Triton -> PTX -> ptxas): catches compile errors
-    here; returns ptxas's register / spill line."""
-    import subprocess
+def compile_offline(config, has_cache=True, dtype="bf16", zq=False):
+    """The shipped activation pass (cudnn_route._vae_act_cl_fwd_kernel) compiled for sm_90a without a GPU (Triton
+    -> PTX -> ptxas): catches compile errors here; returns ptxas's register / spill line. ``zq``: with the spatial
+    norm's modulation from zq (16 channels, both biases)."""
     import tempfile
 
     from triton.backends.compiler import GPUTarget
@@ -180,15 +111,20 @@ def compile_offline(config, has_cache=True, dtype="bf16"):
 
     bp, bc, warps = config
     ptr = f"*{dtype}"
-    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "act_ptr": ptr, "new_cache_ptr": ptr, "C": "i32",
-           "T": "i32", "HW": "i32", "sxb": "i64", "sxc": "i32", "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32"}
-    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, SILU=True, BLOCK_P=bp, BLOCK_C=bc,
-                      INTERPRET=False)
+    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "scale_ptr": ptr, "shift_ptr": ptr, "zq_ptr": ptr,
+           "idx_ptr": "*i32", "sw_ptr": ptr, "sb_ptr": ptr, "hw_ptr": ptr, "hb_ptr": ptr, "act_ptr": ptr,
+           "new_cache_ptr": ptr, "C": "i32", "T": "i32", "H": "i32", "W": "i32", "sxb": "i64", "sxc": "i32",
+           "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32", "ssb": "i32", "ssc": "i32", "sst": "i32",
+           "sfb": "i32", "sfc": "i32", "sft": "i32", "KZ": "i32", "szb": "i32", "szk": "i32", "szt": "i32",
+           "szh": "i32"}
+    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, MOD=2 if zq else 0, HAS_SB=zq,
+                      HAS_HB=zq, SILU=True, BLOCK_P=bp, BLOCK_C=bc, INTERPRET=False)
     names = list(sig)
-    # every int but T divisible by 16, as the JIT specializes them at the benchmark's shapes
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "T"}
+    # pointers and the x / cache strides divisible by 16, as the JIT specializes them at the benchmark's shapes
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("C", "sxb", "sxc", "sxt", "scb", "scc", "sct")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     sig.update({k: "constexpr" for k in constexprs})
-    k = triton.compile(ASTSource(fn=_act_cl_fwd_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+    k = triton.compile(ASTSource(fn=_vae_act_cl_fwd_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "k.ptx"), "w") as f:
@@ -236,7 +172,16 @@ def make_inputs(shape, seed, dtype=torch.bfloat16):
     return dict(x=(rnd(B, C, T, H, W) * 1.5 + 0.3).to(dtype), weight=(rnd(C, C, 3, 3, 3) / math.sqrt(27 * C)).to(dtype),
                 bias=(rnd(C) * 0.1).to(dtype), norm_weight=(rnd(C) * 0.3 + 1).to(dtype),
                 norm_bias=(rnd(C) * 0.3).to(dtype), residual=rnd(B, C, T, H, W).to(dtype),
-                cache=(rnd(B, C, 2, H, W) * 0.5).to(dtype))
+                cache=(rnd(B, C, 2, H, W) * 0.5).to(dtype),
+                # the spatial norm's latent (16 channels at a quarter of the resolution) and its (1,1,1) convs
+                zq=rnd(B, 16, T, max(1, H // 4), max(1, W // 4)).to(dtype),
+                scale_weight=(rnd(C, 16, 1, 1, 1) * 0.25).to(dtype), scale_bias=(rnd(C) * 0.3 + 1).to(dtype),
+                shift_weight=(rnd(C, 16, 1, 1, 1) * 0.25).to(dtype), shift_bias=(rnd(C) * 0.3).to(dtype))
+
+
+def zq_kw(a):
+    """norm_kw with the spatial norm's modulation from zq (what the decoder's ResNet convs run)."""
+    return dict(norm_kw(a), **{k: a[k] for k in ("zq", "scale_weight", "scale_bias", "shift_weight", "shift_bias")})
 
 
 def norm_kw(a):
@@ -260,6 +205,17 @@ def check_shape(a, config):
         ynb, cnb = route(a["x"], a["weight"], a["bias"], weight_cl=wcl, out_layout="nc", config=config, **norm_kw(a))
         ycl, ccl = route(a["x"], a["weight"], a["bias"], weight_cl=wcl, out_layout="cl", config=config, **norm_kw(a))
         sync()
+    with poisoned_empty():  # the decoder's form: the modulation from zq, fused kernel vs the shipped route
+        ya_zq, _ = vae_conv3d(a["x"], a["weight"], a["bias"], backend=BACKEND, **zq_kw(a))
+        yb_zq, _ = vae_conv3d(a["x"], a["weight"], a["bias"], backend="cudnn", **zq_kw(a))
+        sync()
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_zq, _ = vae_conv3d(f["x"], f["weight"], f["bias"], backend="reference", **zq_kw(f))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    out["a_zq_rel_err"] = rel(ya_zq, ref_zq)
+    out["b_zq_rel_err"] = rel(yb_zq, ref_zq)
     out["a_rel_err"] = rel(ya, ref)
     out["b_nc_rel_err"] = rel(ynb, ref)
     out["b_cl_rel_err"] = rel(ycl, ref)
@@ -271,6 +227,7 @@ def check_shape(a, config):
     out["b_cl_layout_ok"] = bool(ycl.is_contiguous(memory_format=torch.channels_last_3d))
     out["ok"] = bool(out["b_nc_rel_err"] <= 2 * out["a_rel_err"] and out["b_cl_rel_err"] <= 2 * out["a_rel_err"]
                      and out["b_cache_rel_err"] <= 2 * max(out["a_cache_rel_err"], 1e-3)
+                     and out["b_zq_rel_err"] <= 2 * out["a_zq_rel_err"]
                      and out["b_nc_layout_ok"] and out["b_cl_layout_ok"])
     return {k: (float(f"{v:.4e}") if isinstance(v, float) else v) for k, v in out.items()}
 
@@ -297,7 +254,10 @@ def variants(a, config):
     kw_rescl = dict(kw, residual=res_cl)
     return {
         "a_fused": lambda: vae_conv3d(x, w, b, backend=BACKEND, **kw),
-        "b_route_nc": lambda: route(x, w, b, weight_cl=wcl, out_layout="nc", config=config, **kw),
+        "b_cudnn_op": lambda: vae_conv3d(x, w, b, backend="cudnn", **kw),  # the shipped backend, its default config
+        "b_route_nc": lambda: route(x, w, b, weight_cl=wcl, out_layout="nc", config=config, **kw),  # best config
+        "a_fused_zq": lambda: vae_conv3d(x, w, b, backend=BACKEND, **zq_kw(a)),
+        "b_cudnn_op_zq": lambda: vae_conv3d(x, w, b, backend="cudnn", **zq_kw(a)),
         "b_route_cl": lambda: route(x, w, b, weight_cl=wcl, out_layout="cl", config=config, **kw),
         "b_route_cl_rescl": lambda: route(x, w, b, weight_cl=wcl, out_layout="cl", config=config, **kw_rescl),
         "c_cudnn_conv": lambda: F.conv3d(act, wcl, b, padding=(0, 1, 1)),
@@ -355,6 +315,34 @@ def decode_estimate(rates):
     return rows, {k: round(v, 1) for k, v in tot.items()}
 
 
+def decode_switch(out, channels, large=False, tiny=False):
+    """apply(vae)'s decode with ``CUDNN_CHANNELS_ENV`` unset ("off") and set to ``channels`` ("on"): one
+    ``benchmarks/bench_vae_decode.py`` process each (the switch is read at import), patched rows only (fused
+    modulation on, the shipped default), 49x480x720 (and 81x768x1360 with ``large``; the tiny CPU VAE with
+    ``tiny``), each with its float32 reference error. Prints their result tables; returns {label: exit code}."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench_vae_decode.py")
+    codes = {}
+    for label, value in (("off", None), ("on", channels)):
+        env = {k: v for k, v in os.environ.items() if k != CUDNN_CHANNELS_ENV}
+        if value:
+            env[CUDNN_CHANNELS_ENV] = value
+        folder = os.path.join(out or ".", f"decode_cudnn_{label}")
+        cmd = [sys.executable, script, "--out", folder, "--no-encode"]
+        cmd += ["--tiny"] if tiny else ["--variants", "patched", "--fused-modulation", "on"]
+        if large and not tiny:
+            cmd += ["--large", "--large-variants", "patched"]
+        print(f"decode, switch {label} ({CUDNN_CHANNELS_ENV}={value or ''}): {' '.join(cmd)}", flush=True)
+        run = subprocess.run(cmd, env=env, text=True, capture_output=True)
+        codes[label] = run.returncode
+        if run.returncode:
+            print(run.stdout[-3000:], run.stderr[-3000:], flush=True)
+        table = os.path.join(folder, "vae_decode_results.md")
+        if os.path.exists(table):
+            with open(table) as f:
+                print(f.read(), flush=True)
+    return codes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="folder for vae_conv_cudnn_route_<commit>.json")
@@ -362,16 +350,27 @@ def main(argv=None):
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of the route")
     ap.add_argument("--smoke", action="store_true", help="CPU run at a small shape (needs TRITON_INTERPRET=1)")
     ap.add_argument("--offline", action="store_true", help="compile the activation pass for sm_90a (no GPU) and exit")
+    ap.add_argument("--decode", action="store_true",
+                    help="also time apply(vae)'s 49x480x720 decode with the switch off and on (two bench_vae_decode.py "
+                         "processes: the switch is read at import)")
+    ap.add_argument("--decode-large", action="store_true", help="with --decode: also the 81x768x1360 decode")
+    ap.add_argument("--decode-channels", default="256+",
+                    help=f"{CUDNN_CHANNELS_ENV} for the 'on' decode (default 256+: the 256 / 512-channel convs)")
+    ap.add_argument("--skip-convs", action="store_true", help="skip the per-shape conv benchmark (with --decode)")
     args = ap.parse_args(argv)
     if args.offline:
         for cfg in ACT_CONFIGS:
             for has_cache in (True, False):
-                print(cfg, "cache" if has_cache else "no cache", compile_offline(cfg, has_cache), flush=True)
+                for zq in (False, True):
+                    print(cfg, "cache" if has_cache else "no cache", "zq" if zq else "", compile_offline(cfg, has_cache, zq=zq),
+                          flush=True)
         return 0
     from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
 
     global DEVICE, BACKEND
     shapes = SHAPES
+    if args.skip_convs:
+        shapes = []
     if args.smoke:
         DEVICE, BACKEND, shapes, args.no_profile = "cpu", "cpp", SMOKE_SHAPES, True
     elif not torch.cuda.is_available():
@@ -398,10 +397,10 @@ def main(argv=None):
         fns = variants(a, config)
         timed = {name: time_ms(fn, DEVICE, quick=args.quick) for name, fn in fns.items()}
         torch.backends.cudnn.benchmark = True  # cuDNN's own search (what the model would get with the flag set)
-        for name in ("b_route_nc", "b_route_cl", "c_cudnn_conv"):
+        for name in ("b_cudnn_op", "b_route_nc", "b_route_cl", "c_cudnn_conv"):
             timed[name + "_cudnn_bench"] = time_ms(fns[name], DEVICE, quick=args.quick)
         torch.backends.cudnn.benchmark = False
-        peak = {name: peak_memory_gib(fns[name], DEVICE) for name in ("a_fused", "b_route_nc", "b_route_cl")}
+        peak = {name: peak_memory_gib(fns[name], DEVICE) for name in ("a_fused", "b_cudnn_op", "b_route_cl")}
         ms_a = timed["a_fused"]
         rows = []
         for name, ms in timed.items():
@@ -411,7 +410,8 @@ def main(argv=None):
                              vs_a=round(ms_a / ms, 3) if whole else None,
                              peak_mib=None if peak.get(name) is None else round(peak[name] * 1024, 1)))
             print(json.dumps(rows[-1]), flush=True)
-        rates[shape[1]] = {k: flops / timed[k] / 1e9 for k in ("a_fused", "b_route_nc", "b_route_cl", "c_cudnn_conv")}
+        rates[shape[1]] = {k: flops / timed[k] / 1e9 for k in ("a_fused", "b_cudnn_op", "b_route_nc", "b_route_cl",
+                                                                "c_cudnn_conv", "a_fused_zq", "b_cudnn_op_zq")}
         prof = {}
         if not args.no_profile:
             try:
@@ -443,6 +443,9 @@ def main(argv=None):
         print(json.dumps(r))
     print(json.dumps({"total_ms": est_tot}))
     print("checks:", "all ok" if not failed else "FAILED (see the check lines)")
+    if args.decode:
+        codes = decode_switch(args.out, args.decode_channels, large=args.decode_large, tiny=args.smoke)
+        failed |= any(codes.values())
     return 1 if failed else 0
 
 

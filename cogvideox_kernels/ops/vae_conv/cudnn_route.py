@@ -35,6 +35,9 @@ from .reference import spatial_norm_index
 
 CUDNN_CHANNELS_ENV = "COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS"
 ACT_CONFIG = (64, 64, 4)  # (BLOCK_P pixels, BLOCK_C channels, warps) of the activation pass
+# with the zq modulation (two more accumulator tiles): 8 warps, 176 registers, no spills (ptxas, sm_90a; 4 warps
+# need 255 registers and spill)
+ACT_CONFIG_ZQ = (64, 64, 8)
 _MOD_NONE, _MOD_TENSORS, _MOD_ZQ = 0, 1, 2
 
 
@@ -168,7 +171,8 @@ def act_cl_fwd(x, coef=None, *, silu, kt, cache=None, pad_mode="replicate", scal
     """(act [B, C, T+kt-1, H, W] channels_last_3d, new_cache [B, C, kt-1, H, W] contiguous): the padded
     activation (see the module doc). ``coef`` float32 [B, C, 2] (norm(v) = v * a + d) or None; the modulation
     as ``scale``/``shift`` or as ``zq`` with ``zq_index`` (int32 [T+H+W] on x's device) and the (1,1,1) convs'
-    weights ([C, Kz] or [C, Kz, 1, 1, 1]) / biases. ``config``: (BLOCK_P, BLOCK_C, warps), ACT_CONFIG if None."""
+    weights ([C, Kz] or [C, Kz, 1, 1, 1]) / biases. ``config``: (BLOCK_P, BLOCK_C, warps); None: ACT_CONFIG
+    (ACT_CONFIG_ZQ with zq)."""
     B, C, T, H, W = x.shape
     nf = kt - 1
     x, cache, scale, shift = _dense(x), _dense(cache), _dense(scale), _dense(shift)
@@ -185,7 +189,7 @@ def act_cl_fwd(x, coef=None, *, silu, kt, cache=None, pad_mode="replicate", scal
         shift_weight = shift_weight.reshape(C, kz).contiguous()
         scale_bias = None if scale_bias is None else scale_bias.contiguous()
         shift_bias = None if shift_bias is None else shift_bias.contiguous()
-    bp, bc, warps = config or ACT_CONFIG
+    bp, bc, warps = config or (ACT_CONFIG_ZQ if mod == _MOD_ZQ else ACT_CONFIG)
     strides = lambda t: t.stride()[:3] if t is not None else (0, 0, 0)  # noqa: E731
     dummy = x
     grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B * (T + nf))
