@@ -369,10 +369,10 @@ def main(argv=None):
 
     global DEVICE, BACKEND
     shapes = SHAPES
-    if args.skip_convs:
-        shapes = []
     if args.smoke:
         DEVICE, BACKEND, shapes, args.no_profile = "cpu", "cpp", SMOKE_SHAPES, True
+    if args.skip_convs:
+        shapes = []
     elif not torch.cuda.is_available():
         print("needs a CUDA GPU (the CPU check is tests/experiments/test_vae_conv_cudnn_route.py; --smoke runs here)")
         return 2
