@@ -16,8 +16,6 @@ import torch
 
 from .reference import check_attention_inputs
 
-LOG2E = 1.4426950408889634
-
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 2 ** 31 - 1  # TMA coordinates are int32: B * H * S rows of the head-major view
@@ -124,7 +122,7 @@ def hopper_attention_fwd(q, k, v, text_len, cos, sin, q_norm_weight, q_norm_bias
     ``SCORE_BOUND`` (default True; False: every head keeps the running-max softmax) and
     ``PRESCALE_Q`` (default ``PRESCALE_Q``; with the bound only)."""
     from .hopper_fwd import hopper_attention_core, v_token_major_ok
-    from .triton_fwd import qk_norm_rope_fwd
+    from .triton_fwd import LOG2E, qk_norm_rope_fwd
 
     B, S, H, D = q.shape
     config = dict(config or {})

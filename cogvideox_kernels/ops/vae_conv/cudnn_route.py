@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .._triton_utils import interpret_mode, store_cast
 from ..expert_ffn.fp8 import WeightCache
+from .native import _modulation  # the zq arguments as keywords, as the CUDA backend's ops take them
 from .reference import spatial_norm_index
 
 CUDNN_CHANNELS_ENV = "COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS"
@@ -238,13 +239,6 @@ def _run(out, x, weight, bias, coef, scale, shift, cache, residual, silu, pad_mo
     else:
         torch.add(y, residual, out=out)
     return out, new_cache
-
-
-_MOD_NAMES = ("zq", "zq_index", "scale_weight", "scale_bias", "shift_weight", "shift_bias")
-
-
-def _modulation(*tensors):
-    return {k: v for k, v in zip(_MOD_NAMES, tensors) if v is not None}
 
 
 @torch.library.custom_op("cogvideox_kernels::vae_conv3d_cudnn", mutates_args=())
