@@ -86,6 +86,14 @@ def _v_operand(sm, stage, PV_FP8: gl.constexpr):
 
 
 @gluon.jit
+def _exp2_bounded(x, MASK: gl.constexpr):
+    """2^x for the fixed-max softmax's numerators (MASK: x may hold -inf). One MUFU.EX2 per score;
+    ``benchmarks/experiments/int8_poly_probe.py`` swaps this function to put a share of them on
+    the FMA pipe (a polynomial) and times that."""
+    return gl.exp2(x)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: gl.constexpr,
                   P_DTYPE: gl.constexpr, FIXED: gl.constexpr):
     """Softmax numerators of one block of s32 scores: P (float32; times 448 when P_DTYPE is
@@ -112,7 +120,7 @@ def _softmax_step(s, m_i, l_i, row_scale, n0, S, MASK: gl.constexpr, MAGIC_CVT: 
         # one FFMA per score: (s - offset) * row_scale - m; the per-row bias rounds by at most
         # ulp(offset * row_scale) <= 1e-4 T (row_scale <= T / 127^2): inside the bound's margin
         bias = offset * row_scale + (m_i - p_log2)
-        p = gl.exp2(sf * row_scale[:, None] - bias[:, None])
+        p = _exp2_bounded(sf * row_scale[:, None] - bias[:, None], MASK)
         l_i = l_i + row_partial_sums(p)
         alpha = m_i
         m_new = m_i
