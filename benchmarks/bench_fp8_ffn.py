@@ -374,6 +374,44 @@ def section_hard():
         save()
 
 
+PROJ_SHAPE = (2, 17776, 3072)  # [B, S, hidden] of section_proj (5B)
+
+
+def section_proj():
+    """The attention half's projections at 5B (adaln_linear: LN-modulate pre-pass + to_q/k/v; gated_linear:
+    to_out + bias + gate + residual), bf16 vs precision="fp8" (plain and fast accumulation), with the fp8
+    results' error against the bf16 op."""
+    B, S, Hd = PROJ_SHAPE
+    text_len = min(226, S // 2)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    rnd = lambda *shape, std=1.0: (torch.randn(*shape, generator=g, device=DEVICE) * std).to(torch.bfloat16)  # noqa: E731
+    x, mod, a = rnd(B, S, Hd), rnd(B, 6, Hd, std=0.3), rnd(B, S, Hd)
+    ws, bs = [rnd(Hd, Hd, std=Hd ** -0.5) for _ in range(3)], [rnd(Hd, std=0.05) for _ in range(3)]
+    nw, nb = 1 + rnd(Hd, std=0.1), rnd(Hd, std=0.1)
+    calls = {
+        "adaln_linear (to_q/k/v)": lambda precision: ops.adaln_linear(x, mod, ws, bs, text_len=text_len, norm_weight=nw,
+                                                                       norm_bias=nb, eps=1e-5, precision=precision),
+        "gated_linear (to_out)": lambda precision: ops.gated_linear(x, a, ws[0], bs[0], mod, text_len=text_len,
+                                                                   precision=precision)}
+    for name, fn in calls.items():
+        ref = fn("bf16")
+        for precision, fast in (("bf16", False), ("fp8", False), ("fp8", True)):
+            row = dict(piece=f"{name} {precision}" + (" fast accumulation" if fast else ""))
+            try:
+                with fast_accum(fast):
+                    out = fn(precision)
+                    row["ms"] = bench(lambda: fn(precision))
+                sub = (out - x) if name.startswith("gated") else out
+                base = (ref - x) if name.startswith("gated") else ref
+                row["rel_vs_bf16"] = ((sub.float() - base.float()).norm() / base.float().norm()).item()
+            except Exception as exc:
+                traceback.print_exc()
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            RESULTS["pieces"].append(row)
+            print("PROJ", json.dumps(row), flush=True)
+            save()
+
+
 def section_step():
     from cogvideox_kernels.bench import step as st
     from cogvideox_kernels.integrations import diffusers as integration
@@ -392,12 +430,26 @@ def section_step():
     del inputs32
     st.free_memory()
     outs = {}
-    for variant, kwargs in (("ours bf16", dict(precision="bf16")), ("ours int8 FFN", dict(precision="int8-ffn")),
-                            ("ours fp8 FFN", dict(precision="fp8")),
-                            # issue 15's step bar (<= 0.90 s): the 8-bit attention (its defaults: rotation + k split
-                            # for the heads over the bound) with the FP8 FFN
-                            ("ours int8 attention + fp8 FFN", dict(precision="int8+fp8")),
-                            ("diffusers eager bf16", None)):
+    variants = [("ours bf16", dict(precision="bf16")), ("ours int8 FFN", dict(precision="int8-ffn")),
+                ("ours fp8 FFN", dict(precision="fp8")),
+                # FP8 FFN + FP8 attention projections (adaln_linear / gated_linear), then the same with cuBLASLt's
+                # fast FP8 accumulation (fp8.FAST_ACCUM_ENV) on every FP8 GEMM
+                ("ours fp8-all", dict(precision="fp8-all")),
+                ("ours fp8-all, fast accumulation", dict(precision="fp8-all", fast_accum=True)),
+                # issue 15's step bar (<= 0.90 s): the 8-bit attention (its defaults: rotation + k split
+                # for the heads over the bound) with the FP8 FFN
+                ("ours int8 attention + fp8 FFN", dict(precision="int8+fp8")),
+                ("diffusers eager bf16", None)]
+    only = os.environ.get("BENCH_FP8_STEP_VARIANTS")  # comma-separated variant names to run (all by default)
+    if only:
+        variants = [v for v in variants if v[0] in only.split(",")]
+    for variant, kwargs in variants:
+        kwargs = dict(kwargs) if kwargs is not None else None
+        fast_accum = bool(kwargs and kwargs.pop("fast_accum", False))
+        if fast_accum:
+            os.environ[fp8.FAST_ACCUM_ENV] = "1"
+        else:
+            os.environ.pop(fp8.FAST_ACCUM_ENV, None)
         if left() < 25:
             RESULTS["step"].append(dict(variant=variant, status="skipped: out of time"))
             continue
@@ -419,6 +471,7 @@ def section_step():
             row = dict(variant=variant, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         finally:
             integration.remove(model)
+            os.environ.pop(fp8.FAST_ACCUM_ENV, None)
         RESULTS["step"].append(row)
         print("STEP", json.dumps(row), flush=True)
         save()
@@ -454,7 +507,7 @@ def table():
 
 
 def main():
-    global OUT, BUDGET_S, DEVICE, SHAPE_5B, SHAPE_HARD, SWEEP
+    global OUT, BUDGET_S, DEVICE, SHAPE_5B, SHAPE_HARD, SWEEP, PROJ_SHAPE
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--commit", default=None)
@@ -465,13 +518,15 @@ def main():
     args = p.parse_args()
     if args.smoke:
         DEVICE, SHAPE_5B, SHAPE_HARD, args.no_step = "cpu", (2, 3, 29, 64, 256), (1, 3, 29, 64, 256), True
+        PROJ_SHAPE = (1, 40, 64)
     OUT, BUDGET_S, SWEEP = Path(args.out), args.budget_s, not args.no_int8_sweep
     OUT.mkdir(parents=True, exist_ok=True)
     RESULTS["env"] = environment(DEVICE)
     if args.commit:
         RESULTS["env"]["commit"] = args.commit
     save()
-    sections = [section_ffn, section_hard] + ([] if args.no_step else [section_step])
+    sections = [section_ffn, section_hard, section_proj] + (
+        [] if args.no_step else [section_step])
     for section in sections:
         if section is section_step and left() < 70:
             RESULTS["step"].append(dict(status=f"skipped: {left():.0f} s left"))

@@ -41,7 +41,8 @@ def test_unknown_precision_refused_before_patching():
             integration.apply(model, precision=bad)
     assert not integration.is_patched(model)
     assert state.op_precision("fp8", "expert_ffn") == "fp8" and state.op_precision("int8-ffn", "expert_ffn") == "int8"
-    assert all(set(ops) == {"rope3d_attention", "expert_ffn"} for ops in state.PRECISION_MODES.values())
+    assert all(set(ops) == {"rope3d_attention", "expert_ffn", "linear"} for ops in state.PRECISION_MODES.values())
+    assert [m for m, ops in state.PRECISION_MODES.items() if ops["linear"] != "bf16"] == ["fp8-all"]
 
 
 @pytest.mark.parametrize("mode,ffn", [("fp8", "fp8"), ("int8-ffn", "int8")])
@@ -63,3 +64,35 @@ def test_8bit_kernels_in_a_bf16_model(interpret, monkeypatch, mode, ffn):
         out = model(**bf16_inputs)[0]
     assert len(spy.ffn_calls) == 2 and all(kw["precision"] == ffn for _, kw in spy.ffn_calls)
     assert rel_err(bf16, ref) < rel_err(out, ref) < 1e-1
+
+
+def test_fp8_all_runs_the_projections_in_fp8(interpret, monkeypatch):
+    """precision="fp8-all": the fused attention half's adaln_linear / gated_linear get precision="fp8" (the FFN
+    fp8 too); "fp8" leaves them exact; the output stays the model's function."""
+    model = make_transformer("5b")
+    inputs = transformer_inputs(model)
+    calls = []
+    for name in ("adaln_linear", "gated_linear"):
+        real = getattr(integration, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("precision", "bf16")))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(integration, name, spy)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        model = model.to(torch.bfloat16)
+        bf16_inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in inputs.items()}
+        integration.apply(model, backend="triton", precision="fp8")
+        ffn_only = model(**bf16_inputs)[0]
+        assert calls and {p for _, p in calls} == {"bf16"}
+        integration.remove(model)
+        calls.clear()
+        spy = OpSpy(monkeypatch)
+        integration.apply(model, backend="triton", precision="fp8-all")
+        out = model(**bf16_inputs)[0]
+    assert sorted(set(calls)) == [("adaln_linear", "fp8"), ("gated_linear", "fp8")] and len(calls) == 4
+    assert all(kw["precision"] == "fp8" for _, kw in spy.ffn_calls)
+    assert not torch.equal(out, ffn_only)
+    assert rel_err(ffn_only, ref) < rel_err(out, ref) * 3 and rel_err(out, ref) < 1e-1

@@ -136,7 +136,8 @@ def _apply_transformer(model, attention, ffn, backend, precision, classes):
             if type(processor) in known:
                 ours = CogVideoXKernelAttnProcessor(
                     processor, backend, sequence, fused=type(processor) is classes["FusedCogVideoXAttnProcessor2_0"],
-                    precision=state.op_precision(precision, "rope3d_attention"))
+                    precision=state.op_precision(precision, "rope3d_attention"),
+                    linear_precision=state.op_precision(precision, "linear"))
                 ours._parallel_config = getattr(model, "_parallel_config", None)
                 block.attn1.set_processor(ours)
             else:
@@ -213,7 +214,9 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     benchmarks/results/fp8_ffn_notes.md); ``"int8"``: the attention with smoothed INT8 Q K^T
     (``rope3d_attention(..., precision="int8")``, lossy, opt-in,
     benchmarks/results/int8_attention_notes.md); ``"int8+fp8"``: both; ``"int8-ffn"``: the FFN GEMMs
-    in int8 (``expert_ffn(..., precision="int8")``, lossy, opt-in). Applying again with the
+    in int8 (``expert_ffn(..., precision="int8")``, lossy, opt-in); ``"fp8-all"``: the FFN GEMMs and the
+    fused attention half's projections (to_q/k/v, to_out: ``adaln_linear`` / ``gated_linear`` with
+    ``precision="fp8"``) in FP8 (lossy, opt-in). Applying again with the
     same options puts our processor back where diffusers' own CogVideoX processor returned since
     (``fuse_qkv_projections()``, ``set_attn_processor``) and changes nothing else; other options raise
     until :func:`remove`.

@@ -8,6 +8,7 @@ import torch
 
 from ...parallel import sequence_split_sizes
 from ...ops import registry
+from ...ops.adaln_linear.fp8 import supports as fp8_supports
 from . import weights
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
@@ -28,11 +29,14 @@ class CogVideoXKernelAttnProcessor:
 
     # diffusers' enable_parallelism hands its ParallelConfig to processors that have this attribute.
     _parallel_config = None
+    # adaln_linear / gated_linear's precision in the fused attention half (class default: pickles made before it)
+    linear_precision = "bf16"
 
     def __init__(self, original, backend: str = "auto", sequence=None, fused: bool = False,
-                 precision: str = "bf16"):
+                 precision: str = "bf16", linear_precision: str = "bf16"):
         self.original = original
         self.precision = precision  # rope3d_attention's: "bf16" (exact) or "int8" (opt-in 8-bit)
+        self.linear_precision = linear_precision  # the fused half's projections: "bf16" or "fp8" (opt-in)
         self.backend = registry.backend_for("rope3d_attention", backend)  # e.g. 'hopper' reaches expert_ffn as 'auto'
         self.fused = fused  # original is diffusers' FusedCogVideoXAttnProcessor2_0: q, k, v from to_qkv
         # Global token counts {"text": L, "video": N} of the current forward, recorded before the
@@ -215,8 +219,11 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
         if len({tuple(w.shape) for w, _ in projections}) != 1:
             return None  # to_q/to_k/to_v of different shapes: not in diffusers' configs
         backend = registry.backend_for("adaln_linear", processor.backend)
+        precision = processor.linear_precision
+        if precision != "bf16" and any(fp8_supports(tokens, w) for w, _ in [*projections, out_proj]):
+            precision = "bf16"  # shapes / device the FP8 GEMMs do not take: the exact projections
         norm_args = dict(text_len=text_len, norm_weight=norm[0], norm_bias=norm[1], eps=norm1.norm.eps,
-                         backend=backend)
+                         backend=backend, precision=precision)
         if processor.fused:  # one to_qkv Linear: [B, S, 3 * inner]
             qkv = _ops.adaln_linear(tokens, modulation, *projections[0], **norm_args)
             q, k, v = qkv.view(batch, seq, 3, attn.heads, head_dim).unbind(2)
@@ -227,7 +234,7 @@ def fused_attention_half(block, hidden_states, encoder_hidden_states, temb, imag
         out = _ops.rope3d_attention(q, k, v, text_len=text_len, cos=cos, sin=sin, backend=processor.backend,
                                     precision=processor.precision, **norms)
         return _ops.gated_linear(tokens, out.reshape(batch, seq, attn.heads * head_dim), out_proj[0], out_proj[1],
-                                 modulation, text_len=text_len, backend=backend)
+                                 modulation, text_len=text_len, backend=backend, precision=precision)
 
 
 def cogvideox_cp_plan(model) -> dict:

@@ -23,12 +23,16 @@ STATE = "_cogvideox_kernels"  # model attribute: {"options": ..., "sequence": ..
 # ``apply(..., precision=)``: what each patched op runs with, by mode. The one place that maps the
 # user's word to each op's own ``precision=`` argument (the attention column belongs to the 8-bit
 # attention work; until it lands the attention stays exact in every mode).
+# "linear": adaln_linear / gated_linear, the attention half's projections (to_q/k/v, to_out) in the fused
+# attention half.
 PRECISION_MODES = {
-    "bf16": {"rope3d_attention": "bf16", "expert_ffn": "bf16"},  # exact, the default
-    "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8"},    # FP8 e4m3 FFN GEMMs (lossy, opt-in)
-    "int8": {"rope3d_attention": "int8", "expert_ffn": "bf16"},  # smoothed INT8 Q K^T (lossy, opt-in)
-    "int8+fp8": {"rope3d_attention": "int8", "expert_ffn": "fp8"},  # both 8-bit paths
-    "int8-ffn": {"rope3d_attention": "bf16", "expert_ffn": "int8"},  # int8 FFN GEMMs (lossy, opt-in)
+    "bf16": {"rope3d_attention": "bf16", "expert_ffn": "bf16", "linear": "bf16"},  # exact, the default
+    "fp8": {"rope3d_attention": "bf16", "expert_ffn": "fp8", "linear": "bf16"},    # FP8 e4m3 FFN GEMMs (lossy)
+    # FP8 FFN GEMMs and FP8 attention projections: every large GEMM of a block in FP8 (lossy, opt-in)
+    "fp8-all": {"rope3d_attention": "bf16", "expert_ffn": "fp8", "linear": "fp8"},
+    "int8": {"rope3d_attention": "int8", "expert_ffn": "bf16", "linear": "bf16"},  # smoothed INT8 Q K^T (lossy)
+    "int8+fp8": {"rope3d_attention": "int8", "expert_ffn": "fp8", "linear": "bf16"},  # both 8-bit paths
+    "int8-ffn": {"rope3d_attention": "bf16", "expert_ffn": "int8", "linear": "bf16"},  # int8 FFN GEMMs (lossy)
 }
 
 

@@ -121,23 +121,57 @@ for _op in ("adaln_linear", "gated_linear"):
         available=registry.triton_device, auto_devices=("cuda",), layout={"*": registry.CONTIGUOUS})
 
 
+PRECISIONS = ("bf16", "fp8")
+
+
+def _fp8_ready(x, weights, precision):
+    """Whether ``precision`` asks for the FP8 path; a ValueError for an unknown precision or inputs the
+    FP8 path cannot take (so a lossy mode is never half applied silently)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
+    if precision == "bf16":
+        return False
+    from . import fp8
+    check_tensor("x", x, ndim=3, dtypes=_DTYPES)
+    for w in weights:
+        check_tensor("weight", w, ndim=2, device=x.device)
+        why = fp8.supports(x, w)
+        if why is not None:
+            raise ValueError(why)
+    return True
+
+
 def adaln_linear(x, modulation, weight, bias=None, *, text_len, norm_weight=None, norm_bias=None, eps=1e-5,
-                 backend="auto"):
+                 backend="auto", precision="bf16"):
     """``(LN(x) * (1 + scale_m) + shift_m) @ weight^T + bias`` for x ``[B, S, hidden]``, weight
     ``[out, hidden]``: ``[B, S, out]``. ``weight`` may also be a list of P equal-shape weights (``bias``
     None or a list of P, entries may be None), e.g. to_q/to_k/to_v: then ``[P, B, S, out]``, the P
     products of the one normalized input (no concatenated weight copy). Triton backend: expert_ffn's
-    LN-modulate pre-pass writes the normalized rows once, then a cuBLAS GEMM with its bias per weight."""
+    LN-modulate pre-pass writes the normalized rows once, then a cuBLAS GEMM with its bias per weight.
+    ``precision="fp8"`` (lossy, opt-in; bf16 x): the pre-pass quantizes h per row to e4m3 and the GEMMs run
+    in FP8 with per-channel weight scales (``fp8.py``); ``backend`` is not used then."""
+    if _fp8_ready(x, weight_parts(weight, bias)[0], precision):
+        from . import fp8
+        check_adaln_linear_inputs(x, modulation, weight, bias, text_len, norm_weight, norm_bias, eps)
+        weights, biases, stacked = weight_parts(weight, bias)
+        return fp8.adaln_linear_fp8(x, modulation, weights, biases, stacked, text_len=text_len,
+                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
     return registry.dispatch("adaln_linear", backend, x=x, modulation=modulation, weight=weight, bias=bias,
                              text_len=text_len, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
 
 
-def gated_linear(x, a, weight, bias, modulation, *, text_len, backend="auto"):
+def gated_linear(x, a, weight, bias, modulation, *, text_len, backend="auto", precision="bf16"):
     """``x + gate_m * (a @ weight^T + bias)`` for x ``[B, S, hidden]``, a ``[B, S, in]``, weight
     ``[hidden, in]``: a new ``[B, S, hidden]``. Triton backend: the GEMM with expert_ffn's bias + gate +
-    residual epilogue (fused in our grouped GEMM, or after cuBLAS, as expert_ffn's shared path is set)."""
+    residual epilogue (fused in our grouped GEMM, or after cuBLAS, as expert_ffn's shared path is set).
+    ``precision="fp8"`` (lossy, opt-in; bf16 x): a quantized per row, the GEMM in FP8 (``fp8.py``), then the
+    bias + gate + residual pass; ``backend`` is not used then."""
+    if _fp8_ready(x, [weight] if isinstance(weight, torch.Tensor) else [], precision):
+        from . import fp8
+        check_gated_linear_inputs(x, a, weight, bias, modulation, text_len)
+        return fp8.gated_linear_fp8(x, a, weight, bias, modulation, text_len=text_len)
     return registry.dispatch("gated_linear", backend, x=x, a=a, weight=weight, bias=bias, modulation=modulation,
                              text_len=text_len)
 
 
-__all__ = ["adaln_linear", "gated_linear", "adaln_linear_reference", "gated_linear_reference", "weight_parts"]
+__all__ = ["adaln_linear", "gated_linear", "PRECISIONS", "adaln_linear_reference", "gated_linear_reference", "weight_parts"]

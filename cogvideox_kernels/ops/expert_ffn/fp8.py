@@ -122,19 +122,26 @@ def _gelu_tanh_fast(v):
 
 @triton.jit
 def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
-                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, FAST: tl.constexpr = False):
+                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, FAST: tl.constexpr = False,
+                                GELU: tl.constexpr = True):
     """One row of GEMM1's output: gelu_tanh(y + b1) -> e4m3 or int8 (QUANT) with the row's scale
     (GEMM2's A operand). FAST: the pass is compute-bound with two IEEE divides and an F2I per element
     (H200: int8 0.87 ms = 1.5 TB/s); FAST takes GELU's divide approximate, multiplies by the row's
-    reciprocal scale and rounds to int8 by the 1.5 * 2^23 add (round to nearest even, as rint) instead."""
+    reciprocal scale and rounds to int8 by the 1.5 * 2^23 add (round to nearest even, as rint) instead.
+    GELU False: (y + b) quantized as it is (``quantize_rows_fwd``)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     v = tl.load(y_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v = v + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if FAST:
+    if not GELU:
+        v = tl.where(mask, v, 0.0)
+    elif FAST:
         v = tl.where(mask, _gelu_tanh_fast(v), 0.0)
+    else:
+        v = tl.where(mask, _gelu_tanh(v), 0.0)
+    if FAST:
         scale = _row_scale(tl.max(tl.abs(v), axis=0), QUANT)
         x = v * (1.0 / scale)
         if QUANT == 2:
@@ -143,7 +150,6 @@ def _bias_gelu_quant_fwd_kernel(y_ptr, bias_ptr, q_ptr, scale_ptr, N, HAS_BIAS: 
         else:
             q = _to_e4m3(x, INTERPRET)
     else:
-        v = tl.where(mask, _gelu_tanh(v), 0.0)
         q, scale = _quantize_row(v, mask, QUANT, INTERPRET)
     tl.store(scale_ptr + row, scale)
     tl.store(q_ptr + row * N + cols, q, mask=mask)
@@ -158,9 +164,9 @@ GELU_QUANT_CONFIG = "row_fast"
 GELU_QUANT_LAUNCHES = ("row", "row_fast")
 
 
-def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
+def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None, gelu=True):
     """(gelu_tanh(y + bias) quantized per row to out_dtype (e4m3, or int8 for int8.py), float32 row
-    scales) for y [rows, N] contiguous.
+    scales) for y [rows, N] contiguous; ``gelu`` False: y + bias quantized as it is.
     ``config``: one of ``GELU_QUANT_LAUNCHES`` (default ``GELU_QUANT_CONFIG``)."""
     if y.dim() != 2 or not y.is_contiguous():
         raise ValueError(f"bias_gelu_quant_fwd: y must be a contiguous 2-D tensor, got shape {tuple(y.shape)} "
@@ -179,20 +185,35 @@ def bias_gelu_quant_fwd(y: torch.Tensor, bias, out_dtype=E4M3, config=None):
     block = triton.next_power_of_2(N)
     _bias_gelu_quant_fwd_kernel[(rows,)](y, b, q, scale, N, HAS_BIAS=bias is not None,
                                          QUANT=QUANT_OF[out_dtype], BLOCK_N=block, INTERPRET=interpret_mode(),
-                                         FAST=config == "row_fast",
+                                         FAST=config == "row_fast", GELU=bool(gelu),
                                          num_warps=4 if interpret_mode() else min(32, max(4, block // 512)))
     return q, scale
 
 
-def fp8_linear(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16):
-    """(a_q * a_scale[:, None]) @ (w_q * w_scale[:, None])^T with float32 accumulation, in out_dtype.
-    a_q [M, K], w_q [N, K] e4m3; scales float32 [M], [N]. CUDA: ``torch._scaled_mm`` row-wise; elsewhere
-    the same sum in float32 on the dequantized operands (what CI can run)."""
+def quantize_rows_fwd(y: torch.Tensor, out_dtype=E4M3):
+    """(y quantized per row to out_dtype, float32 row scales) for y [rows, N] contiguous: the kernel of
+    ``bias_gelu_quant_fwd`` without bias and GELU (``quantize_rows``' formula; the default launch
+    multiplies by the reciprocal scale, which may round a value at a midpoint the other way)."""
+    return bias_gelu_quant_fwd(y, None, out_dtype, gelu=False)
+
+
+def fp8_linear(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, bias=None, out=None):
+    """(a_q * a_scale[:, None]) @ (w_q * w_scale[:, None])^T (+ bias) with float32 accumulation, in
+    out_dtype (written into ``out`` when given). a_q [M, K], w_q [N, K] e4m3; scales float32 [M], [N];
+    bias [N] in out_dtype. CUDA: ``torch._scaled_mm`` row-wise (bias in its epilogue); elsewhere the
+    same sum in float32 on the dequantized operands (what CI can run)."""
     if a_q.is_cuda:
         fast = os.environ.get(FAST_ACCUM_ENV, "0") not in ("", "0")
-        return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale[:, None], scale_b=w_scale[None, :],
-                                out_dtype=out_dtype, use_fast_accum=fast)
-    return (dequantize_rows(a_q, a_scale) @ dequantize_rows(w_q, w_scale).t()).to(out_dtype)
+        kw = dict(scale_a=a_scale[:, None], scale_b=w_scale[None, :], bias=bias, out_dtype=out_dtype,
+                  use_fast_accum=fast)
+        if out is None:
+            return torch._scaled_mm(a_q, w_q.t(), **kw)
+        return torch._scaled_mm(a_q, w_q.t(), **kw, out=out)
+    y = dequantize_rows(a_q, a_scale) @ dequantize_rows(w_q, w_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(out_dtype)
+    return y if out is None else out.copy_(y)
 
 
 def expert_ffn_fp8_fwd(x, modulation, w1, b1, w2, b2, text_len, norm_weight, norm_bias, eps, cache=WEIGHTS):
