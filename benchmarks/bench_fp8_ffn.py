@@ -440,9 +440,9 @@ def section_step():
                 # for the heads over the bound) with the FP8 FFN
                 ("ours int8 attention + fp8 FFN", dict(precision="int8+fp8")),
                 ("diffusers eager bf16", None)]
-    only = os.environ.get("BENCH_FP8_STEP_VARIANTS")  # comma-separated variant names to run (all by default)
+    only = os.environ.get("BENCH_FP8_STEP_VARIANTS")  # ";"-separated variant names to run (all by default)
     if only:
-        variants = [v for v in variants if v[0] in only.split(",")]
+        variants = [v for v in variants if v[0] in only.split(";")]
     for variant, kwargs in variants:
         kwargs = dict(kwargs) if kwargs is not None else None
         fast_accum = bool(kwargs and kwargs.pop("fast_accum", False))
