@@ -32,8 +32,10 @@ from .triton_fwd import (QUANT_OF, _gelu_tanh, _quantize_row, _row_scale, _to_e4
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-# cuBLASLt's "fast accumulation" keeps the FP8 tensor-core sums in their reduced-precision
-# accumulator; off (the default here) promotes them to float32 periodically. Env override for measurements.
+# cuBLASLt's "fast accumulation" keeps the FP8 tensor-core sums in their reduced-precision accumulator
+# (no periodic promotion to float32). On by default: measured on the H200 (h200_s7, db11c38) it gives the same
+# errors as the promoted sums (FFN op 1.13e-2 both; 5B step under "fp8-all" 1.5731e-2 vs 1.5730e-2 vs float32)
+# and is faster (FFN op 5.115 vs 5.507 ms; step 0.871 vs 0.906 s). "0" in the environment variable turns it off.
 FAST_ACCUM_ENV = "COGVIDEOX_KERNELS_FP8_FAST_ACCUM"
 
 
@@ -203,7 +205,7 @@ def fp8_linear(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, bias=None, 
     bias [N] in out_dtype. CUDA: ``torch._scaled_mm`` row-wise (bias in its epilogue); elsewhere the
     same sum in float32 on the dequantized operands (what CI can run)."""
     if a_q.is_cuda:
-        fast = os.environ.get(FAST_ACCUM_ENV, "0") not in ("", "0")
+        fast = os.environ.get(FAST_ACCUM_ENV, "1") not in ("", "0")
         kw = dict(scale_a=a_scale[:, None], scale_b=w_scale[None, :], bias=bias, out_dtype=out_dtype,
                   use_fast_accum=fast)
         if out is None:
