@@ -58,14 +58,17 @@ import triton
 from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, vae_conv3d, vae_conv3d_flops,
                                             vae_group_norm_coef)
 from cogvideox_kernels.ops.vae_conv import cudnn_route
-from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _vae_act_cl_fwd_kernel, act_cl_fwd,
-                                                        channels_last_weight)
+from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _cl_to_nc_fwd_kernel,
+                                                        _vae_act_cl_fwd_kernel, _zq_modulation_fwd_kernel, act_cl_fwd,
+                                                        channels_last_weight, cl_to_nc_fwd, zq_modulation_fwd)
 
 SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90)]
 SMOKE_SHAPES = [(1, 64, 3, 8, 12)]  # --smoke: CPU (TRITON_INTERPRET=1, the C++ path as (a)): checks the script runs
 DEVICE, BACKEND = "cuda", "cuda"
 GROUPS = 32
 ACT_CONFIGS = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8)]  # (BLOCK_P, BLOCK_C, warps)
+TRANSPOSE_CONFIGS = [(64, 64, 4), (128, 64, 4), (64, 128, 8), (128, 128, 8), (32, 64, 4)]  # cl_to_nc_fwd's
+ZQ_MOD_CONFIGS = [(64, 32, 4), (128, 32, 4), (64, 64, 4)]  # zq_modulation_fwd's
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -100,38 +103,73 @@ def route(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=Non
     return (y if residual is None else y.add_(residual)), new_cache
 
 
-def compile_offline(config, has_cache=True, dtype="bf16", zq=False):
-    """The shipped activation pass (cudnn_route._vae_act_cl_fwd_kernel) compiled for sm_90a without a GPU (Triton
-    -> PTX -> ptxas): catches compile errors here; returns ptxas's register / spill line. ``zq``: with the spatial
-    norm's modulation from zq (16 channels, both biases)."""
+def _compile_sm90a(fn, sig, constexprs, aligned, warps):
+    """``fn`` compiled for sm_90a without a GPU (Triton -> PTX -> ptxas): (ptxas's register / spill line, the PTX).
+    ``sig``: argument types by name; ``constexprs``: values by name (also the integer arguments the JIT would
+    specialize, e.g. a stride of 1); ``aligned``: the arguments marked divisible by 16, as the JIT specializes
+    them at the benchmark's shapes."""
     import tempfile
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    bp, bc, warps = config
-    ptr = f"*{dtype}"
-    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "scale_ptr": ptr, "shift_ptr": ptr, "zq_ptr": ptr,
-           "idx_ptr": "*i32", "sw_ptr": ptr, "sb_ptr": ptr, "hw_ptr": ptr, "hb_ptr": ptr, "act_ptr": ptr,
-           "new_cache_ptr": ptr, "C": "i32", "T": "i32", "H": "i32", "W": "i32", "sxb": "i64", "sxc": "i32",
-           "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32", "ssb": "i32", "ssc": "i32", "sst": "i32",
-           "sfb": "i32", "sfc": "i32", "sft": "i32", "KZ": "i32", "szb": "i32", "szk": "i32", "szt": "i32",
-           "szh": "i32"}
-    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, MOD=2 if zq else 0, HAS_SB=zq,
-                      HAS_HB=zq, SILU=True, BLOCK_P=bp, BLOCK_C=bc, INTERPRET=False)
     names = list(sig)
-    # pointers and the x / cache strides divisible by 16, as the JIT specializes them at the benchmark's shapes
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("C", "sxb", "sxc", "sxt", "scb", "scc", "sct")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    sig.update({k: "constexpr" for k in constexprs})
-    k = triton.compile(ASTSource(fn=_vae_act_cl_fwd_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+    sig = dict(sig, **{k: "constexpr" for k in constexprs})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "k.ptx"), "w") as f:
             f.write(k.asm["ptx"])
         run = subprocess.run(["ptxas", "-v", "--gpu-name", "sm_90a", os.path.join(tmp, "k.ptx"), "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    return " ".join(line.split("ptxas info    : ")[-1] for line in run.stderr.splitlines() if "registers" in line)
+    line = " ".join(ln.split("ptxas info    : ")[-1] for ln in run.stderr.splitlines() if "registers" in ln)
+    return line, k.asm["ptx"]
+
+
+def ptx_memory_ops(ptx):
+    """Counts of the PTX's shared-memory and vector global loads / stores (where a layout change goes through
+    shared memory, and how wide the global accesses are)."""
+    keys = ("st.shared", "ld.shared", "ldmatrix", "stmatrix", "ld.global.v4", "ld.global.v2", "st.global.v4",
+            "st.global.v2", "local")
+    return {k: ptx.count(k) for k in keys}
+
+
+def compile_offline(config, has_cache=True, dtype="bf16", zq=False):
+    """The shipped activation pass (cudnn_route._vae_act_cl_fwd_kernel) for sm_90a: ptxas's register / spill line.
+    ``zq``: the spatial norm's modulation from zq (scale / shift at zq's resolution, gathered through zq_index)."""
+    ptr = f"*{dtype}"
+    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "scale_ptr": ptr, "shift_ptr": ptr, "idx_ptr": "*i32",
+           "act_ptr": ptr, "new_cache_ptr": ptr, "C": "i32", "T": "i32", "H": "i32", "W": "i32", "sxb": "i64",
+           "sxc": "i32", "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32", "ssb": "i32", "ssc": "i32",
+           "sst": "i32", "sfb": "i32", "sfc": "i32", "sft": "i32", "WZ": "i32"}
+    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, MOD=2 if zq else 0, SILU=True,
+                      BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n in ("C", "sxb", "sxc", "sxt", "scb", "scc", "sct")]
+    return _compile_sm90a(_vae_act_cl_fwd_kernel, sig, constexprs, aligned, config[2])[0]
+
+
+def compile_zq_mod_offline(config, dtype="bf16"):
+    """cudnn_route._zq_modulation_fwd_kernel (16 zq channels' sums, both biases) for sm_90a: ptxas's line."""
+    ptr = f"*{dtype}"
+    sig = {"zq_ptr": ptr, "sw_ptr": ptr, "sb_ptr": ptr, "hw_ptr": ptr, "hb_ptr": ptr, "scale_ptr": ptr,
+           "shift_ptr": ptr, "C": "i32", "P": "i32", "KZ": "i32", "szb": "i32", "szk": "i32"}
+    constexprs = dict(HAS_SB=True, HAS_HB=True, BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n in ("C", "KZ", "szb")]
+    return _compile_sm90a(_zq_modulation_fwd_kernel, sig, constexprs, aligned, config[2])[0]
+
+
+def compile_transpose_offline(config, has_res=True, dtype="bf16"):
+    """cudnn_route._cl_to_nc_fwd_kernel (channels_last_3d y: channel stride 1, which the JIT specializes) for
+    sm_90a: (ptxas's line, ``ptx_memory_ops``)."""
+    ptr = f"*{dtype}"
+    sig = {"y_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "C": "i32", "T": "i32", "HW": "i32", "syb": "i32",
+           "syc": "i32", "syt": "i32", "syp": "i32", "srb": "i32", "src": "i32", "srt": "i32", "sob": "i32",
+           "soc": "i32", "sot": "i32"}
+    constexprs = dict(syc=1, HAS_RES=has_res, BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n not in ("T", "syc")]
+    line, ptx = _compile_sm90a(_cl_to_nc_fwd_kernel, sig, constexprs, aligned, config[2])
+    return line, ptx_memory_ops(ptx)
 
 
 # ------------------------------------------------------------------------------------------------ GPU benchmark
@@ -362,8 +400,14 @@ def main(argv=None):
         for cfg in ACT_CONFIGS:
             for has_cache in (True, False):
                 for zq in (False, True):
-                    print(cfg, "cache" if has_cache else "no cache", "zq" if zq else "", compile_offline(cfg, has_cache, zq=zq),
-                          flush=True)
+                    print("act", cfg, "cache" if has_cache else "no cache", "zq" if zq else "",
+                          compile_offline(cfg, has_cache, zq=zq), flush=True)
+        for cfg in ZQ_MOD_CONFIGS:
+            print("zq_mod", cfg, compile_zq_mod_offline(cfg), flush=True)
+        for cfg in TRANSPOSE_CONFIGS:
+            for has_res in (True, False):
+                line, ops = compile_transpose_offline(cfg, has_res)
+                print("cl_to_nc", cfg, "residual" if has_res else "no residual", line, json.dumps(ops), flush=True)
         return 0
     from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
 
