@@ -10,9 +10,9 @@ The route (``route``) computes the fused op's function (``vae_conv3d``: GroupNor
    zeros) channels-last: memory [B, T+kt-1, H, W, C] = a channels_last_3d [B, C, T+kt-1, H, W] tensor; it also
    writes the new cache (the last kt-1 padded frames, NCDHW, like the fused op);
 3. ``F.conv3d(act_cl, weight_cl, bias, padding=(0, kh//2, kw//2))`` (cuDNN in channels_last_3d on a GPU);
-4. the residual add, leaving y channels-last (``out_layout="cl"``, an in-place add on the conv output) or
-   writing contiguous NCDHW (``"nc"``: one add that reads y channels-last and writes NCDHW, as today's
-   consumers read it).
+4. the residual add, leaving y channels-last (``out_layout="cl"``, torch's in-place add on the conv output) or
+   writing contiguous NCDHW (``"nc"``: the shipped transpose-add kernel ``cl_to_nc_fwd``, one pass that reads
+   y channels-last and the residual NCDHW and writes NCDHW, as today's consumers read it).
 
 GPU benchmark (<= 2 min on an H200; bf16, GroupNorm 32 + SiLU, 2 cache frames, residual, bias), at
 [1,128,6,480,720], [1,256,6,240,360], [1,512,6,60,90], in one process, times (``bench.common.time_ms``):
@@ -21,7 +21,12 @@ GPU benchmark (<= 2 min on an H200; bf16, GroupNorm 32 + SiLU, 2 cache frames, r
      fastest block config) / left channels-last
      (``b_route_cl_rescl``: also the residual already channels-last, the best case of an all-channels-last chain);
  (c) ``c_cudnn_conv``: cuDNN's conv alone on a ready channels-last padded input (the floor of (b));
-plus the route's parts (statistics, activation pass with the fastest of a few block configs, the adds),
+plus the route's parts (statistics; the activation pass with the fastest of a few block configs, ``part_act``,
+and with the zq modulation, ``part_act_zq``, of which ``part_zq_mod`` forms scale / shift at zq's resolution;
+step 4: ``part_add_to_nc`` / ``part_to_nc`` the transpose-add kernel with / without the residual,
+``part_add_to_nc_torch`` the former torch conversion ``torch.add(y_cl, residual_nc, out=y_nc)`` for comparison,
+``part_add_cl`` b_route_cl's torch add, ``part_add_cl_rescl`` the same add in one layout, the floor), the
+transpose-add kernel's ms per block config (``transpose_config_ms``, TRANSPOSE_CONFIGS),
 cuDNN on torch.cat'ed NCDHW input (``cudnn_cat_nc``, the bench_vae_conv row, to tie this run to a12da88's),
 and (b)/(c) again with ``torch.backends.cudnn.benchmark = True``. Before timing, (a), (b_nc) and (b_cl) are
 checked against ``vae_conv3d(..., backend="reference")`` in float32 (TF32 off) with NaN-poisoned
@@ -30,7 +35,8 @@ speedup over (a)), per-kernel profiler times of (b), and an estimate of what the
 81x768x1360 decode (ResNet convs of the 5B decoder by level, each at the measured rate of the shape with its
 input channels), and writes JSON to --out.
 
-The activation pass, ``act_cl_fwd`` and the channels-last weight are the shipped ones
+The activation pass ``act_cl_fwd`` (with ``zq_modulation_fwd``), the transpose-add ``cl_to_nc_fwd`` and the
+channels-last weight are the shipped ones
 (cogvideox_kernels/ops/vae_conv/cudnn_route.py, ``vae_conv3d``'s backend "cudnn"); rows ``b_cudnn_op`` (the op as
 shipped, its default block config) and ``b_cudnn_op_zq`` / ``a_fused_zq`` (the decoder's form: the spatial norm's
 modulation from a 16-channel zq) time it. ``--decode`` then times ``apply(vae)``'s decode with
@@ -39,6 +45,7 @@ benchmarks/bench_vae_decode.py once each (``--decode-large``: also 81x768x1360).
 
     PYTHONPATH=$PWD python3 benchmarks/experiments/vae_conv_cudnn_route.py --out $OUT [--decode [--decode-large]]
     python benchmarks/experiments/vae_conv_cudnn_route.py --offline   # sm_90a compile + ptxas, no GPU
+    TRITON_INTERPRET=1 PYTHONPATH=<package with the C++ extension> python3 .../vae_conv_cudnn_route.py --smoke
 """
 from __future__ import annotations
 
@@ -55,8 +62,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, vae_conv3d, vae_conv3d_flops,
-                                            vae_group_norm_coef)
+from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, spatial_norm_index, vae_conv3d,
+                                            vae_conv3d_flops, vae_group_norm_coef)
 from cogvideox_kernels.ops.vae_conv import cudnn_route
 from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _cl_to_nc_fwd_kernel,
                                                         _vae_act_cl_fwd_kernel, _zq_modulation_fwd_kernel, act_cl_fwd,
@@ -280,6 +287,17 @@ def pick_act_config(a, time_ms, coef):
     return best, {f"{bp}x{bc}w{w}": round(ms, 4) for (bp, bc, w), ms in times.items()}
 
 
+def pick_transpose_config(a, time_ms, coef):
+    """ms of the transpose-add kernel (cl_to_nc_fwd: the conv's channels-last output + the residual into NCDHW)
+    per block config of TRANSPOSE_CONFIGS, on this shape's conv output."""
+    act, _ = act_cl_fwd(a["x"], coef, silu=True, kt=3, cache=a["cache"])
+    y_cl = F.conv3d(act, channels_last_weight(a["weight"]), a["bias"], padding=(0, 1, 1))
+    y_nc = torch.empty(a["residual"].shape, dtype=y_cl.dtype, device=y_cl.device)
+    times = {cfg: time_ms(lambda: cl_to_nc_fwd(y_cl, a["residual"], y_nc, config=cfg), DEVICE, quick=True)
+             for cfg in TRANSPOSE_CONFIGS}
+    return {f"{bp}x{bc}w{w}": round(ms, 4) for (bp, bc, w), ms in times.items()}
+
+
 def variants(a, config):
     x, w, b, res, cache = a["x"], a["weight"], a["bias"], a["residual"], a["cache"]
     kw = norm_kw(a)
@@ -290,6 +308,8 @@ def variants(a, config):
     y_cl = F.conv3d(act, wcl, b, padding=(0, 1, 1))
     y_nc = torch.empty(res.shape, dtype=res.dtype, device=res.device)
     kw_rescl = dict(kw, residual=res_cl)
+    zq_mod = {k: a[k] for k in ("zq", "scale_weight", "scale_bias", "shift_weight", "shift_bias")}
+    zq_index = spatial_norm_index(a["zq"].shape[2:], x.shape[2:], device=x.device)
     return {
         "a_fused": lambda: vae_conv3d(x, w, b, backend=BACKEND, **kw),
         "b_cudnn_op": lambda: vae_conv3d(x, w, b, backend="cudnn", **kw),  # the shipped backend, its default config
@@ -302,9 +322,14 @@ def variants(a, config):
         "cudnn_cat_nc": lambda: F.conv3d(torch.cat((cache, x), dim=2), w, b, padding=(0, 1, 1)),
         "part_stats": lambda: vae_group_norm_coef(x, GROUPS, a["norm_weight"], a["norm_bias"], 1e-6),
         "part_act": lambda: act_cl_fwd(x, coef, silu=True, kt=3, cache=cache, config=config),
-        "part_add_to_nc": lambda: torch.add(y_cl, res, out=y_nc),
-        "part_add_cl": lambda: y_cl.add_(res),
-        "part_add_cl_rescl": lambda: y_cl.add_(res_cl),
+        "part_act_zq": lambda: act_cl_fwd(x, coef, silu=True, kt=3, cache=cache, zq_index=zq_index, **zq_mod),
+        "part_zq_mod": lambda: zq_modulation_fwd(a["zq"], x.dtype, a["scale_weight"], a["scale_bias"],
+                                                 a["shift_weight"], a["shift_bias"]),
+        "part_add_to_nc": lambda: cl_to_nc_fwd(y_cl, res, y_nc),  # the shipped op's step 4 (transpose-add kernel)
+        "part_to_nc": lambda: cl_to_nc_fwd(y_cl, None, y_nc),  # (without a residual)
+        "part_add_to_nc_torch": lambda: torch.add(y_cl, res, out=y_nc),  # the former step 4 (torch, mixed layouts)
+        "part_add_cl": lambda: y_cl.add_(res),  # b_route_cl's add (torch, in place on y channels-last)
+        "part_add_cl_rescl": lambda: y_cl.add_(res_cl),  # the same add in one layout (the floor)
     }
 
 
@@ -387,7 +412,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="30 ms of repetitions per timing instead of 100")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of the route")
     ap.add_argument("--smoke", action="store_true", help="CPU run at a small shape (needs TRITON_INTERPRET=1)")
-    ap.add_argument("--offline", action="store_true", help="compile the activation pass for sm_90a (no GPU) and exit")
+    ap.add_argument("--offline", action="store_true",
+                    help="compile the shipped kernels (activation pass, zq modulation, transpose-add) for sm_90a "
+                         "(no GPU), print their ptxas lines, and exit")
     ap.add_argument("--decode", action="store_true",
                     help="also time apply(vae)'s 49x480x720 decode with the switch off and on (two bench_vae_decode.py "
                          "processes: the switch is read at import)")
@@ -417,7 +444,7 @@ def main(argv=None):
         DEVICE, BACKEND, shapes, args.no_profile = "cpu", "cpp", SMOKE_SHAPES, True
     if args.skip_convs:
         shapes = []
-    elif not torch.cuda.is_available():
+    elif DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (the CPU check is tests/experiments/test_vae_conv_cudnn_route.py; --smoke runs here)")
         return 2
     env = environment(DEVICE)
@@ -432,9 +459,11 @@ def main(argv=None):
         key = "x".join(map(str, shape))
         coef = vae_group_norm_coef(a["x"], GROUPS, a["norm_weight"], a["norm_bias"], 1e-6)
         config, config_ms = pick_act_config(a, time_ms, coef)
+        transpose_ms = pick_transpose_config(a, time_ms, coef)
         check = check_shape(a, config)
         failed |= not check["ok"]
-        print(json.dumps({"shape": key, "act_config": config, "act_config_ms": config_ms, "check": check}), flush=True)
+        print(json.dumps({"shape": key, "act_config": config, "act_config_ms": config_ms,
+                          "transpose_config_ms": transpose_ms, "check": check}), flush=True)
         y = torch.empty(shape, dtype=a["x"].dtype, device=DEVICE)
         flops = vae_conv3d_flops(a["weight"], y)
         del y
@@ -463,7 +492,8 @@ def main(argv=None):
                 print(json.dumps({"shape": key, "b_route_nc_kernels_ms": prof}), flush=True)
             except Exception as exc:  # the table matters more than the breakdown
                 print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
-        result["shapes"][key] = dict(act_config=list(config), act_config_ms=config_ms, check=check, flops=flops,
+        result["shapes"][key] = dict(act_config=list(config), act_config_ms=config_ms,
+                                     transpose_config_ms=transpose_ms, check=check, flops=flops,
                                      b_route_nc_kernels_ms=prof)
         result["rows"] += rows
         del a, fns

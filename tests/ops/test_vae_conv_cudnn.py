@@ -3,7 +3,9 @@ residual add): the reference's function for every option the C++ path's tests co
 statistics or norm_coef, scale / shift, the spatial norm's zq modulation, SiLU, cache / replicate / zeros, kt 1..5,
 bias, residual, ``out``), float32 and bf16 under the Triton interpreter with NaN-poisoned outputs (conftest.py),
 each tensor argument non-contiguous, torch.compile fullgraph; never picked by ``auto``; on a GPU: equal to the
-CUDA kernel within bf16 noise at 256 channels."""
+CUDA kernel within bf16 noise at 256 channels. The route's own kernels: the zq modulation formed at zq's resolution
+and gathered equals the former per-element form bit for bit; the transpose-add equals torch.add exactly for each
+y / residual / out layout; the op with a channels-last conv output (as cuDNN's on a GPU)."""
 import pytest
 import torch
 
@@ -218,6 +220,22 @@ def _act_case(B, C, size, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_zq_modulation_at_zq_resolution(interpret, dtype, bias):
+    """zq_modulation_fwd's scale / shift [B, C, Tz, Hz, Wz] (NaN-poisoned outputs) equal, bit for bit, the
+    former arithmetic at zq's own positions (``base.kernel_modulation`` through the identity index): B 2, C 37
+    (not a multiple of the 32-channel block), Tz * Hz * Wz = 3 * 5 * 9 (not a multiple of the 64 block), Kz 7."""
+    size = (3, 5, 9)
+    mod = zq_case(2, 37, *size, size, Kz=7, dtype=dtype, bias=bias, seed=430)
+    like = torch.empty((2, 37, *size), dtype=dtype)
+    want = base.kernel_modulation(like, zq_index=spatial_norm_index(size, size), **mod)
+    got = cudnn_route.zq_modulation_fwd(mod["zq"], dtype, mod["scale_weight"], mod.get("scale_bias"),
+                                        mod["shift_weight"], mod.get("shift_bias"))
+    assert all(g.is_contiguous() and g.dtype == dtype for g in got)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(base.ZQ_SIZES)))
 def test_act_pass_zq_equals_per_element_form(interpret, case, dtype):
     """The pass with zq (scale / shift formed once at zq's resolution, then gathered through zq_index) equals,
@@ -281,8 +299,8 @@ def test_cl_to_nc_equals_torch(interpret, monkeypatch, dtype, shape, residual):
     """cl_to_nc_fwd(y, residual, out) holds exactly torch.add(y, residual) (or y) in every y layout, residual
     (none / contiguous / a non-dense-plane view, copied first) and out (none: a new contiguous tensor; dense
     planes with frame / channel strides not the default; stepped columns: torch's fallback); out is returned
-    and nothing outside it written; the kernel runs where y's pixels have one stride and out's planes are dense. C not a multiple of the 64-channel block, H * W not of the 64-pixel block,
-    T = 1, B = 2, H = 1."""
+    and nothing outside it written; the kernel runs where y's pixels have one stride and out's planes are
+    dense. C not a multiple of the 64-channel block, H * W not of the 64-pixel block, T = 1, B = 2, H = 1."""
     g = torch.Generator().manual_seed(sum(shape))
     y = (torch.randn(*shape, generator=g) * 3).to(dtype)
     res = {"none": None, "dense": torch.randn(*shape, generator=g).to(dtype)}.get(residual)
