@@ -36,9 +36,9 @@ def test_cudnn_matches_reference(interpret, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(base.ZQ_CPP_CASES)))
 def test_cudnn_modulation_from_zq_matches_reference(interpret, case, dtype):
-    """The spatial norm's modulation computed per element from zq (odd T split index, non-integer ratios, Kz 3-16,
-    with / without biases): within budget of the reference, and (float32) equal within accumulation noise to the
-    op given scale / shift formed first."""
+    """The spatial norm's modulation from zq (formed at zq's resolution, gathered; odd T split index, non-integer
+    ratios, Kz 3-16, with / without biases): within budget of the reference, and (float32) equal within
+    accumulation noise to the op given scale / shift formed first."""
     B, C, Co, size, zq_size, Kz, opts = base.ZQ_CPP_CASES[case]
     x, w, b, kw = make_case(B, C, Co, *size, dtype=dtype, seed=90 + case, **opts)
     mod = zq_case(B, C, *size, zq_size, Kz=Kz, dtype=dtype, bias=case != 2, seed=95 + case)
