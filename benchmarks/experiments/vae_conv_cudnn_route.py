@@ -10,9 +10,9 @@ The route (``route``) computes the fused op's function (``vae_conv3d``: GroupNor
    zeros) channels-last: memory [B, T+kt-1, H, W, C] = a channels_last_3d [B, C, T+kt-1, H, W] tensor; it also
    writes the new cache (the last kt-1 padded frames, NCDHW, like the fused op);
 3. ``F.conv3d(act_cl, weight_cl, bias, padding=(0, kh//2, kw//2))`` (cuDNN in channels_last_3d on a GPU);
-4. the residual add, leaving y channels-last (``out_layout="cl"``, an in-place add on the conv output) or
-   writing contiguous NCDHW (``"nc"``: one add that reads y channels-last and writes NCDHW, as today's
-   consumers read it).
+4. the residual add, leaving y channels-last (``out_layout="cl"``, torch's in-place add on the conv output) or
+   writing contiguous NCDHW (``"nc"``: the shipped transpose-add kernel ``cl_to_nc_fwd``, one pass that reads
+   y channels-last and the residual NCDHW and writes NCDHW, as today's consumers read it).
 
 GPU benchmark (<= 2 min on an H200; bf16, GroupNorm 32 + SiLU, 2 cache frames, residual, bias), at
 [1,128,6,480,720], [1,256,6,240,360], [1,512,6,60,90], in one process, times (``bench.common.time_ms``):
@@ -21,7 +21,12 @@ GPU benchmark (<= 2 min on an H200; bf16, GroupNorm 32 + SiLU, 2 cache frames, r
      fastest block config) / left channels-last
      (``b_route_cl_rescl``: also the residual already channels-last, the best case of an all-channels-last chain);
  (c) ``c_cudnn_conv``: cuDNN's conv alone on a ready channels-last padded input (the floor of (b));
-plus the route's parts (statistics, activation pass with the fastest of a few block configs, the adds),
+plus the route's parts (statistics; the activation pass with the fastest of a few block configs, ``part_act``,
+and with the zq modulation, ``part_act_zq``, of which ``part_zq_mod`` forms scale / shift at zq's resolution;
+step 4: ``part_add_to_nc`` / ``part_to_nc`` the transpose-add kernel with / without the residual,
+``part_add_to_nc_torch`` the former torch conversion ``torch.add(y_cl, residual_nc, out=y_nc)`` for comparison,
+``part_add_cl`` b_route_cl's torch add, ``part_add_cl_rescl`` the same add in one layout, the floor), the
+transpose-add kernel's ms per block config (``transpose_config_ms``, TRANSPOSE_CONFIGS),
 cuDNN on torch.cat'ed NCDHW input (``cudnn_cat_nc``, the bench_vae_conv row, to tie this run to a12da88's),
 and (b)/(c) again with ``torch.backends.cudnn.benchmark = True``. Before timing, (a), (b_nc) and (b_cl) are
 checked against ``vae_conv3d(..., backend="reference")`` in float32 (TF32 off) with NaN-poisoned
@@ -30,7 +35,8 @@ speedup over (a)), per-kernel profiler times of (b), and an estimate of what the
 81x768x1360 decode (ResNet convs of the 5B decoder by level, each at the measured rate of the shape with its
 input channels), and writes JSON to --out.
 
-The activation pass, ``act_cl_fwd`` and the channels-last weight are the shipped ones
+The activation pass ``act_cl_fwd`` (with ``zq_modulation_fwd``), the transpose-add ``cl_to_nc_fwd`` and the
+channels-last weight are the shipped ones
 (cogvideox_kernels/ops/vae_conv/cudnn_route.py, ``vae_conv3d``'s backend "cudnn"); rows ``b_cudnn_op`` (the op as
 shipped, its default block config) and ``b_cudnn_op_zq`` / ``a_fused_zq`` (the decoder's form: the spatial norm's
 modulation from a 16-channel zq) time it. ``--decode`` then times ``apply(vae)``'s decode with
@@ -39,6 +45,7 @@ benchmarks/bench_vae_decode.py once each (``--decode-large``: also 81x768x1360).
 
     PYTHONPATH=$PWD python3 benchmarks/experiments/vae_conv_cudnn_route.py --out $OUT [--decode [--decode-large]]
     python benchmarks/experiments/vae_conv_cudnn_route.py --offline   # sm_90a compile + ptxas, no GPU
+    TRITON_INTERPRET=1 PYTHONPATH=<package with the C++ extension> python3 .../vae_conv_cudnn_route.py --smoke
 """
 from __future__ import annotations
 
@@ -55,17 +62,20 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, vae_conv3d, vae_conv3d_flops,
-                                            vae_group_norm_coef)
+from cogvideox_kernels.ops.vae_conv import (check_vae_conv_inputs, spatial_norm_index, vae_conv3d,
+                                            vae_conv3d_flops, vae_group_norm_coef)
 from cogvideox_kernels.ops.vae_conv import cudnn_route
-from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _vae_act_cl_fwd_kernel, act_cl_fwd,
-                                                        channels_last_weight)
+from cogvideox_kernels.ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, _cl_to_nc_fwd_kernel,
+                                                        _vae_act_cl_fwd_kernel, _zq_modulation_fwd_kernel, act_cl_fwd,
+                                                        channels_last_weight, cl_to_nc_fwd, zq_modulation_fwd)
 
 SHAPES = [(1, 128, 6, 480, 720), (1, 256, 6, 240, 360), (1, 512, 6, 60, 90)]
 SMOKE_SHAPES = [(1, 64, 3, 8, 12)]  # --smoke: CPU (TRITON_INTERPRET=1, the C++ path as (a)): checks the script runs
 DEVICE, BACKEND = "cuda", "cuda"
 GROUPS = 32
 ACT_CONFIGS = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8)]  # (BLOCK_P, BLOCK_C, warps)
+TRANSPOSE_CONFIGS = [(64, 64, 4), (128, 64, 4), (64, 128, 8), (128, 128, 8), (32, 64, 4)]  # cl_to_nc_fwd's
+ZQ_MOD_CONFIGS = [(64, 32, 4), (128, 32, 4), (64, 64, 4)]  # zq_modulation_fwd's
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -100,38 +110,73 @@ def route(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=Non
     return (y if residual is None else y.add_(residual)), new_cache
 
 
-def compile_offline(config, has_cache=True, dtype="bf16", zq=False):
-    """The shipped activation pass (cudnn_route._vae_act_cl_fwd_kernel) compiled for sm_90a without a GPU (Triton
-    -> PTX -> ptxas): catches compile errors here; returns ptxas's register / spill line. ``zq``: with the spatial
-    norm's modulation from zq (16 channels, both biases)."""
+def _compile_sm90a(fn, sig, constexprs, aligned, warps):
+    """``fn`` compiled for sm_90a without a GPU (Triton -> PTX -> ptxas): (ptxas's register / spill line, the PTX).
+    ``sig``: argument types by name; ``constexprs``: values by name (also the integer arguments the JIT would
+    specialize, e.g. a stride of 1); ``aligned``: the arguments marked divisible by 16, as the JIT specializes
+    them at the benchmark's shapes."""
     import tempfile
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    bp, bc, warps = config
-    ptr = f"*{dtype}"
-    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "scale_ptr": ptr, "shift_ptr": ptr, "zq_ptr": ptr,
-           "idx_ptr": "*i32", "sw_ptr": ptr, "sb_ptr": ptr, "hw_ptr": ptr, "hb_ptr": ptr, "act_ptr": ptr,
-           "new_cache_ptr": ptr, "C": "i32", "T": "i32", "H": "i32", "W": "i32", "sxb": "i64", "sxc": "i32",
-           "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32", "ssb": "i32", "ssc": "i32", "sst": "i32",
-           "sfb": "i32", "sfc": "i32", "sft": "i32", "KZ": "i32", "szb": "i32", "szk": "i32", "szt": "i32",
-           "szh": "i32"}
-    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, MOD=2 if zq else 0, HAS_SB=zq,
-                      HAS_HB=zq, SILU=True, BLOCK_P=bp, BLOCK_C=bc, INTERPRET=False)
     names = list(sig)
-    # pointers and the x / cache strides divisible by 16, as the JIT specializes them at the benchmark's shapes
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("C", "sxb", "sxc", "sxt", "scb", "scc", "sct")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    sig.update({k: "constexpr" for k in constexprs})
-    k = triton.compile(ASTSource(fn=_vae_act_cl_fwd_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+    sig = dict(sig, **{k: "constexpr" for k in constexprs})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "k.ptx"), "w") as f:
             f.write(k.asm["ptx"])
         run = subprocess.run(["ptxas", "-v", "--gpu-name", "sm_90a", os.path.join(tmp, "k.ptx"), "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    return " ".join(line.split("ptxas info    : ")[-1] for line in run.stderr.splitlines() if "registers" in line)
+    line = " ".join(ln.split("ptxas info    : ")[-1] for ln in run.stderr.splitlines() if "registers" in ln)
+    return line, k.asm["ptx"]
+
+
+def ptx_memory_ops(ptx):
+    """Counts of the PTX's shared-memory and vector global loads / stores (where a layout change goes through
+    shared memory, and how wide the global accesses are)."""
+    keys = ("st.shared", "ld.shared", "ldmatrix", "stmatrix", "ld.global.v4", "ld.global.v2", "st.global.v4",
+            "st.global.v2", "local")
+    return {k: ptx.count(k) for k in keys}
+
+
+def compile_offline(config, has_cache=True, dtype="bf16", zq=False):
+    """The shipped activation pass (cudnn_route._vae_act_cl_fwd_kernel) for sm_90a: ptxas's register / spill line.
+    ``zq``: the spatial norm's modulation from zq (scale / shift at zq's resolution, gathered through zq_index)."""
+    ptr = f"*{dtype}"
+    sig = {"x_ptr": ptr, "cache_ptr": ptr, "coef_ptr": "*fp32", "scale_ptr": ptr, "shift_ptr": ptr, "idx_ptr": "*i32",
+           "act_ptr": ptr, "new_cache_ptr": ptr, "C": "i32", "T": "i32", "H": "i32", "W": "i32", "sxb": "i64",
+           "sxc": "i32", "sxt": "i32", "scb": "i32", "scc": "i32", "sct": "i32", "ssb": "i32", "ssc": "i32",
+           "sst": "i32", "sfb": "i32", "sfc": "i32", "sft": "i32", "WZ": "i32"}
+    constexprs = dict(NF=2, HAS_CACHE=has_cache, ZERO_FRONT=False, HAS_COEF=True, MOD=2 if zq else 0, SILU=True,
+                      BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n in ("C", "sxb", "sxc", "sxt", "scb", "scc", "sct")]
+    return _compile_sm90a(_vae_act_cl_fwd_kernel, sig, constexprs, aligned, config[2])[0]
+
+
+def compile_zq_mod_offline(config, dtype="bf16"):
+    """cudnn_route._zq_modulation_fwd_kernel (16 zq channels' sums, both biases) for sm_90a: ptxas's line."""
+    ptr = f"*{dtype}"
+    sig = {"zq_ptr": ptr, "sw_ptr": ptr, "sb_ptr": ptr, "hw_ptr": ptr, "hb_ptr": ptr, "scale_ptr": ptr,
+           "shift_ptr": ptr, "C": "i32", "P": "i32", "KZ": "i32", "szb": "i32", "szk": "i32"}
+    constexprs = dict(HAS_SB=True, HAS_HB=True, BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n in ("C", "KZ", "szb")]
+    return _compile_sm90a(_zq_modulation_fwd_kernel, sig, constexprs, aligned, config[2])[0]
+
+
+def compile_transpose_offline(config, has_res=True, dtype="bf16"):
+    """cudnn_route._cl_to_nc_fwd_kernel (channels_last_3d y: channel stride 1, which the JIT specializes) for
+    sm_90a: (ptxas's line, ``ptx_memory_ops``)."""
+    ptr = f"*{dtype}"
+    sig = {"y_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "C": "i32", "T": "i32", "HW": "i32", "syb": "i32",
+           "syc": "i32", "syt": "i32", "syp": "i32", "srb": "i32", "src": "i32", "srt": "i32", "sob": "i32",
+           "soc": "i32", "sot": "i32"}
+    constexprs = dict(syc=1, HAS_RES=has_res, BLOCK_P=config[0], BLOCK_C=config[1], INTERPRET=False)
+    aligned = [n for n in sig if n.endswith("_ptr") or n not in ("T", "syc")]
+    line, ptx = _compile_sm90a(_cl_to_nc_fwd_kernel, sig, constexprs, aligned, config[2])
+    return line, ptx_memory_ops(ptx)
 
 
 # ------------------------------------------------------------------------------------------------ GPU benchmark
@@ -242,6 +287,17 @@ def pick_act_config(a, time_ms, coef):
     return best, {f"{bp}x{bc}w{w}": round(ms, 4) for (bp, bc, w), ms in times.items()}
 
 
+def pick_transpose_config(a, time_ms, coef):
+    """ms of the transpose-add kernel (cl_to_nc_fwd: the conv's channels-last output + the residual into NCDHW)
+    per block config of TRANSPOSE_CONFIGS, on this shape's conv output."""
+    act, _ = act_cl_fwd(a["x"], coef, silu=True, kt=3, cache=a["cache"])
+    y_cl = F.conv3d(act, channels_last_weight(a["weight"]), a["bias"], padding=(0, 1, 1))
+    y_nc = torch.empty(a["residual"].shape, dtype=y_cl.dtype, device=y_cl.device)
+    times = {cfg: time_ms(lambda: cl_to_nc_fwd(y_cl, a["residual"], y_nc, config=cfg), DEVICE, quick=True)
+             for cfg in TRANSPOSE_CONFIGS}
+    return {f"{bp}x{bc}w{w}": round(ms, 4) for (bp, bc, w), ms in times.items()}
+
+
 def variants(a, config):
     x, w, b, res, cache = a["x"], a["weight"], a["bias"], a["residual"], a["cache"]
     kw = norm_kw(a)
@@ -252,6 +308,8 @@ def variants(a, config):
     y_cl = F.conv3d(act, wcl, b, padding=(0, 1, 1))
     y_nc = torch.empty(res.shape, dtype=res.dtype, device=res.device)
     kw_rescl = dict(kw, residual=res_cl)
+    zq_mod = {k: a[k] for k in ("zq", "scale_weight", "scale_bias", "shift_weight", "shift_bias")}
+    zq_index = spatial_norm_index(a["zq"].shape[2:], x.shape[2:], device=x.device)
     return {
         "a_fused": lambda: vae_conv3d(x, w, b, backend=BACKEND, **kw),
         "b_cudnn_op": lambda: vae_conv3d(x, w, b, backend="cudnn", **kw),  # the shipped backend, its default config
@@ -264,9 +322,14 @@ def variants(a, config):
         "cudnn_cat_nc": lambda: F.conv3d(torch.cat((cache, x), dim=2), w, b, padding=(0, 1, 1)),
         "part_stats": lambda: vae_group_norm_coef(x, GROUPS, a["norm_weight"], a["norm_bias"], 1e-6),
         "part_act": lambda: act_cl_fwd(x, coef, silu=True, kt=3, cache=cache, config=config),
-        "part_add_to_nc": lambda: torch.add(y_cl, res, out=y_nc),
-        "part_add_cl": lambda: y_cl.add_(res),
-        "part_add_cl_rescl": lambda: y_cl.add_(res_cl),
+        "part_act_zq": lambda: act_cl_fwd(x, coef, silu=True, kt=3, cache=cache, zq_index=zq_index, **zq_mod),
+        "part_zq_mod": lambda: zq_modulation_fwd(a["zq"], x.dtype, a["scale_weight"], a["scale_bias"],
+                                                 a["shift_weight"], a["shift_bias"]),
+        "part_add_to_nc": lambda: cl_to_nc_fwd(y_cl, res, y_nc),  # the shipped op's step 4 (transpose-add kernel)
+        "part_to_nc": lambda: cl_to_nc_fwd(y_cl, None, y_nc),  # (without a residual)
+        "part_add_to_nc_torch": lambda: torch.add(y_cl, res, out=y_nc),  # the former step 4 (torch, mixed layouts)
+        "part_add_cl": lambda: y_cl.add_(res),  # b_route_cl's add (torch, in place on y channels-last)
+        "part_add_cl_rescl": lambda: y_cl.add_(res_cl),  # the same add in one layout (the floor)
     }
 
 
@@ -349,7 +412,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="30 ms of repetitions per timing instead of 100")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of the route")
     ap.add_argument("--smoke", action="store_true", help="CPU run at a small shape (needs TRITON_INTERPRET=1)")
-    ap.add_argument("--offline", action="store_true", help="compile the activation pass for sm_90a (no GPU) and exit")
+    ap.add_argument("--offline", action="store_true",
+                    help="compile the shipped kernels (activation pass, zq modulation, transpose-add) for sm_90a "
+                         "(no GPU), print their ptxas lines, and exit")
     ap.add_argument("--decode", action="store_true",
                     help="also time apply(vae)'s 49x480x720 decode with the switch off and on (two bench_vae_decode.py "
                          "processes: the switch is read at import)")
@@ -362,8 +427,14 @@ def main(argv=None):
         for cfg in ACT_CONFIGS:
             for has_cache in (True, False):
                 for zq in (False, True):
-                    print(cfg, "cache" if has_cache else "no cache", "zq" if zq else "", compile_offline(cfg, has_cache, zq=zq),
-                          flush=True)
+                    print("act", cfg, "cache" if has_cache else "no cache", "zq" if zq else "",
+                          compile_offline(cfg, has_cache, zq=zq), flush=True)
+        for cfg in ZQ_MOD_CONFIGS:
+            print("zq_mod", cfg, compile_zq_mod_offline(cfg), flush=True)
+        for cfg in TRANSPOSE_CONFIGS:
+            for has_res in (True, False):
+                line, ops = compile_transpose_offline(cfg, has_res)
+                print("cl_to_nc", cfg, "residual" if has_res else "no residual", line, json.dumps(ops), flush=True)
         return 0
     from cogvideox_kernels.bench.common import environment, peak_memory_gib, time_ms
 
@@ -373,7 +444,7 @@ def main(argv=None):
         DEVICE, BACKEND, shapes, args.no_profile = "cpu", "cpp", SMOKE_SHAPES, True
     if args.skip_convs:
         shapes = []
-    elif not torch.cuda.is_available():
+    elif DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (the CPU check is tests/experiments/test_vae_conv_cudnn_route.py; --smoke runs here)")
         return 2
     env = environment(DEVICE)
@@ -388,9 +459,11 @@ def main(argv=None):
         key = "x".join(map(str, shape))
         coef = vae_group_norm_coef(a["x"], GROUPS, a["norm_weight"], a["norm_bias"], 1e-6)
         config, config_ms = pick_act_config(a, time_ms, coef)
+        transpose_ms = pick_transpose_config(a, time_ms, coef)
         check = check_shape(a, config)
         failed |= not check["ok"]
-        print(json.dumps({"shape": key, "act_config": config, "act_config_ms": config_ms, "check": check}), flush=True)
+        print(json.dumps({"shape": key, "act_config": config, "act_config_ms": config_ms,
+                          "transpose_config_ms": transpose_ms, "check": check}), flush=True)
         y = torch.empty(shape, dtype=a["x"].dtype, device=DEVICE)
         flops = vae_conv3d_flops(a["weight"], y)
         del y
@@ -419,7 +492,8 @@ def main(argv=None):
                 print(json.dumps({"shape": key, "b_route_nc_kernels_ms": prof}), flush=True)
             except Exception as exc:  # the table matters more than the breakdown
                 print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
-        result["shapes"][key] = dict(act_config=list(config), act_config_ms=config_ms, check=check, flops=flops,
+        result["shapes"][key] = dict(act_config=list(config), act_config_ms=config_ms,
+                                     transpose_config_ms=transpose_ms, check=check, flops=flops,
                                      b_route_nc_kernels_ms=prof)
         result["rows"] += rows
         del a, fns

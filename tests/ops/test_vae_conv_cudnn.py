@@ -3,7 +3,9 @@ residual add): the reference's function for every option the C++ path's tests co
 statistics or norm_coef, scale / shift, the spatial norm's zq modulation, SiLU, cache / replicate / zeros, kt 1..5,
 bias, residual, ``out``), float32 and bf16 under the Triton interpreter with NaN-poisoned outputs (conftest.py),
 each tensor argument non-contiguous, torch.compile fullgraph; never picked by ``auto``; on a GPU: equal to the
-CUDA kernel within bf16 noise at 256 channels."""
+CUDA kernel within bf16 noise at 256 channels. The route's own kernels: the zq modulation formed at zq's resolution
+and gathered equals the former per-element form bit for bit; the transpose-add equals torch.add exactly for each
+y / residual / out layout; the op with a channels-last conv output (as cuDNN's on a GPU)."""
 import pytest
 import torch
 
@@ -34,9 +36,9 @@ def test_cudnn_matches_reference(interpret, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(base.ZQ_CPP_CASES)))
 def test_cudnn_modulation_from_zq_matches_reference(interpret, case, dtype):
-    """The spatial norm's modulation computed per element from zq (odd T split index, non-integer ratios, Kz 3-16,
-    with / without biases): within budget of the reference, and (float32) equal within accumulation noise to the
-    op given scale / shift formed first."""
+    """The spatial norm's modulation from zq (formed at zq's resolution, gathered; odd T split index, non-integer
+    ratios, Kz 3-16, with / without biases): within budget of the reference, and (float32) equal within
+    accumulation noise to the op given scale / shift formed first."""
     B, C, Co, size, zq_size, Kz, opts = base.ZQ_CPP_CASES[case]
     x, w, b, kw = make_case(B, C, Co, *size, dtype=dtype, seed=90 + case, **opts)
     mod = zq_case(B, C, *size, zq_size, Kz=Kz, dtype=dtype, bias=case != 2, seed=95 + case)
@@ -206,3 +208,135 @@ def test_cudnn_matches_cuda_at_256_channels(spatial):
     y_cuda, c_cuda = check(x, w, b, kw, "cuda", **mod)
     y, c = check(x, w, b, kw, "cudnn", **mod)
     assert rel_err(y, y_cuda) < 5e-3 and rel_err(c, c_cuda) < 5e-3
+
+
+# ------------------------------------------------------------------------ the zq modulation at zq's resolution
+def _act_case(B, C, size, dtype, seed):
+    """x [B, C, *size] and float32 GroupNorm-like coefficients [B, C, 2] (fresh, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, C, *size, generator=g) * 1.5 + 0.3).to(dtype)
+    coef = torch.stack((torch.rand(B, C, generator=g) + 0.5, torch.randn(B, C, generator=g) * 0.3), dim=-1)
+    return x, coef
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_zq_modulation_at_zq_resolution(interpret, dtype, bias):
+    """zq_modulation_fwd's scale / shift [B, C, Tz, Hz, Wz] (NaN-poisoned outputs) equal, bit for bit, the
+    former arithmetic at zq's own positions (``base.kernel_modulation`` through the identity index): B 2, C 37
+    (not a multiple of the 32-channel block), Tz * Hz * Wz = 3 * 5 * 9 (not a multiple of the 64 block), Kz 7."""
+    size = (3, 5, 9)
+    mod = zq_case(2, 37, *size, size, Kz=7, dtype=dtype, bias=bias, seed=430)
+    like = torch.empty((2, 37, *size), dtype=dtype)
+    want = base.kernel_modulation(like, zq_index=spatial_norm_index(size, size), **mod)
+    got = cudnn_route.zq_modulation_fwd(mod["zq"], dtype, mod["scale_weight"], mod.get("scale_bias"),
+                                        mod["shift_weight"], mod.get("shift_bias"))
+    assert all(g.is_contiguous() and g.dtype == dtype for g in got)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", range(len(base.ZQ_SIZES)))
+def test_act_pass_zq_equals_per_element_form(interpret, case, dtype):
+    """The pass with zq (scale / shift formed once at zq's resolution, then gathered through zq_index) equals,
+    bit for bit, the pass given full-size scale / shift formed per element by the former arithmetic
+    (``base.kernel_modulation``: float32 sums over zq's channels in order, bias last, rounded to x's dtype; the
+    interpreter's float32 mul + add are torch's): B 2, C 70 (not a multiple of the 64-channel block), odd
+    H * W, T 1..5 (odd T: the split index), Kz 5, with / without biases, cache / replicate / zeros fronts."""
+    size, zq_size = base.ZQ_SIZES[case]
+    B, C = 2, 70
+    x, coef = _act_case(B, C, size, dtype, seed=400 + case)
+    mod = zq_case(B, C, *size, zq_size, Kz=5, dtype=dtype, bias=case % 2 == 0, seed=410 + case)
+    mod["zq_index"] = spatial_norm_index(zq_size, size)
+    scale, shift = base.kernel_modulation(x, **mod)  # the former per-element arithmetic, as the reference
+    cache = torch.randn(B, C, 2, *size[1:], generator=torch.Generator().manual_seed(420 + case)).to(dtype)
+    for front in (dict(cache=cache), dict(pad_mode="replicate"), dict(pad_mode="zeros")):
+        act, new_cache = cudnn_route.act_cl_fwd(x, coef, silu=True, kt=3, **front, **mod)
+        want, want_cache = cudnn_route.act_cl_fwd(x, coef, silu=True, kt=3, scale=scale, shift=shift, **front)
+        assert torch.equal(act, want) and torch.equal(new_cache, want_cache), front.keys()
+
+
+# ------------------------------------------------------------------------ the transpose(-add) kernel
+def _y_views(y):
+    """y's values in the layouts the kernel takes: channels_last_3d (the GPU conv's output), contiguous NCDHW (the
+    CPU conv's), frames of a longer channels-last clip (batch / frame strides not the default); and one it leaves
+    to torch (H and W transposed in memory: no single pixel stride)."""
+    B, C, T, H, W = y.shape
+    longer = torch.full((B, C, T + 2, H, W), float("nan"), dtype=y.dtype).contiguous(
+        memory_format=torch.channels_last_3d)
+    longer[:, :, 1:T + 1] = y
+    return {"cl": y.contiguous(memory_format=torch.channels_last_3d), "nc": y.contiguous(),
+            "cl_frames": longer[:, :, 1:T + 1], "hw_transposed": y.transpose(3, 4).contiguous().transpose(3, 4)}
+
+
+def _out_views(shape, dtype):
+    """(out, the container it lies in): None; frames 1.. of a longer NaN tensor (dense planes, frame / batch
+    strides not the default); every other channel of a NaN tensor (channel stride 2x); columns stepped by 2
+    (planes not dense: torch writes it)."""
+    B, C, T, H, W = shape
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
+    frames, channels, stepped = nan(B, C, T + 3, H, W), nan(B, 2 * C, T, H, W), nan(B, C, T, H, 2 * W)
+    return {"none": (None, None), "frames": (frames[:, :, 1:T + 1], frames),
+            "channels": (channels[:, ::2], channels), "stepped": (stepped[..., ::2], stepped)}
+
+
+class _CountingLaunches:
+    """A Triton kernel that counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 70, 3, 5, 7), (2, 33, 1, 9, 11), (1, 5, 2, 1, 3)],
+                         ids=["C70_T3", "C33_T1", "C5_H1"])
+@pytest.mark.parametrize("residual", ["none", "dense", "transposed"])
+def test_cl_to_nc_equals_torch(interpret, monkeypatch, dtype, shape, residual):
+    """cl_to_nc_fwd(y, residual, out) holds exactly torch.add(y, residual) (or y) in every y layout, residual
+    (none / contiguous / a non-dense-plane view, copied first) and out (none: a new contiguous tensor; dense
+    planes with frame / channel strides not the default; stepped columns: torch's fallback); out is returned
+    and nothing outside it written; the kernel runs where y's pixels have one stride and out's planes are
+    dense. C not a multiple of the 64-channel block, H * W not of the 64-pixel block, T = 1, B = 2, H = 1."""
+    g = torch.Generator().manual_seed(sum(shape))
+    y = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    res = {"none": None, "dense": torch.randn(*shape, generator=g).to(dtype)}.get(residual)
+    if residual == "transposed":
+        res = torch.randn(*shape, generator=g).to(dtype).transpose(3, 4).contiguous().transpose(3, 4)
+    want = y if res is None else torch.add(y, res)
+    kernel = _CountingLaunches(cudnn_route._cl_to_nc_fwd_kernel)
+    monkeypatch.setattr(cudnn_route, "_cl_to_nc_fwd_kernel", kernel)
+    for y_kind, yv in _y_views(y).items():
+        for out_kind, (out, container) in _out_views(shape, dtype).items():
+            launches = kernel.launches
+            got = cudnn_route.cl_to_nc_fwd(yv, res, out)
+            assert torch.equal(got, want), (y_kind, out_kind)
+            flat = y_kind != "hw_transposed" or shape[3] == 1  # (one row: H x W planes are flat however laid)
+            assert kernel.launches == launches + (flat and out_kind != "stepped"), (y_kind, out_kind)
+            if out is None:
+                assert got.is_contiguous()
+            else:
+                assert got is out
+                assert container.isnan().sum() == container.numel() - out.numel(), (y_kind, out_kind)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cudnn_op_with_channels_last_conv_output(interpret, monkeypatch, dtype, residual):
+    """The op as on a GPU, where cuDNN's conv output is channels_last_3d (the CPU conv returns NCDHW; here made
+    channels-last): y, ``out`` with dense planes and non-default strides, ``out`` with stepped columns, all
+    within budget of the float64 reference and equal to each other."""
+    real_conv = cudnn_route.F.conv3d
+    conv_cl = lambda *a, **k: real_conv(*a, **k).contiguous(memory_format=torch.channels_last_3d)  # noqa: E731
+    monkeypatch.setattr(cudnn_route.F, "conv3d", conv_cl)
+    x, w, b, kw = make_case(2, 12, 70, 3, 5, 7, dtype=dtype, groups=4, cache=True, residual=residual, seed=500)
+    y, _ = check(x, w, b, kw, "cudnn")
+    assert y.is_contiguous()
+    for kind, (out, container) in _out_views(y.shape, dtype).items():
+        if out is not None:
+            got, _ = vae_conv3d(x, w, b, backend="cudnn", out=out, **kw)
+            assert got is out and torch.equal(out, y), kind
+            assert container.isnan().sum() == container.numel() - out.numel(), kind

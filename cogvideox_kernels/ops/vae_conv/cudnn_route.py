@@ -36,9 +36,8 @@ from .reference import spatial_norm_index
 
 CUDNN_CHANNELS_ENV = "COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS"
 ACT_CONFIG = (64, 64, 4)  # (BLOCK_P pixels, BLOCK_C channels, warps) of the activation pass
-# with the zq modulation (two more accumulator tiles): 8 warps, 176 registers, no spills (ptxas, sm_90a; 4 warps
-# need 255 registers and spill)
-ACT_CONFIG_ZQ = (64, 64, 8)
+ZQ_MOD_CONFIG = (64, 32, 4)  # (BLOCK_P zq positions, BLOCK_C channels, warps) of zq_modulation_fwd
+TRANSPOSE_CONFIG = (64, 64, 4)  # (BLOCK_P pixels, BLOCK_C channels, warps) of cl_to_nc_fwd
 _MOD_NONE, _MOD_TENSORS, _MOD_ZQ = 0, 1, 2
 
 
@@ -72,10 +71,60 @@ def cudnn_channels_from_env() -> tuple:
 
 
 @triton.jit
-def _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, zq_ptr, idx_ptr, sw_ptr, sb_ptr, hw_ptr, hb_ptr,
-               b, c, p, mask, t, C, T, H, W, sxb, sxc, sxt, ssb, ssc, sst, sfb, sfc, sft, KZ, szb, szk, szt, szh,
-               HAS_COEF: tl.constexpr, MOD: tl.constexpr, HAS_SB: tl.constexpr, HAS_HB: tl.constexpr,
-               SILU: tl.constexpr, INTERPRET: tl.constexpr):
+def _zq_modulation_fwd_kernel(zq_ptr, sw_ptr, sb_ptr, hw_ptr, hb_ptr, scale_ptr, shift_ptr, C, P, KZ, szb, szk,
+                              HAS_SB: tl.constexpr, HAS_HB: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """One program: BLOCK_C channels x BLOCK_P of the P = Tz * Hz * Wz positions of batch element ``b`` (zq's
+    (t, h, w) dense per channel): scale = round(sum_k sw[c, k] * zq[b, k, pos] + sb[c]), shift likewise (float32
+    sums over k ascending, the bias last, rounded to the outputs' dtype: diffusers' conv outputs); the outputs
+    are contiguous [B, C, P]."""
+    b = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    s = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    f = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for k in range(0, KZ):
+        z = tl.load(zq_ptr + b * szb + k * szk + p, mask=p_ok, other=0.0).to(tl.float32)
+        ws = tl.load(sw_ptr + c * KZ + k, mask=c_ok, other=0.0).to(tl.float32)
+        wh = tl.load(hw_ptr + c * KZ + k, mask=c_ok, other=0.0).to(tl.float32)
+        s += ws[:, None] * z[None, :]
+        f += wh[:, None] * z[None, :]
+    if HAS_SB:
+        s += tl.load(sb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_HB:
+        f += tl.load(hb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    mask = c_ok[:, None] & p_ok[None, :]
+    off = (b * C + c[:, None]) * P + p[None, :]
+    tl.store(scale_ptr + off, store_cast(s, scale_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(shift_ptr + off, store_cast(f, shift_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def zq_modulation_fwd(zq, dtype, scale_weight, scale_bias=None, shift_weight=None, shift_bias=None, config=None):
+    """(scale, shift), each contiguous [B, C, Tz, Hz, Wz] in ``dtype``: the spatial norm's (1,1,1) convs on zq
+    [B, Kz, Tz, Hz, Wz] at zq's own resolution (weights [C, Kz] or [C, Kz, 1, 1, 1], biases [C] or None), with
+    the CUDA kernel's arithmetic: float32 sums over zq's channels in order, the bias last, rounded to ``dtype``.
+    ``config``: (BLOCK_P, BLOCK_C, warps); None: ZQ_MOD_CONFIG."""
+    zq = zq.contiguous()
+    B, kz = zq.shape[:2]
+    C = scale_weight.shape[0]
+    P = zq[0, 0].numel()
+    scale = torch.empty((B, C, *zq.shape[2:]), dtype=dtype, device=zq.device)
+    shift = torch.empty_like(scale)
+    bp, bc, warps = config or ZQ_MOD_CONFIG
+    sb = scale_weight if scale_bias is None else scale_bias.contiguous()  # (the weight: a pointer never read)
+    hb = scale_weight if shift_bias is None else shift_bias.contiguous()
+    _zq_modulation_fwd_kernel[(triton.cdiv(P, bp), triton.cdiv(C, bc), B)](
+        zq, scale_weight.reshape(C, kz).contiguous(), sb, shift_weight.reshape(C, kz).contiguous(), hb, scale, shift,
+        C, P, kz, zq.stride(0), zq.stride(1), HAS_SB=scale_bias is not None, HAS_HB=shift_bias is not None,
+        BLOCK_P=bp, BLOCK_C=bc, INTERPRET=interpret_mode(), num_warps=warps)
+    return scale, shift
+
+
+@triton.jit
+def _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, idx_ptr, b, c, p, mask, t, C, T, H, W, sxb, sxc, sxt,
+               ssb, ssc, sst, sfb, sfc, sft, WZ, HAS_COEF: tl.constexpr, MOD: tl.constexpr, SILU: tl.constexpr):
     """act(x[b, c, t, p]) in float32 (not rounded): v * a + d, then * scale + shift, then SiLU."""
     t64 = t.to(tl.int64)
     v = tl.load(x_ptr + b * sxb + c[:, None] * sxc + t64 * sxt + p[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -84,44 +133,30 @@ def _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, zq_ptr, idx_ptr, sw_ptr, s
         a = tl.load(coef_ptr + (b * C + c) * 2, mask=c_ok, other=0.0)
         d = tl.load(coef_ptr + (b * C + c) * 2 + 1, mask=c_ok, other=0.0)
         v = v * a[:, None] + d[:, None]
-    if MOD == 1:  # scale / shift given as [B, C, T, H, W] tensors (dense H x W planes)
-        s = tl.load(scale_ptr + b * ssb + c[:, None] * ssc + t64 * sst + p[None, :], mask=mask, other=0.0)
-        f = tl.load(shift_ptr + b * sfb + c[:, None] * sfc + t64 * sft + p[None, :], mask=mask, other=0.0)
+    if MOD != 0:
+        if MOD == 1:  # scale / shift given as [B, C, T, H, W] tensors (dense H x W planes)
+            ts, ps = t64, p
+        else:  # MOD == 2: at zq's resolution [B, C, Tz, Hz, Wz] (dense planes, row stride WZ), gathered through
+            # zq_index (int32 [T + H + W]: zq's frame of each frame t, row of each row, column of each column)
+            p_ok = p < H * W
+            ts = tl.load(idx_ptr + t).to(tl.int64)
+            hi = tl.load(idx_ptr + T + p // W, mask=p_ok, other=0).to(tl.int64)
+            wi = tl.load(idx_ptr + T + H + p % W, mask=p_ok, other=0).to(tl.int64)
+            ps = hi * WZ + wi
+        s = tl.load(scale_ptr + b * ssb + c[:, None] * ssc + ts * sst + ps[None, :], mask=mask, other=0.0)
+        f = tl.load(shift_ptr + b * sfb + c[:, None] * sfc + ts * sft + ps[None, :], mask=mask, other=0.0)
         v = v * s.to(tl.float32) + f.to(tl.float32)
-    if MOD == 2:  # from zq: scale = round(sum_k sw[c, k] * zq[b, k, ti, hi, wi] + sb[c]), shift likewise
-        p_ok = p < H * W
-        ti = tl.load(idx_ptr + t).to(tl.int64)
-        hi = tl.load(idx_ptr + T + p // W, mask=p_ok, other=0).to(tl.int64)
-        wi = tl.load(idx_ptr + T + H + p % W, mask=p_ok, other=0).to(tl.int64)
-        z_off = b * szb + ti * szt + hi * szh + wi
-        s = tl.zeros(mask.shape, dtype=tl.float32)
-        f = tl.zeros(mask.shape, dtype=tl.float32)
-        for k in range(0, KZ):
-            z = tl.load(zq_ptr + z_off + k * szk, mask=p_ok, other=0.0).to(tl.float32)
-            ws = tl.load(sw_ptr + c * KZ + k, mask=c_ok, other=0.0).to(tl.float32)
-            wh = tl.load(hw_ptr + c * KZ + k, mask=c_ok, other=0.0).to(tl.float32)
-            s += ws[:, None] * z[None, :]
-            f += wh[:, None] * z[None, :]
-        if HAS_SB:
-            s += tl.load(sb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
-        if HAS_HB:
-            f += tl.load(hb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
-        s = store_cast(s, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # (diffusers' conv outputs: rounded)
-        f = store_cast(f, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-        v = v * s + f
     if SILU:
         v = v / (1.0 + tl.exp(-v))
     return v
 
 
 @triton.jit
-def _vae_act_cl_fwd_kernel(x_ptr, cache_ptr, coef_ptr, scale_ptr, shift_ptr, zq_ptr, idx_ptr, sw_ptr, sb_ptr,
-                           hw_ptr, hb_ptr, act_ptr, new_cache_ptr, C, T, H, W,
-                           sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, sfb, sfc, sft, KZ, szb, szk, szt, szh,
+def _vae_act_cl_fwd_kernel(x_ptr, cache_ptr, coef_ptr, scale_ptr, shift_ptr, idx_ptr, act_ptr, new_cache_ptr,
+                           C, T, H, W, sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, sfb, sfc, sft, WZ,
                            NF: tl.constexpr, HAS_CACHE: tl.constexpr, ZERO_FRONT: tl.constexpr,
-                           HAS_COEF: tl.constexpr, MOD: tl.constexpr, HAS_SB: tl.constexpr, HAS_HB: tl.constexpr,
-                           SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                           INTERPRET: tl.constexpr):
+                           HAS_COEF: tl.constexpr, MOD: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
     """One program: BLOCK_C channels x BLOCK_P pixels of padded frame ``fp`` of batch element ``b``. Padded
     frames 0..NF-1 are the front (cache as given / act(x) frame 0 / zeros), NF.. are act(x) frames 0..T-1.
     Reads along pixels (NCDHW planes, each dense), writes along channels (act: [B, T+NF, H*W, C]); padded
@@ -139,13 +174,11 @@ def _vae_act_cl_fwd_kernel(x_ptr, cache_ptr, coef_ptr, scale_ptr, shift_ptr, zq_
             v = tl.load(cache_ptr + b * scb + c[:, None] * scc + fp.to(tl.int64) * sct + p[None, :], mask=mask,
                         other=0.0).to(tl.float32)
         else:
-            v = _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, zq_ptr, idx_ptr, sw_ptr, sb_ptr, hw_ptr, hb_ptr,
-                           b, c, p, mask, fp - NF, C, T, H, W, sxb, sxc, sxt, ssb, ssc, sst, sfb, sfc, sft,
-                           KZ, szb, szk, szt, szh, HAS_COEF, MOD, HAS_SB, HAS_HB, SILU, INTERPRET)
+            v = _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, idx_ptr, b, c, p, mask, fp - NF, C, T, H, W,
+                           sxb, sxc, sxt, ssb, ssc, sst, sfb, sfc, sft, WZ, HAS_COEF, MOD, SILU)
     else:  # x's frame fp - NF, or frame 0 for a front frame (replicated; zeroed below for ZERO_FRONT)
-        v = _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, zq_ptr, idx_ptr, sw_ptr, sb_ptr, hw_ptr, hb_ptr,
-                       b, c, p, mask, tl.maximum(fp - NF, 0), C, T, H, W, sxb, sxc, sxt, ssb, ssc, sst, sfb, sfc,
-                       sft, KZ, szb, szk, szt, szh, HAS_COEF, MOD, HAS_SB, HAS_HB, SILU, INTERPRET)
+        v = _act_value(x_ptr, coef_ptr, scale_ptr, shift_ptr, idx_ptr, b, c, p, mask, tl.maximum(fp - NF, 0), C, T,
+                       H, W, sxb, sxc, sxt, ssb, ssc, sst, sfb, sfc, sft, WZ, HAS_COEF, MOD, SILU)
         if ZERO_FRONT:
             v = tl.where(fp < NF, 0.0, v)
     out = store_cast(v, act_ptr.dtype.element_ty, INTERPRET)
@@ -156,10 +189,16 @@ def _vae_act_cl_fwd_kernel(x_ptr, cache_ptr, coef_ptr, scale_ptr, shift_ptr, zq_
         tl.store(new_cache_ptr + nc, out, mask=mask)
 
 
+def _pixel_stride(t):
+    """The stride of the flattened pixel index h * W + w of a [B, C, T, H, W] tensor (its column stride), or None
+    where its rows are not W columns apart (no single pixel stride)."""
+    return t.stride(4) if t.shape[3] == 1 or t.stride(3) == t.shape[4] * t.stride(4) else None
+
+
 def _plane_dense(t):
-    """A [B, C, T, H, W] tensor whose (H, W) planes are dense (row stride W, unit column stride): the kernel
-    reads it through its (b, c, t) strides; anything else is copied."""
-    return t.stride(4) == 1 and (t.shape[3] == 1 or t.stride(3) == t.shape[4])
+    """A [B, C, T, H, W] tensor whose (H, W) planes are dense (row stride W, unit column stride): the kernels
+    read / write it through its (b, c, t) strides; anything else is copied (or, as ``out``, left to torch)."""
+    return _pixel_stride(t) == 1
 
 
 def _dense(t):
@@ -172,39 +211,77 @@ def act_cl_fwd(x, coef=None, *, silu, kt, cache=None, pad_mode="replicate", scal
     """(act [B, C, T+kt-1, H, W] channels_last_3d, new_cache [B, C, kt-1, H, W] contiguous): the padded
     activation (see the module doc). ``coef`` float32 [B, C, 2] (norm(v) = v * a + d) or None; the modulation
     as ``scale``/``shift`` or as ``zq`` with ``zq_index`` (int32 [T+H+W] on x's device) and the (1,1,1) convs'
-    weights ([C, Kz] or [C, Kz, 1, 1, 1]) / biases. ``config``: (BLOCK_P, BLOCK_C, warps); None: ACT_CONFIG
-    (ACT_CONFIG_ZQ with zq)."""
+    weights ([C, Kz] or [C, Kz, 1, 1, 1]) / biases: formed once at zq's resolution (``zq_modulation_fwd``),
+    gathered per element through ``zq_index``. ``config``: (BLOCK_P, BLOCK_C, warps); None: ACT_CONFIG."""
     B, C, T, H, W = x.shape
     nf = kt - 1
     x, cache, scale, shift = _dense(x), _dense(cache), _dense(scale), _dense(shift)
-    act = torch.empty((B, T + nf, H, W, C), dtype=x.dtype, device=x.device).permute(0, 4, 1, 2, 3)
-    new_cache = torch.empty((B, C, nf, H, W), dtype=x.dtype, device=x.device)
-    mod, kz, zs = _MOD_NONE, 0, (0, 0, 0, 0)
+    mod, wz = _MOD_NONE, 0
     if scale is not None:
         mod = _MOD_TENSORS
     elif zq is not None:
-        mod, zq = _MOD_ZQ, zq.contiguous()
-        kz = zq.shape[1]
-        zs = zq.stride()[:4]
-        scale_weight = scale_weight.reshape(C, kz).contiguous()
-        shift_weight = shift_weight.reshape(C, kz).contiguous()
-        scale_bias = None if scale_bias is None else scale_bias.contiguous()
-        shift_bias = None if shift_bias is None else shift_bias.contiguous()
-    bp, bc, warps = config or (ACT_CONFIG_ZQ if mod == _MOD_ZQ else ACT_CONFIG)
+        mod = _MOD_ZQ
+        scale, shift = zq_modulation_fwd(zq, x.dtype, scale_weight, scale_bias, shift_weight, shift_bias)
+        wz = scale.stride(3)
+    act = torch.empty((B, T + nf, H, W, C), dtype=x.dtype, device=x.device).permute(0, 4, 1, 2, 3)
+    new_cache = torch.empty((B, C, nf, H, W), dtype=x.dtype, device=x.device)
+    bp, bc, warps = config or ACT_CONFIG
     strides = lambda t: t.stride()[:3] if t is not None else (0, 0, 0)  # noqa: E731
     dummy = x
     grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B * (T + nf))
     _vae_act_cl_fwd_kernel[grid](
         x, dummy if cache is None else cache, dummy if coef is None else coef.contiguous(),
-        dummy if scale is None else scale, dummy if shift is None else shift, dummy if zq is None else zq,
-        dummy if zq_index is None else zq_index, dummy if scale_weight is None else scale_weight,
-        dummy if scale_bias is None else scale_bias, dummy if shift_weight is None else shift_weight,
-        dummy if shift_bias is None else shift_bias, act, new_cache, C, T, H, W,
-        *x.stride()[:3], *strides(cache), *strides(scale), *strides(shift), kz, *zs,
+        dummy if scale is None else scale, dummy if shift is None else shift,
+        dummy if zq_index is None or mod != _MOD_ZQ else zq_index, act, new_cache, C, T, H, W,
+        *x.stride()[:3], *strides(cache), *strides(scale), *strides(shift), wz,
         NF=nf, HAS_CACHE=cache is not None, ZERO_FRONT=pad_mode == "zeros", HAS_COEF=coef is not None, MOD=mod,
-        HAS_SB=scale_bias is not None, HAS_HB=shift_bias is not None, SILU=silu, BLOCK_P=bp, BLOCK_C=bc,
-        INTERPRET=interpret_mode(), num_warps=warps)
+        SILU=silu, BLOCK_P=bp, BLOCK_C=bc, INTERPRET=interpret_mode(), num_warps=warps)
     return act, new_cache
+
+
+@triton.jit
+def _cl_to_nc_fwd_kernel(y_ptr, res_ptr, out_ptr, C, T, HW, syb, syc, syt, syp, srb, src, srt, sob, soc, sot,
+                         HAS_RES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    """One program: BLOCK_C channels x BLOCK_P pixels of frame ``t`` of batch element ``b``: out = y (+ residual,
+    added in float32 and rounded once). y's tile is read [BLOCK_P, BLOCK_C] along channels (channels_last_3d y:
+    unit channel stride, pixel stride ``syp``) and transposed; the residual's is read and out's written along
+    pixels (dense H x W planes)."""
+    pid_f = tl.program_id(2)
+    b = (pid_f // T).to(tl.int64)
+    t = (pid_f % T).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok, c_ok = p < HW, c < C
+    v = tl.load(y_ptr + b * syb + t * syt + p[:, None] * syp + c[None, :] * syc, mask=p_ok[:, None] & c_ok[None, :])
+    v = tl.trans(v)  # [BLOCK_C, BLOCK_P]
+    mask = c_ok[:, None] & p_ok[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + b * srb + c[:, None] * src + t * srt + p[None, :], mask=mask)
+        v = store_cast(v.to(tl.float32) + r.to(tl.float32), out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + b * sob + c[:, None] * soc + t * sot + p[None, :], v, mask=mask)
+
+
+def cl_to_nc_fwd(y, residual=None, out=None, config=None):
+    """``y`` (+ ``residual``, [B, C, T, H, W] like y) written into ``out`` (None: a new contiguous NCDHW
+    tensor); returns out. The values of ``torch.add(y, residual)`` (float32 add, one rounding) / of y. The
+    Triton kernel where y has a single pixel stride (channels_last_3d: the conv's output on a GPU; contiguous
+    NCDHW too) and out dense H x W planes and y's dtype; else torch (``out.copy_`` / ``torch.add``).
+    ``config``: (BLOCK_P, BLOCK_C, warps); None: TRANSPOSE_CONFIG."""
+    B, C, T, H, W = y.shape
+    if out is None:
+        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    syp = _pixel_stride(y)
+    if syp is None or not _plane_dense(out) or out.dtype != y.dtype:
+        return out.copy_(y) if residual is None else torch.add(y, residual, out=out)
+    residual = _dense(residual)
+    bp, bc, warps = config or TRANSPOSE_CONFIG
+    grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B * T)
+    _cl_to_nc_fwd_kernel[grid](
+        y, y if residual is None else residual, out, C, T, H * W, y.stride(0), y.stride(1), y.stride(2), syp,
+        *(residual.stride()[:3] if residual is not None else (0, 0, 0)), *out.stride()[:3],
+        HAS_RES=residual is not None, BLOCK_P=bp, BLOCK_C=bc, INTERPRET=interpret_mode(), num_warps=warps)
+    return out
 
 
 # The weight in channels_last_3d, one copy per weight storage and version (as native.PACKED for the CUDA kernel).
@@ -230,15 +307,9 @@ def _run(out, x, weight, bias, coef, scale, shift, cache, residual, silu, pad_mo
                                 shift=shift, **modulation)
     y = F.conv3d(act, channels_last_weight(weight), bias, padding=(0, kh // 2, kw // 2))
     del act
-    if out is None:
-        if residual is None:
-            return y.contiguous(), new_cache
-        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    if residual is None:
-        out.copy_(y)
-    else:
-        torch.add(y, residual, out=out)
-    return out, new_cache
+    if out is None and residual is None and y.is_contiguous():  # (the CPU conv's output: already NCDHW)
+        return y, new_cache
+    return cl_to_nc_fwd(y, residual, out), new_cache
 
 
 @torch.library.custom_op("cogvideox_kernels::vae_conv3d_cudnn", mutates_args=())
@@ -306,5 +377,5 @@ def cudnn_supports(x, weight, **_) -> Optional[str]:
     return None
 
 
-__all__ = ["vae_conv3d_cudnn", "act_cl_fwd", "channels_last_weight", "parse_cudnn_channels", "channels_match",
-           "cudnn_channels_from_env", "cudnn_supports", "CUDNN_CHANNELS_ENV"]
+__all__ = ["vae_conv3d_cudnn", "act_cl_fwd", "zq_modulation_fwd", "cl_to_nc_fwd", "channels_last_weight",
+           "parse_cudnn_channels", "channels_match", "cudnn_channels_from_env", "cudnn_supports", "CUDNN_CHANNELS_ENV"]
