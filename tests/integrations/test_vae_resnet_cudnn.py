@@ -99,12 +99,30 @@ def test_reference_backend_is_never_rerouted(monkeypatch):
 
 def _import_channels(value):
     env = dict(os.environ, COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS=value)
-    code = "from cogvideox_kernels.integrations.diffusers import resnet; print(resnet.CUDNN_CHANNELS)"
+    if value is None:
+        env.pop("COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS", None)
+    code = ("from cogvideox_kernels.integrations.diffusers import resnet; "
+            "print(resnet.CUDNN_CHANNELS, resnet.CUDNN_DEFAULT_CUDA)")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_switch_is_read_at_import():
     run = _import_channels(" 512, 256+")
-    assert run.returncode == 0 and run.stdout.strip() == "((256, None), (512, 512))", run.stderr[-2000:]
+    assert run.returncode == 0 and run.stdout.strip() == "((256, None), (512, 512)) ()", run.stderr[-2000:]
+    run = _import_channels(None)  # unset: 128+ on CUDA tensors only
+    assert run.returncode == 0 and run.stdout.strip() == "() ((128, None),)", run.stderr[-2000:]
+    run = _import_channels("off")
+    assert run.returncode == 0 and run.stdout.strip() == "() ()", run.stderr[-2000:]
     run = _import_channels("256 512")
     assert run.returncode != 0 and "COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS='256 512'" in run.stderr
+
+
+def test_default_applies_on_cuda_only(monkeypatch):
+    """Variable unset: CUDNN_DEFAULT_CUDA routes CUDA tensors only; CPU tensors keep the block's backend."""
+    monkeypatch.setattr(resnet, "CUDNN_CHANNELS", ())
+    monkeypatch.setattr(resnet, "CUDNN_DEFAULT_CUDA", parse_cudnn_channels("8+"))
+    x, w = torch.randn(1, 8, 2, 4, 4), torch.randn(8, 8, 3, 3, 3)
+    assert resnet._conv_backend("cpp", x, w) == "cpp"
+    monkeypatch.setattr(resnet, "CUDNN_CHANNELS", parse_cudnn_channels("8+"))  # a set variable applies everywhere
+    assert resnet._conv_backend("cpp", x, w) == ("cudnn" if resnet.registry.availability(
+        "vae_conv3d", x.device)["cudnn"] is None else "cpp")
