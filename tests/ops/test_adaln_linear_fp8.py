@@ -99,3 +99,10 @@ def test_fp8_precision_checks():
     with pytest.raises(ValueError, match="a has dtype"):  # the op's own checks still run
         ops.gated_linear(g["x"], g["a"].float(), g["weight"], g["bias"], g["modulation"], text_len=2,
                          precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_weight_list_of_non_tensors_is_refused(precision):
+    x, m = torch.randn(1, 5, 32).to(BF16), torch.randn(1, 6, 32).to(BF16)
+    with pytest.raises(ValueError, match=r"weight\[0\] must be a tensor, got int"):
+        ops.adaln_linear(x, m, [1, 2], None, text_len=2, precision=precision)

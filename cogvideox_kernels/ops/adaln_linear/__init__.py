@@ -58,9 +58,11 @@ def weight_parts(weight, bias):
     if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
         raise ValueError(f"bias must be None or a list of {len(weights)} (tensor or None) entries like weight")
     for i, w in enumerate(weights):
-        if not isinstance(w, torch.Tensor) or w.shape != weights[0].shape:
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"weight[{i}] must be a tensor, got {type(w).__name__}")
+        if w.shape != weights[0].shape:
             raise ValueError(f"weight[{i}] must be a tensor of weight[0]'s shape {tuple(weights[0].shape)}, got "
-                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+                             f"{tuple(w.shape)}")
     return weights, list(biases), True
 
 
@@ -124,16 +126,16 @@ for _op in ("adaln_linear", "gated_linear"):
 PRECISIONS = ("bf16", "fp8")
 
 
-def _fp8_ready(x, weights, precision):
+def _fp8_ready(x, weight, precision):
     """Whether ``precision`` asks for the FP8 path; a ValueError for an unknown precision or inputs the
-    FP8 path cannot take (so a lossy mode is never half applied silently)."""
+    FP8 path cannot take (so a lossy mode is never half applied silently). ``weight``: a tensor or a list."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
     if precision == "bf16":
         return False
     from . import fp8
     check_tensor("x", x, ndim=3, dtypes=_DTYPES)
-    for w in weights:
+    for w in weight_parts(weight, None)[0]:
         check_tensor("weight", w, ndim=2, device=x.device)
         why = fp8.supports(x, w)
         if why is not None:
@@ -150,7 +152,7 @@ def adaln_linear(x, modulation, weight, bias=None, *, text_len, norm_weight=None
     LN-modulate pre-pass writes the normalized rows once, then a cuBLAS GEMM with its bias per weight.
     ``precision="fp8"`` (lossy, opt-in; bf16 x): the pre-pass quantizes h per row to e4m3 and the GEMMs run
     in FP8 with per-channel weight scales (``fp8.py``); ``backend`` is not used then."""
-    if _fp8_ready(x, weight_parts(weight, bias)[0], precision):
+    if _fp8_ready(x, weight, precision):
         from . import fp8
         check_adaln_linear_inputs(x, modulation, weight, bias, text_len, norm_weight, norm_bias, eps)
         weights, biases, stacked = weight_parts(weight, bias)
@@ -166,7 +168,7 @@ def gated_linear(x, a, weight, bias, modulation, *, text_len, backend="auto", pr
     residual epilogue (fused in our grouped GEMM, or after cuBLAS, as expert_ffn's shared path is set).
     ``precision="fp8"`` (lossy, opt-in; bf16 x): a quantized per row, the GEMM in FP8 (``fp8.py``), then the
     bias + gate + residual pass; ``backend`` is not used then."""
-    if _fp8_ready(x, [weight] if isinstance(weight, torch.Tensor) else [], precision):
+    if _fp8_ready(x, weight, precision):
         from . import fp8
         check_gated_linear_inputs(x, a, weight, bias, modulation, text_len)
         return fp8.gated_linear_fp8(x, a, weight, bias, modulation, text_len=text_len)
