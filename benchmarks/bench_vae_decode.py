@@ -6,6 +6,7 @@ work is ``cogvideox_kernels.bench.step.vae_section``; this script adds the summa
     python3 benchmarks/bench_vae_decode.py --out DIR                # H200: 49x480x720, about 1 minute
     python3 benchmarks/bench_vae_decode.py --out DIR --large        # + 1.5-5B's 81x768x1360 decode
     ... --large --large-variants patched --large-encode diffusers,patched    # fewer rows there, + encode
+    ... --variants "patched,patched host-cache"   # + apply(vae, vae_cache="host") (caches in pinned host memory)
     python3 benchmarks/bench_vae_decode.py --out DIR --tiny         # CPU smoke run (tiny VAE, C++ path)
     ... --fused-modulation both     # (default) apply(vae) with the spatial norm's conv_y / conv_b as
                                     # module calls (rows "... patched") and inside the CUDA activation
@@ -53,6 +54,8 @@ def _fused_modulation(rec, on: bool):
         def add(**row):
             if str(row.get("variant") or "").endswith("patched"):
                 row["variant"] = row["variant"][: -len("patched")] + FUSED
+            elif str(row.get("variant") or "").endswith("patched host-cache"):
+                row["variant"] = row["variant"][: -len("patched host-cache")] + FUSED + " host-cache"
                 row["note"] = "; ".join(filter(None, [row.get("note"), f"{native.FUSED_MODULATION_CUDA_ENV}=1"]))
             real(**row)
 
@@ -81,7 +84,7 @@ def summary(rows, env) -> str:
         s = "" if r["ms"] is None else f"{r['ms'] / 1e3:.3f}"
         lines.append(f"| {shape} | {variant} | {s} | {r['peak_mem_gib'] or ''} | {r['rel_err_vs_fp32'] or ''} | "
                      f"{speed[0]} | {speed[1]} | {r['status']}: {r['note'] or ''} |")
-        if variant.endswith(("patched", FUSED)) and r["ms"]:
+        if variant.endswith(("patched", FUSED, "host-cache")) and r["ms"]:
             n_checks = len(checks)
             bar = BARS.get(shape, {}).get(what)
             if bar and r["peak_mem_gib"] is not None:
@@ -100,8 +103,9 @@ def summary(rows, env) -> str:
                 ratio = float(r["rel_err_vs_fp32"]) / float(base["rel_err_vs_fp32"])
                 checks.append(f"{shape} {what} error <= 1.25x diffusers' bf16: {ratio:.2f}x -> "
                               f"{'met' if ratio <= 1.25 else 'NOT met'}")
-            if variant.endswith(FUSED):  # (the same bars, for the fused-modulation row)
-                checks[n_checks:] = [f"[fused-mod] {c}" for c in checks[n_checks:]]
+            tag = " ".join(t for t, on in (("fused-mod", FUSED in variant), ("host-cache", "host-cache" in variant)) if on)
+            if tag:  # (the same bars, for the fused-modulation / host-cache rows)
+                checks[n_checks:] = [f"[{tag}] {c}" for c in checks[n_checks:]]
     head = "Issue 14 bars" + (" (CPU figures: not the product's speed):" if env.get("gpu") is None else ":")
     return "\n".join(lines + ["", head, ""] + [f"- {c}" for c in checks]) + "\n"
 
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
             if fused == runs[0]:
                 keep = lambda v: v  # noqa: E731
             else:  # the second run (both): only the patched variants again
-                keep = lambda v: ",".join(x for x in v.split(",") if x == "patched")  # noqa: E731
+                keep = lambda v: ",".join(x for x in v.split(",") if x.startswith("patched"))  # noqa: E731
             if keep(a.variants):
                 step.vae_section(rec, *step.VAE_SHAPES["5b"], work=("decode",) if fused and len(runs) > 1 else work,
                                  variants=tuple(keep(a.variants).split(",")))

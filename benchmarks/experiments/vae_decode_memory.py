@@ -11,7 +11,12 @@ the benchmark reports) and, at the peak, records every live storage with the mod
     python benchmarks/experiments/vae_decode_memory.py [--frames 49 --height 480 --width 720] [--diffusers]
 
 The spatial norms' conv_y / conv_b run as on the GPU: fused into the op (the default), or module calls
-with COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0.
+with COGVIDEOX_KERNELS_VAE_FUSED_MODULATION_CUDA=0. ``--route cudnn`` (default, as ``apply(vae)`` runs the 5B
+VAE's ResNet convs on CUDA since a9187e9) allocates what the cuDNN route allocates (the padded channels-last
+activation of T + kt - 1 frames, cuDNN's channels-last output before the transpose-add, the new cache);
+``--route fused`` what the fused CUDA kernel allocates. ``--vae-cache host`` models ``apply(vae,
+vae_cache="host")``: the offloaded caches cost no device memory between their copies (host buffers are not
+counted), a prefetched cache costs its size from the start of the stage before the one that reads it.
 """
 from __future__ import annotations
 
@@ -62,13 +67,27 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def install_fakes(integration):
-    """Fakes of the fused ops for meta tensors, allocating what the CUDA launchers allocate."""
+def install_fakes(integration, route="cudnn"):
+    """Fakes of the fused ops for meta tensors, allocating what the CUDA launchers (``route="fused"``) or the
+    cuDNN route (``"cudnn"``) allocate."""
     from cogvideox_kernels.ops.vae_conv import native
 
     def vae_conv3d(x, weight, bias=None, *, num_groups=0, norm_weight=None, norm_bias=None, eps=1e-6,
                    scale=None, shift=None, silu=False, cache=None, pad_mode="replicate", residual=None,
                    backend="auto", norm_coef=None, out=None, **modulation):
+        if route == "cudnn":  # cudnn_route._run: stats, act (T + kt - 1 frames, channels-last), conv, transpose-add
+            B, C, T, H, W = x.shape
+            C_out, _, kt = weight.shape[:3]
+            coef = None
+            if num_groups:
+                coef = vae_group_norm_coef(x, num_groups)
+            act = x.new_empty((B, T + kt - 1, H, W, C))
+            new_cache = x.new_empty((B, C, kt - 1, H, W))
+            y_cl = x.new_empty((B, T, H, W, C_out))
+            del act, coef
+            y = out if out is not None else x.new_empty((B, C_out, T, H, W))
+            del y_cl
+            return y, new_cache
         x = x if num_groups else native.frame_slice(x)  # what the launcher copies (see native.vae_conv3d_native)
         x = x.contiguous() if num_groups else x
         scale, shift, residual = native.frame_slice(scale), native.frame_slice(shift), native.frame_slice(residual)
@@ -108,6 +127,22 @@ def install_fakes(integration):
                                              and t.dtype in weights.FLOAT_DTYPES)
 
 
+def install_offload_fakes():
+    """cache_offload on meta tensors: a stored cache keeps no device storage (its host copy is not counted),
+    a loaded one is a new device tensor made when its copy is issued."""
+    from cogvideox_kernels.integrations.diffusers import cache_offload, resnet
+
+    class FakeStreams:
+        def store(self, t):
+            return cache_offload.HostCache(object(), tuple(t.shape), t.dtype, t.device, None)
+
+        def load(self, hc):
+            return torch.empty(hc.shape, dtype=hc.dtype, device=hc.device), None
+
+    cache_offload._streams = lambda device: FakeStreams()
+    cache_offload.offload_device = lambda device: True  # (the model's tensors are on the meta device)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, default=49)
@@ -118,6 +153,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--stage", default=None, help="also list what is live at this module's own peak")
     p.add_argument("--chunk-mib", type=int, default=None, help="resnet.CHUNK_BYTES for this run")
+    p.add_argument("--route", choices=("cudnn", "fused"), default="cudnn", help="what the ResNet convs allocate")
+    p.add_argument("--vae-cache", choices=("device", "host"), default="device", help="apply(vae, vae_cache=...)")
     a = p.parse_args(argv)
     from diffusers import AutoencoderKLCogVideoX
 
@@ -130,8 +167,10 @@ def main(argv=None):
 
         resnet.CHUNK_BYTES = a.chunk_mib << 20
     if not a.diffusers:
-        install_fakes(integration)
-        integration.apply(vae, backend="reference")
+        install_fakes(integration, a.route)
+        if a.vae_cache == "host":
+            install_offload_fakes()
+        integration.apply(vae, backend="reference", vae_cache=a.vae_cache)
         from cogvideox_kernels.integrations.diffusers import resnet
         from cogvideox_kernels.ops.vae_conv import native
 

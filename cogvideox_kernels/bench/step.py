@@ -334,7 +334,7 @@ def profile_split(step) -> dict:
 
 
 VAE_SHAPES = {"5b": (49, 480, 720), "1.5-5b": (81, 768, 1360)}  # video frames x height x width
-VAE_VARIANTS = ("diffusers", "diffusers tiled", "patched")
+VAE_VARIANTS = ("diffusers", "diffusers tiled", "patched")  # (+ "patched host-cache": apply(vae, vae_cache="host"))
 TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=4)
 
 
@@ -449,8 +449,9 @@ def vae_section(rec: Recorder, frames: int = 49, height: int = 480, width: int =
                     tiles = {} if tile is None else dict(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
                     vae.enable_tiling(**tiles)
                     note.append(f"tiles {vae.tile_sample_min_height}x{vae.tile_sample_min_width} (sample)")
-                if variant == "patched":
-                    integration.apply(vae, backend=backend)
+                if variant in ("patched", "patched host-cache"):
+                    integration.apply(vae, backend=backend,
+                                      vae_cache="host" if variant.endswith("host-cache") else "device")
                     report = integration.patch_report(vae)
                     note.append(f"patched: {report['vae_resnet']} ResNet blocks, {report['vae']} causal convs")
                     counter = _OpCounter()

@@ -74,7 +74,7 @@ from ...parallel import ulysses_rope3d_attention  # noqa: F401
 from . import state
 from .attention import CogVideoXKernelAttnProcessor, SequenceRecorder, cogvideox_cp_plan
 from .ffn import KernelBlockForward, check_block_ffn
-from .resnet import KernelDecoderForward, KernelResnetForward, KernelSpatialNormForward, why_not_covered
+from .resnet import CACHE_PLACES, KernelDecoderForward, KernelResnetForward, KernelSpatialNormForward, why_not_covered
 from .vae import (KernelConvForward, KernelUpsampleForward, backend_can_run_here, conv_shape_supported,
                   coverage_note, kernel_shape_covered)
 
@@ -153,8 +153,8 @@ def _apply_transformer(model, attention, ffn, backend, precision, classes):
     return model
 
 
-def _apply_vae(vae, backend, classes):
-    options = {"vae": True, "backend": backend}
+def _apply_vae(vae, backend, classes, vae_cache="device"):
+    options = {"vae": True, "backend": backend, "vae_cache": vae_cache}
     patched = _check_options(vae, options)
     here = backend_can_run_here(backend)
     convs = [m for m in vae.modules() if isinstance(m, classes["CogVideoXCausalConv3d"])]
@@ -182,7 +182,7 @@ def _apply_vae(vae, backend, classes):
             if type(m).__name__ == "CogVideoXUpsample3D" and state.installed(m, KernelUpsampleForward) is None:
                 state.install(m, KernelUpsampleForward(m))  # frame chunks, contiguous output
             if type(m).__name__ == "CogVideoXDecoder3D" and state.installed(m, KernelDecoderForward) is None:
-                state.install(m, KernelDecoderForward(m))  # activations handed on by ownership
+                state.install(m, KernelDecoderForward(m, vae_cache))  # activations handed on by ownership
     vae.__dict__[state.STATE] = patched or {"options": options}
     return vae
 
@@ -197,7 +197,7 @@ def _parts(obj):
 
 
 def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, backend: str = "auto",
-          precision: str = "bf16"):
+          precision: str = "bf16", vae_cache: str = "device"):
     """Patch a diffusers CogVideoX pipeline, transformer or VAE in place with our kernels; returns ``obj``.
 
     obj: a ``CogVideoXPipeline`` (anything with ``.transformer`` / ``.vae``), a
@@ -209,6 +209,10 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     ``"reference"`` for the transformer ops; for the VAE ``"auto"`` (our CUDA conv where it covers
     the shape, cuDNN elsewhere) or ``"reference"``/``"cuda"``/``"cpp"`` (that backend for every conv
     of a supported shape). A backend one part lacks means ``"auto"`` there.
+    vae_cache: where the VAE decoder's conv caches wait between frame batches: ``"device"`` (default, as in
+    diffusers) or ``"host"`` (pinned host memory, copied out and back on side streams beside the decode: the
+    same output bit for bit at less GPU memory, for ~one cache set of pinned host memory; see
+    ``cache_offload.py``; H200 figures in benchmarks/results/vae_decode_notes.md).
     precision: an entry of ``state.PRECISION_MODES`` (what each op runs in it): ``"bf16"``
     (default, exact); ``"fp8"``: the FFN GEMMs in FP8 e4m3 (lossy, opt-in,
     benchmarks/results/fp8_ffn_notes.md); ``"int8"``: the attention with smoothed INT8 Q K^T
@@ -224,6 +228,8 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
     classes = _diffusers()
     transformer_cls, vae_cls = classes["CogVideoXTransformer3DModel"], classes["AutoencoderKLCogVideoX"]
     state.op_precision(precision, "expert_ffn")  # a ValueError for an unknown mode, before anything changes
+    if vae_cache not in CACHE_PLACES:
+        raise ValueError(f"vae_cache={vae_cache!r} is not supported; choose one of {CACHE_PLACES}")
     allowed = tuple(dict.fromkeys(BACKENDS + CONV_BACKENDS))
     if backend not in allowed:
         raise ValueError(f"backend={backend!r} is not supported; choose one of {allowed}")
@@ -252,7 +258,7 @@ def apply(obj, *, attention: bool = True, ffn: bool = True, vae: bool = True, ba
         if kind == "transformer" and (attention or ffn):
             _apply_transformer(part, attention, ffn, backend if backend in BACKENDS else "auto", precision, classes)
         elif kind == "vae" and vae:
-            _apply_vae(part, backend if backend in CONV_BACKENDS else "auto", classes)
+            _apply_vae(part, backend if backend in CONV_BACKENDS else "auto", classes, vae_cache)
     return obj
 
 

@@ -55,7 +55,7 @@ from ...ops.vae_conv import spatial_norm_index, vae_group_norm_coef
 from ...ops.vae_conv.cudnn_route import (CUDNN_CHANNELS_ENV, channels_match, cudnn_channels_from_env,
                                          parse_cudnn_channels)
 from ...ops.vae_conv.native import fused_modulation_cuda
-from . import state, weights
+from . import cache_offload, state, weights
 from .vae import KernelConvForward, conv_shape_supported
 
 _ops = sys.modules[__package__]  # ops are looked up on the package, where tests (and users) may wrap them
@@ -282,28 +282,32 @@ class KernelResnetForward:
     def __call__(self, inputs, temb=None, zq=None, conv_cache=None):
         return self.owned([inputs], temb, zq, conv_cache)
 
-    def owned(self, box, temb=None, zq=None, conv_cache=None):
+    def owned(self, box, temb=None, zq=None, conv_cache=None, exclusive=False):
         """The block's forward on ``box[0]``, taking it out of ``box``: when the caller keeps no other
         reference (KernelDecoderForward), the input is freed as soon as the block no longer needs it
-        (after the shortcut, for a block that changes the channel count)."""
+        (after the shortcut, for a block that changes the channel count). ``exclusive``: nothing else
+        holds the input or a view of its memory (the previous ResNet block's output, handed on by
+        KernelDecoderForward): a block that keeps the channel count then writes its output over its input,
+        frame chunk by frame chunk, as the residual of that chunk is read (one full-size tensor less)."""
         block = self.block
         if _has_consumed(conv_cache):
             raise ValueError("this conv_cache was already used by a patched CogVideoXResnetBlock3D (its tensors "
                              "are freed once read): pass the cache the previous call returned")
         if _call_ok(block, box[0], temb, zq, conv_cache) and _takes(box[0], block, self.backend):
-            out = self._ours(box, zq, conv_cache or {})
+            out = self._ours(box, zq, conv_cache or {}, exclusive)
             if out is not None:
                 if conv_cache:
                     _consume(conv_cache)
                 return out
         return type(block).forward(block, box.pop(), temb, zq, conv_cache)
 
-    def _conv(self, x, norm, conv, zq, cache, new_cache, key, skipped=(), residual=None):
+    def _conv(self, x, norm, conv, zq, cache, new_cache, key, skipped=(), residual=None, out_buffer=None):
         """One fused line (norm + modulation + SiLU + conv [+ residual]) with the hooks of the modules it
         skips run around it and the spatial norm's convs called (``new_cache`` filled); or None when a
         weight is not one the op can take (then no op was called).
         ``residual``: None or a function of a frame range (t0, t1) giving that range of the residual (the
-        shortcut, computed chunk by chunk), or None to add none."""
+        shortcut, computed chunk by chunk), or None to add none. ``out_buffer``: the tensor a chunked line
+        writes its output into (else a new one)."""
         spatial = zq is not None
         group_norm = norm.norm_layer if spatial else norm
         zq_index = self._fused_modulation_index(norm, x, zq) if spatial else None
@@ -331,11 +335,13 @@ class KernelResnetForward:
                 coef = vae_group_norm_coef(x, group_norm.num_groups, *gn, eps=float(group_norm.eps),
                                            backend=coef_backend)
                 norm_args = dict(norm_coef=coef)
-                y = torch.empty((x.shape[0], w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+                y = out_buffer if out_buffer is not None else torch.empty((x.shape[0], w.shape[0], *x.shape[2:]),
+                                                                          dtype=x.dtype, device=x.device)
             else:
                 norm_args = dict(num_groups=group_norm.num_groups, norm_weight=gn[0], norm_bias=gn[1],
                                  eps=float(group_norm.eps))
-            conv_cache = cache.get(key.replace("norm", "conv"))
+            conv_key = key.replace("norm", "conv")
+            conv_cache = cache.get(conv_key)
             backend = _conv_backend(self.backend, x, w)
             for t0, t1 in ranges:
                 part = (lambda t: t[:, :, t0:t1]) if chunked else (lambda t: t)
@@ -358,6 +364,8 @@ class KernelResnetForward:
                                                   out=part(y) if chunked else None, backend=backend,
                                                   **norm_args, **mod)  # (frame slices: read / written in place)
                 del mod, res
+                if chunked and t0 == 0 and isinstance(cache.get(conv_key), torch.Tensor):
+                    cache[conv_key] = CONSUMED  # the batch's cache is read by the first chunk only: free it now
                 if not chunked:
                     y = out
                 del out
@@ -390,7 +398,7 @@ class KernelResnetForward:
     def _takes_tensor(t, x):
         return t is None or (weights._plain(t) and t.dtype == x.dtype and t.device == x.device)
 
-    def _ours(self, box, zq, cache):
+    def _ours(self, box, zq, cache, exclusive=False):
         block = self.block
         new_cache = {}
         h = self._conv(box[0], block.norm1, block.conv1, zq, cache, new_cache, "norm1")
@@ -425,10 +433,14 @@ class KernelResnetForward:
             late.append(part)
             return None
 
+        # the output over the input (see owned): chunk t0..t1 of the output is written where that chunk of the
+        # residual was read, after the read (each element by the thread that read it)
+        in_place = (exclusive and not projected and len(ranges) > 1 and src["x"].dtype == h.dtype
+                    and src["x"].shape == h.shape[:1] + (block.out_channels,) + h.shape[2:] and src["x"].is_contiguous())
         out = self._conv(h, block.norm2, block.conv2, zq, cache, new_cache, "norm2", skipped=(block.dropout,),
-                         residual=residual)
+                         residual=residual, out_buffer=src["x"] if in_place else None)
         if out is None:  # (rare: a hook left the second conv's weights in another dtype)
-            if "x" in src:
+            if "x" in src and cache.get("conv1") is not CONSUMED:  # (diffusers' forward can still run)
                 box.append(src["x"])
                 return None
             raise RuntimeError("the second conv of a CogVideoXResnetBlock3D changed its weights' dtype mid-call")
@@ -513,46 +525,69 @@ class KernelDecoderForward:
     """``CogVideoXDecoder3D.forward`` while patched: diffusers' sequence (conv_in, mid block, up blocks,
     norm_out, SiLU, conv_out; the same module calls and caches), except that an up block without hooks
     is run here and hands its input to its first ResNet block by ownership (``KernelResnetForward.owned``)
-    instead of as an argument. In diffusers the decoder's and the up block's frames hold each up block's
-    input until the block returns: the last up block's input (256 channels at full resolution, the
-    largest tensor of the decode) lived through all of that block. Owned, it is freed once the first
-    ResNet block has its shortcut. diffusers' forward runs under autograd or gradient checkpointing."""
+    instead of as an argument, and each of its later ResNet blocks its output to the next as an exclusive
+    input (written over in place, see ``owned``). In diffusers the decoder's and the up block's frames hold
+    each up block's input until the block returns: the last up block's input (256 channels at full
+    resolution, the largest tensor of the decode) lived through all of that block. Owned, it is freed once
+    the first ResNet block has its shortcut.
 
-    def __init__(self, decoder):
+    ``cache="host"`` (``apply(vae, vae_cache="host")``, CUDA tensors): the conv caches carried to the next
+    frame batch wait in pinned host memory (cache_offload.py): each stage's new caches are copied out when the
+    stage returns, and in the next batch each stage's caches are copied back while the stage before it runs.
+    Same values, bit for bit. diffusers' forward runs under autograd or gradient checkpointing (with any host
+    caches brought back first)."""
+
+    def __init__(self, decoder, cache: str = "device"):
+        if cache not in CACHE_PLACES:
+            raise ValueError(f"vae_cache={cache!r}: choose one of {CACHE_PLACES}")
         self.decoder = decoder
+        self.cache = cache
 
     def __call__(self, sample, temb=None, conv_cache=None):
         d = self.decoder
         if (weights.autograd_needed((sample, temb), (d,)) or weights.function_mode_active()
                 or (torch.is_grad_enabled() and d.gradient_checkpointing)):
+            if cache_offload.holds_host(conv_cache):
+                conv_cache = cache_offload.load(conv_cache)
             return type(d).forward(d, sample, temb, conv_cache)
-        cache, new = conv_cache or {}, {}
-        h, new["conv_in"] = d.conv_in(sample, conv_cache=cache.get("conv_in"))
-        h, new["mid_block"] = d.mid_block(h, temb, sample, conv_cache=cache.get("mid_block"))
+        drive = [type(up).__name__ == "CogVideoXUpBlock3D" and "forward" not in up.__dict__ and _no_hooks(up)
+                 for up in d.up_blocks]
+        paths = [("conv_in",), ("mid_block",)]
+        for i, up in enumerate(d.up_blocks):
+            paths += [(f"up_block_{i}", f"resnet_{j}") for j in range(len(up.resnets))] if drive[i] else [
+                (f"up_block_{i}",)]
+        paths += [("norm_out",), ("conv_out",)]
+        st = _Stages(conv_cache or {}, paths, self.cache == "host" and cache_offload.offload_device(sample.device))
+        new = {}
+        h, new["conv_in"] = st.run(("conv_in",), lambda c: d.conv_in(sample, conv_cache=c))
+        h, new["mid_block"] = st.run(("mid_block",), lambda c: d.mid_block(h, temb, sample, conv_cache=c))
         for i, up in enumerate(d.up_blocks):
             key = f"up_block_{i}"
-            if type(up).__name__ == "CogVideoXUpBlock3D" and "forward" not in up.__dict__ and _no_hooks(up):
+            if drive[i]:
                 box = [h]
                 del h
-                h, new[key] = self._up_block(up, box, temb, sample, cache.get(key))
+                h, new[key] = self._up_block(up, box, temb, sample, st, key)
             else:
-                h, new[key] = up(h, temb, sample, conv_cache=cache.get(key))
-        h, new["norm_out"] = d.norm_out(h, sample, conv_cache=cache.get("norm_out"))
+                h, new[key] = st.run((key,), lambda c: up(h, temb, sample, conv_cache=c))
+        h, new["norm_out"] = st.run(("norm_out",), lambda c: d.norm_out(h, sample, conv_cache=c))
         h = d.conv_act(h)
-        h, new["conv_out"] = d.conv_out(h, conv_cache=cache.get("conv_out"))
+        h, new["conv_out"] = st.run(("conv_out",), lambda c: d.conv_out(h, conv_cache=c))
         return h, new
 
     @staticmethod
-    def _up_block(up, box, temb, zq, cache):
+    def _up_block(up, box, temb, zq, st, key):
         """diffusers' CogVideoXUpBlock3D.forward (no gradient checkpointing) on ``box[0]``, owned."""
-        cache, new = cache or {}, {}
+        new = {}
+        exclusive = False  # the up block's input may be held elsewhere (an upsampler's hook); its outputs not
         for j, resnet in enumerate(up.resnets):
-            key = f"resnet_{j}"
             ours = resnet.__dict__.get("forward")
             if isinstance(ours, KernelResnetForward) and _no_hooks(resnet):
-                h, new[key] = ours.owned(box, temb, zq, cache.get(key))
+                h, new[f"resnet_{j}"] = st.run((key, f"resnet_{j}"), lambda c: ours.owned(box, temb, zq, c, exclusive))
+                exclusive = True
             else:
-                h, new[key] = resnet(box.pop(), temb, zq, conv_cache=cache.get(key))
+                h, new[f"resnet_{j}"] = st.run((key, f"resnet_{j}"),
+                                               lambda c: resnet(box.pop(), temb, zq, conv_cache=c))
+                exclusive = False  # (a module call: its hooks may keep the output)
             box.append(h)
             del h
         h = box.pop()
@@ -560,6 +595,39 @@ class KernelDecoderForward:
             for upsampler in up.upsamplers:
                 h = upsampler(h)
         return h, new
+
+
+CACHE_PLACES = ("device", "host")
+
+
+class _Stages:
+    """The decoder's stages in order (``paths`` into the cache dict), for ``cache="host"``: a stage's caches are
+    brought back to the device (their copies issued while the stage before it ran) and its new caches sent to the
+    host as it returns; otherwise the dict's entries as they are."""
+
+    def __init__(self, cache, paths, host):
+        self.cache, self.paths, self.host, self.next = cache, paths, host, 0
+
+    def _get(self, path):
+        node = self.cache
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    def run(self, path, fn):
+        i = self.paths.index(path, self.next)
+        self.next = i + 1
+        sub = self._get(path)
+        if cache_offload.holds_host(sub) or (self.host and i + 1 < len(self.paths)):
+            if i + 1 < len(self.paths):  # the next stage's copies run beside this stage
+                cache_offload.prefetch(self._get(self.paths[i + 1]))
+            if isinstance(sub, dict):
+                sub = cache_offload.load(sub)  # (in place: the blocks consume the dict they are handed)
+            elif isinstance(sub, cache_offload.HostCache):
+                sub = sub.tensor()
+        out, new_cache = fn(sub)
+        del sub
+        return out, (cache_offload.store(new_cache) if self.host else new_cache)
 
 
 __all__ = ["KernelDecoderForward", "KernelResnetForward", "KernelSpatialNormForward", "why_not_covered"]
