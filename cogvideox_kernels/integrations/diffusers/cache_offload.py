@@ -39,6 +39,17 @@ class HostCache:
         self.host, self.shape, self.dtype, self.device, self.stored = host, shape, dtype, device, stored
         self.loaded = None  # (device tensor, event) once its host -> device copy is issued
 
+    def __del__(self):
+        # never read (diffusers drops the last frame batch's caches): the buffer goes back to the pool, to be
+        # written again only after this cache's device -> host copy
+        try:
+            host = self.host
+            if isinstance(host, torch.Tensor) and _POOL.owns(host):
+                self.host = None
+                _POOL.give(host, self.stored)
+        except Exception:  # (interpreter shutdown)
+            pass
+
     def __repr__(self):
         return f"HostCache({list(self.shape)}, {self.dtype}, {self.device}, {'loaded' if self.loaded else 'on host'})"
 
@@ -69,14 +80,24 @@ class _Pool:
     def __init__(self):
         self.free = {}  # nbytes -> [(buffer, event or None)]
         self.registered = []  # (keeper tensor, pointer) of the cudaHostRegister'ed buffers
+        self.made = {}  # data_ptr -> nbytes of every buffer this pool made
         self.lock = threading.Lock()
+
+    def owns(self, buf) -> bool:
+        return self.made.get(buf.data_ptr()) == buf.numel()
+
+    def made_bytes(self) -> int:
+        """Pinned host bytes this pool has made (in the pool or holding a cache now)."""
+        return sum(self.made.values())
 
     def take(self, nbytes):
         with self.lock:
             bucket = self.free.get(nbytes)
             if bucket:
                 return bucket.pop()
-        return _pinned(nbytes, self), None
+        buf = _pinned(nbytes, self)
+        self.made[buf.data_ptr()] = nbytes
+        return buf, None
 
     def give(self, buf, event):
         with self.lock:
@@ -87,8 +108,10 @@ class _Pool:
             return sum(b.numel() for bucket in self.free.values() for b, _ in bucket)
 
     def release(self):
-        """Drop the pooled buffers (and unregister what was registered); buffers in use stay valid."""
+        """Drop the pooled buffers and unpin what was pinned in place; a buffer holding a cache now stays valid
+        (as pageable memory) and is freed with its cache instead of coming back."""
         with self.lock:
+            self.made.clear()
             self.free.clear()
             keep, self.registered = self.registered, []
         if keep:
@@ -223,6 +246,11 @@ def holds_host(tree) -> bool:
 def pooled_bytes() -> int:
     """Pinned host bytes waiting in the pool (not counting buffers that hold a cache now)."""
     return _POOL.nbytes()
+
+
+def made_bytes() -> int:
+    """Pinned host bytes made for caches so far (pooled or in use)."""
+    return _POOL.made_bytes()
 
 
 def release():
