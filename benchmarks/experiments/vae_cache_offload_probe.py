@@ -62,12 +62,42 @@ def main():
     res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("COGVIDEOX_KERNELS_COMMIT"),
            "latents": [1, 16, T, H, W], "rows": []}
     real_prefetch = cache_offload.prefetch
-    variants = [("device", {}), ("host", {}), ("host min 256MiB", {"min": 256 << 20}),
+    # how long the host thread spends issuing a host -> device copy on a side stream that waits for ~50 ms of
+    # GPU work (an async copy returns at once; a copy the driver treats as pageable waits for its stream)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    micro = {}
+    for kind, make in (("torch pinned slab", cache_offload._pinned), ("cudaHostRegister", cache_offload._registered)):
+        pool = cache_offload._Pool()
+        buf = make(256 << 20, pool)
+        dst = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        for _ in range(2):
+            torch.cuda.synchronize()
+            for _ in range(50):
+                x @ x
+            side.wait_stream(torch.cuda.current_stream())
+            t0 = time.perf_counter()
+            with torch.cuda.stream(side):
+                dst.copy_(buf, non_blocking=True)
+            issue_ms = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            with torch.cuda.stream(side):
+                buf.copy_(dst, non_blocking=True)
+            issue_d2h_ms = (time.perf_counter() - t0) * 1e3
+            torch.cuda.synchronize()
+        micro[kind] = dict(h2d_issue_ms=round(issue_ms, 3), d2h_issue_ms=round(issue_d2h_ms, 3))
+        del buf
+        pool.release()
+    print("copy issue latency behind ~50 ms of GPU work:", micro, flush=True)
+    res["issue_latency"] = micro
+    variants = [("device", {}), ("host", {}), ("host registered", {"registered": True}),
                 ("host no prefetch", {"noprefetch": True})]
     ref = None
     for name, opt in variants:
         integration.apply(vae, vae_cache="device" if name == "device" else "host")
         cache_offload.MIN_BYTES = opt.get("min", 8 << 20)
+        cache_offload.release()
+        cache_offload._POOL.make = cache_offload._registered if opt.get("registered") else cache_offload._pinned
         cache_offload.prefetch = (lambda tree: None) if opt.get("noprefetch") else real_prefetch
         resnet.cache_offload.prefetch = cache_offload.prefetch
         with torch.no_grad():
@@ -90,6 +120,8 @@ def main():
         integration.remove(vae)
     cache_offload.prefetch = resnet.cache_offload.prefetch = real_prefetch
     cache_offload.MIN_BYTES = 8 << 20
+    cache_offload.release()
+    cache_offload._POOL.make = cache_offload._pinned
     # profile of the host variant
     integration.apply(vae, vae_cache="host")
     from torch.profiler import ProfilerActivity, profile

@@ -13,7 +13,7 @@ output with the caches on the device.
 What it costs: pinned host memory of about one cache set (kept in a pool for the next decode: ``release()``
 frees it), ~2 x one cache set of PCIe traffic per frame batch (H200, PCIe 5 x16: 55 GB/s each way alone, 46.5 GB/s
 each way at once, 50 GB/s beside a cuDNN conv that slowed by 1%; benchmarks/results/h200_s8/), and the first
-decode's pinning of the pool (cudaHostRegister; about 0.5 s per GiB on the benchmark's VM).
+decode's pinning of the pool (about 0.5 s per GiB on the benchmark's VM).
 
 Caches below ``MIN_BYTES`` and anything not a contiguous CUDA tensor stay where they are. The dict diffusers
 carries between batches then holds ``HostCache`` entries for the offloaded tensors; the patched decoder turns
@@ -81,6 +81,8 @@ class _Pool:
         self.free = {}  # nbytes -> [(buffer, event or None)]
         self.registered = []  # (keeper tensor, pointer) of the cudaHostRegister'ed buffers
         self.made = {}  # data_ptr -> nbytes of every buffer this pool made
+        self.slab = None  # [pinned slab, bytes used] buffers are carved from
+        self.make = _pinned
         self.lock = threading.Lock()
 
     def owns(self, buf) -> bool:
@@ -95,7 +97,7 @@ class _Pool:
             bucket = self.free.get(nbytes)
             if bucket:
                 return bucket.pop()
-        buf = _pinned(nbytes, self)
+        buf = self.make(nbytes, self)
         self.made[buf.data_ptr()] = nbytes
         return buf, None
 
@@ -113,6 +115,7 @@ class _Pool:
         with self.lock:
             self.made.clear()
             self.free.clear()
+            self.slab = None
             keep, self.registered = self.registered, []
         if keep:
             torch.cuda.synchronize()
@@ -124,21 +127,33 @@ class _Pool:
 _POOL = _Pool()
 
 
+ARENA_BYTES = 1 << 30  # pinned host memory is taken from torch's pinned allocator in slabs of this size
+
+
 def _pinned(nbytes, pool):
-    """A pinned uint8 host buffer of exactly ``nbytes``: page-locked in place with cudaHostRegister (torch's
-    pinned allocator rounds sizes up to a power of two: up to 2x the host memory), else torch's pinned memory."""
+    """A pinned uint8 host buffer of exactly ``nbytes``, carved from a pinned slab of ARENA_BYTES (or of its own
+    size when larger) made by torch's pinned allocator: that allocator rounds each request up to a power of two
+    (up to 2x the host memory per cache tensor), a slab once. (benchmarks/experiments/vae_cache_offload_probe.py
+    compares it with memory pinned in place by cudaHostRegister, ``_registered``.)"""
+    slab = pool.slab
+    if slab is None or slab[1] + nbytes > slab[0].numel():
+        size = max(nbytes, ARENA_BYTES)
+        slab = pool.slab = [torch.empty(size, dtype=torch.uint8, pin_memory=True), 0]
+    buf = slab[0][slab[1]:slab[1] + nbytes]
+    slab[1] += (nbytes + 4095) // 4096 * 4096
+    return buf
+
+
+def _registered(nbytes, pool):
+    """(For the probe) a pinned buffer of exactly ``nbytes`` pinned in place with cudaHostRegister."""
     page = 4096
-    try:
-        keeper = torch.empty(nbytes + page, dtype=torch.uint8)
-        offset = (-keeper.data_ptr()) % page
-        buf = keeper[offset:offset + nbytes]
-        ptr = buf.data_ptr()
-        if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) == 0:
-            pool.registered.append((keeper, ptr))
-            return buf
-    except (AttributeError, RuntimeError):
-        pass
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    keeper = torch.empty(nbytes + page, dtype=torch.uint8)
+    offset = (-keeper.data_ptr()) % page
+    buf = keeper[offset:offset + nbytes]
+    if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+        raise RuntimeError("cudaHostRegister failed")
+    pool.registered.append((keeper, buf.data_ptr()))
+    return buf
 
 
 class _Streams:
