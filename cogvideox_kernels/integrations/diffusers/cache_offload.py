@@ -82,7 +82,7 @@ class _Pool:
         self.registered = []  # (keeper tensor, pointer) of the cudaHostRegister'ed buffers
         self.made = {}  # data_ptr -> nbytes of every buffer this pool made
         self.slab = None  # [pinned slab, bytes used] buffers are carved from
-        self.make = _pinned
+        self.make = None  # (None: _pinned; the probe sets _registered)
         self.lock = threading.Lock()
 
     def owns(self, buf) -> bool:
@@ -97,7 +97,7 @@ class _Pool:
             bucket = self.free.get(nbytes)
             if bucket:
                 return bucket.pop()
-        buf = self.make(nbytes, self)
+        buf = (self.make or _pinned)(nbytes, self)
         self.made[buf.data_ptr()] = nbytes
         return buf, None
 
