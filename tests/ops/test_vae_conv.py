@@ -593,6 +593,24 @@ def test_spatial_norm_index_is_diffusers_resizing(sizes):
     assert torch.equal(zq[:, :, idx[:T]][:, :, :, idx[T:T + H]][..., idx[T + H:]], diffusers_resize(zq, size))
 
 
+def test_spatial_norm_index_on_keeps_one_device_copy_per_index():
+    """The ops read zq_index from a kept device copy (no host -> device copy per conv call, which would queue behind
+    the host-cache loads on the copy engine): equal indices share it, other indices get their own, and an index
+    already on the device is used as it is."""
+    from cogvideox_kernels.ops.vae_conv.reference import spatial_norm_index_on
+
+    idx = spatial_norm_index((3, 3, 4), (5, 6, 7))
+    other = spatial_norm_index((3, 3, 4), (5, 6, 8))
+    kept = spatial_norm_index_on(idx, "meta")
+    assert kept.device.type == "meta" and kept.shape == idx.shape and kept.dtype == idx.dtype
+    assert spatial_norm_index_on(idx.clone(), "meta") is kept  # (same values, another tensor)
+    assert spatial_norm_index_on(other, "meta") is not kept
+    assert spatial_norm_index_on(idx, "cpu") is idx
+    if torch.cuda.is_available():
+        on = spatial_norm_index_on(idx, "cuda")
+        assert on.is_cuda and torch.equal(on.cpu(), idx) and spatial_norm_index_on(idx, "cuda") is on
+
+
 @pytest.mark.parametrize("sizes", range(len(ZQ_SIZES)))
 def test_reference_modulation_from_zq_is_diffusers_spatial_norm(sizes):
     """scale / shift = conv_y / conv_b (Conv3d (1,1,1)) of diffusers' resized zq; the op with zq equals the

@@ -32,7 +32,7 @@ import triton.language as tl
 from .._triton_utils import interpret_mode, store_cast
 from ..expert_ffn.fp8 import WeightCache
 from .native import _modulation  # the zq arguments as keywords, as the CUDA backend's ops take them
-from .reference import spatial_norm_index
+from .reference import spatial_norm_index, spatial_norm_index_on
 
 CUDNN_CHANNELS_ENV = "COGVIDEOX_KERNELS_VAE_CONV_CUDNN_CHANNELS"
 ACT_CONFIG = (64, 64, 4)  # (BLOCK_P pixels, BLOCK_C channels, warps) of the activation pass
@@ -300,9 +300,7 @@ def _run(out, x, weight, bias, coef, scale, shift, cache, residual, silu, pad_mo
     kh, kw = weight.shape[3:]
     index = modulation.get("zq_index")
     if index is not None:  # (read as T + H + W consecutive ints)
-        if index.device != x.device:  # pinned: a copy ordered on the stream, no host sync
-            index = index.contiguous().pin_memory().to(x.device, non_blocking=True)
-        modulation = dict(modulation, zq_index=index.contiguous())
+        modulation = dict(modulation, zq_index=spatial_norm_index_on(index, x.device))
     act, new_cache = act_cl_fwd(x, coef, silu=silu, kt=weight.shape[2], cache=cache, pad_mode=pad_mode, scale=scale,
                                 shift=shift, **modulation)
     y = F.conv3d(act, channels_last_weight(weight), bias, padding=(0, kh // 2, kw // 2))

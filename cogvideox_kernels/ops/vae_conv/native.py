@@ -18,7 +18,8 @@ import torch
 
 from ..._ext import get_ext
 from ..expert_ffn.fp8 import WeightCache
-from .reference import check_vae_conv_inputs, check_zq_index_values, modulation_from_zq, spatial_norm_index
+from .reference import (check_vae_conv_inputs, check_zq_index_values, modulation_from_zq, spatial_norm_index,
+                        spatial_norm_index_on)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _PAD_CODES = {"replicate": 0, "zeros": 1}
@@ -132,8 +133,8 @@ def _launch(y, x, weight, bias, norm_weight, norm_bias, scale, shift, cache, res
         sizes.update(zq_c=zq.shape[1], zq_t=zq.shape[2], zq_h=zq.shape[3], zq_w=zq.shape[4])
         index = modulation["zq_index"]
         check_zq_index_values(index, T, H, zq.shape[2:])  # (a CPU tensor: no device sync)
-        if x.device.type == "cuda":  # T + H + W ints, pinned: a copy ordered on the stream, no host sync
-            index = index.pin_memory().to(x.device, non_blocking=True)
+        if x.device.type == "cuda":  # T + H + W ints, kept on the device (no copy per call)
+            index = spatial_norm_index_on(index, x.device)
         modulation = dict(modulation, zq_index=index)
     ext = get_ext()
     if backend == "cuda":

@@ -72,6 +72,28 @@ def spatial_norm_index(zq_size, size, device="cpu"):
     return torch.cat((frames, nearest(Hz, H), nearest(Wz, W))).to(device)
 
 
+_INDEX_ON_DEVICE = {}  # (device, index bytes) -> the index on that device
+
+
+def spatial_norm_index_on(index, device):
+    """A spatial_norm_index (or a slice of one) on ``device``, made once per distinct index and device and kept
+    (a decode reads a handful). Copying the T + H + W ints before every conv instead would put a small host ->
+    device copy on the compute stream that queues on the copy engine behind any large copy running beside it
+    (``apply(vae, vae_cache="host")``'s cache loads: the H200 decode idled ~230 ms that way at 49x480x720). The one
+    copy is synchronous, so the kept tensor is ready for every stream."""
+    device = torch.device(device)
+    if index.device == device:
+        return index.contiguous()
+    host = index.detach().to("cpu").contiguous()
+    key = (str(device), host.dtype, tuple(host.shape), host.numpy().tobytes())
+    kept = _INDEX_ON_DEVICE.get(key)
+    if kept is None:
+        if len(_INDEX_ON_DEVICE) >= 256:
+            _INDEX_ON_DEVICE.clear()
+        kept = _INDEX_ON_DEVICE[key] = host.to(device)
+    return kept
+
+
 def _check_modulation(x, zq, zq_index, scale_weight, scale_bias, shift_weight, shift_bias):
     B, C, T, H, W = x.shape
     check_tensor("zq", zq, ndim=5, device=x.device)
