@@ -238,7 +238,7 @@ def sanitize_case():
                   silu=True, residual=rnd(1, Co, T, H, W), pad_mode=pad_mode,
                   cache=rnd(1, C, 2, H, W) if use_cache else None)
         ref, _ = vae_conv3d_reference(x, w, b, compute_dtype=torch.float64, **kw)
-        y, _ = vae_conv3d(x, w, b, backend="cuda", **kw)
+        y, _ = vae_conv3d(x, w, b, backend=BACKEND, **kw)
         worst = max(worst, rel(y.double(), ref.double()))
     torch.cuda.synchronize()
     print(f"sanitize case done, worst rel err {worst:.2e}")
@@ -251,20 +251,25 @@ def main(argv=None):
     ap.add_argument("--commit", default=None, help="the commit to record (default: COGVIDEOX_KERNELS_COMMIT or git)")
     ap.add_argument("--fronts", default="replicate,cache", help="comma-separated: replicate, cache")
     ap.add_argument("--sanitize-case", action="store_true", help="run the small compute-sanitizer case only")
+    ap.add_argument("--backend", choices=("cuda", "cudnn"), default="cuda",
+                    help="vae_conv3d's backend for the ours_* rows and the sanitizer case: the fused CUDA conv, or "
+                         "the cuDNN route (the default of apply(vae) on CUDA tensors)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run at a small shape (C++ path)")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
     ap.add_argument("--ncu-case", action="store_true", help="one fused call at the second shape, for ncu")
     args = ap.parse_args(argv)
+    global DEVICE, BACKEND
+    BACKEND = args.backend
     if args.sanitize_case:
         return sanitize_case()
     if args.ncu_case:
         return ncu_case()
-    global DEVICE, BACKEND
     shapes = SHAPES
     if args.smoke:
         DEVICE, BACKEND, shapes = "cpu", "cpp", SMOKE_SHAPES
     env = environment(DEVICE)
     env["commit"] = args.commit or env["commit"]
+    env["backend"] = BACKEND
     print(json.dumps(env), flush=True)
     rows = []
     for i, shape in enumerate(shapes):
