@@ -6,14 +6,20 @@ the largest thing alive on the GPU for the whole decode: ~2.6 GiB at 49x480x720,
 (memory model, benchmarks/experiments/vae_decode_memory.py). With ``vae_cache="host"`` the patched decoder
 (resnet.KernelDecoderForward) copies each large cache tensor to pinned host memory as soon as the module that
 made it returns (device -> host on a side stream, overlapped with the decoder's work; the device memory is freed
-once the copy has run), and in the next frame batch copies it back one decoder stage ahead of the stage that
-reads it (host -> device on a second side stream). The values are the same bytes: the output is bit for bit the
-output with the caches on the device.
+once the copy has run; a ResNet block's first conv's cache as soon as that conv is queued), and in the next frame
+batch copies it back one decoder stage ahead of the stage that reads it (host -> device on a second side stream;
+for a ResNet block, issued after the block before it has queued its first conv). The values are the same bytes:
+the output is bit for bit the output with the caches on the device.
 
 What it costs: pinned host memory of about one cache set (kept in a pool for the next decode: ``release()``
 frees it), ~2 x one cache set of PCIe traffic per frame batch (H200, PCIe 5 x16: 55 GB/s each way alone, 46.5 GB/s
 each way at once, 50 GB/s beside a cuDNN conv that slowed by 1%; benchmarks/results/h200_s8/), and the first
 decode's pinning of the pool (about 0.5 s per GiB on the benchmark's VM).
+
+One rule for everything the decode runs beside these copies: no host -> device copy on the compute stream. The
+copy engine serves host -> device copies in order, so a small one (a few ints) queued on the compute stream waits
+behind a cache load of hundreds of MiB, and the compute stream with it (H200, 49x480x720: 1.16 s instead of 0.94
+before the ops kept their zq index on the device; benchmarks/experiments/host_copy_contention.py finds them).
 
 Caches below ``MIN_BYTES`` and anything not a contiguous CUDA tensor stay where they are. The dict diffusers
 carries between batches then holds ``HostCache`` entries for the offloaded tensors; the patched decoder turns
