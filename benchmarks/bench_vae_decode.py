@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny VAE on the CPU (C++ path): checks the script")
     p.add_argument("--large", action="store_true", help="also decode 1.5-5B's 81x768x1360 (latents 21x96x170)")
     p.add_argument("--large-fp32", action="store_true", help="with --large: a float32 reference there too")
-    p.add_argument("--variants", default=",".join(step.VAE_VARIANTS),
+    p.add_argument("--variants", default=",".join(step.VAE_VARIANTS + ("patched host-cache",)),
                    help="the variants at 49x480x720 (comma-separated), e.g. 'patched'")
-    p.add_argument("--large-variants", default=",".join(step.VAE_VARIANTS),
+    p.add_argument("--large-variants", default=",".join(step.VAE_VARIANTS + ("patched host-cache",)),
                    help="with --large: the decode variants there (comma-separated), e.g. 'patched'")
     p.add_argument("--large-encode", default="",
                    help="with --large: also encode 81x768x1360 with these variants (comma-separated)")

@@ -71,3 +71,26 @@ def test_vae_decode_bench_tiny(tmp_path):
         assert float(rows[(f"{what} diffusers tiled", "")]["rel_err_vs_fp32"]) > 1e-3  # tiling ran
     summary = (tmp_path / "vae_decode_results.md").read_text()
     assert "decode patched" in summary and "Issue 14 bars" in summary
+
+
+def test_vae_section_host_cache_rows(tmp_path, monkeypatch):
+    """The VAE section's default variants: diffusers, tiled and patched on the CPU; "patched host-cache"
+    (apply(vae, vae_cache="host")) added on CUDA only, and timed for decode only (the option is the decoder's)."""
+    import torch
+
+    from cogvideox_kernels.bench import step
+
+    monkeypatch.setattr(step, "DEVICE", "cpu")
+    rec = step.Recorder(tmp_path, None)
+    step.vae_section(rec, 5, 32, 48, config=step.TINY_VAE, variants=("patched", "patched host-cache"),
+                     fp32_reference=False, dtype=torch.float32, backend="reference")
+    labels = [r["variant"] for r in rec.rows]
+    assert labels == ["decode patched", "decode patched host-cache", "encode patched"]
+    assert all(r["status"] == "ok" for r in rec.rows)
+    def not_timed(*args, **kwargs):
+        raise RuntimeError("not timed here")
+
+    monkeypatch.setattr(step, "_vae_timed", not_timed)  # (only the rows' labels matter below)
+    step.vae_section(rec, 5, 32, 48, config=step.TINY_VAE, work=("decode",), fp32_reference=False,
+                     dtype=torch.float32, backend="reference")
+    assert [r["variant"] for r in rec.rows[3:]] == [f"decode {v}" for v in step.VAE_VARIANTS]  # (no host-cache)
