@@ -604,6 +604,8 @@ def test_spatial_norm_index_on_keeps_one_device_copy_per_index():
     kept = spatial_norm_index_on(idx, "meta")
     assert kept.device.type == "meta" and kept.shape == idx.shape and kept.dtype == idx.dtype
     assert spatial_norm_index_on(idx.clone(), "meta") is kept  # (same values, another tensor)
+    strided = torch.stack((idx, idx), dim=1)[:, 0]  # (same values, a stepped view)
+    assert not strided.is_contiguous() and spatial_norm_index_on(strided, "meta") is kept
     assert spatial_norm_index_on(other, "meta") is not kept
     assert spatial_norm_index_on(idx, "cpu") is idx
     if torch.cuda.is_available():
